@@ -1,0 +1,228 @@
+"""The Method contract and its registry.
+
+A method decides how a model version is trained given earlier versions: which network it builds, what
+one-off state it prepares (prototypes, a frozen old classifier, a replay memory), its loss, and which
+feature it serves for retrieval. The orchestrator calls these hooks and never branches on a method's
+name; a new method is one file that subclasses :class:`Method` and decorates it with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Optional
+
+import torch
+from torch import nn
+
+from orchestrator._internal.typed import from_dict
+from orchestrator.config import ModelConfig, TrainingConfig
+from orchestrator.errors import CheckpointError, ConfigError
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a method is told about the step it trains. Labels are class positions 0..n-1 in class order."""
+
+    index: int  # the version this step produces
+    num_steps: int
+    num_seen: int  # classes known after this step: labels 0..num_seen-1
+    num_previous: int  # classes known before this step: labels 0..num_previous-1
+    event: str  # train | finetune | replace
+    model: ModelConfig
+    training: TrainingConfig
+    seed: int
+    shots: Optional[int] = None
+    previous_checkpoint: Optional[str] = None  # directory of version index-1
+    init_checkpoint: Optional[str] = None  # model to start from (finetune: previous version; replace: replacement)
+    device: str = "cpu"
+    world_size: int = 1
+    rank: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)  # scenario facts a method may read (e.g. upstream paths)
+
+    @property
+    def new_classes(self) -> range:
+        return range(self.num_previous, self.num_seen)
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+
+@dataclass
+class NoParams:
+    """Methods without hyperparameters."""
+
+
+class Method(ABC):
+    """Base class: override the hooks your method needs; defaults give plain cross-entropy training."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+    needs_previous: ClassVar[bool] = False  # load version index-1 (frozen) before training?
+
+    def __init__(self, params: Any, model_cfg: ModelConfig):
+        self.params = params
+        self.model_cfg = model_cfg
+
+    # -- model ---------------------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self, ctx: StepContext) -> nn.Module:
+        """A freshly initialised network for ``ctx`` (classifier sized for ``ctx.num_seen``)."""
+
+    def init_model(self, ctx: StepContext) -> nn.Module:
+        """The network training starts from: fresh, or ``ctx.init_checkpoint`` loaded into it."""
+        torch.manual_seed(ctx.seed * 1000 + ctx.index)
+        model = self.build_model(ctx)
+        if ctx.init_checkpoint:
+            self.load_weights(model, ctx.init_checkpoint, strict=False)
+        return model
+
+    def load_version(self, ctx: StepContext, checkpoint_dir: str) -> nn.Module:
+        """Load a finished version (built for its own ``ctx``), frozen and in eval mode."""
+        model = self.build_model(ctx)
+        self.load_weights(model, checkpoint_dir, strict=True)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def load_weights(self, model: nn.Module, checkpoint: str, strict: bool) -> None:
+        """Load a state dict safely; with ``strict=False`` tensors whose shapes differ (e.g. a grown
+        classifier) are kept from the fresh model and the first rows are copied over."""
+        state = load_state_dict(checkpoint)
+        own = model.state_dict()
+        if strict:
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"checkpoint {checkpoint} does not fit {self.name}'s model: {exc}") from None
+            return
+        missing = [k for k in own if k not in state]
+        backbone_missing = [k for k in missing if not k.startswith(self.growable_prefixes())]
+        if len(backbone_missing) == len(own):
+            raise CheckpointError(f"checkpoint {checkpoint} shares no parameter names with {self.name}'s model")
+        merged = dict(own)
+        for key, value in state.items():
+            if key not in own:
+                continue
+            target = own[key]
+            if value.shape == target.shape:
+                merged[key] = value
+            elif key.startswith(self.growable_prefixes()) and value.dim() == target.dim() and all(
+                s <= t for s, t in zip(value.shape, target.shape)
+            ):
+                grown = target.clone()
+                grown[tuple(slice(0, s) for s in value.shape)] = value
+                merged[key] = grown
+            else:
+                raise CheckpointError(
+                    f"checkpoint {checkpoint}: tensor {key!r} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(target.shape)}"
+                )
+        model.load_state_dict(merged)
+
+    def growable_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes whose tensors may grow between versions (classifiers)."""
+        return ("classifier.",)
+
+    def trainable_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # -- training ------------------------------------------------------------------------------
+    def prepare(self, ctx: StepContext, model: nn.Module, previous: Optional[nn.Module], loader) -> dict:
+        """One-off state before training (prototypes, frozen heads). ``loader`` yields (images, labels)
+        batches of this step's training data with the test-time transform."""
+        return {}
+
+    @abstractmethod
+    def loss(self, outputs: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, state: dict,
+             ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss plus named parts for logging. ``outputs`` is ``model(images)`` computed by the
+        engine (through DDP when distributed), so methods never call the wrapped model themselves."""
+
+    def after_backward(self, model: nn.Module, state: dict, ctx: StepContext) -> None:
+        """Hook between ``backward()`` and ``optimizer.step()`` (e.g. gradient scaling)."""
+
+    # -- serving -------------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised feature this version serves for retrieval."""
+
+    def classify(self, model: nn.Module, images: torch.Tensor, ctx: StepContext) -> Optional[torch.Tensor]:
+        """Logits over ``ctx.num_seen`` classes for accuracy reporting; ``None`` if not a classifier."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data record of the choices this method ran with (stored in run metadata)."""
+        return {"method": self.name, **dataclasses.asdict(self.params)}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by ``cls.name`` in configs."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} needs a non-empty 'name'")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    import methods  # noqa: F401  (importing the package registers every built-in method)
+
+
+def list_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str, key: str = "methods.name") -> type[Method]:
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise ConfigError(key, f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def parse_params(name: str, params: dict, key: str) -> Any:
+    """Validate a method's ``params`` mapping against its ``Params`` dataclass."""
+    return from_dict(method_class(name).Params, params, key)
+
+
+def create_method(name: str, params: dict, model_cfg: ModelConfig, key: str = "methods") -> Method:
+    """The one factory: registry name + raw params -> a configured method."""
+    cls = method_class(name, f"{key}.name")
+    return cls(parse_params(name, params, f"{key}.params"), model_cfg)
+
+
+def load_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Read model weights safely: ``.safetensors`` or ``torch.load(weights_only=True)``; a directory
+    means its ``model.safetensors`` or ``model.pt``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        for name in ("model.safetensors", "model.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(f"checkpoint directory {path} holds neither model.safetensors nor model.pt")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickled objects, truncated download ...
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+    return state

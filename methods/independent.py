@@ -1,0 +1,29 @@
+"""``independent``: cross-entropy only, no compatibility term — the baseline every method must beat."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from methods.base import Method, StepContext, register
+from methods.heads import ClassifierNet, served_embedding
+
+
+@register
+class Independent(Method):
+    """Each version trains from scratch (or fine-tunes) with label-smoothed cross-entropy alone."""
+
+    name = "independent"
+
+    def build_model(self, ctx: StepContext) -> ClassifierNet:
+        return ClassifierNet(self.model_cfg, ctx.num_seen)
+
+    def loss(self, outputs, images, labels, state, ctx: StepContext):
+        ce = F.cross_entropy(outputs["logits"], labels, label_smoothing=ctx.training.label_smoothing)
+        return ce, {"ce": ce}
+
+    def embed(self, model: ClassifierNet, images: torch.Tensor) -> torch.Tensor:
+        return served_embedding(model, images)
+
+    def classify(self, model: ClassifierNet, images: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return model(images)["logits"]

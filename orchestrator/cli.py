@@ -1,0 +1,87 @@
+"""The ``compat`` command: run, report, metrics, compare.
+
+Errors the user can act on (bad config, missing data, corrupt files) are printed as one sentence
+with a non-zero exit code; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from orchestrator.errors import CompatError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.report import format_summary_table
+    from orchestrator.simulation import load_run_config, run_experiment
+
+    if args.resume:
+        if args.config or args.set:
+            raise CompatError("--resume continues a run with the config stored in it; drop CONFIG and --set")
+        cfg, run_dir = load_run_config(Path(args.resume)), Path(args.resume)
+    else:
+        cfg, run_dir = load_config(args.config, args.set), None
+        if args.output_dir:
+            cfg.output_dir = args.output_dir
+    metrics = run_experiment(cfg, run_dir, progress=not args.no_progress)
+    print()
+    print(format_summary_table(metrics))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import format_summary_table, render_report
+    from orchestrator.runfiles import read_json
+
+    path = render_report(Path(args.run_dir))
+    print(format_summary_table(read_json(Path(args.run_dir) / "metrics.json")))
+    print(f"\nReport written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from orchestrator.standalone import add_compare_parser, add_metrics_parser
+
+    parser = argparse.ArgumentParser(prog="compat", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) an experiment; with no CONFIG, the built-in quickstart")
+    run.add_argument("config", nargs="?", help="YAML file or built-in config name (default: quickstart)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set training.epochs=4 (repeatable)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR; finished steps are not redone")
+    run.add_argument("--output-dir", help="parent directory of the run directory (default: config output_dir)")
+    run.add_argument("--no-progress", action="store_true", help="do not show the live progress line")
+    run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser("report", help="re-render plots and report.md of a finished run from its files")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_cmd_report)
+
+    add_metrics_parser(sub)
+    add_compare_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CompatError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with `compat run --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

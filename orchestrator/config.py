@@ -1,0 +1,299 @@
+"""Typed experiment config: YAML in, validated dataclasses out, every error naming its key path.
+
+Nothing is written to disk until :func:`load_config` has returned, so an invalid config never leaves
+a half-made run directory behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from orchestrator._internal.typed import from_dict, require, to_dict
+from orchestrator.errors import ConfigError
+
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ (editable install)
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to read and how to transform it."""
+
+    dataset: str = "synthetic"
+    root: Optional[str] = None  # local directory for cifar10/cifar100/imagefolder
+    download: bool = False  # CIFAR only: fetch when missing (needs network)
+    num_classes: int = 20  # synthetic only
+    train_per_class: int = 120  # synthetic only
+    test_per_class: int = 30  # synthetic only
+    image_size: int = 32  # synthetic generates this size; others are resized to it when it differs
+    augment: bool = True  # random crop (padding 4) + horizontal flip on training data
+    normalization: Literal["dataset", "cifar100", "imagenet", "none"] = "dataset"
+    difficulty: float = 1.0  # synthetic only: scales the within-class noise and the similarity of sibling classes
+    variant: int = 0  # synthetic only: a different variant draws a different (but equally hard) dataset
+
+    def __post_init__(self):
+        require(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
+        require(self.train_per_class >= 1, "train_per_class", "must be >= 1")
+        require(self.test_per_class >= 1, "test_per_class", "must be >= 1")
+        require(self.image_size >= 8, "image_size", "must be >= 8")
+        require(self.difficulty > 0, "difficulty", "must be > 0")
+
+
+@dataclass
+class EvalSetConfig:
+    """One evaluation set: a split of the training dataset, or of another dataset."""
+
+    split: Literal["train", "test"] = "test"
+    data: Optional[DataConfig] = None  # None: the experiment's dataset
+    classes: Literal["all", "seen"] = "all"
+
+
+@dataclass
+class EvaluationConfig:
+    """How each matrix entry is computed from the store."""
+
+    protocol: Literal["leave-one-out", "query-gallery"] = "leave-one-out"
+    sets: dict[str, EvalSetConfig] = field(default_factory=lambda: {"test": EvalSetConfig()})
+    query: str = "test"
+    gallery: Optional[str] = None  # query-gallery only
+    templates: bool = False  # query-gallery: reduce the gallery to L2-normalised class means
+    primary: Literal["cmc1", "cmc5", "map"] = "cmc1"  # metric used for AC/AM and the summary table
+    ties: Literal["fail", "pass"] = "fail"  # AC: whether M[i][j] == M[j][j] counts as compatible
+    batch_size: int = 256
+
+    def __post_init__(self):
+        require(bool(self.sets), "sets", "needs at least one evaluation set")
+        require(self.query in self.sets, "query", f"{self.query!r} is not one of sets: {', '.join(self.sets)}")
+        if self.protocol == "query-gallery":
+            require(self.gallery is not None, "gallery", "is required for protocol 'query-gallery'")
+            require(self.gallery in self.sets, "gallery", f"{self.gallery!r} is not one of sets: {', '.join(self.sets)}")
+        else:
+            require(self.gallery in (None, self.query), "gallery",
+                    "leave-one-out uses the query set as gallery; leave it unset")
+            require(not self.templates, "templates", "only applies to protocol 'query-gallery'")
+
+
+@dataclass
+class ScenarioConfig:
+    """The ordered steps: which classes each step trains on and what happens to the model."""
+
+    kind: Literal["class-incremental", "few-shot"] = "class-incremental"
+    initial_classes: int = 10
+    increment: int = 5
+    num_steps: Optional[int] = None  # None: as many steps as the classes allow
+    class_order: Literal["natural", "seeded"] = "natural"
+    training_data: Literal["cumulative", "new"] = "cumulative"  # cumulative = all data of every seen class
+    event: Literal["train", "finetune"] = "train"  # model event of steps after the first
+    shots: Optional[int] = None  # few-shot: training examples per new class after the base step
+
+    def __post_init__(self):
+        require(self.initial_classes >= 1, "initial_classes", "must be >= 1")
+        require(self.increment >= 1, "increment", "must be >= 1")
+        require(self.num_steps is None or self.num_steps >= 1, "num_steps", "must be >= 1")
+        if self.kind == "few-shot":
+            require(self.shots is not None and self.shots >= 1, "shots", "few-shot scenarios need shots >= 1")
+        else:
+            require(self.shots is None, "shots", "only applies to kind 'few-shot'")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone every method builds its network around."""
+
+    backbone: str = "small_cnn"
+    embedding_dim: int = 64
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    final_relu: bool = False
+    normalize: bool = True  # L2-normalise the embedding before the classifier
+    width: int = 32  # small_cnn only: channels of the first block
+
+    def __post_init__(self):
+        require(self.embedding_dim >= 2, "embedding_dim", "must be >= 2")
+        require(self.width >= 4, "width", "must be >= 4")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation recipe of one step."""
+
+    epochs: int = 8
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.1
+    loader_workers: int = 0
+
+    def __post_init__(self):
+        require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
+                f"must be smaller than epochs ({self.epochs})")
+        require(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+        require(self.loader_workers >= 0, "loader_workers", "must be >= 0")
+
+
+@dataclass
+class StepResources:
+    """Ray resources of a step; unset fields fall back to the experiment-wide values."""
+
+    num_workers: Optional[int] = None
+    use_gpu: Optional[bool] = None
+    cpus_per_worker: Optional[float] = None
+
+
+@dataclass
+class ResourcesConfig:
+    """Ray Train resources. ``num_workers: 0`` trains in the driver process (fast for tiny steps)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    steps: dict[int, StepResources] = field(default_factory=dict)  # per-step overrides, by step index
+    group_steps: bool = True  # consecutive steps with equal resources share one worker group
+
+    def __post_init__(self):
+        require(self.num_workers >= 0, "num_workers", "must be >= 0 (0 runs in-process)")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 retries forever)")
+        for index, res in self.steps.items():
+            require(res.num_workers is None or res.num_workers >= 0, f"steps.{index}.num_workers", "must be >= 0")
+
+
+@dataclass
+class MethodSpec:
+    """One method to simulate: a registry name, a display label and its hyperparameters."""
+
+    name: str
+    label: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # overrides of the experiment's training section
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: one config file, one run directory."""
+
+    name: str
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="independent")])
+
+    def __post_init__(self):
+        require(bool(self.name) and "/" not in self.name and self.name.strip() == self.name, "name",
+                "must be a non-empty name without '/' or surrounding spaces")
+        require(bool(self.methods), "methods", "needs at least one method")
+        keys = [m.key for m in self.methods]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        require(not dup, "methods", f"duplicate method label(s) {dup}; give each a distinct 'label'")
+
+    def method_training(self, spec: MethodSpec) -> TrainingConfig:
+        """The training section with ``spec.training`` overrides applied and validated."""
+        merged = {**to_dict(self.training), **spec.training}
+        return from_dict(TrainingConfig, merged, f"methods.{self.methods.index(spec)}.training")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def digest(self) -> str:
+        """Short hash of the resolved config (seed included) that names what a run directory holds."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def with_seed(self, seed: int) -> "ExperimentConfig":
+        return dataclasses.replace(self, seed=seed)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config mapping."""
+    if "=" not in assignment:
+        raise ConfigError(assignment, "an override must look like key.path=value")
+    path, raw = assignment.split("=", 1)
+    parts = path.strip().split(".")
+    if not all(parts):
+        raise ConfigError(path, "empty component in key path")
+    value = yaml.safe_load(raw)
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(".".join(parts[: i + 1]), f"no list entry {part} (list has {len(node)} entries)")
+            node = node[int(part)]
+        else:
+            if part not in node or node[part] is None:
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(path, f"no list entry {last} (list has {len(node)} entries)")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def resolve_config_path(config: str | None) -> Path:
+    """A config argument is a file path or the name of a built-in config (e.g. ``quickstart``)."""
+    name = config or "quickstart"
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (Path("configs") / f"{name}.yaml", BUILTIN_CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    builtins = sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError("", f"config file {name!r} not found; built-in configs: {', '.join(builtins)}")
+
+
+def load_raw(config: str | None, overrides: list[str] = ()) -> dict:
+    path = resolve_config_path(config)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path} must contain a mapping at the top level")
+    data = copy.deepcopy(data)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return data
+
+
+def parse_config(data: dict) -> ExperimentConfig:
+    """Validate a raw mapping: schema, then cross-section checks, then every method's own parameters."""
+    from orchestrator.validation import validate_experiment
+
+    cfg = from_dict(ExperimentConfig, data)
+    validate_experiment(cfg)
+    return cfg
+
+
+def load_config(config: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load, override and validate an experiment config (``None`` = the built-in quickstart)."""
+    return parse_config(load_raw(config, overrides))

@@ -1,0 +1,284 @@
+"""The driver: plan -> worker groups on Ray Train -> manifest -> matrix rows -> metrics and report.
+
+The driver holds no tensors of the workers: versions, embeddings and progress pass through the run
+directory. A finished step is never recomputed, and a matrix row is computed once, from the store,
+right after its version exists.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from orchestrator import runfiles
+from orchestrator.config import ExperimentConfig, parse_config
+from orchestrator.errors import RunError
+from orchestrator.scenarios import Step, group_steps, plan_steps
+
+SCHEMA_VERSION = 1
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.name
+
+
+def load_run_config(run_dir: Path) -> ExperimentConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a run directory (no config.yaml); pass the directory `compat run` created")
+    return parse_config(yaml.safe_load(path.read_text()))
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
+    """Create ``run_dir`` for ``cfg``, or check that it already belongs to ``cfg``. Returns True when resuming."""
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        existing = parse_config(yaml.safe_load(config_file.read_text()))
+        if existing.digest() != cfg.digest():
+            raise RunError(
+                f"{run_dir} already holds a run of a different config (digest {existing.digest()} != {cfg.digest()}); "
+                f"resume it with `compat run --resume {run_dir}`, or set another `name`/`output_dir`, or delete it"
+            )
+        return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runfiles.atomic_write_bytes(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    runfiles.atomic_write_json(run_dir / "run.json", run_provenance(cfg))
+    return False
+
+
+def run_provenance(cfg: ExperimentConfig) -> dict:
+    import ray
+    import torch
+
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                  cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    return {"experiment": cfg.name, "seed": cfg.seed, "config_digest": cfg.digest(), "code_revision": revision,
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, progress: bool = True,
+                   echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) every method's scenario, then write metrics.json, CSVs, plots and report.md."""
+    from orchestrator.data import dataset_num_classes
+    from orchestrator.report import render_report
+
+    run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
+    resuming = prepare_run_dir(cfg, run_dir)
+    steps = plan_steps(cfg, dataset_num_classes(cfg.data))
+    total = len(steps) * len(cfg.methods)
+    done = sum(runfiles.step_done(run_dir, m.key, s.index) for m in cfg.methods for s in steps)
+    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir}: {len(cfg.methods)} method(s) x "
+         f"{len(steps)} step(s), {done}/{total} already done")
+    display = ProgressDisplay(run_dir, total, done, enabled=progress, echo=echo)
+    for method_index, spec in enumerate(cfg.methods):
+        todo = [s for s in steps if not runfiles.step_done(run_dir, spec.key, s.index)]
+        for group in group_steps(todo, cfg.resources.group_steps):
+            display.start_group(spec.key, group)
+            run_group(cfg, run_dir, method_index, group)
+            display.finish_group(len(group))
+        for step in steps:
+            ensure_row(cfg, run_dir, spec.key, step.index)
+    display.close()
+    metrics = assemble_metrics(cfg, run_dir, len(steps))
+    runfiles.atomic_write_json(run_dir / "metrics.json", metrics)
+    render_report(run_dir)
+    return metrics
+
+
+def run_group(cfg: ExperimentConfig, run_dir: Path, method_index: int, group: list[Step]) -> None:
+    """One Ray Train run (one worker group) that trains every step of ``group`` in turn."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.session import train_group
+
+    resources = group[0].resources
+    if resources.num_workers > 0:
+        ensure_ray()
+    spec = cfg.methods[method_index]
+    scaling = ScalingConfig(
+        num_workers=resources.num_workers,
+        use_gpu=resources.use_gpu,
+        resources_per_worker={"CPU": resources.cpus_per_worker} if resources.num_workers else None,
+    )
+    trainer = TorchTrainer(
+        train_group,
+        train_loop_config={"run_dir": str(run_dir), "config": cfg.to_dict(), "method_index": method_index,
+                           "steps": [s.index for s in group]},
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=f"{spec.key}-steps-{group[0].index:03d}-{group[-1].index:03d}",
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
+        ),
+    )
+    trainer.fit()
+    missing = [s.index for s in group if not runfiles.step_done(run_dir, spec.key, s.index)]
+    if missing:
+        raise RunError(f"{spec.key}: the Train run ended without finishing step(s) {missing}; see the log above")
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def ensure_row(cfg: ExperimentConfig, run_dir: Path, method: str, version: int) -> dict:
+    """Row ``version`` of every compatibility matrix, computed once from the store and cached."""
+    from orchestrator.evaluation import compatibility_row
+    from orchestrator.store import EmbeddingStore
+
+    path = runfiles.row_path(run_dir, method, version)
+    if path.is_file():
+        return runfiles.read_json(path)
+    row = compatibility_row(EmbeddingStore(runfiles.store_dir(run_dir)), method, version, cfg.evaluation)
+    runfiles.atomic_write_json(path, row)
+    return row
+
+
+def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) -> dict:
+    """metrics.json: per method every matrix by metric name and the summary metrics (stable schema)."""
+    from orchestrator import metrics as M
+    from orchestrator.evaluation import CompatibilityMatrix
+
+    out: dict = {"schema_version": SCHEMA_VERSION, "experiment": cfg.name, "seed": cfg.seed,
+                 "config_digest": cfg.digest(), "protocol": cfg.evaluation.protocol,
+                 "primary": cfg.evaluation.primary, "methods": {}}
+    for spec in cfg.methods:
+        rows = [runfiles.read_json(runfiles.row_path(run_dir, spec.key, v)) for v in range(num_versions)]
+        matrices, summaries, ecc = {}, {}, {}
+        for name in rows[0]:
+            matrix = CompatibilityMatrix(num_versions)
+            for i, row in enumerate(rows):
+                for j, value in enumerate(row[name]):
+                    matrix.set(i, j, value)
+            values = matrix.values
+            matrices[name] = matrix.to_list()
+            summaries[name] = {
+                "AC": M.average_compatibility(values, ties=cfg.evaluation.ties),
+                "AM": M.average_multimodel_accuracy(values),
+                "BC": M.backward_compatibility(values),
+                "FC": M.forward_compatibility(values),
+            }
+            flags = M.ecc_matrix(values)
+            ecc[name] = [[bool(flags[i][j]) if j < i else None for j in range(num_versions)] for i in range(num_versions)]
+        entries = [runfiles.manifest_entry(run_dir, spec.key, v) or {} for v in range(num_versions)]
+        accuracy = [e.get("accuracy") for e in entries]
+        method_params = runfiles.read_json(runfiles.versions_dir(run_dir, spec.key) / "v0" / "meta.json").get("params", {})
+        out["methods"][spec.key] = {
+            "method": spec.name, "params": method_params, "num_versions": num_versions,
+            "matrices": matrices, "summary": summaries.get(cfg.evaluation.primary, next(iter(summaries.values()))),
+            "summary_by_metric": summaries, "ecc": ecc,
+            "accuracy": accuracy if any(a is not None for a in accuracy) else None,
+            "seconds": [e.get("seconds") for e in entries],
+        }
+    add_update_gain(out)
+    return out
+
+
+def add_update_gain(out: dict) -> None:
+    """With an ``independent`` method present: gain of every other method's last version over its first
+    (reference/compatibility.md §5.4), per metric, with the independent last version as new*."""
+    from orchestrator.metrics import update_gain
+
+    reference = next((m for m in out["methods"].values() if m["method"] == "independent"), None)
+    if reference is None or reference["num_versions"] < 2:
+        return
+    for entry in out["methods"].values():
+        gains = {}
+        for name, matrix in entry["matrices"].items():
+            ref = reference["matrices"].get(name)
+            if ref is None:
+                continue
+            last = len(matrix) - 1
+            gains[name] = update_gain(matrix[last][0], matrix[0][0], ref[last][last])
+        entry["update_gain"] = gains
+
+
+class ProgressDisplay:
+    """Steps done/total, the current step's epoch and loss, and an ETA, read from progress.json while
+    the workers run (the driver never sees their tensors)."""
+
+    def __init__(self, run_dir: Path, total: int, done: int, enabled: bool, echo: Callable[[str], None]):
+        import threading
+
+        self.run_dir, self.total, self.done, self.enabled, self.echo = run_dir, total, done, enabled, echo
+        self.started = time.time()
+        self.finished_here = 0
+        self.group: tuple[str, list[Step]] = ("", [])
+        self._stop = threading.Event()
+        self._last = ""
+        self._tty = os.isatty(1)
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        if enabled:
+            self._thread.start()
+
+    def start_group(self, method: str, group: list[Step]) -> None:
+        self.group = (method, group)
+        runfiles.progress_path(self.run_dir).unlink(missing_ok=True)
+        if self.enabled:
+            steps = f"step {group[0].index}" if len(group) == 1 else f"steps {group[0].index}-{group[-1].index}"
+            self._print(f"[{method}] {steps} on {group[0].resources.num_workers or 'in-process'} worker(s)", newline=True)
+
+    def finish_group(self, count: int) -> None:
+        self.done += count
+        self.finished_here += count
+
+    def eta(self) -> str:
+        if not self.finished_here:
+            return "--:--"
+        per_step = (time.time() - self.started) / self.finished_here
+        return _clock(per_step * (self.total - self.done))
+
+    def line(self) -> Optional[str]:
+        p = runfiles.read_progress(self.run_dir)
+        if not p:
+            return None
+        return (f"  {self.done}/{self.total} steps done | {p['method']} step {p['step']} epoch {p['epoch']}/{p['epochs']} "
+                f"loss {p.get('loss', float('nan')):.4f} | elapsed {_clock(time.time() - self.started)} ETA {self.eta()}")
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            line = self.line()
+            if line and line != self._last:
+                self._print(line, newline=not self._tty)
+                self._last = line
+
+    def _print(self, text: str, newline: bool) -> None:
+        if self._tty and not newline:
+            print("\r" + text.ljust(110), end="", flush=True)
+        else:
+            if self._tty:
+                print()
+            self.echo(text)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.enabled and self._thread.is_alive():
+            self._thread.join(timeout=2)
+            if self._tty:
+                print()
+        self.echo(f"All {self.total} steps done in {_clock(time.time() - self.started)}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+

@@ -1,0 +1,48 @@
+"""Cross-section checks of an experiment config: things no single section can know on its own.
+
+Runs before anything is written, so an impossible experiment never leaves a run directory behind.
+"""
+
+from __future__ import annotations
+
+from orchestrator._internal.typed import require
+from orchestrator.config import ExperimentConfig
+from orchestrator.errors import ConfigError
+
+
+def validate_experiment(cfg: ExperimentConfig) -> None:
+    from methods.backbones import list_backbones
+    from methods.base import parse_params
+    from orchestrator.data import dataset_num_classes
+    from orchestrator.scenarios import classes_needed, num_steps
+
+    require(cfg.model.backbone in list_backbones(), "model.backbone",
+            f"unknown backbone {cfg.model.backbone!r}; available: {', '.join(list_backbones())}")
+    available = dataset_num_classes(cfg.data)
+    sc = cfg.scenario
+    require(sc.initial_classes <= available, "scenario.initial_classes",
+            f"{sc.initial_classes} classes requested but dataset {cfg.data.dataset!r} has {available}")
+    steps = num_steps(cfg, available)
+    needed = classes_needed(cfg, steps)
+    require(needed <= available, "scenario.num_steps",
+            f"{steps} steps of {sc.initial_classes} + {sc.increment} per step need {needed} classes, "
+            f"but dataset {cfg.data.dataset!r} has {available}; allowed: at most "
+            f"{1 + (available - sc.initial_classes) // sc.increment}")
+    for name, eval_set in cfg.evaluation.sets.items():
+        if eval_set.data is not None:
+            dataset_num_classes(eval_set.data)  # raises a clear error for a missing/unknown dataset
+            require(eval_set.classes == "all", f"evaluation.sets.{name}.classes",
+                    "'seen' needs the experiment's own dataset (classes of another dataset are never seen)")
+    for index in cfg.resources.steps:
+        require(0 <= index < steps, f"resources.steps.{index}", f"no such step; steps are 0..{steps - 1}")
+    for i, spec in enumerate(cfg.methods):
+        parse_params(spec.name, spec.params, f"methods.{i}.params")
+        cfg.method_training(spec)
+    if cfg.resources.use_gpu or any(r.use_gpu for r in cfg.resources.steps.values()):
+        _check_gpu_request(cfg)
+
+
+def _check_gpu_request(cfg: ExperimentConfig) -> None:
+    if cfg.resources.num_workers == 0:
+        raise ConfigError("resources.use_gpu", "in-process training (num_workers: 0) uses the driver's device; "
+                                               "set num_workers >= 1 to request GPUs from Ray")

@@ -1,0 +1,125 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import ExperimentConfig, apply_override, load_config, parse_config
+from orchestrator.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+
+
+def test_quickstart_is_valid():
+    cfg = load_config(None)
+    assert cfg.name == "quickstart"
+    assert [m.key for m in cfg.methods] == ["independent", "bct"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_its_schema(path):
+    from orchestrator._internal.typed import from_dict
+
+    data = yaml.safe_load(path.read_text())
+    if "sweep" in data:
+        data = {k: v for k, v in data.items() if k != "sweep"}
+    from_dict(ExperimentConfig, data)  # schema only: real datasets may be absent on this machine
+
+
+def test_unknown_key_names_its_path():
+    data = base()
+    data["training"]["epoch"] = 3
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.key == "training.epoch"
+    assert "epochs" in str(err.value)  # the allowed keys are listed
+
+
+def test_wrong_type_names_its_path():
+    data = base()
+    data["training"]["lr"] = "fast"
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.key == "training.lr" and "number" in str(err.value)
+
+
+def test_bad_literal_lists_allowed_values():
+    data = base()
+    data["evaluation"]["protocol"] = "knn"
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.key == "evaluation.protocol" and "'leave-one-out'" in str(err.value)
+
+
+def test_more_classes_than_the_dataset_has():
+    data = base()
+    data["scenario"]["num_steps"] = 5  # 10 + 4*5 = 30 > 20 synthetic classes
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.key == "scenario.num_steps" and "20" in str(err.value)
+
+
+def test_post_init_errors_are_prefixed_with_their_section():
+    data = base()
+    data["training"]["epochs"] = 0
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.key == "training.epochs"
+
+
+def test_method_params_are_validated():
+    data = base()
+    data["methods"][1]["params"]["variant"] = "fancy"
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.key == "methods.1.params.variant"
+
+
+def test_unknown_method():
+    data = base()
+    data["methods"].append({"name": "magic"})
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert "bct" in str(err.value) and "independent" in str(err.value)
+
+
+def test_duplicate_method_labels():
+    data = base()
+    data["methods"].append({"name": "bct"})
+    with pytest.raises(ConfigError, match="label"):
+        parse_config(data)
+
+
+def test_overrides():
+    data = base()
+    apply_override(data, "training.epochs=3")
+    apply_override(data, "methods.1.params.logit_scale=8")
+    apply_override(data, "model.final_relu=true")
+    cfg = parse_config(data)
+    assert cfg.training.epochs == 3 and cfg.methods[1].params["logit_scale"] == 8 and cfg.model.final_relu is True
+    with pytest.raises(ConfigError):
+        apply_override(data, "methods.7.params.x=1")
+    with pytest.raises(ConfigError):
+        apply_override(data, "no-equals-sign")
+
+
+def test_method_training_overrides_are_validated():
+    data = base()
+    data["methods"][0]["training"] = {"epochs": -1}
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert err.value.key == "methods.0.training.epochs"
+
+
+def test_digest_depends_on_seed():
+    cfg = load_config(None)
+    assert cfg.digest() != cfg.with_seed(1).digest()
+    assert cfg.digest() == load_config(None).digest()
+
+
+def test_missing_config_file_lists_builtins():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_config("does-not-exist")

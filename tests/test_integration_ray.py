@@ -1,0 +1,40 @@
+"""A real local Ray cluster: a 3-step simulation with one step on 2 DDP workers, then resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from orchestrator import runfiles, simulation
+from orchestrator.config import load_config
+from orchestrator.store import EmbeddingStore
+
+pytestmark = pytest.mark.integration
+
+
+def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, monkeypatch):
+    cfg = load_config(None, [
+        "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
+        "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
+        "model.width=8", "model.embedding_dim=16", "training.epochs=2", "training.batch_size=16",
+        "resources.num_workers=1", "resources.steps={2: {num_workers: 2}}",
+        "methods=[{name: bct}]",
+    ])
+    cfg.output_dir = str(tmp_path)
+    run_dir = tmp_path / cfg.name
+    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+
+    # two worker groups: steps 0-1 on one worker, step 2 on two DDP workers
+    assert sorted(p.name for p in (run_dir / "ray").iterdir() if p.is_dir()) == [
+        "bct-steps-000-001", "bct-steps-002-002"]
+    assert runfiles.manifest_entry(run_dir, "bct", 2)["world_size"] == 2
+    store = EmbeddingStore(run_dir / "store")
+    table = store.read("bct", 2, "test")
+    assert table.embeddings.shape == (6 * 8, 16) and (np.diff(table.sample_ids) > 0).all()
+    assert np.allclose(np.linalg.norm(table.embeddings, axis=1), 1, atol=1e-5)
+    m = np.array(metrics["methods"]["bct"]["matrices"]["cmc1"], dtype=float)
+    assert np.isnan(m[0, 1]) and np.isfinite(np.tril(m)).all()
+
+    monkeypatch.setattr(simulation, "run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    again = simulation.run_experiment(simulation.load_run_config(run_dir), run_dir, progress=False, echo=lambda s: None)
+    assert json.dumps(again["methods"]) == json.dumps(metrics["methods"])

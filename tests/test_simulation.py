@@ -1,0 +1,137 @@
+"""End-to-end driver behaviour in-process (num_workers: 0): outputs, resume, interruption, errors."""
+
+import json
+
+import pytest
+import torch
+
+from methods.base import register
+from methods.independent import Independent
+from orchestrator import runfiles, simulation
+from orchestrator.cli import main
+from orchestrator.config import load_config
+
+TINY = [
+    "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
+    "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
+    "model.width=8", "model.embedding_dim=16", "training.epochs=2", "training.batch_size=16",
+    "resources.num_workers=0",
+]
+
+
+def tiny(tmp_path, *extra):
+    cfg = load_config(None, [*TINY, *extra])
+    cfg.output_dir = str(tmp_path)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = tiny(tmp)
+    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    return cfg, tmp / cfg.name, metrics
+
+
+def test_run_directory_holds_every_output(finished_run):
+    cfg, run_dir, metrics = finished_run
+    for name in ["config.yaml", "run.json", "metrics.json", "report.md", "heatmaps.png"]:
+        assert (run_dir / name).is_file(), name
+    for key in ["independent", "bct"]:
+        assert (run_dir / f"heatmap_{key}.png").is_file()
+        assert (run_dir / f"matrix_{key}_cmc1.csv").is_file()
+        for v in range(3):
+            assert runfiles.step_done(run_dir, key, v)
+            state = torch.load(run_dir / "versions" / key / f"v{v}" / "model.pt", weights_only=True)
+            assert all(isinstance(t, torch.Tensor) for t in state.values())
+    assert not list((run_dir / "epochs").rglob("*.pt"))  # resume points are cleared once a step is done
+
+
+def test_metrics_json_schema(finished_run):
+    _, run_dir, metrics = finished_run
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["schema_version"] == 1 and on_disk["protocol"] == "leave-one-out"
+    entry = on_disk["methods"]["bct"]
+    assert set(entry["matrices"]) == {"cmc1", "cmc5", "map"}
+    m = entry["matrices"]["cmc1"]
+    assert len(m) == 3 and m[0][1] is None and m[2][2] is not None and 0 <= m[2][0] <= 1
+    assert set(entry["summary"]) == {"AC", "AM", "BC", "FC"}
+    assert entry["ecc"]["cmc1"][1][0] in (True, False) and entry["ecc"]["cmc1"][0][0] is None
+    assert len(entry["accuracy"]) == 3
+    assert entry["params"]["logit_scale"] == 16
+    assert "update_gain" in entry
+
+
+def test_rerun_with_the_same_config_redoes_nothing(finished_run, monkeypatch):
+    cfg, run_dir, metrics = finished_run
+    monkeypatch.setattr(simulation, "run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    again = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert again["methods"]["bct"]["matrices"] == metrics["methods"]["bct"]["matrices"]
+
+
+def test_resume_flag_and_report_command(finished_run, monkeypatch, capsys):
+    _, run_dir, _ = finished_run
+    monkeypatch.setattr(simulation, "run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert "bct" in capsys.readouterr().out
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.md").is_file()
+
+
+def test_same_seed_gives_the_same_numbers(finished_run, tmp_path):
+    cfg, _, metrics = finished_run
+    again = simulation.run_experiment(tiny(tmp_path), progress=False, echo=lambda s: None)
+    assert again["methods"]["bct"]["matrices"] == metrics["methods"]["bct"]["matrices"]
+
+
+def test_other_config_in_the_same_directory_is_refused(finished_run, tmp_path):
+    from orchestrator.errors import RunError
+
+    cfg, run_dir, _ = finished_run
+    other = tiny(run_dir.parent, "training.lr=0.01")
+    with pytest.raises(RunError, match="different config"):
+        simulation.run_experiment(other, progress=False, echo=lambda s: None)
+
+
+@register
+class Interrupted(Independent):
+    """Raises once, in the second epoch of step 1 (6 batches per epoch there), as a killed driver would."""
+
+    name = "test_interrupted"
+    calls = 0
+
+    def after_backward(self, model, state, ctx):
+        if ctx.index == 1:
+            Interrupted.calls += 1
+            if Interrupted.calls == 8:
+                raise KeyboardInterrupt
+
+
+def test_interrupted_step_resumes_from_its_last_epoch(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "methods=[{name: test_interrupted}]", "training.epochs=3")
+    run_dir = tmp_path / cfg.name
+    seen_starts = []
+    original = runfiles.load_epoch_state
+
+    def spy(run, method, step):
+        state = original(run, method, step)
+        seen_starts.append((step, None if state is None else state["epoch"]))
+        return state
+
+    monkeypatch.setattr("orchestrator.session.runfiles.load_epoch_state", spy)
+    with pytest.raises(KeyboardInterrupt):
+        simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert runfiles.step_done(run_dir, "test_interrupted", 0) and not runfiles.step_done(run_dir, "test_interrupted", 1)
+    seen_starts.clear()
+    simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert (1, 0) in seen_starts  # step 1 restarted after its finished epoch 0
+    assert all(step != 0 for step, _ in seen_starts)  # step 0 was not redone
+
+
+def test_invalid_config_writes_nothing(tmp_path, capsys):
+    code = main(["run", "--output-dir", str(tmp_path), "--set", "training.epochs=0"])
+    assert code == 2
+    assert "training.epochs" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
