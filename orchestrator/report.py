@@ -1,0 +1,267 @@
+"""Plots, matrix CSVs and report.md, rendered from a run directory's files only.
+
+Reading nothing but ``RUN_DIR/metrics.json`` lets ``compat report RUN_DIR`` re-render a finished (or
+copied) run without Ray, the store or any live object. Optional keys of metrics.json may be missing.
+No formula lives here: ECC flags and summary metrics come from metrics.json (see metrics.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from orchestrator.errors import RunError
+
+_SUMMARY_KEYS = ("AC", "AM", "BC", "FC")
+_SUMMARY_HEADER = ("method", *_SUMMARY_KEYS, "final self-test", "ECC held on every pair")
+_ANNOTATE_MAX = 12  # versions; beyond this cell numbers are unreadable (the CSVs carry them)
+_CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+
+Matrix = list[list[Optional[float]]]
+
+
+def render_report(run_dir: Union[str, Path]) -> Path:
+    """Write plots, ``matrix_<method>_<metric>.csv`` and ``report.md`` into ``run_dir``; return report.md."""
+    run_dir = Path(run_dir)
+    metrics = _load(run_dir / "metrics.json")
+    slugs = _slugs(metrics["methods"])
+    for key, method in metrics["methods"].items():
+        for metric, matrix in (method.get("matrices") or {}).items():
+            _write_csv(run_dir / f"matrix_{slugs[key]}_{metric}.csv", matrix)
+    images = _heatmaps(run_dir, metrics, slugs) + _accuracy_plot(run_dir, metrics)
+    report = run_dir / "report.md"
+    report.write_text(_markdown(metrics, slugs, images))
+    return report
+
+
+def format_summary_table(metrics: dict[str, Any]) -> str:
+    """The plain-text summary the CLI prints at the end of a run (columns aligned, numbers right-aligned)."""
+    rows = [list(_SUMMARY_HEADER), *_summary_rows(metrics)]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(_SUMMARY_HEADER))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return f"Summary on {_primary(metrics)}:\n" + "\n".join(lines)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path} does not exist; run the experiment (or resume it) before rendering a report") from None
+    except (OSError, ValueError) as exc:
+        raise RunError(f"{path} is unreadable ({exc}); re-run the experiment with --resume to rewrite it") from exc
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("methods"), dict):
+        raise RunError(f"{path} has no 'methods' mapping; re-run the experiment with --resume to rewrite it")
+    return metrics
+
+
+def _primary(metrics: dict[str, Any]) -> str:
+    return metrics.get("primary") or "cmc1"
+
+
+def _slugs(methods: dict[str, Any]) -> dict[str, str]:
+    """File-name-safe method keys, made unique when two labels collapse to the same slug."""
+    slugs: dict[str, str] = {}
+    for index, key in enumerate(methods):
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key).strip("._") or "method"
+        slugs[key] = slug if slug not in slugs.values() else f"{slug}-{index}"
+    return slugs
+
+
+def _square(matrix: Matrix) -> Matrix:
+    """Rows padded with None to T columns (metrics.json may omit the upper triangle)."""
+    size = len(matrix)
+    return [list(row) + [None] * (size - len(row)) for row in matrix]
+
+
+def _cell(matrix: Optional[list], i: int, j: int) -> Any:
+    return matrix[i][j] if matrix and i < len(matrix) and j < len(matrix[i]) else None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return "–" if math.isnan(value) else f"{value:.3f}"
+    return "–" if value is None else str(value)
+
+
+def _violations(ecc: Optional[list]) -> list[tuple[int, int]]:
+    """Cells (query i, gallery j) where metrics.json says ECC does not hold."""
+    return [(i, j) for i, row in enumerate(ecc or []) for j, holds in enumerate(row) if holds is False]
+
+
+def _ecc_everywhere(method: dict[str, Any], metric: str) -> str:
+    flags = [v for row in (method.get("ecc") or {}).get(metric) or [] for v in row if v is not None]
+    return "n/a" if not flags else _fmt(all(flags))
+
+
+def _summary_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    primary = _primary(metrics)
+    rows = []
+    for key, method in metrics["methods"].items():
+        summary = method.get("summary") or {}
+        matrix = (method.get("matrices") or {}).get(primary)
+        final = _cell(matrix, len(matrix) - 1, len(matrix) - 1) if matrix else None
+        rows.append([key, *(_fmt(summary.get(k)) for k in _SUMMARY_KEYS), _fmt(final),
+                     _ecc_everywhere(method, primary)])
+    return rows
+
+
+# -- files -----------------------------------------------------------------------------------------
+def _write_csv(path: Path, matrix: Matrix) -> None:
+    """Header ``query\\gallery,0,1,...``; one row per query version; empty cells above the diagonal."""
+    rows = _square(matrix)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["query\\gallery", *range(len(rows))])
+        writer.writerows([i, *("" if v is None else repr(float(v)) for v in row)] for i, row in enumerate(rows))
+
+
+def _save(fig: Figure, path: Path) -> str:
+    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, no figure registry to leak
+    fig.savefig(path, dpi=100)
+    return path.name
+
+
+def _draw_heatmap(ax, matrix: Matrix, ecc: Optional[list], vmin: float, vmax: float, title: str):
+    """Lower-triangular heatmap: masked upper triangle, values annotated, ECC violations outlined in red."""
+    data = np.array(_square(matrix), dtype=float)  # None -> nan -> masked
+    image = ax.imshow(np.ma.masked_invalid(data), cmap=_CMAP, vmin=vmin, vmax=vmax)
+    size = len(data)
+    ax.set(xlabel="gallery version", ylabel="query version", xticks=range(size), yticks=range(size), title=title)
+    if size <= _ANNOTATE_MAX:
+        middle = (vmin + vmax) / 2
+        for i, j in zip(*np.nonzero(np.isfinite(data))):
+            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=max(6, 11 - size // 2),
+                    color="white" if data[i, j] < middle else "black")
+    for i, j in _violations(ecc):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    return image
+
+
+def _side(size: int) -> float:
+    """Inches per heatmap panel: grows with the number of versions, capped so 30+ versions stay printable."""
+    return min(2.5 + 0.45 * size, 8.0)
+
+
+def _heatmaps(run_dir: Path, metrics: dict[str, Any], slugs: dict[str, str]) -> list[str]:
+    """One heatmap per method and all side by side, on one colour scale so methods compare by eye."""
+    primary = _primary(metrics)
+    panels = [(key, m["matrices"][primary], (m.get("ecc") or {}).get(primary))
+              for key, m in metrics["methods"].items() if (m.get("matrices") or {}).get(primary)]
+    values = [v for _, matrix, _ in panels for row in matrix for v in row if v is not None]
+    if not values:
+        return []
+    vmin, vmax = min(values), max(values)
+    vmax = vmax if vmax > vmin else vmin + 1e-6
+    note = " (red: ECC violated)"
+    written = []
+    for key, matrix, ecc in panels:
+        side = _side(len(matrix))
+        fig = Figure(figsize=(side + 1, side), layout="constrained")
+        title = f"{key}: {primary}{note if _violations(ecc) else ''}"
+        image = _draw_heatmap(fig.add_subplot(), matrix, ecc, vmin, vmax, title)
+        fig.colorbar(image, label=primary)
+        written.append(_save(fig, run_dir / f"heatmap_{slugs[key]}.png"))
+    side = _side(max(len(matrix) for _, matrix, _ in panels))
+    fig = Figure(figsize=(side * len(panels) + 1, side + 0.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, matrix, ecc) in zip(axes, panels):
+        image = _draw_heatmap(ax, matrix, ecc, vmin, vmax, key)
+    fig.colorbar(image, ax=list(axes), label=primary)
+    any_violation = any(_violations(ecc) for _, _, ecc in panels)
+    fig.suptitle(f"{primary}: query version (rows) vs gallery version (columns){note if any_violation else ''}")
+    written.insert(0, _save(fig, run_dir / "heatmaps.png"))
+    return written
+
+
+def _accuracy_plot(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
+    curves = {key: m["accuracy"] for key, m in metrics["methods"].items() if m.get("accuracy")}
+    if not curves:
+        return []
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for key, accuracy in curves.items():
+        ax.plot(range(len(accuracy)), np.array(accuracy, dtype=float), marker="o", label=key)
+    ax.set(xlabel="version (session)", ylabel="accuracy on seen classes", title="Classification accuracy")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    return [_save(fig, run_dir / "accuracy.png")]
+
+
+# -- report.md -------------------------------------------------------------------------------------
+def _md_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def _pairs(size: int) -> list[tuple[int, int]]:
+    """(new, old) for each consecutive pair, plus (last, first) when that is not already one of them."""
+    pairs = [(i, i - 1) for i in range(1, size)]
+    return pairs + [(size - 1, 0)] if size > 2 else pairs
+
+
+def _method_section(key: str, method: dict[str, Any], slug: str, images: list[str]) -> list[str]:
+    matrices = method.get("matrices") or {}
+    lines = [f"## {key}", "", f"- method: `{method.get('method', key)}`",
+             f"- params: `{json.dumps(method.get('params') or {}, sort_keys=True)}`"]
+    lines += ["- matrices: " + ", ".join(f"[{m}](matrix_{slug}_{m}.csv)" for m in matrices), ""]
+    if f"heatmap_{slug}.png" in images:
+        lines += [f"![{key} heatmap](heatmap_{slug}.png)", ""]
+    by_metric = method.get("summary_by_metric") or {}
+    if by_metric:
+        lines += _md_table(("metric", *_SUMMARY_KEYS),
+                           [[m, *(_fmt(s.get(k)) for k in _SUMMARY_KEYS)] for m, s in by_metric.items()])
+    size = max((len(m) for m in matrices.values()), default=0)
+    rows = []
+    for new, old in _pairs(size):
+        for metric, matrix in matrices.items():
+            ecc = (method.get("ecc") or {}).get(metric)
+            rows.append([f"{new} vs {old}", metric, _fmt(_cell(matrix, old, old)), _fmt(_cell(matrix, new, old)),
+                         _fmt(_cell(matrix, new, new)), _fmt(_cell(ecc, new, old))])
+    if rows:
+        lines += ["Two-model comparisons (new model vs old model; ECC: new/old beats old/old):", ""]
+        lines += _md_table(("new vs old", "metric", "old/old", "new/old", "new/new", "ECC"), rows)
+    return lines
+
+
+def _seeds_section(seeds: dict[str, Any]) -> list[str]:
+    """Mean ± std over seeds, from ``mean``/``std`` mapping method -> summary key -> number."""
+    mean, std = seeds.get("mean") or {}, seeds.get("std") or {}
+    title = "## Over seeds " + ", ".join(str(s) for s in seeds.get("values", [])) + " (mean ± std)"
+    per_method = {key: values for key, values in mean.items() if isinstance(values, dict)}
+    if not per_method:  # an unexpected shape: show it rather than guess
+        return [title, "", "```json", json.dumps({"mean": mean, "std": std}, indent=1, sort_keys=True), "```", ""]
+    columns = [k for k in _SUMMARY_KEYS if any(k in v for v in per_method.values())]
+    columns += sorted({k for v in per_method.values() for k in v} - set(columns))
+    rows = [[key, *(f"{_fmt(values.get(c))} ± {_fmt((std.get(key) or {}).get(c))}" for c in columns)]
+            for key, values in per_method.items()]
+    return [title, "", *_md_table(("method", *columns), rows)]
+
+
+def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str]) -> str:
+    experiment = metrics.get("experiment", "experiment")
+    lines = [f"# Compatibility report: {experiment}", ""]
+    for label, key in (("seed", "seed"), ("protocol", "protocol"), ("config digest", "config_digest")):
+        if metrics.get(key) is not None:
+            lines.append(f"- {label}: `{metrics[key]}`")
+    lines += [f"- primary metric: `{_primary(metrics)}`", "", "## Summary", ""]
+    lines += _md_table(_SUMMARY_HEADER, _summary_rows(metrics))
+    lines += [f"![{name}]({name})\n" for name in ("heatmaps.png", "accuracy.png") if name in images]
+    if metrics.get("seeds"):
+        lines += _seeds_section(metrics["seeds"])
+    for key, method in metrics["methods"].items():
+        lines += _method_section(key, method, slugs[key], images)
+    return "\n".join(lines)

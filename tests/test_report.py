@@ -1,0 +1,96 @@
+import csv
+import json
+
+import pytest
+
+from orchestrator.errors import RunError
+from orchestrator.report import format_summary_table, render_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def method_entry(name, matrix, ecc, summary, accuracy=None):
+    return {"method": name, "params": {"alpha": 1.0}, "num_versions": len(matrix),
+            "matrices": {"cmc1": matrix, "map": [[None if v is None else v / 2 for v in row] for row in matrix]},
+            "summary": summary, "summary_by_metric": {"cmc1": summary},
+            "ecc": {"cmc1": ecc, "map": ecc}, "accuracy": accuracy}
+
+
+COMPATIBLE = [[0.51, None, None], [0.55, 0.70, None], [0.60, 0.72, 0.80]]
+COMPATIBLE_ECC = [[None, None, None], [True, None, None], [True, True, None]]
+BROKEN = [[0.50, None, None], [0.40, 0.66, None], [0.45, 0.60, 0.75]]
+BROKEN_ECC = [[None, None, None], [False, None, None], [False, False, None]]
+
+METRICS = {
+    "schema_version": 1, "experiment": "unit-test", "seed": 3, "config_digest": "abc123",
+    "protocol": "leave-one-out", "primary": "cmc1",
+    "methods": {
+        "bct": method_entry("bct", COMPATIBLE, COMPATIBLE_ECC, {"AC": 1.0, "AM": 64.667, "BC": 0.1, "FC": 0.2},
+                            accuracy=[0.9, 0.8, 0.7]),
+        "independent": method_entry("independent", BROKEN, BROKEN_ECC,
+                                    {"AC": 0.0, "AM": 56.0, "BC": -0.2, "FC": -0.1}),
+        "hoc d/simplex": method_entry("stationary", COMPATIBLE, COMPATIBLE_ECC,
+                                      {"AC": 1.0, "AM": 64.667, "BC": 0.1, "FC": 0.2}),
+    },
+    "seeds": {"values": [0, 1, 2], "per_seed": {}, "mean": {"bct": {"AC": 0.9, "AM": 63.0}},
+              "std": {"bct": {"AC": 0.05, "AM": 1.25}}},
+}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps(METRICS))
+    return tmp_path
+
+
+def test_render_writes_every_file(run_dir):
+    report = render_report(run_dir)
+    assert report == run_dir / "report.md"
+    pngs = ["heatmaps.png", "accuracy.png", "heatmap_bct.png", "heatmap_independent.png", "heatmap_hoc_d_simplex.png"]
+    for name in pngs:
+        assert (run_dir / name).read_bytes().startswith(PNG_SIGNATURE), name
+    for method in ("bct", "independent", "hoc_d_simplex"):
+        for metric in ("cmc1", "map"):
+            assert (run_dir / f"matrix_{method}_{metric}.csv").is_file()
+
+
+def test_report_mentions_every_method_summary_pairs_and_seeds(run_dir):
+    text = render_report(run_dir).read_text()
+    for key in METRICS["methods"]:
+        assert f"## {key}" in text
+    assert "| bct | 1.000 | 64.667 | 0.100 | 0.200 | 0.800 | yes |" in text
+    assert "| independent | 0.000 | 56.000 | -0.200 | -0.100 | 0.750 | no |" in text
+    assert "| 1 vs 0 | cmc1 | 0.500 | 0.400 | 0.660 | no |" in text  # old/old, new/old, new/new, ECC
+    assert "| 2 vs 0 | cmc1 | 0.510 | 0.600 | 0.800 | yes |" in text  # (last, first)
+    assert "0.900 ± 0.050" in text and "leave-one-out" in text
+    assert "![heatmaps.png](heatmaps.png)" in text and "(heatmap_independent.png)" in text
+
+
+def test_matrix_csv_round_trip(run_dir):
+    render_report(run_dir)
+    with (run_dir / "matrix_bct_cmc1.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["query\\gallery", "0", "1", "2"]
+    assert [int(row[0]) for row in rows[1:]] == [0, 1, 2]
+    assert [[float(v) if v else None for v in row[1:]] for row in rows[1:]] == COMPATIBLE
+
+
+def test_minimal_metrics_render_without_optional_keys(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"methods": {"m": {"matrices": {"cmc1": [[0.5]]}}}}))
+    text = render_report(tmp_path).read_text()
+    assert "| m | – | – | – | – | 0.500 | n/a |" in text
+    assert not (tmp_path / "accuracy.png").exists()
+
+
+def test_summary_table_for_the_cli():
+    table = format_summary_table(METRICS)
+    lines = table.splitlines()
+    assert "ECC held on every pair" in lines[1]
+    assert lines[2].split() == ["bct", "1.000", "64.667", "0.100", "0.200", "0.800", "yes"]
+    assert lines[3].split()[-1] == "no"
+    assert len({len(line) for line in lines[1:]}) == 1  # aligned
+
+
+def test_missing_metrics_is_a_run_error(tmp_path):
+    with pytest.raises(RunError, match="does not exist"):
+        render_report(tmp_path)
