@@ -7,6 +7,7 @@ with a non-zero exit code; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ["COMPAT_RAY_LOGS"] = "1"  # stream Ray worker logs to the terminal
     try:
         return args.func(args)
     except CompatError as exc:

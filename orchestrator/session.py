@@ -122,6 +122,7 @@ class Session:
             optimizer.load_state_dict(resume["optimizer"])
             start_epoch = int(resume["epoch"]) + 1
         ddp_model = self._distributed(model)
+        train_started, trained_images = time.time(), 0
         for epoch in range(start_epoch, self.training.epochs):
             set_lr(optimizer, lr_at(epoch, self.training))
             ddp_model.train()
@@ -135,10 +136,12 @@ class Session:
                 self.method.after_backward(model, state, ctx)
                 optimizer.step()
                 batches += 1
+                trained_images += len(labels)
                 for name, value in {"loss": loss, **parts}.items():
                     totals[name] = totals.get(name, 0.0) + float(value.detach())
             means = {k: v / max(batches, 1) for k, v in totals.items()}
             self._end_epoch(step, epoch, model, optimizer, means)
+        train_seconds = time.time() - train_started
         model.eval()
         self._write_embeddings(step, model)
         accuracy = self._accuracy(ctx, model)
@@ -151,6 +154,7 @@ class Session:
                 "method": self.spec.key, "version": step.index, "num_seen": step.num_seen, "num_previous": step.num_previous,
                 "event": step.event, "train_samples": int(len(indices)), "accuracy": accuracy,
                 "seconds": round(time.time() - started, 3), "world_size": self.worker.world_size,
+                "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()

@@ -18,7 +18,7 @@ import yaml
 
 from orchestrator import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
-from orchestrator.errors import RunError
+from orchestrator.errors import CompatError, RunError
 from orchestrator.scenarios import Step, group_steps, plan_steps
 
 SCHEMA_VERSION = 1
@@ -121,14 +121,35 @@ def run_group(cfg: ExperimentConfig, run_dir: Path, method_index: int, group: li
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:  # ray.train.TrainingFailedError and friends
+        raise explain_failure(exc, spec.key, group) from exc
     missing = [s.index for s in group if not runfiles.step_done(run_dir, spec.key, s.index)]
     if missing:
         raise RunError(f"{spec.key}: the Train run ended without finishing step(s) {missing}; see the log above")
 
 
+def explain_failure(exc: Exception, method: str, group: list[Step]) -> Exception:
+    """The worker's own error when it is one of ours (a clear sentence), else a RunError that names
+    the steps; the original traceback stays attached as the cause (shown with --debug)."""
+    failures = getattr(exc, "worker_failures", None) or {0: exc}
+    for rank, failure in sorted(failures.items()):
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, CompatError):
+                return seen
+            seen = seen.__cause__ or getattr(seen, "cause", None)
+    rank, failure = sorted(failures.items())[0]
+    steps = f"step {group[0].index}" if len(group) == 1 else f"steps {group[0].index}-{group[-1].index}"
+    first_line = (str(failure).strip().splitlines() or [""])[-1]
+    return RunError(f"{method} {steps} failed on worker rank {rank}: {type(failure).__name__}: {first_line} "
+                    f"(rerun with --debug for the traceback; finished steps are kept, --resume continues)")
+
+
 def ensure_ray() -> None:
-    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one."""
+    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one.
+    Worker logs stay in Ray's session log directory unless COMPAT_RAY_LOGS=1 (set by --debug)."""
     import ray
 
     if ray.is_initialized():
@@ -137,7 +158,7 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
 
 
 def ensure_row(cfg: ExperimentConfig, run_dir: Path, method: str, version: int) -> dict:
@@ -224,7 +245,6 @@ class ProgressDisplay:
         self.finished_here = 0
         self.group: tuple[str, list[Step]] = ("", [])
         self._stop = threading.Event()
-        self._last = ""
         self._tty = os.isatty(1)
         self._thread = threading.Thread(target=self._poll, daemon=True)
         if enabled:
@@ -241,25 +261,30 @@ class ProgressDisplay:
         self.done += count
         self.finished_here += count
 
-    def eta(self) -> str:
-        if not self.finished_here:
-            return "--:--"
-        per_step = (time.time() - self.started) / self.finished_here
-        return _clock(per_step * (self.total - self.done))
-
-    def line(self) -> Optional[str]:
-        p = runfiles.read_progress(self.run_dir)
-        if not p:
-            return None
-        return (f"  {self.done}/{self.total} steps done | {p['method']} step {p['step']} epoch {p['epoch']}/{p['epochs']} "
-                f"loss {p.get('loss', float('nan')):.4f} | elapsed {_clock(time.time() - self.started)} ETA {self.eta()}")
+    def line(self, p: dict) -> str:
+        """Steps done (finished steps of the running group included), the running step's epoch and
+        loss, and an ETA from the pace so far."""
+        method, group = self.group
+        in_group = max(0, p["step"] - group[0].index) if group and p["method"] == method else 0
+        current = in_group + p["epoch"] / p["epochs"]
+        elapsed = time.time() - self.started
+        work = self.finished_here + current
+        eta = _clock(elapsed / work * (self.total - self.done - current)) if work > 0 else "--:--"
+        return (f"  {self.done + in_group}/{self.total} steps done | {p['method']} step {p['step']} "
+                f"epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f} | "
+                f"elapsed {_clock(elapsed)} ETA {eta}")
 
     def _poll(self) -> None:
+        last = None
         while not self._stop.wait(0.5):
-            line = self.line()
-            if line and line != self._last:
-                self._print(line, newline=not self._tty)
-                self._last = line
+            progress = runfiles.read_progress(self.run_dir)
+            if not progress:
+                continue
+            if self._tty:  # a live line, refreshed in place
+                self._print(self.line(progress), newline=False)
+            elif progress != last:  # logs get one line per finished epoch
+                self._print(self.line(progress), newline=True)
+            last = progress
 
     def _print(self, text: str, newline: bool) -> None:
         if self._tty and not newline:

@@ -135,3 +135,17 @@ def test_invalid_config_writes_nothing(tmp_path, capsys):
     assert code == 2
     assert "training.epochs" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path):
+    _, run_dir, metrics = finished_run
+    cfg = tiny(tmp_path, "resources.group_steps=false")
+    ungrouped = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    for key in ["independent", "bct"]:
+        assert ungrouped["methods"][key]["matrices"] == metrics["methods"][key]["matrices"]
+        for v in range(3):
+            timing = {"seconds", "train_seconds"}
+            a = {k: x for k, x in runfiles.manifest_entry(run_dir, key, v).items() if k not in timing}
+            b = {k: x for k, x in runfiles.manifest_entry(tmp_path / cfg.name, key, v).items() if k not in timing}
+            assert a == b
+    assert len(list((tmp_path / cfg.name / "ray").iterdir())) == 6  # one Train run per step and method
