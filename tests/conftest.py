@@ -16,6 +16,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("COMPAT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test batches gain nothing from intra-op threads, and thread barriers stall on a busy 2-core box."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
