@@ -1,0 +1,402 @@
+"""Evaluation protocols over embedding arrays and over the embedding store.
+
+Every protocol reduces to one question per query: at which 1-based ranks do its relevant gallery items
+appear when the gallery is sorted by cosine similarity (descending, ties broken by the lower gallery
+index)? The ranks come from one vectorised, row-blocked engine; the formulas that turn ranks into
+scores live in :mod:`orchestrator.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from orchestrator import metrics
+from orchestrator.config import EvaluationConfig
+from orchestrator.errors import DataError, StoreError
+
+if TYPE_CHECKING:
+    from orchestrator.store import EmbeddingStore, EmbeddingTable
+
+# Elements of one similarity block (rows x gallery size). With its sorted float32 and float64 copies a
+# block takes ~16 bytes per element, so ~64 MiB per worker whatever the gallery size.
+_BLOCK_ELEMENTS = 1 << 22
+# Below every cosine (which lies in [-1, 1] up to rounding): marks the left-out item in a query's row.
+_LEFT_OUT = np.float32(-2.0)
+# Row offsets for the blocked search; larger than the range of a row's values (sentinel included).
+_ROW_STRIDE = 4.0
+
+
+def truncate_and_normalize(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cut both sides to the first min(d_a, d_b) coordinates and L2-normalise them (protocol §6.2).
+
+    Truncation commutes with scaling, so normalise-truncate-renormalise equals truncate-normalise.
+    Returns new float32 arrays: the inputs may be read-only memory maps and are never modified. A zero
+    vector stays zero (it matches nothing); NaN or inf is an error because it would scramble the ranking.
+    """
+    dim = min(a.shape[1], b.shape[1])
+    if dim == 0:
+        raise DataError("embeddings have no coordinates")
+    return _normalized(a[:, :dim]), _normalized(b[:, :dim])
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    out = np.array(x, dtype=np.float32, copy=True, order="C")
+    if not np.isfinite(out).all():
+        raise DataError("embeddings contain NaN or inf; the model that produced them diverged")
+    norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+    out /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
+    return out
+
+
+def per_query_scores(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                     gallery_labels: np.ndarray, *, leave_one_out: bool,
+                     with_ap: bool = True) -> dict[str, np.ndarray]:
+    """Per-query ``first_rank`` (rank of the best-ranked relevant item) and, with ``with_ap``, ``ap``.
+
+    Relevant = same label. With ``leave_one_out`` query n and gallery item n are the same sample (also
+    when two models encoded them), so item n is removed from query n's ranking. Queries without any
+    relevant item get NaN in both arrays. Per-query values serve paired comparisons between models and
+    checks against a reference; :func:`retrieval_scores` averages them.
+    """
+    query_labels = np.asarray(query_labels, dtype=np.int64)
+    gallery_labels = np.asarray(gallery_labels, dtype=np.int64)
+    _check_sides(query, query_labels, gallery, gallery_labels)
+    if leave_one_out and not np.array_equal(query_labels, gallery_labels):
+        raise DataError("leave-one-out needs the same samples, in the same order, as queries and gallery")
+    query, gallery = truncate_and_normalize(query, gallery)
+    relevant = _RelevantItems(query_labels, gallery_labels)
+    rows = max(1, _BLOCK_ELEMENTS // len(gallery))
+    starts = range(0, len(query), rows)
+
+    def block(start: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        stop = min(start + rows, len(query))
+        return _score_block(query[start:stop], gallery, relevant, start, stop,
+                            leave_one_out=leave_one_out, with_ap=with_ap)
+
+    # numpy releases the GIL in matmul, sort and searchsorted, so threads use every core.
+    with ThreadPoolExecutor(max_workers=_worker_count()) as pool:
+        results = list(pool.map(block, starts))
+    scores = {"first_rank": np.concatenate([first for first, _ in results])}
+    if with_ap:
+        scores["ap"] = np.concatenate([ap for _, ap in results])
+    return scores
+
+
+def retrieval_scores(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                     gallery_labels: np.ndarray, *, leave_one_out: bool, topk: Sequence[int] = (1, 5),
+                     with_map: bool = True) -> dict[str, float]:
+    """CMC top-k (``cmc1``, ``cmc5``, ...) and mAP over the entire ranking (``map``), as fractions.
+
+    Protocol §6.2 with ``leave_one_out=True``; the all-vectors query-gallery variant of §6.1 with
+    ``False``. Queries whose class has no gallery item cannot be answered and are left out of every
+    average (an error if that leaves none).
+    """
+    scores = per_query_scores(query, query_labels, gallery, gallery_labels,
+                              leave_one_out=leave_one_out, with_ap=with_map)
+    first_rank = _answerable(scores["first_rank"])
+    out = {f"cmc{k}": metrics.recall_at_k(first_rank, k) for k in topk}
+    if with_map:
+        out["map"] = float(np.nanmean(scores["ap"]))
+    return out
+
+
+def template_top1(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                  gallery_labels: np.ndarray) -> dict[str, float]:
+    """Protocol §6.1: top-1 accuracy of queries against L2-normalised class means of the gallery.
+
+    The class means are taken over the normalised gallery features and re-normalised, so this is
+    nearest-class-mean classification with the gallery model's class means (exact inner product).
+    """
+    query, gallery = truncate_and_normalize(query, gallery)
+    classes, inverse = np.unique(np.asarray(gallery_labels, dtype=np.int64), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse))[:-1]])
+    sums = np.add.reduceat(gallery[order].astype(np.float64), bounds, axis=0)
+    templates = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    scores = per_query_scores(query, query_labels, templates, classes, leave_one_out=False, with_ap=False)
+    return {"cmc1": metrics.recall_at_k(_answerable(scores["first_rank"]), 1)}
+
+
+def cross_modal_recall(image_q: np.ndarray, text_gallery: np.ndarray, caption_of: np.ndarray,
+                       text_q: np.ndarray, image_gallery: np.ndarray,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Protocol §6.3: image-to-text and text-to-image Recall@K as fractions (``i2t_r1``, ``t2i_r5``, ...).
+
+    ``caption_of[c]`` is the image index of caption c; captions are in the same order in ``text_gallery``
+    and ``text_q``, images in ``image_q`` and ``image_gallery``. An image query hits at K when any of its
+    captions is in the top K; a caption query hits when its image is. Both reduce to the rank of the
+    best-ranked relevant item, with the image index as the shared label.
+    """
+    caption_of = np.asarray(caption_of, dtype=np.int64)
+    num_images = len(image_q)
+    if len(image_gallery) != num_images or not len(text_q) == len(text_gallery) == len(caption_of):
+        raise DataError("cross-modal recall needs the same images on both image sides and the same captions "
+                        "on both text sides, with one caption_of entry per caption")
+    if caption_of.size and (caption_of.min() < 0 or caption_of.max() >= num_images):
+        raise DataError(f"caption_of must hold image indices in [0, {num_images})")
+    image_ids = np.arange(num_images)
+    i2t = per_query_scores(image_q, image_ids, text_gallery, caption_of, leave_one_out=False, with_ap=False)
+    t2i = per_query_scores(text_q, caption_of, image_gallery, image_ids, leave_one_out=False, with_ap=False)
+    i2t_first, t2i_first = _answerable(i2t["first_rank"]), _answerable(t2i["first_rank"])
+    out = {f"i2t_r{k}": metrics.recall_at_k(i2t_first, k) for k in ks}
+    out.update({f"t2i_r{k}": metrics.recall_at_k(t2i_first, k) for k in ks})
+    return out
+
+
+def _answerable(first_rank: np.ndarray) -> np.ndarray:
+    """``first_rank`` unchanged, after checking that at least one query has a relevant gallery item."""
+    if np.isnan(first_rank).all():
+        raise DataError("no query has a relevant gallery item (queries and gallery share no label)")
+    return first_rank
+
+
+def _check_sides(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                 gallery_labels: np.ndarray) -> None:
+    for name, x, labels in (("query", query, query_labels), ("gallery", gallery, gallery_labels)):
+        if x.ndim != 2 or len(x) == 0:
+            raise DataError(f"{name} embeddings must be a non-empty (N, d) array, got shape {x.shape}")
+        if labels.shape != (len(x),):
+            raise DataError(f"{name} has {len(x)} embeddings but {labels.size} labels")
+
+
+def _worker_count() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 8))
+
+
+class _RelevantItems:
+    """For each query, the gallery items of its class, in ascending gallery index.
+
+    Built from the gallery grouped by class, so a block's relevant pairs cost O(#pairs), not O(rows x N).
+    """
+
+    def __init__(self, query_labels: np.ndarray, gallery_labels: np.ndarray):
+        classes, inverse, counts = np.unique(gallery_labels, return_inverse=True, return_counts=True)
+        self.order = np.argsort(inverse, kind="stable")
+        self.class_start = np.cumsum(counts) - counts
+        position = np.clip(np.searchsorted(classes, query_labels), 0, len(classes) - 1)
+        known = classes[position] == query_labels
+        self.query_class = np.where(known, position, 0)
+        self.query_count = np.where(known, counts[position], 0)
+
+    def pairs(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row in block, gallery index) of every relevant pair of queries start..stop-1, row-major."""
+        count = self.query_count[start:stop]
+        rows = np.repeat(np.arange(stop - start), count)
+        first = self.class_start[self.query_class[start:stop]] - (np.cumsum(count) - count)
+        return rows, self.order[np.repeat(first, count) + np.arange(int(count.sum()))]
+
+
+def _score_block(query: np.ndarray, gallery: np.ndarray, relevant: _RelevantItems, start: int, stop: int,
+                 *, leave_one_out: bool, with_ap: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """First relevant rank (and AP) of queries start..stop-1 from one similarity block."""
+    num_rows = stop - start
+    sims = query @ gallery.T
+    rows, cols = relevant.pairs(start, stop)
+    if leave_one_out:
+        own = np.arange(num_rows)
+        sims[own, start + own] = _LEFT_OUT
+        keep = cols != start + rows
+        rows, cols = rows[keep], cols[keep]
+    count = np.bincount(rows, minlength=num_rows)
+    values = sims[rows, cols]
+    group_start = np.cumsum(count) - count
+    answerable = count > 0
+    first_rank = np.full(num_rows, np.nan)
+    if not answerable.any():
+        return first_rank, (np.full(num_rows, np.nan) if with_ap else None)
+    if not with_ap:
+        # Only the best relevant item matters: its rank is a count, no sort needed.
+        best = np.maximum.reduceat(values, group_start[answerable])
+        is_best = values == np.repeat(best, count[answerable])
+        best_col = np.minimum.reduceat(np.where(is_best, cols, len(gallery)), group_start[answerable])
+        first_rank[answerable] = _exact_ranks(sims, np.flatnonzero(answerable), best, best_col)
+        return first_rank, None
+    ranks = _relevant_ranks(sims, rows, cols, values)
+    ranks = np.sort(rows * (len(gallery) + 1) + ranks) - rows * (len(gallery) + 1)  # ascending per query
+    first_rank[answerable] = ranks[group_start[answerable]]
+    return first_rank, metrics.average_precision_from_ranks(ranks, count)
+
+
+def _relevant_ranks(sims: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """1-based rank of each (row, col) pair in its row sorted by descending similarity.
+
+    Each row is sorted once (the unavoidable cost); then one searchsorted over all rows at once, made
+    possible by shifting row r by r * _ROW_STRIDE in float64, counts the items above each relevant
+    value. Where a value is not alone in its slot (a real tie, or two floats merged by the shift) the
+    rank is recomputed exactly from the unsorted row.
+    """
+    width = sims.shape[1]
+    shift = _ROW_STRIDE * np.arange(len(sims))
+    flat = np.add(np.sort(sims, axis=1), shift[:, None], dtype=np.float64).reshape(-1)
+    needles = values.astype(np.float64) + shift[rows]
+    end = np.searchsorted(flat, needles, side="right")  # one past the needle's last equal
+    ranks = (rows + 1) * width - end + 1
+    shared = (end - 1 > rows * width) & (flat[np.maximum(end - 2, 0)] == needles)
+    if shared.any():
+        ranks[shared] = _exact_ranks(sims, rows[shared], values[shared], cols[shared])
+    return ranks
+
+
+def _exact_ranks(sims: np.ndarray, rows: np.ndarray, values: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Rank of the item at (row, col) with similarity value: 1 + #higher + #equal at a lower index."""
+    width = sims.shape[1]
+    index = np.arange(width)
+    out = np.empty(len(rows), dtype=np.int64)
+    step = max(1, _BLOCK_ELEMENTS // width)
+    for lo in range(0, len(rows), step):  # chunks of pairs, to bound memory
+        part = slice(lo, lo + step)
+        row_sims = sims[rows[part]]
+        value = values[part, None]
+        ahead = (row_sims > value) | ((row_sims == value) & (index < cols[part, None]))
+        out[part] = ahead.sum(axis=1) + 1
+    return out
+
+
+class CompatibilityMatrix:
+    """T x T scores, row = query version, column = gallery version (<= row).
+
+    Missing cells are NaN *and* False in ``mask``: a computed score of exactly 0 is never mistaken for a
+    missing one. CSV form: header ``query\\gallery,0,1,...``, one row per query version, empty cells missing.
+    """
+
+    CORNER = "query\\gallery"
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"a compatibility matrix needs size >= 1, got {size}")
+        self.values = np.full((size, size), np.nan)
+        self.mask = np.zeros((size, size), dtype=bool)
+
+    @property
+    def size(self) -> int:
+        return len(self.values)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every cell on and below the diagonal has been computed."""
+        return bool(self.mask[metrics.lower_triangle_mask(self.size)].all())
+
+    def set(self, i: int, j: int, value: float) -> None:
+        if not 0 <= j <= i < self.size:
+            raise ValueError(f"cell ({i}, {j}) is outside the lower triangle of a {self.size}x{self.size} matrix")
+        if not math.isfinite(value):
+            raise ValueError(f"cell ({i}, {j}) must be finite, got {value}")
+        self.values[i, j] = value
+        self.mask[i, j] = True
+
+    def to_list(self) -> list[list[Optional[float]]]:
+        """Rows as lists, ``None`` for missing cells (JSON-friendly)."""
+        return [[float(v) if m else None for v, m in zip(row, row_mask)]
+                for row, row_mask in zip(self.values, self.mask)]
+
+    @classmethod
+    def from_list(cls, rows: Sequence[Sequence[Optional[float]]]) -> "CompatibilityMatrix":
+        """Inverse of :meth:`to_list`. ``None`` or NaN is missing; anything above the diagonal is ignored."""
+        matrix = cls(len(rows))
+        for i, row in enumerate(rows):
+            if len(row) != len(rows):
+                raise ValueError(f"row {i} has {len(row)} cells; a {len(rows)}x{len(rows)} matrix needs {len(rows)}")
+            for j, value in enumerate(row[: i + 1]):
+                if value is not None and not math.isnan(value):
+                    matrix.set(i, j, float(value))
+        return matrix
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([self.CORNER, *range(self.size)])
+            for i, row in enumerate(self.to_list()):
+                writer.writerow([i, *("" if v is None else repr(v) for v in row)])
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike) -> "CompatibilityMatrix":
+        """Read a square matrix CSV with or without a header row and an index column.
+
+        The first row is a header when it holds text after its first cell, when its first cell is empty
+        (cell (0, 0) is always computed) or text above a numeric index, or when the rows outnumber the
+        columns by one; the first column is then an index when it holds text or the columns outnumber the
+        rows by one. Short rows (a bare lower triangle) are padded. Values above the diagonal are
+        ignored, so full matrices with 0 there (iamcl2r) are accepted.
+        """
+        path = Path(path)
+        try:
+            with open(path, newline="") as handle:
+                grid = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read matrix file {path} ({exc}); pass a CSV file of scores") from None
+        if not grid:
+            raise DataError(f"matrix file {path} is empty; it needs one row of scores per query version")
+        width = max(len(row) for row in grid)
+        grid = [[cell.strip() for cell in row] + [""] * (width - len(row)) for row in grid]
+        corner, top, side = grid[0][0], grid[0][1:], [row[0] for row in grid[1:]]
+        if (not all(map(_is_number, top)) or corner == ""
+                or (not _is_number(corner) and all(map(_is_number, side))) or len(grid) == width + 1):
+            grid = grid[1:]
+        if grid and (not all(_is_number(row[0]) for row in grid) or width == len(grid) + 1):
+            grid = [row[1:] for row in grid]
+        if not grid or len(grid) != len(grid[0]):
+            raise DataError(f"matrix file {path} does not hold a square matrix "
+                            f"({len(grid)} rows x {len(grid[0]) if grid else 0} columns of scores)")
+        try:
+            return cls.from_list([[float(cell) if cell else None for cell in row] for row in grid])
+        except ValueError as exc:
+            raise DataError(f"matrix file {path} has an invalid cell ({exc}); cells must be numbers or empty") from None
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return cell == ""
+    return True
+
+
+def _pair_scores(query_table: "EmbeddingTable", gallery_table: "EmbeddingTable",
+                 eval_cfg: EvaluationConfig) -> dict[str, float]:
+    """One matrix cell, every metric of the configured protocol."""
+    if eval_cfg.protocol == "leave-one-out":
+        if not np.array_equal(query_table.sample_ids, gallery_table.sample_ids):
+            raise StoreError("the stored embeddings of the two versions list different samples or a different "
+                             "order; re-encode the evaluation set for both versions")
+        return retrieval_scores(query_table.embeddings, query_table.labels, gallery_table.embeddings,
+                                gallery_table.labels, leave_one_out=True)
+    if eval_cfg.templates:
+        return template_top1(query_table.embeddings, query_table.labels, gallery_table.embeddings,
+                             gallery_table.labels)
+    return retrieval_scores(query_table.embeddings, query_table.labels, gallery_table.embeddings,
+                            gallery_table.labels, leave_one_out=False)
+
+
+def _gallery_set(eval_cfg: EvaluationConfig) -> str:
+    return eval_cfg.query if eval_cfg.protocol == "leave-one-out" else eval_cfg.gallery
+
+
+def evaluate_pair(store: "EmbeddingStore", method_key: str, query_version: int, gallery_version: int,
+                  eval_cfg: EvaluationConfig) -> dict[str, float]:
+    """Cell (query_version, gallery_version): scores of the new queries against the stored old gallery."""
+    query_table = store.read(method_key, query_version, eval_cfg.query)
+    gallery_table = store.read(method_key, gallery_version, _gallery_set(eval_cfg))
+    return _pair_scores(query_table, gallery_table, eval_cfg)
+
+
+def compatibility_row(store: "EmbeddingStore", method_key: str, version: int,
+                      eval_cfg: EvaluationConfig) -> dict[str, list[float]]:
+    """Row ``version`` of the matrix: cells (version, j) for j = 0..version, one list per metric.
+
+    The query embeddings are read once; each gallery once.
+    """
+    query_table = store.read(method_key, version, eval_cfg.query)
+    row: dict[str, list[float]] = {}
+    for gallery_version in range(version + 1):
+        gallery_table = store.read(method_key, gallery_version, _gallery_set(eval_cfg))
+        for name, value in _pair_scores(query_table, gallery_table, eval_cfg).items():
+            row.setdefault(name, []).append(value)
+    return row

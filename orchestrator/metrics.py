@@ -1,0 +1,168 @@
+"""Compatibility and retrieval metrics: pure numpy, one place per formula.
+
+Matrices follow the compatibility-matrix convention: ``M[i][j]`` is the score of query model ``i``
+against gallery model ``j <= i``; only cells on and below the diagonal are read, so whatever is stored
+above it (NaN here, 0 in the iamcl2r notebooks) is ignored. Scores are fractions unless a docstring
+says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+Ties = Literal["fail", "pass"]
+
+
+def lower_triangle_mask(size: int) -> np.ndarray:
+    """Cells a compatibility matrix computes: on and below the diagonal (query version >= gallery version)."""
+    return np.tri(size, dtype=bool)
+
+
+def _checked(M: np.ndarray) -> np.ndarray:
+    """``M`` as a float array after checking it is square with every lower-triangle cell present.
+
+    A missing cell would silently shift every average, so it is an error rather than skipped.
+    """
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
+        raise ValueError(f"a compatibility matrix must be square and non-empty, got shape {M.shape}")
+    missing = lower_triangle_mask(len(M)) & ~np.isfinite(M)
+    if missing.any():
+        i, j = np.argwhere(missing)[0]
+        raise ValueError(f"compatibility matrix cell ({i}, {j}) is missing; every cell with j <= i is needed")
+    return M
+
+
+def ecc_matrix(M: np.ndarray, ties: Ties = "fail") -> np.ndarray:
+    """Empirical compatibility criterion per cell: ``M[i][j] > M[j][j]`` for ``j < i``.
+
+    The diagonal and the upper triangle are False: a model is not "compatible with itself" and
+    new-gallery/old-query is never measured. ``ties="pass"`` uses ``>=`` (CL2R counts a violation only
+    for strict ``<``); the default follows the strict inequality of the criterion.
+    """
+    if ties not in ("fail", "pass"):
+        raise ValueError(f"ties must be 'fail' or 'pass', got {ties!r}")
+    M = _checked(M)
+    self_tests = np.diag(M)[None, :]  # compared with the gallery model's own self-test
+    holds = M > self_tests if ties == "fail" else M >= self_tests
+    return holds & np.tri(len(M), k=-1, dtype=bool)
+
+
+def average_compatibility(M: np.ndarray, ties: Ties = "fail") -> float:
+    """AC: the fraction of the T(T-1)/2 cross-tests that satisfy the ECC.
+
+    Only signs matter, so pass scores at full precision, never rounded percentages. T = 1 has no
+    cross-test; the reference code clamps the denominator, giving 1.0, and so does this.
+    """
+    holds = ecc_matrix(M, ties)
+    size = len(holds)
+    if size == 1:
+        return 1.0
+    return float(holds.sum() / (size * (size - 1) / 2))
+
+
+def ac_curve(M: np.ndarray, ties: Ties = "fail") -> list[float]:
+    """AC_tau over the top-left tau x tau block for tau = 2..T (empty for T = 1): AC as the sequence grows."""
+    M = _checked(M)
+    return [average_compatibility(M[:tau, :tau], ties) for tau in range(2, len(M) + 1)]
+
+
+def average_multimodel_accuracy(M: np.ndarray) -> float:
+    """AM, in percent: 100 x the mean of every cell on and below the diagonal.
+
+    The cells are selected by the lower-triangle mask, not by "non-zero" as in the reference code, so a
+    genuine score of 0 counts. Values are taken as given: pass fractions to get a percentage.
+    """
+    M = _checked(M)
+    return float(100.0 * M[lower_triangle_mask(len(M))].mean())
+
+
+def am_curve(M: np.ndarray) -> list[float]:
+    """AM_tau over the top-left tau x tau block for tau = 1..T; the last value is AM."""
+    M = _checked(M)
+    return [average_multimodel_accuracy(M[:tau, :tau]) for tau in range(1, len(M) + 1)]
+
+
+def backward_compatibility(M: np.ndarray) -> float:
+    """BC: mean over old galleries j < T of (final model's query vs gallery j) - (self-test of j).
+
+    Positive means the final model improves on old galleries without re-indexing. T = 1 has no old
+    gallery, so BC is NaN (undefined) rather than a neutral-looking 0.
+    """
+    M = _checked(M)
+    if len(M) == 1:
+        return float("nan")
+    return float(np.mean(M[-1, :-1] - np.diag(M)[:-1]))
+
+
+def forward_compatibility(M: np.ndarray) -> float:
+    """FC: mean over i >= 2 of M[i][i-1] - M[i][i], what one update loses by not re-indexing.
+
+    T = 1 has no update, so FC is NaN, as for :func:`backward_compatibility`.
+    """
+    M = _checked(M)
+    if len(M) == 1:
+        return float("nan")
+    return float(np.mean(np.diag(M, k=-1) - np.diag(M)[1:]))
+
+
+def update_gain(new_old: float, old_old: float, newstar_newstar: float) -> float:
+    """BCT update gain: the share of the full-backfill improvement obtained without backfilling.
+
+    ``(new_old - old_old) / (newstar_newstar - old_old)`` with new* an independently trained new model;
+    all three in the same metric. NaN when new* does not differ from the old model (no improvement to share).
+    """
+    denominator = newstar_newstar - old_old
+    if denominator == 0:
+        return float("nan")
+    return float((new_old - old_old) / denominator)
+
+
+def average_precision_from_ranks(ranks: np.ndarray, num_relevant: np.ndarray) -> np.ndarray:
+    """Non-interpolated AP per query over the entire ranking: AP = (1/R) sum_k k / rank_k.
+
+    ``ranks`` concatenates, query after query, the 1-based ranks of each query's R relevant items in
+    ascending order (``num_relevant[q]`` of them for query q); the k-th relevant item at rank r_k has
+    Precision@r_k = k / r_k. Queries with R = 0 get NaN: AP is undefined without a relevant item.
+    """
+    ranks = np.asarray(ranks, dtype=np.float64)
+    num_relevant = np.asarray(num_relevant, dtype=np.int64)
+    if ranks.shape != (int(num_relevant.sum()),):
+        raise ValueError(f"{ranks.size} ranks given for {int(num_relevant.sum())} relevant items")
+    query = np.repeat(np.arange(len(num_relevant)), num_relevant)
+    starts = np.cumsum(num_relevant) - num_relevant
+    position = np.arange(len(ranks)) - starts[query] + 1  # k: 1 for each query's best-ranked relevant item
+    total = np.bincount(query, weights=position / ranks, minlength=len(num_relevant))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / num_relevant
+
+
+def recall_at_k(first_ranks: np.ndarray, k: int) -> float:
+    """Fraction of queries whose best-ranked relevant item has rank <= k (1-based).
+
+    CMC top-k (first-match break) and cross-modal Recall@K ("any ground-truth item in the top K") are
+    this same number. NaN ranks mark queries without any relevant item; they are left out.
+    """
+    first_ranks = np.asarray(first_ranks, dtype=np.float64)
+    answerable = first_ranks[~np.isnan(first_ranks)]
+    if answerable.size == 0:
+        raise ValueError("no query has a relevant item, so recall is undefined")
+    return float(np.mean(answerable <= k))
+
+
+def session_average(accs: list[float] | np.ndarray) -> float:
+    """FSCIL "Avg": the mean accuracy over all sessions, base session included."""
+    accs = np.asarray(accs, dtype=np.float64)
+    if accs.size == 0:
+        raise ValueError("session_average needs at least one session")
+    return float(accs.mean())
+
+
+def performance_drop(accs: list[float] | np.ndarray) -> float:
+    """FSCIL "PD": first-session minus last-session accuracy (how much was forgotten overall)."""
+    accs = np.asarray(accs, dtype=np.float64)
+    if accs.size == 0:
+        raise ValueError("performance_drop needs at least one session")
+    return float(accs[0] - accs[-1])
