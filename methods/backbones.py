@@ -106,8 +106,9 @@ class EmbeddingNet(nn.Module):
         self.backbone = build_backbone(cfg)
         self.embedding_dim = embedding_dim or cfg.embedding_dim
         self.embedding = nn.Linear(self.backbone.out_dim, self.embedding_dim)
+        self.embedding_bn = nn.BatchNorm1d(self.embedding_dim) if cfg.embedding_bn else nn.Identity()
         self.final_relu = cfg.final_relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embedding(self.backbone(x))
+        h = self.embedding_bn(self.embedding(self.backbone(x)))
         return torch.relu(h) if self.final_relu else h

@@ -12,7 +12,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar, Iterable, Literal, Optional
 
 import torch
 from torch import nn
@@ -53,6 +53,15 @@ class StepContext:
         return self.index == 0
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """Square input size and per-channel normalisation (in [0, 1] units) a network expects."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
 @dataclass
 class NoParams:
     """Methods without hyperparameters."""
@@ -75,25 +84,30 @@ class Method(ABC):
         """A freshly initialised network for ``ctx`` (classifier sized for ``ctx.num_seen``)."""
 
     def init_model(self, ctx: StepContext) -> nn.Module:
-        """The network training starts from: fresh, or ``ctx.init_checkpoint`` loaded into it."""
+        """The network training starts from: fresh, or ``ctx.init_checkpoint`` loaded into it. A
+        replacement model was trained elsewhere on other classes, so its classifier tensors (under
+        :meth:`growable_prefixes`) are re-initialised rather than loaded."""
         torch.manual_seed(ctx.seed * 1000 + ctx.index)
         model = self.build_model(ctx)
         if ctx.init_checkpoint:
-            self.load_weights(model, ctx.init_checkpoint, strict=False)
+            fresh = self.growable_prefixes() if ctx.event == "replace" else ()
+            self.load_weights(model, ctx.init_checkpoint, strict=False, keep_fresh=fresh)
         return model
 
-    def load_version(self, ctx: StepContext, checkpoint_dir: str) -> nn.Module:
-        """Load a finished version (built for its own ``ctx``), frozen and in eval mode."""
+    def load_version(self, ctx: StepContext, checkpoint_dir: str, strict: bool = True) -> nn.Module:
+        """Load a finished version (built for its own ``ctx``), frozen and in eval mode; ``strict=False``
+        loads a model from elsewhere (e.g. a replacement) into the network of ``ctx``."""
         model = self.build_model(ctx)
-        self.load_weights(model, checkpoint_dir, strict=True)
+        self.load_weights(model, checkpoint_dir, strict=strict)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         return model
 
-    def load_weights(self, model: nn.Module, checkpoint: str, strict: bool) -> None:
+    def load_weights(self, model: nn.Module, checkpoint: str, strict: bool, keep_fresh: tuple[str, ...] = ()) -> None:
         """Load a state dict safely; with ``strict=False`` tensors whose shapes differ (e.g. a grown
-        classifier) are kept from the fresh model and the first rows are copied over."""
+        classifier) are kept from the fresh model and the first rows are copied over, and tensors under
+        the ``keep_fresh`` prefixes are not loaded at all."""
         state = load_state_dict(checkpoint)
         own = model.state_dict()
         if strict:
@@ -104,11 +118,11 @@ class Method(ABC):
             return
         missing = [k for k in own if k not in state]
         backbone_missing = [k for k in missing if not k.startswith(self.growable_prefixes())]
-        if len(backbone_missing) == len(own):
+        if own and len(backbone_missing) == len(own):  # a model without saved state has nothing to share
             raise CheckpointError(f"checkpoint {checkpoint} shares no parameter names with {self.name}'s model")
         merged = dict(own)
         for key, value in state.items():
-            if key not in own:
+            if key not in own or key.startswith(keep_fresh):
                 continue
             target = own[key]
             if value.shape == target.shape:
@@ -133,11 +147,37 @@ class Method(ABC):
     def trainable_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
+    def check_model(self, key: str) -> None:
+        """Raise ConfigError (naming ``key``, the model section) when ``self.model_cfg`` does not fit this
+        method; called by config validation, before anything is written."""
+
+    def input_spec(self) -> Optional["InputSpec"]:
+        """The input size and normalisation this method's network needs (e.g. a pretrained CLIP's), or
+        ``None`` for the data section's own transform."""
+        return None
+
+    def anchor_checkpoint(self, ctx: StepContext) -> Optional[str]:
+        """The model :meth:`prepare` receives, frozen, as ``previous`` (when ``needs_previous``): the
+        previous version by default; a method may anchor to the model training starts from instead
+        (``ctx.init_checkpoint``, e.g. a replacement)."""
+        return ctx.previous_checkpoint
+
+    @classmethod
+    def upstream_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Hyperparameters of this method's models trained elsewhere (the upstream stage that produces
+        replacement models); the same as the scenario's by default."""
+        return params
+
     # -- training ------------------------------------------------------------------------------
     def prepare(self, ctx: StepContext, model: nn.Module, previous: Optional[nn.Module], loader) -> dict:
         """One-off state before training (prototypes, frozen heads). ``loader`` yields (images, labels)
-        batches of this step's training data with the test-time transform."""
+        batches of this step's training data with the transform :meth:`prepare_transform` names."""
         return {}
+
+    def prepare_transform(self) -> Literal["test", "train"]:
+        """Transform of the ``loader`` handed to :meth:`prepare`: the test-time one, or the training
+        augmentation (the OCA reference code builds its prototypes under it)."""
+        return "test"
 
     @abstractmethod
     def loss(self, outputs: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, state: dict,
@@ -172,8 +212,25 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+EXTRA_METHOD_MODULES_ENV = "COMPAT_EXTRA_METHOD_MODULES"
+
+
 def _load_builtin_methods() -> None:
+    """Register the built-in methods, then those of the modules named (comma-separated) in the
+    ``COMPAT_EXTRA_METHOD_MODULES`` environment variable. Ray workers resolve a method by name in their
+    own process, so a method living outside this package must be registered there too: set the variable
+    (and make the module importable, e.g. PYTHONPATH or a ``working_dir``) in the job's runtime_env."""
+    import importlib
+    import os
+
     import methods  # noqa: F401  (importing the package registers every built-in method)
+
+    for module in filter(None, (m.strip() for m in os.environ.get(EXTRA_METHOD_MODULES_ENV, "").split(","))):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError("", f"{EXTRA_METHOD_MODULES_ENV} names module {module!r}, which cannot be imported "
+                                  f"({exc}); put it on PYTHONPATH or remove it from the variable") from exc
 
 
 def list_methods() -> list[str]:
@@ -202,16 +259,7 @@ def create_method(name: str, params: dict, model_cfg: ModelConfig, key: str = "m
 def load_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """Read model weights safely: ``.safetensors`` or ``torch.load(weights_only=True)``; a directory
     means its ``model.safetensors`` or ``model.pt``."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        for name in ("model.safetensors", "model.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"checkpoint directory {path} holds neither model.safetensors nor model.pt")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = checkpoint_file(checkpoint)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -226,3 +274,17 @@ def load_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
     return state
+
+
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    """The weights file a checkpoint names: the path itself, or a version directory's ``model.safetensors``
+    or ``model.pt``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        for name in ("model.safetensors", "model.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"checkpoint directory {path} holds neither model.safetensors nor model.pt")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path

@@ -1,4 +1,4 @@
-"""The ``compat`` command: run, report, metrics, compare.
+"""The ``compat`` command: run, sweep, report, metrics, compare.
 
 Errors the user can act on (bad config, missing data, corrupt files) are printed as one sentence
 with a non-zero exit code; ``--debug`` shows the traceback instead.
@@ -16,28 +16,63 @@ from orchestrator.errors import CompatError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator import crossmodal, seeds
     from orchestrator.config import load_config
     from orchestrator.report import format_summary_table
-    from orchestrator.simulation import load_run_config, run_experiment
+    from orchestrator.simulation import load_run_config
 
+    handled = crossmodal.cli_run(args)  # a config (or run) with `kind: cross-modal` has its own driver
+    if handled is not None:
+        return handled
     if args.resume:
-        if args.config or args.set:
-            raise CompatError("--resume continues a run with the config stored in it; drop CONFIG and --set")
+        if args.config or args.set or args.seeds:
+            raise CompatError("--resume continues a run with the config stored in it; drop CONFIG, --set and --seeds")
         cfg, run_dir = load_run_config(Path(args.resume)), Path(args.resume)
     else:
-        cfg, run_dir = load_config(args.config, args.set), None
+        seed_list = [f"seeds=[{args.seeds}]"] if args.seeds else []
+        cfg, run_dir = load_config(args.config, [*args.set, *seed_list]), None
         if args.output_dir:
             cfg.output_dir = args.output_dir
-    metrics = run_experiment(cfg, run_dir, progress=not args.no_progress)
+    metrics = seeds.run(cfg, run_dir, progress=not args.no_progress)
     print()
     print(format_summary_table(metrics))
+    if metrics.get("seeds"):
+        print()
+        print(seeds.format_seed_table(metrics))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import load_sweep, load_sweep_dir, run_sweep
+
+    if args.resume:
+        if args.config or args.set or args.output_dir:
+            raise CompatError("--resume continues the sweep stored in EXPERIMENT_DIR; drop CONFIG, --set and --output-dir")
+        sweep = load_sweep_dir(Path(args.resume))
+    elif not args.config:
+        raise CompatError("compat sweep needs a CONFIG with a 'sweep:' section, e.g. configs/sweep_bct_synthetic.yaml")
+    else:
+        sweep = load_sweep(args.config, args.set, args.output_dir)
+    results = run_sweep(sweep, progress=not args.no_progress)
+    if results is None:
+        return 130
+    print()
+    print(results.markdown())
+    if results.best is not None:
+        print(f"Best config: {results.directory / 'best_config.yaml'}  (compat run {results.directory / 'best_config.yaml'})")
+    else:
+        print("No complete trial satisfies every constraint, so no best config was written.")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator import crossmodal
     from orchestrator.report import format_summary_table, render_report
     from orchestrator.runfiles import read_json
 
+    handled = crossmodal.cli_report(Path(args.run_dir))
+    if handled is not None:
+        return handled
     path = render_report(Path(args.run_dir))
     print(format_summary_table(read_json(Path(args.run_dir) / "metrics.json")))
     print(f"\nReport written to {path}")
@@ -58,7 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR; finished steps are not redone")
     run.add_argument("--output-dir", help="parent directory of the run directory (default: config output_dir)")
     run.add_argument("--no-progress", action="store_true", help="do not show the live progress line")
+    run.add_argument("--seeds", metavar="S1,S2,...",
+                     help="run once per seed into RUN_DIR/seed-N and report mean ± std (the config's `seeds:`)")
     run.set_defaults(func=_cmd_run)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep over config keys (the config's `sweep:` section)")
+    sweep.add_argument("config", nargs="?", help="YAML file or built-in config name with a sweep: section")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set sweep.num_samples=4 (repeatable)")
+    sweep.add_argument("--resume", metavar="EXPERIMENT_DIR",
+                       help="continue the sweep in EXPERIMENT_DIR; finished trials are not re-run")
+    sweep.add_argument("--output-dir", help="parent directory of the sweep directory (default: sweep.output_dir)")
+    sweep.add_argument("--no-progress", action="store_true", help="do not print Tune's trial table")
+    sweep.set_defaults(func=_cmd_sweep)
 
     report = sub.add_parser("report", help="re-render plots and report.md of a finished run from its files")
     report.add_argument("run_dir")

@@ -37,6 +37,7 @@ class DataConfig:
     normalization: Literal["dataset", "cifar100", "imagenet", "none"] = "dataset"
     difficulty: float = 1.0  # synthetic only: scales the within-class noise and the similarity of sibling classes
     variant: int = 0  # synthetic only: a different variant draws a different (but equally hard) dataset
+    class_names_file: Optional[str] = None  # lines "<class> <name used in text>" (e.g. wnid -> WordNet name)
 
     def __post_init__(self):
         require(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
@@ -74,10 +75,41 @@ class EvaluationConfig:
         if self.protocol == "query-gallery":
             require(self.gallery is not None, "gallery", "is required for protocol 'query-gallery'")
             require(self.gallery in self.sets, "gallery", f"{self.gallery!r} is not one of sets: {', '.join(self.sets)}")
+            require(not self.templates or self.primary == "cmc1", "primary",
+                    "class-mean templates give top-1 only; use primary: cmc1")
         else:
             require(self.gallery in (None, self.query), "gallery",
                     "leave-one-out uses the query set as gallery; leave it unset")
             require(not self.templates, "templates", "only applies to protocol 'query-gallery'")
+
+
+@dataclass
+class ReplayConfig:
+    """Replay memory: random exemplars of each finished step's new classes, mixed into later batches."""
+
+    per_class: int = 20  # fixed quota per class, never redistributed
+    batch_share: float = 0.5  # fraction of every training batch drawn from the memory (after step 0)
+
+    def __post_init__(self):
+        require(self.per_class >= 1, "per_class", "must be >= 1")
+        require(0 < self.batch_share < 1, "batch_share", "must be in (0, 1): batches mix memory and new data")
+
+
+@dataclass
+class ReplacementSource:
+    """A model trained elsewhere: a checkpoint file (or version directory), or upstream model k."""
+
+    checkpoint: Optional[str] = None  # .safetensors, or a tensors-only .pt (loaded with weights_only=True)
+    sha256: Optional[str] = None  # pins the checkpoint file's digest; a mismatch fails before training
+    upstream: Optional[int] = None  # index into upstream.classes: trained by the experiment's upstream stage
+
+    def __post_init__(self):
+        require((self.checkpoint is None) != (self.upstream is None), "",
+                "a replacement needs exactly one of 'checkpoint' (a file) or 'upstream' (an upstream model index)")
+        if self.checkpoint is not None:  # absolute, so workers started elsewhere find the same file
+            self.checkpoint = str(Path(self.checkpoint).expanduser().resolve())
+        require(self.sha256 is None or self.checkpoint is not None, "sha256", "only applies to a 'checkpoint'")
+        require(self.upstream is None or self.upstream >= 0, "upstream", "must be >= 0")
 
 
 @dataclass
@@ -92,11 +124,23 @@ class ScenarioConfig:
     training_data: Literal["cumulative", "new"] = "cumulative"  # cumulative = all data of every seen class
     event: Literal["train", "finetune"] = "train"  # model event of steps after the first
     shots: Optional[int] = None  # few-shot: training examples per new class after the base step
+    replay: Optional[ReplayConfig] = None  # replay memory of earlier steps' classes (needs training_data: new)
+    replace_at: list[int] = field(default_factory=list)  # steps that start from a model trained elsewhere
+    replacements: list[ReplacementSource] = field(default_factory=list)  # one per replace_at entry
+    session_files: Optional[str] = None  # directory of session_1.txt..session_T.txt (CEC format): images per step
 
     def __post_init__(self):
+        require(self.session_files is None or self.class_order == "natural", "class_order",
+                "session_files define the class order; leave class_order at 'natural'")
         require(self.initial_classes >= 1, "initial_classes", "must be >= 1")
         require(self.increment >= 1, "increment", "must be >= 1")
         require(self.num_steps is None or self.num_steps >= 1, "num_steps", "must be >= 1")
+        require(self.replay is None or self.training_data == "new", "replay",
+                "needs training_data: new (cumulative steps already see every earlier sample)")
+        require(all(b > a for a, b in zip(self.replace_at, self.replace_at[1:])) and min(self.replace_at, default=0) >= 0,
+                "replace_at", f"must list step indices >= 0 in increasing order, got {self.replace_at}")
+        require(len(self.replacements) == len(self.replace_at), "replacements",
+                f"needs one entry per replace_at step ({len(self.replace_at)}), got {len(self.replacements)}")
         if self.kind == "few-shot":
             require(self.shots is not None and self.shots >= 1, "shots", "few-shot scenarios need shots >= 1")
         else:
@@ -112,11 +156,15 @@ class ModelConfig:
     stem: Literal["cifar", "imagenet"] = "cifar"
     final_relu: bool = False
     normalize: bool = True  # L2-normalise the embedding before the classifier
+    embedding_bn: bool = False  # BatchNorm1d on the embedding (centres it; see README on BCT)
     width: int = 32  # small_cnn only: channels of the first block
+    name: Optional[str] = None  # CLIP methods: an open_clip architecture (e.g. ViT-B-16, tiny-vit-w64)
+    pretrained: Optional[str] = None  # CLIP methods: an open_clip tag (e.g. openai) or a local checkpoint file
 
     def __post_init__(self):
         require(self.embedding_dim >= 2, "embedding_dim", "must be >= 2")
         require(self.width >= 4, "width", "must be >= 4")
+        require(self.pretrained is None or self.name is not None, "pretrained", "needs model.name (the architecture)")
 
 
 @dataclass
@@ -134,9 +182,15 @@ class TrainingConfig:
     min_lr: float = 0.0
     label_smoothing: float = 0.1
     loader_workers: int = 0
+    lr_schedule: Optional[list[float]] = None  # explicit lr of each epoch; replaces lr/schedule/warm-up when set
+    incremental: dict[str, Any] = field(default_factory=dict)  # overrides of this section for every step after the first
 
     def __post_init__(self):
         require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.lr_schedule is None or len(self.lr_schedule) >= self.epochs, "lr_schedule",
+                f"lists {len(self.lr_schedule or [])} learning rates but training runs {self.epochs} epochs")
+        require(all(v > 0 for v in self.lr_schedule or []), "lr_schedule", "learning rates must be > 0")
+        require("incremental" not in self.incremental, "incremental.incremental", "cannot be nested")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -190,11 +244,54 @@ class MethodSpec:
 
 
 @dataclass
+class UpstreamClipConfig:
+    """Contrastive pretraining of ``model.name`` before the scenario, on captions naming every class of
+    the synthetic dataset and images of a shifted distribution (reference/cpe_clip.md §9.1): the offline
+    stand-in for a web-scale CLIP. Deterministic, and cached by a digest of this recipe."""
+
+    shift: float = 0.5  # 0 = the experiment's own image distribution, 1 = the strongest shift
+    images_per_class: int = 100
+    captions_per_image: int = 4
+    captions: Literal["class", "instance"] = "class"  # instance: captions describe each image (cross-modal retrieval)
+    epochs: int = 30
+    batch_size: int = 100
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        require(0 <= self.shift <= 1, "shift", "must be in [0, 1]")
+        require(self.images_per_class >= 1, "images_per_class", "must be >= 1")
+        require(1 <= self.captions_per_image <= 8, "captions_per_image", "must be in 1..8 (one per caption template)")
+        require(self.epochs >= 1, "epochs", "must be >= 1")
+        require(self.batch_size >= 2, "batch_size", "must be >= 2 (contrastive pairs need negatives)")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+
+
+@dataclass
+class UpstreamConfig:
+    """Replacement models trained "elsewhere", reproducibly: model k is each method's own network trained
+    on the first ``classes[k]`` classes of ``data`` (another dataset, or another synthetic variant).
+    Trained once per run and cached by a digest of this recipe."""
+
+    data: DataConfig
+    classes: list[int]
+    training: dict[str, Any] = field(default_factory=dict)  # overrides of the experiment's training section
+    seed: Optional[int] = None  # None: the experiment's seed; model k trains with seed + 1000·(k+1)
+
+    def __post_init__(self):
+        require(bool(self.classes) and all(c >= 1 for c in self.classes), "classes",
+                "needs at least one model, each trained on >= 1 class")
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: one config file, one run directory."""
 
     name: str
     seed: int = 0
+    seeds: Optional[list[int]] = None  # several seeds: one run each in RUN_DIR/seed-N, metrics as mean ± std (replaces seed)
     output_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
@@ -203,19 +300,30 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="independent")])
+    upstream_clip: Optional[UpstreamClipConfig] = None  # pretrain model.name offline before the scenario
+    upstream: Optional[UpstreamConfig] = None  # replacement models trained elsewhere (scenario.replacements)
 
     def __post_init__(self):
+        require(self.upstream_clip is None or (self.model.name is not None and self.model.pretrained is None),
+                "upstream_clip", "pretrains model.name from random weights: set model.name and leave model.pretrained unset")
         require(bool(self.name) and "/" not in self.name and self.name.strip() == self.name, "name",
                 "must be a non-empty name without '/' or surrounding spaces")
+        require(self.seeds is None or (bool(self.seeds) and len(set(self.seeds)) == len(self.seeds)), "seeds",
+                f"must be a non-empty list of distinct seeds, got {self.seeds}")
         require(bool(self.methods), "methods", "needs at least one method")
         keys = [m.key for m in self.methods]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         require(not dup, "methods", f"duplicate method label(s) {dup}; give each a distinct 'label'")
 
-    def method_training(self, spec: MethodSpec) -> TrainingConfig:
-        """The training section with ``spec.training`` overrides applied and validated."""
+    def method_training(self, spec: MethodSpec, step: int = 0) -> TrainingConfig:
+        """The training section with ``spec.training`` overrides applied and validated; steps after the
+        first also apply its ``incremental`` overrides."""
+        key = f"methods.{self.methods.index(spec)}.training"
         merged = {**to_dict(self.training), **spec.training}
-        return from_dict(TrainingConfig, merged, f"methods.{self.methods.index(spec)}.training")
+        training = from_dict(TrainingConfig, merged, key)
+        if step == 0 or not training.incremental:
+            return training
+        return from_dict(TrainingConfig, {**merged, **training.incremental, "incremental": {}}, f"{key}.incremental")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -226,7 +334,8 @@ class ExperimentConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def with_seed(self, seed: int) -> "ExperimentConfig":
-        return dataclasses.replace(self, seed=seed)
+        """This experiment with one seed: the config a run of that seed alone would have."""
+        return dataclasses.replace(self, seed=seed, seeds=None)
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -234,10 +343,15 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(assignment, "an override must look like key.path=value")
     path, raw = assignment.split("=", 1)
-    parts = path.strip().split(".")
+    set_key(data, path.strip(), yaml.safe_load(raw))
+
+
+def set_key(data: dict, path: str, value: Any) -> None:
+    """Set the entry at dotted ``path`` of a raw config mapping (list entries by index), creating
+    missing sections; whether the key exists is left to validation, which names it."""
+    parts = path.split(".")
     if not all(parts):
         raise ConfigError(path, "empty component in key path")
-    value = yaml.safe_load(raw)
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
@@ -245,17 +359,21 @@ def apply_override(data: dict, assignment: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(".".join(parts[: i + 1]), f"no list entry {part} (list has {len(node)} entries)")
             node = node[int(part)]
-        else:
+        elif isinstance(node, dict):
             if part not in node or node[part] is None:
                 node[part] = [] if nxt.isdigit() else {}
             node = node[part]
+        else:
+            raise ConfigError(".".join(parts[:i]), f"is a value ({node!r}), not a section with keys")
     last = parts[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
             raise ConfigError(path, f"no list entry {last} (list has {len(node)} entries)")
         node[int(last)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ConfigError(".".join(parts[:-1]), f"is a value ({node!r}), not a section with keys")
 
 
 def resolve_config_path(config: str | None) -> Path:

@@ -251,6 +251,52 @@ def _seeds_section(seeds: dict[str, Any]) -> list[str]:
     return [title, "", *_md_table(("method", *columns), rows)]
 
 
+def _update_section(metrics: dict[str, Any]) -> list[str]:
+    """The BCT-style table, methods side by side: first version (old) vs last version (new), every
+    metric, with the update gain metrics.json carries when an ``independent`` method ran (new*)."""
+    rows = []
+    for key, method in metrics["methods"].items():
+        matrices = method.get("matrices") or {}
+        for metric, matrix in matrices.items():
+            new = len(matrix) - 1
+            if new < 1:
+                continue
+            ecc = (method.get("ecc") or {}).get(metric)
+            gain = (method.get("update_gain") or {}).get(metric)
+            rows.append([key, metric, _fmt(_cell(matrix, 0, 0)), _fmt(_cell(matrix, new, 0)),
+                         _fmt(_cell(matrix, new, new)), _fmt(_cell(ecc, new, 0)), _fmt(gain)])
+    if not rows:
+        return []
+    return ["## Update: first version (old) vs last version (new)", "",
+            "ECC: new/old > old/old. Update gain: (new/old − old/old) / (new*/new* − old/old), "
+            "new* = the `independent` method's last version (– without one).", "",
+            *_md_table(("method", "metric", "old/old", "new/old", "new/new", "ECC", "update gain"), rows)]
+
+
+def _percent(value: Optional[float]) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _session_accuracy_section(metrics: dict[str, Any]) -> list[str]:
+    """FSCIL table (percent): accuracy on all seen classes per session, Avg, PD, the last session's
+    base/novel accuracy and the trainable parameter count, methods side by side."""
+    entries = {key: m for key, m in metrics["methods"].items() if m.get("accuracy_summary")}
+    if not entries:
+        return []
+    sessions = max(len(m["accuracy"]) for m in entries.values())
+    rows = []
+    for key, method in entries.items():
+        summary, accuracy = method["accuracy_summary"], method["accuracy"]
+        cells = [_percent(accuracy[s]) if s < len(accuracy) else "–" for s in range(sessions)]
+        params = method.get("trainable_parameters")
+        rows.append([key, *cells, _percent(summary["avg"]), _percent(summary["pd"]), _percent(summary["base"][-1]),
+                     _percent(summary["novel"][-1]), "–" if params is None else f"{params:,}"])
+    header = ("method", *(f"S{s}" for s in range(sessions)), "Avg", "PD", "last base", "last novel", "trainable")
+    return ["## Accuracy per session (%)", "",
+            "Top-1 over the test images of every class seen so far; Avg = mean over sessions, PD = first − last; "
+            "base/novel = the first session's classes vs later ones.", "", *_md_table(header, rows)]
+
+
 def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str]) -> str:
     experiment = metrics.get("experiment", "experiment")
     lines = [f"# Compatibility report: {experiment}", ""]
@@ -262,6 +308,8 @@ def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str])
     lines += [f"![{name}]({name})\n" for name in ("heatmaps.png", "accuracy.png") if name in images]
     if metrics.get("seeds"):
         lines += _seeds_section(metrics["seeds"])
+    lines += _update_section(metrics)
+    lines += _session_accuracy_section(metrics)
     for key, method in metrics["methods"].items():
         lines += _method_section(key, method, slugs[key], images)
     return "\n".join(lines)

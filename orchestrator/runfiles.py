@@ -9,6 +9,8 @@
     RUN_DIR/rows/<method>/row-NNN.json       row K of the compatibility matrices
     RUN_DIR/store/                           the embedding store
     RUN_DIR/ray/                             Ray Train run state (deterministic run names)
+    RUN_DIR/replay/<method>/after-step-NNN.json  replay memory (training-split indices) after step N
+    RUN_DIR/upstream/<digest>/               a run directory per upstream (replacement) model
     RUN_DIR/metrics.json, report.md, *.png, *.csv
 
 Every file is written to a temporary name in the same directory and renamed into place, so a crash
@@ -90,6 +92,14 @@ def epoch_state_path(run_dir: Path, method: str, step: int) -> Path:
 
 def progress_path(run_dir: Path) -> Path:
     return Path(run_dir) / "progress.json"
+
+
+def replay_path(run_dir: Path, method: str, step: int) -> Path:
+    return Path(run_dir) / "replay" / method / f"after-step-{step:03d}.json"
+
+
+def upstream_dir(run_dir: Path, digest: str) -> Path:
+    return Path(run_dir) / "upstream" / digest
 
 
 # -- manifest ----------------------------------------------------------------------------------

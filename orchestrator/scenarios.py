@@ -67,7 +67,8 @@ def step_resources(cfg: ExperimentConfig, index: int) -> Resources:
 
 
 def plan_steps(cfg: ExperimentConfig, num_classes: int) -> list[Step]:
-    """The scenario's steps, in order. Step 0 always trains from scratch."""
+    """The scenario's steps, in order. Step 0 trains from scratch unless a replacement model is swapped in
+    there; steps listed in ``scenario.replace_at`` are ``replace`` events."""
     sc = cfg.scenario
     steps = []
     for t in range(num_steps(cfg, num_classes)):
@@ -80,7 +81,7 @@ def plan_steps(cfg: ExperimentConfig, num_classes: int) -> list[Step]:
             num_seen=seen,
             train_from=0 if (cumulative or t == 0) else previous,
             shots=sc.shots if (sc.kind == "few-shot" and t > 0) else None,
-            event="train" if t == 0 else sc.event,
+            event="replace" if t in sc.replace_at else "train" if t == 0 else sc.event,
             resources=step_resources(cfg, t),
         ))
     return steps

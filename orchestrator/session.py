@@ -21,9 +21,14 @@ from methods.base import Method, StepContext, create_method
 from orchestrator import runfiles
 from orchestrator.config import ExperimentConfig, MethodSpec, parse_config
 from orchestrator.data import LabeledImages, load_split
-from orchestrator.data.transforms import make_transform
+from orchestrator.data.display_names import display_names
+from orchestrator.data.transforms import BatchTransform, make_transform
+from orchestrator.replay import ReplayMemory, balanced_order
 from orchestrator.scenarios import Step, class_order, plan_steps, train_indices
+from orchestrator.session_files import session_plan
 from orchestrator.store import EmbeddingStore
+from orchestrator.upstream_clip import resolved_model_config
+from orchestrator.upstream import replacement_checkpoint
 
 
 @dataclass
@@ -78,7 +83,8 @@ class Session:
 
         self.cfg, self.spec, self.run_dir, self.worker = cfg, spec, run_dir, worker
         self.training = cfg.method_training(spec)
-        self.method: Method = create_method(spec.name, spec.params, cfg.model)
+        self.model_cfg = resolved_model_config(cfg)
+        self.method: Method = create_method(spec.name, spec.params, self.model_cfg)
         num_classes = dataset_num_classes(cfg.data)
         self.order = class_order(cfg, num_classes)
         self.positions = np.empty(num_classes, dtype=np.int64)
@@ -86,49 +92,69 @@ class Session:
         self.steps = plan_steps(cfg, num_classes)
         self.store = EmbeddingStore(runfiles.store_dir(run_dir))
         self.train_data = load_split(cfg.data, "train")
+        self.sessions = session_plan(cfg, self.steps, self.train_data.labels, num_classes)
+        if self.sessions is not None:  # the session files fix the class order
+            self.order = self.sessions.order
+            self.positions[self.order] = np.arange(num_classes)
+        names = display_names(cfg.data, self.train_data.class_names)
+        self.class_names = [names[label] for label in self.order]  # in class order, as text-based methods need
         self.train_positions = self.positions[self.train_data.labels]
         self.train_images = torch.from_numpy(np.ascontiguousarray(self.train_data.images))
-        self.train_tf = make_transform(cfg.data, self.train_data, train=True)
-        self.test_tf = make_transform(cfg.data, self.train_data, train=False)
+        self.train_tf = input_transform(self.method, cfg.data, self.train_data, train=True)
+        self.test_tf = input_transform(self.method, cfg.data, self.train_data, train=False)
+        replay = cfg.scenario.replay
+        self.replay = ReplayMemory(replay, run_dir, spec.key, cfg.seed, self.train_positions) if replay else None
 
     # -- contexts ------------------------------------------------------------------------------
     def context(self, step: Step) -> StepContext:
         versions = runfiles.versions_dir(self.run_dir, self.spec.key)
         previous = str(versions / f"v{step.index - 1}") if step.index > 0 else None
         init = previous if step.event == "finetune" else None
+        if step.event == "replace":
+            init = replacement_checkpoint(self.cfg, self.run_dir, self.spec, step.index)
         return StepContext(
             index=step.index, num_steps=len(self.steps), num_seen=step.num_seen, num_previous=step.num_previous,
-            event=step.event, model=self.cfg.model, training=self.training, seed=self.cfg.seed, shots=step.shots,
+            event=step.event, model=self.model_cfg, training=self.cfg.method_training(self.spec, step.index),
+            seed=self.cfg.seed, shots=step.shots,
             previous_checkpoint=previous, init_checkpoint=init, device=str(self.worker.device),
             world_size=self.worker.world_size, rank=self.worker.rank,
+            extras={"class_names": self.class_names},
         )
 
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, step: Step) -> None:
         started = time.time()
         ctx = self.context(step)
+        self.training = ctx.training  # the step's own recipe (incremental steps may override it)
         device = self.worker.device
         model = self.method.init_model(ctx).to(device)
         previous = None
-        if self.method.needs_previous and ctx.previous_checkpoint:
-            previous = self.method.load_version(self.context(self.steps[step.index - 1]), ctx.previous_checkpoint).to(device)
-        indices = train_indices(self.train_positions, step, self.cfg.seed)
-        state = self.method.prepare(ctx, model, previous, self._batches(indices, self.test_tf, shuffle_epoch=None))
-        optimizer = build_optimizer(self.method.trainable_parameters(model), self.training)
-        start_epoch = 0
+        anchor = self.method.anchor_checkpoint(ctx) if self.method.needs_previous else None
+        if anchor is not None and anchor == ctx.previous_checkpoint:
+            previous = self.method.load_version(self.context(self.steps[step.index - 1]), anchor).to(device)
+        elif anchor is not None:  # a model trained elsewhere (a replacement), loaded into this step's network
+            previous = self.method.load_version(ctx, anchor, strict=False).to(device)
+        indices = (self.sessions.indices[step.index] if self.sessions is not None
+                   else train_indices(self.train_positions, step, self.cfg.seed))
+        memory = self.replay.before(step) if self.replay else None
+        prepare_tf = self.train_tf if self.method.prepare_transform() == "train" else self.test_tf
+        state = self.method.prepare(ctx, model, previous, self._batches(indices, prepare_tf, shuffle_epoch=None, memory=memory))
+        trainable = list(self.method.trainable_parameters(model))
+        optimizer = build_optimizer(trainable, self.training) if trainable else None  # None: nothing to train
+        start_epoch = 0 if trainable else self.training.epochs
         resume = runfiles.load_epoch_state(self.run_dir, self.spec.key, step.index)
         if resume is not None:
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
             start_epoch = int(resume["epoch"]) + 1
-        ddp_model = self._distributed(model)
+        ddp_model = self._distributed(model) if trainable else model
         train_started, trained_images = time.time(), 0
         for epoch in range(start_epoch, self.training.epochs):
             set_lr(optimizer, lr_at(epoch, self.training))
             ddp_model.train()
             totals: dict[str, float] = {}
             batches = 0
-            for images, labels in self._batches(indices, self.train_tf, shuffle_epoch=epoch):
+            for images, labels in self._batches(indices, self.train_tf, shuffle_epoch=epoch, memory=memory):
                 outputs = ddp_model(images)
                 loss, parts = self.method.loss(outputs, images, labels, state, ctx)
                 optimizer.zero_grad(set_to_none=True)
@@ -145,14 +171,19 @@ class Session:
         model.eval()
         self._write_embeddings(step, model)
         accuracy = self._accuracy(ctx, model)
+        self.worker.barrier()  # every rank's store shard is written before the manifest calls the step done
         if self.worker.is_chief:
+            if self.replay:
+                self.replay.after(step, indices)
             runfiles.save_version(self.run_dir, self.spec.key, step.index, model.state_dict(), {
                 "method": self.spec.name, "version": step.index, "num_seen": step.num_seen,
                 "event": step.event, "params": self.method.describe(),
             })
             runfiles.mark_step_done(self.run_dir, self.spec.key, step.index, {
                 "method": self.spec.key, "version": step.index, "num_seen": step.num_seen, "num_previous": step.num_previous,
-                "event": step.event, "train_samples": int(len(indices)), "accuracy": accuracy,
+                "event": step.event, "train_samples": int(len(indices)), **accuracy,
+                "trainable_parameters": sum(p.numel() for p in trainable),
+                "init_checkpoint": ctx.init_checkpoint, "replay_samples": 0 if memory is None else int(len(memory)),
                 "seconds": round(time.time() - started, 3), "world_size": self.worker.world_size,
                 "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,
             })
@@ -172,12 +203,18 @@ class Session:
         ray.train.report({"method": self.spec.key, "step": step.index, "epoch": epoch, **means})
 
     # -- data ----------------------------------------------------------------------------------
-    def _batches(self, indices: np.ndarray, transform, shuffle_epoch: Optional[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, indices: np.ndarray, transform, shuffle_epoch: Optional[int],
+                 memory: Optional[np.ndarray] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of (transformed images, class positions) on the worker's device. Training batches are
-        a seeded permutation sharded across ranks with equal counts (DDP needs equal step counts)."""
+        a seeded permutation sharded across ranks with equal counts (DDP needs equal step counts); with a
+        non-empty replay ``memory`` they are balanced memory/new batches (orchestrator/replay.py)."""
         bs = self.training.batch_size
         if shuffle_epoch is None:
-            order = indices
+            order = indices if memory is None else np.concatenate([indices, memory])
+        elif memory is not None and len(memory):
+            order = balanced_order(indices, memory, bs, self.cfg.scenario.replay.batch_share,
+                                   [self.cfg.seed, 7919, shuffle_epoch, int(len(indices))],
+                                   self.worker.rank, self.worker.world_size)
         else:
             rng = np.random.default_rng([self.cfg.seed, 7919, shuffle_epoch, int(len(indices))])
             order = indices[rng.permutation(len(indices))]
@@ -185,7 +222,8 @@ class Session:
             order = order[self.worker.rank::self.worker.world_size][:per_rank]
             if len(order) > bs:
                 order = order[: len(order) - len(order) % bs]  # drop the ragged last batch when training
-        gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + (shuffle_epoch or 0) * 101 + self.worker.rank) % 2**31)
+        rank = self.worker.rank if shuffle_epoch is not None else 0  # the unsharded pass is the same on every rank
+        gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + (shuffle_epoch or 0) * 101 + rank) % 2**31)
         pin = self.worker.device.type == "cuda"
         for start in range(0, len(order), bs):
             idx = torch.from_numpy(order[start:start + bs])
@@ -214,7 +252,7 @@ class Session:
             if eval_set.classes == "seen":  # only allowed on the experiment's own dataset (validated)
                 keep = keep[self.positions[data.labels] < step.num_seen]
             shard = keep[self.worker.rank::self.worker.world_size]
-            transform = make_transform(eval_set.data or self.cfg.data, data, train=False)
+            transform = input_transform(self.method, eval_set.data or self.cfg.data, data, train=False)
             feats = embed_array(lambda x: self.method.embed(model, x), data.images, shard, transform,
                                 self.cfg.evaluation.batch_size, self.worker.device)
             self.store.write(self.spec.key, step.index, name, feats, data.labels[shard].astype(np.int32),
@@ -231,22 +269,40 @@ class Session:
         return cache[name]
 
     @torch.no_grad()
-    def _accuracy(self, ctx: StepContext, model) -> Optional[float]:
-        """Top-1 classification accuracy on the test images of the classes seen so far (chief only)."""
+    def _accuracy(self, ctx: StepContext, model) -> dict[str, Optional[float]]:
+        """Top-1 classification accuracy on the test images of the classes seen so far (chief only):
+        overall (sample-weighted), on the first step's classes (base) and on later ones (novel)."""
+        unknown = {"accuracy": None, "accuracy_base": None, "accuracy_novel": None}
         if not self.worker.is_chief:
-            return None
+            return unknown
         test = load_split(self.cfg.data, "test")
         positions = self.positions[test.labels]
         keep = np.flatnonzero(positions < ctx.num_seen)
-        correct = 0
+        correct = np.zeros(len(keep), dtype=bool)
         for start in range(0, len(keep), self.cfg.evaluation.batch_size):
             idx = keep[start:start + self.cfg.evaluation.batch_size]
             images = self.test_tf(torch.from_numpy(test.images[idx]).to(self.worker.device))
             logits = self.method.classify(model, images, ctx)
             if logits is None:
-                return None
-            correct += int((logits.argmax(1).cpu().numpy() == positions[idx]).sum())
-        return correct / max(len(keep), 1)
+                return unknown
+            correct[start:start + len(idx)] = logits.argmax(1).cpu().numpy() == positions[idx]
+        base = positions[keep] < self.steps[0].num_seen
+        return {"accuracy": _fraction(correct), "accuracy_base": _fraction(correct[base]),
+                "accuracy_novel": _fraction(correct[~base])}
+
+
+def _fraction(hits: np.ndarray) -> Optional[float]:
+    """Share of True entries; None for an empty selection (e.g. novel classes before the first increment)."""
+    return float(hits.mean()) if hits.size else None
+
+
+def input_transform(method: Method, data_cfg, data: LabeledImages, train: bool) -> BatchTransform:
+    """The data section's transform, or the size and normalisation the method's network declares
+    (augmentation still follows ``data.augment``)."""
+    spec = method.input_spec()
+    if spec is None:
+        return make_transform(data_cfg, data, train=train)
+    return BatchTransform(spec.mean, spec.std, augment=train and data_cfg.augment, size=spec.size)
 
 
 @torch.no_grad()
@@ -272,7 +328,10 @@ def build_optimizer(params, training) -> torch.optim.Optimizer:
 
 
 def lr_at(epoch: int, training) -> float:
-    """Per-epoch learning rate: linear warm-up lr·(e+1)/W, then cosine from lr to min_lr (or constant)."""
+    """Per-epoch learning rate: the explicit ``lr_schedule`` entry when given, else linear warm-up
+    lr·(e+1)/W, then cosine from lr to min_lr (or constant)."""
+    if training.lr_schedule is not None:
+        return training.lr_schedule[epoch]
     if epoch < training.warmup_epochs:
         return training.lr * (epoch + 1) / training.warmup_epochs
     if training.schedule == "constant":

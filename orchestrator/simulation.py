@@ -36,7 +36,11 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 
 
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
-    """Create ``run_dir`` for ``cfg``, or check that it already belongs to ``cfg``. Returns True when resuming."""
+    """Create ``run_dir`` for ``cfg``, or check that it already belongs to ``cfg``. Returns True when resuming.
+    A replacement checkpoint that is missing, unsafe or does not fit fails here, before anything is written."""
+    from orchestrator.upstream import check_replacements
+
+    check_replacements(cfg)
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
         existing = parse_config(yaml.safe_load(config_file.read_text()))
@@ -70,9 +74,12 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     """Run (or resume) every method's scenario, then write metrics.json, CSVs, plots and report.md."""
     from orchestrator.data import dataset_num_classes
     from orchestrator.report import render_report
+    from orchestrator.upstream import train_upstream
+    from orchestrator.upstream_clip import record_upstream
 
     run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
     resuming = prepare_run_dir(cfg, run_dir)
+    record_upstream(cfg, run_dir)  # the offline upstream CLIP, built once before any worker needs it
     steps = plan_steps(cfg, dataset_num_classes(cfg.data))
     total = len(steps) * len(cfg.methods)
     done = sum(runfiles.step_done(run_dir, m.key, s.index) for m in cfg.methods for s in steps)
@@ -81,6 +88,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     display = ProgressDisplay(run_dir, total, done, enabled=progress, echo=echo)
     for method_index, spec in enumerate(cfg.methods):
         todo = [s for s in steps if not runfiles.step_done(run_dir, spec.key, s.index)]
+        if todo:
+            train_upstream(cfg, run_dir, spec, echo)
         for group in group_steps(todo, cfg.resources.group_steps):
             display.start_group(spec.key, group)
             run_group(cfg, run_dir, method_index, group)
@@ -208,10 +217,24 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
             "matrices": matrices, "summary": summaries.get(cfg.evaluation.primary, next(iter(summaries.values()))),
             "summary_by_metric": summaries, "ecc": ecc,
             "accuracy": accuracy if any(a is not None for a in accuracy) else None,
+            "accuracy_summary": accuracy_summary(entries),
+            "trainable_parameters": entries[-1].get("trainable_parameters"),
             "seconds": [e.get("seconds") for e in entries],
         }
     add_update_gain(out)
     return out
+
+
+def accuracy_summary(entries: list[dict]) -> Optional[dict]:
+    """The FSCIL view of per-session accuracy (reference/cpe_clip.md §6): Avg (mean over sessions), PD
+    (first - last) and the accuracy on base vs novel classes per session; None without accuracies."""
+    from orchestrator import metrics as M
+
+    accuracy = [e.get("accuracy") for e in entries]
+    if not accuracy or any(a is None for a in accuracy):
+        return None
+    return {"avg": M.session_average(accuracy), "pd": M.performance_drop(accuracy),
+            "base": [e.get("accuracy_base") for e in entries], "novel": [e.get("accuracy_novel") for e in entries]}
 
 
 def add_update_gain(out: dict) -> None:

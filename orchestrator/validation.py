@@ -12,9 +12,10 @@ from orchestrator.errors import ConfigError
 
 def validate_experiment(cfg: ExperimentConfig) -> None:
     from methods.backbones import list_backbones
-    from methods.base import parse_params
+    from methods.base import create_method, parse_params
     from orchestrator.data import dataset_num_classes
     from orchestrator.scenarios import classes_needed, num_steps
+    from orchestrator.upstream import validate_replacements
 
     require(cfg.model.backbone in list_backbones(), "model.backbone",
             f"unknown backbone {cfg.model.backbone!r}; available: {', '.join(list_backbones())}")
@@ -35,11 +36,34 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
                     "'seen' needs the experiment's own dataset (classes of another dataset are never seen)")
     for index in cfg.resources.steps:
         require(0 <= index < steps, f"resources.steps.{index}", f"no such step; steps are 0..{steps - 1}")
+    validate_replacements(cfg, steps)
+    _check_clip_sections(cfg, steps)
     for i, spec in enumerate(cfg.methods):
         parse_params(spec.name, spec.params, f"methods.{i}.params")
+        create_method(spec.name, spec.params, cfg.model, f"methods.{i}").check_model("model")
         cfg.method_training(spec)
+        cfg.method_training(spec, step=1)
     if cfg.resources.use_gpu or any(r.use_gpu for r in cfg.resources.steps.values()):
         _check_gpu_request(cfg)
+
+
+def _check_clip_sections(cfg: ExperimentConfig, steps: int) -> None:
+    """An open_clip model that exists (tag or file), a class-names file naming every class, an upstream
+    CLIP only on synthetic data, and session index files for every step."""
+    from methods.clip_models import check_clip_spec
+    from orchestrator.data import class_names_of
+    from orchestrator.data.display_names import display_names
+    from orchestrator.session_files import session_file_paths
+
+    if cfg.model.name is not None:
+        check_clip_spec(cfg.model.name, cfg.model.pretrained, "model")
+    if cfg.data.class_names_file is not None:
+        display_names(cfg.data, class_names_of(cfg.data))
+    require(cfg.upstream_clip is None or cfg.data.dataset == "synthetic", "upstream_clip",
+            f"pretrains on captioned synthetic images; with data.dataset {cfg.data.dataset!r} set "
+            f"model.pretrained (an open_clip tag or a checkpoint file) instead")
+    if cfg.scenario.session_files is not None:
+        session_file_paths(cfg.scenario.session_files, steps)
 
 
 def _check_gpu_request(cfg: ExperimentConfig) -> None:

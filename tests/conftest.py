@@ -10,10 +10,17 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # hermetic local clusters in
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Synthetic datasets are cached once per test session, never in the user's home."""
-    monkeypatch.setenv("COMPAT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Synthetic datasets are cached once per test session, never in the user's home (session-scoped,
+    so module-scoped fixtures that run experiments see the same cache as the tests)."""
+    previous = os.environ.get("COMPAT_CACHE_DIR")
+    os.environ["COMPAT_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "cache")
+    yield
+    if previous is None:
+        os.environ.pop("COMPAT_CACHE_DIR", None)
+    else:
+        os.environ["COMPAT_CACHE_DIR"] = previous
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -59,7 +59,7 @@ def test_metrics_json_schema(finished_run):
     assert set(entry["summary"]) == {"AC", "AM", "BC", "FC"}
     assert entry["ecc"]["cmc1"][1][0] in (True, False) and entry["ecc"]["cmc1"][0][0] is None
     assert len(entry["accuracy"]) == 3
-    assert entry["params"]["logit_scale"] == 16
+    assert entry["params"]["variant"] == "paper" and entry["params"]["logit_scale"] == 1.0
     assert "update_gain" in entry
 
 

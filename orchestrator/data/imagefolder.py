@@ -65,6 +65,12 @@ def _decode(split_dir: Path, files: list[tuple[int, str, int, int]], size: int) 
     return {"images": images, "labels": labels}, {"mean": mean, "std": std}
 
 
+def image_paths(cfg: DataConfig, split: Split) -> list[str]:
+    """``<class>/<file>`` of every image of ``split`` in sample-id order, without decoding anything
+    (FSCIL session index files name images by path)."""
+    return [rel for _, rel, _, _ in _listing(_split_dir(cfg, split), ImageFolder().class_names(cfg))]
+
+
 @register_dataset("imagefolder")
 class ImageFolder(DatasetSource):
     def class_names(self, cfg: DataConfig) -> list[str]:

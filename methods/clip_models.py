@@ -1,0 +1,142 @@
+"""open_clip models by ``(name, pretrained)``, plus the tiny architectures shipped for offline runs.
+
+API (stable; shared by the CLIP methods and the upstream CLIP stage):
+
+- ``create_clip(name, pretrained=None) -> (model, tokenizer)``: an open_clip model in eval mode.
+  ``name`` is any open_clip architecture (``open_clip.list_models()``) or a shipped tiny one
+  (:data:`TINY_MODELS`); ``pretrained`` is ``None`` (random weights), an open_clip tag such as
+  ``"openai"`` (open_clip fetches it; offline this raises one :class:`CheckpointError` saying how to pass a
+  local file instead) or a local state-dict file (``.pt``/``.bin``/``.safetensors``, read with
+  ``weights_only``).
+- ``check_clip_spec(name, pretrained, key)``: the same choices validated without building anything
+  (raises :class:`ConfigError` naming ``key``).
+- ``clip_input_spec(name) -> InputSpec``: the image size and normalisation the architecture expects.
+- ``encode_images(model, images)`` / ``encode_texts(model, tokenizer, texts)``: L2-normalised features.
+- ``embedding_dim(name)``, ``text_width(name)``, ``vision_width(name)``, ``num_text_layers(name)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import InputSpec, load_state_dict
+from orchestrator.errors import CheckpointError, ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+Tokenizer = Callable[[Sequence[str]], torch.Tensor]
+
+
+def _open_clip():
+    """open_clip with the shipped tiny configs registered (once)."""
+    import open_clip
+
+    if not set(TINY_MODELS) <= set(open_clip.list_models()):
+        open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
+
+
+def model_config(name: str, key: str = "model.name") -> dict:
+    config = _open_clip().get_model_config(name)
+    if config is None:
+        raise ConfigError(key, f"unknown open_clip model {name!r}; shipped tiny models: {', '.join(TINY_MODELS)}; "
+                               f"others: see open_clip.list_models()")
+    return config
+
+
+def embedding_dim(name: str) -> int:
+    return int(model_config(name)["embed_dim"])
+
+
+def text_width(name: str) -> int:
+    return int(model_config(name)["text_cfg"]["width"])
+
+
+def vision_width(name: str) -> int:
+    return int(model_config(name)["vision_cfg"]["width"])
+
+
+def num_text_layers(name: str) -> int:
+    return int(model_config(name)["text_cfg"]["layers"])
+
+
+def check_clip_spec(name: str, pretrained: Optional[str], key: str = "model") -> None:
+    """Validate ``(name, pretrained)`` before anything runs: a known architecture, and a known tag or an
+    existing file."""
+    model_config(name, f"{key}.name")
+    if pretrained is None or Path(pretrained).expanduser().is_file():
+        return
+    tags = _open_clip().list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        looks_like_path = "/" in pretrained or Path(pretrained).suffix in (".pt", ".bin", ".pth", ".safetensors")
+        reason = (f"file {pretrained!r} does not exist" if looks_like_path
+                  else f"{pretrained!r} is not an open_clip tag of {name!r} (tags: {', '.join(tags) or 'none'})")
+        raise ConfigError(f"{key}.pretrained", f"{reason}; pass an open_clip tag or a local checkpoint file")
+
+
+def clip_input_spec(name: str) -> InputSpec:
+    """Input size from the architecture; mean/std from its pretrained config (OpenAI's by default)."""
+    open_clip = _open_clip()
+    config = model_config(name)
+    size = config["vision_cfg"].get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    pre = config.get("preprocess_cfg") or {}
+    mean = tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(pre.get("std", open_clip.OPENAI_DATASET_STD))
+    return InputSpec(int(size), mean, std)
+
+
+def create_clip(name: str, pretrained: Optional[str] = None) -> tuple[nn.Module, Tokenizer]:
+    """The open_clip model ``name`` with weights from ``pretrained`` (see module docstring), in eval mode,
+    and its tokenizer."""
+    open_clip = _open_clip()
+    check_clip_spec(name, pretrained)
+    local = pretrained is not None and Path(pretrained).expanduser().is_file()
+    if pretrained is None or local:
+        previous = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that random init is random init
+        try:
+            model = open_clip.create_model(name, pretrained=None)
+        finally:
+            logging.getLogger().setLevel(previous)
+        if local:
+            load_clip_weights(model, Path(pretrained).expanduser())
+    else:
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained)
+        except Exception as exc:  # no network, hub refused, corrupt cache: all mean "no weights here"
+            raise CheckpointError(
+                f"the open_clip weights {name}/{pretrained} cannot be downloaded or loaded here "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); on a machine with network "
+                f"access they are fetched into the Hugging Face cache (copy it over, or set HF_HUB_OFFLINE=1 with a "
+                f"filled cache), or pass model.pretrained: /path/to/open_clip_state_dict.safetensors"
+            ) from None
+    model.eval()
+    return model, open_clip.get_tokenizer(name)
+
+
+def load_clip_weights(model: nn.Module, path: Path) -> None:
+    """Load an open_clip state dict (tensors only) strictly into ``model``."""
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit the open_clip model: {str(exc).splitlines()[0]}") from None
+
+
+def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image features of normalised (B, 3, H, W) images."""
+    return F.normalize(model.encode_image(images), dim=-1)
+
+
+def encode_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """L2-normalised text features of ``texts``, tokenised on the model's device."""
+    device = next(model.parameters()).device
+    return F.normalize(model.encode_text(tokenizer(list(texts)).to(device)), dim=-1)

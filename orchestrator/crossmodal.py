@@ -1,0 +1,286 @@
+"""The cross-modal driver: old gallery once, new queries per method, Recall@K both ways (protocol §6.3).
+
+Every step is a Ray Train run with a deterministic name, and is recorded in the manifest when done, so
+a re-run resumes where it stopped::
+
+    encode-old    the old model embeds the evaluation images and captions (the deployed gallery) and,
+                  with its text tower, the caption corpus: the only time the old model runs
+    encode-new    the new base model embeds the same (new->new reference, and the corpus for stage text)
+    seed-S/<method>/<stage>
+                  one step per stage of each method ("text": corpus embedding pairs; "pairs": the new
+                  model and image-caption pairs, the old model not even named in the step's config); the
+                  last stage also embeds the evaluation set with the method's query encoder
+
+Layout: RUN_DIR/store holds the two models' embeddings (method keys ``old``, ``new``), RUN_DIR/seed-S/
+store each method's projected queries, RUN_DIR/seed-S/states/<method>/<stage>.pt the stage states
+(tensors only), RUN_DIR/manifest/... one JSON per finished step. Nothing here knows any method.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from orchestrator import runfiles
+from orchestrator._internal.typed import to_dict
+from orchestrator.crossmodal_config import ClipSpec, CrossModalExperiment, parse_crossmodal
+from orchestrator.errors import RunError
+
+SCHEMA_VERSION = 1
+VERSIONS = {"old": 0, "new": 1}  # store versions of the two models; projected queries are version 1 too
+EVAL_SETS = ("images", "captions")
+
+
+# -- run directory -----------------------------------------------------------------------------
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    return Path(run_dir) / f"seed-{seed}"
+
+
+def manifest_path(run_dir: Path, step: str) -> Path:
+    return Path(run_dir) / "manifest" / f"{step}.json"
+
+
+def state_path(run_dir: Path, seed: int, method: str, stage: str) -> Path:
+    return seed_dir(run_dir, seed) / "states" / method / f"{stage}.pt"
+
+
+def load_crossmodal_run(run_dir: Path) -> CrossModalExperiment:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a run directory (no config.yaml); pass the directory `compat run` created")
+    return parse_crossmodal(yaml.safe_load(path.read_text()))
+
+
+def _prepare_run_dir(cfg: CrossModalExperiment, run_dir: Path) -> bool:
+    """Create ``run_dir`` for ``cfg`` or check it belongs to ``cfg``; True when resuming."""
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        existing = load_crossmodal_run(run_dir)
+        if existing.digest() != cfg.digest():
+            raise RunError(f"{run_dir} already holds a run of a different config (digest {existing.digest()} != "
+                           f"{cfg.digest()}); resume it with `compat run --resume {run_dir}`, or set another "
+                           f"`name`/`output_dir`, or delete it")
+        return True
+    import ray
+
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                  cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runfiles.atomic_write_bytes(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    runfiles.atomic_write_json(run_dir / "run.json", {
+        "experiment": cfg.name, "kind": cfg.kind, "seeds": cfg.seeds, "config_digest": cfg.digest(),
+        "code_revision": revision, "python": platform.python_version(), "torch": torch.__version__,
+        "ray": ray.__version__})
+    return False
+
+
+# -- driver ------------------------------------------------------------------------------------
+def plan(cfg: CrossModalExperiment) -> list[tuple[str, dict]]:
+    """(step name, worker payload) of every step, in order. A stage's payload holds what that stage needs
+    and nothing more: the new model, the data, its recipe, and the old model's width, never the old model."""
+    from methods.clip_models import embedding_dim
+    from methods.crossmodal_base import create_crossmodal
+
+    config = cfg.to_dict()
+    common = {"use_gpu": cfg.resources.use_gpu}
+    steps = [(f"encode-{role}", {**common, "kind": "encode", "role": role, "config": config}) for role in ("old", "new")]
+    for seed in cfg.seeds:
+        for index, spec in enumerate(cfg.methods):
+            stages = list(create_crossmodal(spec.name, spec.params, f"methods.{index}").stages())
+            for position, stage in enumerate(stages):
+                steps.append((f"seed-{seed}/{spec.key}/{stage}", {
+                    **common, "kind": "stage", "seed": seed, "stage": stage, "method_index": index,
+                    "method": {"name": spec.name, "key": spec.key, "params": spec.params},
+                    "training": to_dict(cfg.stage_training(index, stage)), "earlier": stages[:position],
+                    "last": position == len(stages) - 1, "new_model": config["models"]["new"],
+                    "old_dim": embedding_dim(cfg.models.old.name), "data": config["data"],
+                    "batch_size": cfg.evaluation.batch_size}))
+    return steps
+
+
+def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[Path] = None,
+                   echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) every step, then write metrics.json and report.md; returns the metrics."""
+    from orchestrator.crossmodal_data import check_data
+    from orchestrator.crossmodal_report import render_crossmodal_report
+
+    check_data(cfg.data)
+    run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name).resolve()
+    resuming = _prepare_run_dir(cfg, run_dir)
+    steps = plan(cfg)
+    done = sum(manifest_path(run_dir, name).is_file() for name, _ in steps)
+    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir}: {len(steps)} steps "
+         f"({len(cfg.seeds)} seed(s) x {len(cfg.methods)} method(s)), {done} already done")
+    started = time.time()
+    for number, (name, payload) in enumerate(steps, start=1):
+        if manifest_path(run_dir, name).is_file():
+            continue
+        echo(f"  [{number}/{len(steps)}] {name}")
+        _run_step(cfg, run_dir, name, payload)
+    from orchestrator.crossmodal_eval import evaluate_run
+
+    metrics = evaluate_run(cfg, run_dir)
+    runfiles.atomic_write_json(run_dir / "metrics.json", metrics)
+    render_crossmodal_report(run_dir)
+    echo(f"All {len(steps)} steps done in {time.time() - started:.0f} s")
+    return metrics
+
+
+def _run_step(cfg: CrossModalExperiment, run_dir: Path, name: str, payload: dict) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.simulation import ensure_ray
+
+    res = cfg.resources
+    if res.num_workers > 0:
+        ensure_ray()
+    trainer = TorchTrainer(
+        crossmodal_worker,
+        train_loop_config={"run_dir": str(run_dir), "step": name, **payload},
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker={"CPU": res.cpus_per_worker} if res.num_workers else None),
+        run_config=RunConfig(name=name.replace("/", "-"), storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=res.max_failures)),
+    )
+    trainer.fit()
+    if not manifest_path(run_dir, name).is_file():
+        raise RunError(f"step {name}: the Train run ended without finishing; see the log above")
+
+
+# -- workers -----------------------------------------------------------------------------------
+def crossmodal_worker(loop: dict) -> None:
+    """Ray Train ``train_loop_per_worker`` of every cross-modal step."""
+    from orchestrator.crossmodal_steps import encode_step, stage_step
+    from orchestrator.session import current_worker
+
+    run_dir = Path(loop["run_dir"])
+    if manifest_path(run_dir, loop["step"]).is_file():
+        return  # finished before a worker-group restart
+    worker = current_worker(loop["use_gpu"])
+    started = time.time()
+    entry = (encode_step if loop["kind"] == "encode" else stage_step)(loop, run_dir, worker)
+    worker.barrier()
+    if worker.is_chief:
+        runfiles.atomic_write_json(manifest_path(run_dir, loop["step"]), {
+            "step": loop["step"], "seconds": round(time.time() - started, 3), "world_size": worker.world_size, **entry})
+
+
+def resolve_clip(spec: ClipSpec, synthetic) -> tuple[str, Optional[str]]:
+    """(architecture, weights) of a model spec; an ``upstream`` spec is pretrained (cached) here."""
+    if spec.upstream is None:
+        return spec.name, spec.pretrained
+    from orchestrator.upstream_clip import pretrain_clip
+
+    return spec.name, str(pretrain_clip(spec.name, spec.upstream, synthetic))
+
+
+def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, worker, seed: int,
+                 label: str, run_dir: Path) -> None:
+    """The engine's loop for every stage: seeded sharded batches, the step's optimiser and schedule,
+    DDP across workers, one ``ray.train.report`` (and progress line) per epoch."""
+    import ray.train
+
+    from orchestrator.session import build_optimizer, lr_at, set_lr
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return
+    optimizer = build_optimizer(params, training)
+    wrapped = module
+    if worker.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [worker.device.index] if worker.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(module, device_ids=ids)
+    for epoch in range(training.epochs):
+        set_lr(optimizer, training.lr_schedule[epoch] if training.lr_schedule else lr_at(epoch, training))
+        module.train()
+        totals: dict[str, float] = {}
+        batches = 0
+        for idx in epoch_batches(num_items, training.batch_size, seed, epoch, worker.rank, worker.world_size):
+            loss, parts = loss_fn(wrapped, torch.from_numpy(idx).to(worker.device), epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            batches += 1
+            for name, value in {"loss": loss, **parts}.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach())
+        means = {k: v / max(batches, 1) for k, v in totals.items()}
+        if worker.is_chief:
+            runfiles.write_progress(run_dir, {"method": label, "step": label, "epoch": epoch + 1,
+                                              "epochs": training.epochs, **{k: round(v, 5) for k, v in means.items()}})
+        ray.train.report({"step": label, "epoch": epoch, **means})
+    module.eval()
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+    """A seeded permutation of the items, sharded across ranks with equal counts (DDP needs equal step
+    counts), cut into batches; the ragged last batch is dropped when there is more than one batch
+    (contrastive losses degrade on tiny batches)."""
+    order = np.random.default_rng([seed, 7919, epoch, num_items]).permutation(num_items)
+    order = order[rank::world][: num_items // world]
+    if len(order) > batch_size:
+        order = order[: len(order) - len(order) % batch_size]
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def train_fn(training, worker, seed: int, label: str, run_dir: Path) -> Callable:
+    """``StageContext.train`` bound to this step."""
+    return partial(train_module, training=training, worker=worker, seed=seed, label=label, run_dir=run_dir)
+
+
+# -- command line ------------------------------------------------------------------------------
+def cli_run(args) -> Optional[int]:
+    """``compat run`` for a config (or run directory) with ``kind: cross-modal``; None for any other."""
+    from orchestrator.config import load_raw
+    from orchestrator.crossmodal_config import is_crossmodal
+    from orchestrator.crossmodal_report import format_crossmodal_table
+    from orchestrator.errors import CompatError
+
+    seeds = getattr(args, "seeds", None)
+    if args.resume:
+        path = Path(args.resume) / "config.yaml"
+        if not (path.is_file() and is_crossmodal(yaml.safe_load(path.read_text()))):
+            return None
+        if args.config or args.set or seeds:
+            raise CompatError("--resume continues a run with the config stored in it; drop CONFIG, --set and --seeds")
+        cfg, run_dir = load_crossmodal_run(Path(args.resume)), Path(args.resume)
+    else:
+        raw = load_raw(args.config, args.set)
+        if not is_crossmodal(raw):
+            return None
+        if seeds:
+            raw["seeds"] = yaml.safe_load(f"[{seeds}]")
+        cfg, run_dir = parse_crossmodal(raw), None
+        if args.output_dir:
+            cfg.output_dir = args.output_dir
+    metrics = run_crossmodal(cfg, run_dir)
+    print()
+    print(format_crossmodal_table(metrics))
+    return 0
+
+
+def cli_report(run_dir: Path) -> Optional[int]:
+    """``compat report`` for a cross-modal run directory; None for any other."""
+    from orchestrator.crossmodal_config import is_crossmodal
+    from orchestrator.crossmodal_report import format_crossmodal_table, render_crossmodal_report
+
+    path = Path(run_dir) / "config.yaml"
+    if not (path.is_file() and is_crossmodal(yaml.safe_load(path.read_text()))):
+        return None
+    report = render_crossmodal_report(run_dir)
+    print(format_crossmodal_table(runfiles.read_json(Path(run_dir) / "metrics.json")))
+    print(f"\nReport written to {report}")
+    return 0

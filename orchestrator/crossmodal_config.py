@@ -1,0 +1,166 @@
+"""Typed config of a cross-modal compatibility experiment (``kind: cross-modal`` at the top of the YAML).
+
+One experiment: an old and a new CLIP, a captioned evaluation set whose old-model embeddings are the
+gallery, a caption corpus (stage ``text``), image-caption pairs (stage ``pairs``), and the methods that
+map new queries into the old space. Validation (schema, files, models, method params) runs before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from orchestrator._internal.typed import from_dict, require, to_dict
+from orchestrator.config import DataConfig, MethodSpec, ResourcesConfig, TrainingConfig, UpstreamClipConfig
+
+KIND = "cross-modal"
+RESERVED_KEYS = ("old", "new")  # store keys of the two models' own embeddings
+
+
+@dataclass
+class ClipSpec:
+    """An open_clip model: architecture + open_clip tag or local checkpoint, or an offline upstream CLIP
+    pretrained on the synthetic captioned data (``upstream``; instance captions, see
+    orchestrator/data/instance_captions.py)."""
+
+    name: str
+    pretrained: Optional[str] = None
+    upstream: Optional[UpstreamClipConfig] = None
+
+    def __post_init__(self):
+        require(self.upstream is None or self.pretrained is None, "upstream",
+                "pretrains from random weights; leave pretrained unset")
+
+
+@dataclass
+class ModelsConfig:
+    old: ClipSpec
+    new: ClipSpec
+
+
+@dataclass
+class CaptionSource:
+    """A caption annotation file (Karpathy .json, .csv, .jsonl) or, for the corpus, also a .txt corpus."""
+
+    path: str
+    image_root: Optional[str] = None  # default: the annotation file's directory
+    splits: Optional[list[str]] = None  # Karpathy JSON only; None = every split
+
+
+@dataclass
+class CrossModalDataConfig:
+    """Where the evaluation set, the corpus (stage ``text``) and the pairs (stage ``pairs``) come from.
+
+    ``synthetic``: evaluation on the test split of the instance-captioned synthetic dataset, corpus and
+    pairs from its train split. ``files``: ``eval``, ``corpus`` and ``pairs`` name annotation files.
+    """
+
+    source: Literal["synthetic", "files"] = "synthetic"
+    synthetic: DataConfig = field(default_factory=DataConfig)
+    captions_per_image: int = 5  # synthetic only
+    eval: Optional[CaptionSource] = None
+    corpus: Optional[CaptionSource] = None
+    pairs: Optional[CaptionSource] = None
+    corpus_size: Optional[int] = None  # distinct captions used by stage text (seeded draw; None = all)
+    pair_count: int = 1000  # images (each with all its captions) used by stage pairs, a seeded draw
+    image_size: Optional[int] = None  # files only: decode size; None = the new model's input size
+
+    def __post_init__(self):
+        require(self.pair_count >= 2, "pair_count", "must be >= 2 (contrastive pairs need negatives)")
+        require(self.corpus_size is None or self.corpus_size >= 2, "corpus_size", "must be >= 2")
+        require(1 <= self.captions_per_image <= 8, "captions_per_image", "must be in 1..8")
+        for role in ("eval", "corpus", "pairs"):
+            given = getattr(self, role) is not None
+            if self.source == "files":
+                require(given, role, "is required when source is 'files'")
+            else:
+                require(not given, role, "only applies to source 'files'")
+
+
+@dataclass
+class StageTrainingConfig:
+    """Training recipe of each stage kind (methods override per stage in ``methods[i].training``)."""
+
+    text: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=20, batch_size=256, lr=1e-3))
+    pairs: TrainingConfig = field(default_factory=lambda: TrainingConfig(epochs=10, batch_size=64, lr=1e-4))
+
+
+@dataclass
+class CrossModalEvaluationConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    ties: Literal["fail", "pass"] = "fail"  # compatibility: whether new->old == old->old counts as a pass
+    batch_size: int = 256
+
+    def __post_init__(self):
+        require(bool(self.ks) and all(k >= 1 for k in self.ks), "ks", "needs one or more K >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass
+class CrossModalExperiment:
+    """One cross-modal experiment: one config file, one run directory (one sub-directory per seed)."""
+
+    kind: Literal["cross-modal"]
+    name: str
+    models: ModelsConfig
+    seeds: list[int] = field(default_factory=lambda: [0])
+    output_dir: str = "runs"
+    data: CrossModalDataConfig = field(default_factory=CrossModalDataConfig)
+    training: StageTrainingConfig = field(default_factory=StageTrainingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    evaluation: CrossModalEvaluationConfig = field(default_factory=CrossModalEvaluationConfig)
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="procrustes"), MethodSpec(name="xbt")])
+
+    def __post_init__(self):
+        require(bool(self.name) and "/" not in self.name and self.name.strip() == self.name, "name",
+                "must be a non-empty name without '/' or surrounding spaces")
+        require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds", "needs distinct seeds")
+        require(bool(self.methods), "methods", "needs at least one method")
+        keys = [m.key for m in self.methods]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        require(not dup, "methods", f"duplicate method label(s) {dup}; give each a distinct 'label'")
+        clash = sorted(set(keys) & set(RESERVED_KEYS))
+        require(not clash, "methods", f"labels {clash} are reserved for the models' own embeddings")
+        require(not self.resources.steps, "resources.steps", "per-step resources do not apply to cross-modal runs")
+
+    def stage_training(self, index: int, stage: str) -> TrainingConfig:
+        """``training.<stage>`` with ``methods[index].training.<stage>`` overrides applied and validated."""
+        spec = self.methods[index]
+        overrides = spec.training.get(stage, {})
+        require(set(spec.training) <= {"text", "pairs"}, f"methods.{index}.training",
+                "holds per-stage overrides: keys 'text' and/or 'pairs'")
+        merged = {**to_dict(getattr(self.training, stage)), **overrides}
+        return from_dict(TrainingConfig, merged, f"methods.{index}.training.{stage}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_crossmodal(data: dict) -> CrossModalExperiment:
+    """Validate a raw mapping: schema, model specs, data files and every method's parameters."""
+    from methods.clip_models import check_clip_spec
+    from methods.crossmodal_base import create_crossmodal
+
+    cfg = from_dict(CrossModalExperiment, data)
+    for role in ("old", "new"):
+        spec: ClipSpec = getattr(cfg.models, role)
+        check_clip_spec(spec.name, spec.pretrained, f"models.{role}")
+        require(spec.upstream is None or cfg.data.source == "synthetic", f"models.{role}.upstream",
+                "pretrains on the synthetic captioned data; use pretrained (a tag or a file) with data.source 'files'")
+    for i, spec in enumerate(cfg.methods):
+        stages = create_crossmodal(spec.name, spec.params, f"methods.{i}").stages()
+        for stage in stages:
+            cfg.stage_training(i, stage)
+    return cfg
+
+
+def is_crossmodal(data: dict) -> bool:
+    """Whether a raw config mapping declares a cross-modal experiment."""
+    return isinstance(data, dict) and data.get("kind") == KIND

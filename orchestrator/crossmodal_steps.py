@@ -1,0 +1,155 @@
+"""What a Ray Train worker does in each cross-modal step (see :mod:`orchestrator.crossmodal`).
+
+``encode_step`` runs one of the two models over the evaluation set and the corpus; ``stage_step`` runs
+one stage of one method and, after the last stage, embeds the evaluation set with the method's query
+encoder. Each rank embeds its own shard of every set; the store publishes a partition once all shards
+are there. A stage step is given the new model only: its payload does not name the old one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from methods.clip_models import Tokenizer, clip_input_spec, create_clip, embedding_dim, encode_images, encode_texts
+from orchestrator import runfiles
+from orchestrator._internal.typed import from_dict
+from orchestrator.config import TrainingConfig
+from orchestrator.crossmodal import VERSIONS, resolve_clip, seed_dir, state_path, train_fn
+from orchestrator.crossmodal_config import ClipSpec, CrossModalDataConfig, parse_crossmodal
+from orchestrator.crossmodal_data import CaptionedArrays, corpus_captions, corpus_draw, eval_set, pair_set
+from orchestrator.data.transforms import BatchTransform
+from orchestrator.session import Worker, embed_array
+from orchestrator.store import EmbeddingStore
+
+
+def _load(spec: ClipSpec, data: CrossModalDataConfig, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, BatchTransform]:
+    """The model, its tokenizer and its test-time transform. Random weights (no ``pretrained``, no
+    ``upstream``) come from a fixed seed, so every step of a run sees the same model."""
+    name, weights = resolve_clip(spec, data.synthetic)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        clip, tokenizer = create_clip(name, weights)
+    inputs = clip_input_spec(name)
+    return clip.to(device), tokenizer, BatchTransform(inputs.mean, inputs.std, augment=False, size=inputs.size)
+
+
+def _image_size(spec: ClipSpec, data: CrossModalDataConfig) -> int:
+    return data.image_size or clip_input_spec(spec.name).size
+
+
+@torch.no_grad()
+def _embed_texts(encode, tokenizer: Tokenizer, texts: Sequence[str], indices: np.ndarray, batch_size: int,
+                 device: torch.device) -> np.ndarray:
+    chunks = [encode(tokenizer([texts[i] for i in indices[start:start + batch_size]]).to(device)).float().cpu().numpy()
+              for start in range(0, len(indices), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def _write_eval_set(store: EmbeddingStore, key: str, data: CaptionedArrays, encode_image, encode_text,
+                    tokenizer: Tokenizer, transform, batch_size: int, worker: Worker, meta: dict) -> None:
+    """This rank's shard of the evaluation images and captions, L2-normalised, into ``store``."""
+    shard = {"shard": worker.rank, "num_shards": worker.world_size,
+             "metadata": {**meta, "normalized": True}}
+    images = np.arange(len(data.images))[worker.rank::worker.world_size]
+    store.write(key, VERSIONS.get(key, 1), "images",
+                embed_array(encode_image, data.images, images, transform, batch_size, worker.device),
+                images, images, modality="image", **shard)
+    captions = np.arange(len(data.captions))[worker.rank::worker.world_size]
+    store.write(key, VERSIONS.get(key, 1), "captions",
+                _embed_texts(encode_text, tokenizer, data.captions, captions, batch_size, worker.device),
+                data.caption_of[captions], captions, modality="text", caption_of=data.caption_of[captions], **shard)
+
+
+def encode_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
+    """The ``old`` or ``new`` model embeds the evaluation set and the corpus into RUN_DIR/store."""
+    cfg = parse_crossmodal(loop["config"])
+    role = loop["role"]
+    spec: ClipSpec = getattr(cfg.models, role)
+    clip, tokenizer, transform = _load(spec, cfg.data, worker.device)
+    batch_size = cfg.evaluation.batch_size
+    store = EmbeddingStore(runfiles.store_dir(run_dir))
+    meta = {"model": spec.name, "role": role, "config_digest": cfg.digest()}
+    evaluation = eval_set(cfg.data, _image_size(spec, cfg.data))
+    _write_eval_set(store, role, evaluation, lambda x: encode_images(clip, x),
+                    lambda t: torch.nn.functional.normalize(clip.encode_text(t), dim=-1),
+                    tokenizer, transform, batch_size, worker, meta)
+    corpus = corpus_captions(cfg.data)
+    rows = np.arange(len(corpus))[worker.rank::worker.world_size]
+    store.write(role, VERSIONS[role], "corpus",
+                _embed_texts(lambda t: torch.nn.functional.normalize(clip.encode_text(t), dim=-1), tokenizer,
+                             corpus, rows, batch_size, worker.device),
+                np.full(len(rows), -1), rows, modality="text", shard=worker.rank, num_shards=worker.world_size,
+                metadata={**meta, "normalized": True})
+    return {"role": role, "model": spec.name, "weights": resolve_clip(spec, cfg.data.synthetic)[1],
+            "images": len(evaluation.images), "captions": len(evaluation.captions), "corpus": len(corpus)}
+
+
+class PairBatches:
+    """Stage ``pairs`` data: image batches with one of each image's captions, drawn anew every epoch."""
+
+    def __init__(self, clip: torch.nn.Module, tokenizer: Tokenizer, pairs: CaptionedArrays, transform, seed: int,
+                 device: torch.device):
+        self.clip, self.transform, self.seed, self.device = clip, transform, seed, device
+        self.images = torch.from_numpy(pairs.images)
+        self.tokens = tokenizer(pairs.captions)
+        order = np.argsort(pairs.caption_of, kind="stable")
+        self.by_image = order
+        self.counts = np.bincount(pairs.caption_of, minlength=len(pairs.images))
+        self.starts = np.cumsum(self.counts) - self.counts
+        self._epoch, self._choice = -1, np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if epoch != self._epoch:
+            offset = np.random.default_rng([self.seed, 53, epoch]).random(len(self.counts))
+            self._choice = self.by_image[self.starts + (offset * self.counts).astype(np.int64)]
+            self._epoch = epoch
+        idx = indices.cpu()
+        images = self.transform(self.images[idx].to(self.device))
+        return images, self.tokens[torch.from_numpy(self._choice[idx.numpy()])].to(self.device)
+
+
+def stage_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
+    """One stage of one method for one seed; the last stage also embeds the queries."""
+    from methods.crossmodal_base import StageContext, TextPairs, create_crossmodal
+
+    seed, stage, spec = loop["seed"], loop["stage"], loop["method"]
+    method = create_crossmodal(spec["name"], spec["params"], f"methods.{loop['method_index']}")
+    new_spec = from_dict(ClipSpec, loop["new_model"], "models.new")
+    data = from_dict(CrossModalDataConfig, loop["data"], "data")
+    training = from_dict(TrainingConfig, loop["training"], f"methods.{loop['method_index']}.training.{stage}")
+    state: dict[str, torch.Tensor] = {}
+    for earlier in loop["earlier"]:
+        state.update(torch.load(state_path(run_dir, seed, spec["key"], earlier), map_location="cpu", weights_only=True))
+    dims = {"new_dim": embedding_dim(new_spec.name), "old_dim": loop["old_dim"]}
+    torch.manual_seed(seed)
+    ctx = StageContext(stage=stage, seed=seed, device=worker.device, training=training,
+                       train=train_fn(training, worker, seed, f"seed-{seed}/{spec['key']}/{stage}", run_dir), **dims)
+    if stage == "text":
+        store = EmbeddingStore(runfiles.store_dir(run_dir))
+        new, old = (store.read(role, VERSIONS[role], "corpus").embeddings for role in ("new", "old"))
+        draw = corpus_draw(len(new), data.corpus_size, seed)
+        stage_data = TextPairs(*(torch.from_numpy(np.ascontiguousarray(x[draw])).to(worker.device) for x in (new, old)))
+        size = len(draw)
+    else:
+        clip, tokenizer, transform = _load(new_spec, data, worker.device)
+        stage_data = PairBatches(clip, tokenizer, pair_set(data, seed, _image_size(new_spec, data)), transform, seed,
+                                 worker.device)
+        size = len(stage_data)
+    kept = method.stages()[stage](stage_data, state, ctx)
+    if worker.is_chief:
+        runfiles.atomic_torch_save(state_path(run_dir, seed, spec["key"], stage), kept)
+    if loop["last"]:
+        clip, tokenizer, transform = _load(new_spec, data, worker.device)
+        encoder = method.query_encoder(clip, {**state, **kept}, **dims).to(worker.device).eval()
+        _write_eval_set(EmbeddingStore(seed_dir(run_dir, seed) / "store"), spec["key"],
+                        eval_set(data, _image_size(new_spec, data)), encoder.encode_image, encoder.encode_text,
+                        tokenizer, transform, loop["batch_size"], worker,
+                        {"method": spec["name"], "seed": seed, "model": new_spec.name})
+    return {"method": spec["key"], "stage": stage, "seed": seed, "items": size, "params": method.describe()}

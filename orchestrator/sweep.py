@@ -1,0 +1,350 @@
+"""``compat sweep``: Ray Tune over any config key; each trial is a whole simulation, reported step by step.
+
+A sweep config is an experiment config plus a ``sweep:`` section (keys: :class:`SweepConfig`). All of
+it is validated before Ray starts. Each trial is a plain function trainable (the Train-in-Tune pattern
+of reference/ray.md §1.6, see sweep_trial.py) whose run directory is ``runs/<trial id>``: the trial id
+is stable across ``Tuner.restore``, so a resumed trial continues its run from the manifest, and the
+Train runs inside it keep their deterministic names. Outputs are written by sweep_report.py.
+
+::
+
+    EXPERIMENT_DIR = <output_dir>/<sweep name>
+      sweep.yaml                      the experiment + sweep section as launched (resume reads it)
+      runs/<trial id>/                each trial's run directory (seed-N/ inside with sweep.seeds)
+      <trial id>/, tuner.pkl, ...     Tune's files (per-trial results, experiment state)
+      results.csv, results.md         one row per trial, best first
+      best_config.yaml                the best trial as a config for `compat run`
+      objective_vs_params.png, objective_per_step.png
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import yaml
+
+from orchestrator import runfiles
+from orchestrator._internal.typed import from_dict, require
+from orchestrator.config import ExperimentConfig, load_raw, parse_config, set_key
+from orchestrator.errors import ConfigError, RunError
+from orchestrator.objectives import Objective, parse_constraint, parse_name
+
+_RANGE_KINDS = ("uniform", "loguniform", "int")
+_RESERVED_KEYS = ("name", "output_dir", "seeds")  # set by the sweep itself
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = "AM"  # a name of orchestrator/objectives.py: AC, AM, M[1][0], margin[-1][0], accuracy, Avg, ...
+    mode: Literal["max", "min"] = "max"
+    method: Optional[str] = None  # the method key (label) it is read from; None: the experiment's only method
+    matrix: Optional[str] = None  # cmc1, cmc5, map, ...; None: evaluation.primary
+
+
+@dataclass
+class SchedulerConfig:
+    type: Literal["fifo", "asha"] = "fifo"  # asha: stop trials whose objective after a step lags the others
+    grace_period: int = 1  # steps every trial runs before it can be stopped
+    reduction_factor: float = 2.0
+
+    def __post_init__(self):
+        require(self.grace_period >= 1, "grace_period", "must be >= 1 (steps)")
+        require(self.reduction_factor > 1, "reduction_factor", "must be > 1")
+
+
+@dataclass
+class SweepConfig:
+    """The ``sweep:`` section."""
+
+    space: dict[str, Any]  # config key -> {choice|grid: [values]} or {uniform|loguniform|int: [low, high]}
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    constraints: list[str] = field(default_factory=list)  # e.g. "AC >= 1": ECC on every pair
+    search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    num_samples: Optional[int] = None  # trials to sample (grid: repeats of the grid); None: 1 for grid, else 8
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_concurrent: Optional[int] = None  # None: the cluster's CPUs / (trial_cpus + CPUs of a worker group)
+    trial_cpus: float = 1.0  # reserved per trial; in-process steps train on it
+    max_failures: int = 0  # Tune restarts of a failed trial (its run resumes from the manifest)
+    seed: int = 0  # seeds the search algorithm
+    seeds: Optional[list[int]] = None  # evaluate every trial over these seeds (mean)
+    name: Optional[str] = None  # None: "<experiment name>-sweep"
+    output_dir: Optional[str] = None  # None: the experiment's output_dir
+
+    def __post_init__(self):
+        require(bool(self.space), "space", "needs at least one key to sweep")
+        require(self.num_samples is None or self.num_samples >= 1, "num_samples", "must be >= 1")
+        require(self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be >= 1")
+        require(self.trial_cpus > 0, "trial_cpus", "must be > 0")
+        require(self.max_failures >= 0, "max_failures", "must be >= 0")
+        require(self.seeds is None or (bool(self.seeds) and len(set(self.seeds)) == len(self.seeds)), "seeds",
+                "must be a non-empty list of distinct seeds")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One swept key: ``values`` are the choices, or (low, high) of a range (``int``: both included)."""
+
+    key: str
+    kind: Literal["choice", "grid", "uniform", "loguniform", "int"]
+    values: tuple
+
+    def domain(self, as_grid: bool = False):
+        from ray import tune
+
+        if self.kind == "grid" or (as_grid and self.kind == "choice"):
+            return tune.grid_search(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        low, high = self.values
+        if self.kind == "int":
+            return tune.randint(low, high + 1)
+        return tune.loguniform(low, high) if self.kind == "loguniform" else tune.uniform(low, high)
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: the experiment it varies, what it varies, what it optimises and where it lives."""
+
+    document: dict  # the experiment mapping with its sweep section, as launched
+    config: SweepConfig
+    dimensions: list[Dimension]
+    objective: Objective
+    experiment: ExperimentConfig  # the experiment with no key changed
+    num_versions: int
+    directory: Path
+
+    @property
+    def experiment_raw(self) -> dict:
+        return {k: v for k, v in self.document.items() if k != "sweep"}
+
+    def trial_raw(self, params: dict[str, Any]) -> dict:
+        """The experiment mapping of a trial: every swept key set, plus the sweep's seeds."""
+        raw = copy.deepcopy(self.experiment_raw)
+        for key, value in params.items():
+            set_key(raw, key, value)
+        if self.config.seeds is not None:
+            raw["seeds"] = list(self.config.seeds)
+        return raw
+
+
+def load_sweep(config: Optional[str], overrides: Sequence[str] = (), output_dir: Optional[str] = None) -> Sweep:
+    """Read, override and validate a sweep config; nothing is written and no trial is started."""
+    document = load_raw(config, list(overrides))
+    if output_dir is not None:
+        document.setdefault("sweep", {})
+        document["sweep"]["output_dir"] = output_dir
+    return parse_sweep(document)
+
+
+def load_sweep_dir(directory: Path) -> Sweep:
+    """The sweep an experiment directory holds (for ``--resume``)."""
+    path = Path(directory) / "sweep.yaml"
+    if not path.is_file():
+        raise RunError(f"{directory} is not a sweep directory (no sweep.yaml); pass the directory `compat sweep` created")
+    return parse_sweep(yaml.safe_load(path.read_text()), directory=Path(directory))
+
+
+def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
+    """Validate everything a sweep needs before any trial starts, naming the offending key."""
+    from orchestrator.data import dataset_num_classes
+    from orchestrator.scenarios import plan_steps
+
+    if not isinstance(document.get("sweep"), dict):
+        raise ConfigError("sweep", "a sweep config needs a 'sweep:' section (space, objective, ...)")
+    config = from_dict(SweepConfig, document["sweep"], "sweep")
+    experiment_raw = {k: v for k, v in document.items() if k != "sweep"}
+    experiment = parse_config(experiment_raw)
+    num_versions = len(plan_steps(experiment, dataset_num_classes(experiment.data)))
+    dimensions = [_parse_dimension(key, spec, config) for key, spec in config.space.items()]
+    for dimension in dimensions:
+        _check_values(experiment_raw, dimension)
+    objective = _parse_objective(config, experiment, num_versions)
+    if config.scheduler.type == "asha":
+        require(config.scheduler.grace_period <= num_versions, "sweep.scheduler.grace_period",
+                f"must be at most the number of steps ({num_versions})")
+    if config.search in ("optuna", "hyperopt") and importlib.util.find_spec(config.search) is None:
+        raise ConfigError("sweep.search", f"{config.search} is not installed; pip install 'compat-orchestrator[sweep]'")
+    name = config.name or f"{experiment.name}-sweep"
+    require(name.strip() == name and "/" not in name and bool(name), "sweep.name", "must be a name without '/'")
+    directory = Path(directory or Path(config.output_dir or experiment.output_dir) / name).resolve()
+    return Sweep(document, config, dimensions, objective, experiment, num_versions, directory)
+
+
+def _parse_dimension(key: str, spec: Any, config: SweepConfig) -> Dimension:
+    where = f"sweep.space.{key}"
+    kinds = ("choice", "grid", *_RANGE_KINDS)
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in kinds:
+        raise ConfigError(where, f"must be one mapping {{kind: values}} with kind one of {', '.join(kinds)}, got {spec!r}")
+    if key in _RESERVED_KEYS or key.split(".")[0] == "sweep" or (key == "seed" and config.seeds is not None):
+        raise ConfigError(where, "is set by the sweep itself and cannot be swept")
+    kind, values = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        require(isinstance(values, list) and len(values) > 0, where, f"{kind} needs a non-empty list of values")
+    else:
+        require(isinstance(values, list) and len(values) == 2 and all(_is_number(v) for v in values), where,
+                f"{kind} needs [low, high], got {values!r}")
+        low, high = values
+        require(low < high, where, f"low ({low}) must be smaller than high ({high})")
+        require(kind != "loguniform" or low > 0, where, f"loguniform needs low > 0, got {low}")
+        require(kind != "int" or all(isinstance(v, int) for v in values), where, f"int needs integer bounds, got {values}")
+    if config.search == "grid":
+        require(kind in ("choice", "grid"), where, "grid search needs discrete values (choice or grid)")
+    elif config.search != "random":
+        require(kind != "grid", where, f"{config.search} samples its trials; use choice instead of grid")
+    return Dimension(key, kind, tuple(values))
+
+
+def _check_values(experiment_raw: dict, dimension: Dimension) -> None:
+    """The experiment must validate with each choice, and with both ends of a range."""
+    for value in dimension.values:
+        raw = copy.deepcopy(experiment_raw)
+        try:
+            set_key(raw, dimension.key, value)
+            parse_config(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep.space.{dimension.key}", f"value {value!r} is rejected: {exc}") from None
+
+
+def _parse_objective(config: SweepConfig, experiment: ExperimentConfig, num_versions: int) -> Objective:
+    keys = [m.key for m in experiment.methods]
+    method = config.objective.method
+    if method is None:
+        require(len(keys) == 1, "sweep.objective.method",
+                f"the experiment has several methods ({', '.join(keys)}); name the one to optimise")
+        method = keys[0]
+    require(method in keys, "sweep.objective.method", f"{method!r} is not a method key; methods: {', '.join(keys)}")
+    name = parse_name(config.objective.metric, "sweep.objective.metric")
+    name.check_defined(num_versions, "sweep.objective.metric")
+    constraints = []
+    for index, text in enumerate(config.constraints):
+        constraint = parse_constraint(text, f"sweep.constraints.{index}")
+        constraint.name.check_defined(num_versions, f"sweep.constraints.{index}")
+        constraints.append(constraint)
+    return Objective(name, config.objective.mode, method, config.objective.matrix or experiment.evaluation.primary,
+                     tuple(constraints))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- running ---------------------------------------------------------------------------------------
+def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] = (),
+              echo: Callable[[str], None] = print) -> Optional["SweepResults"]:
+    """Run the sweep, or continue it when its directory already holds it; then write the outputs.
+
+    Finished trials are never re-run; unfinished and failed ones continue from their run directories.
+    Returns None when the sweep was interrupted (Ctrl-C): continue it with ``compat sweep --resume``.
+    ``callbacks`` are Ray Tune callbacks (e.g. loggers) added to the Tune run.
+    """
+    from ray import tune
+
+    from orchestrator.seeds import TaskSetup, cpu_needs
+    from orchestrator.simulation import ensure_ray
+    from orchestrator.sweep_report import collect_results
+    from orchestrator.sweep_trial import run_trial
+
+    state = sweep.directory / "sweep.yaml"
+    resuming = state.is_file()
+    if resuming and yaml.safe_load(state.read_text()) != sweep.document:
+        raise RunError(f"{sweep.directory} already holds a different sweep; continue it with "
+                       f"`compat sweep --resume {sweep.directory}`, or set sweep.name/sweep.output_dir")
+    ensure_ray()
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, setup=TaskSetup.here()),
+                                    {"cpu": sweep.config.trial_cpus})
+    if resuming and tune.Tuner.can_restore(str(sweep.directory)):
+        echo(f"Resuming sweep {sweep.directory}")
+        tuner = tune.Tuner.restore(str(sweep.directory), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        runfiles.atomic_write_bytes(state, yaml.safe_dump(sweep.document, sort_keys=False).encode())
+        worker_cpus, _ = cpu_needs(sweep.experiment)
+        at_once = sweep.config.max_concurrent or _concurrency(sweep.config.trial_cpus + worker_cpus)
+        echo(f"Sweep of '{sweep.experiment.name}' in {sweep.directory}: {len(sweep.dimensions)} key(s), "
+             f"objective {sweep.objective.mode} {sweep.objective.name.text} of {sweep.objective.method}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={d.key: d.domain(as_grid=sweep.config.search == "grid") for d in sweep.dimensions},
+            tune_config=tune.TuneConfig(
+                metric="score", mode=sweep.objective.mode, search_alg=_search_algorithm(sweep, at_once),
+                scheduler=_scheduler(sweep), num_samples=_num_samples(sweep.config),
+                max_concurrent_trials=None if sweep.config.search in ("random", "grid") else at_once,
+                trial_dirname_creator=trial_id_of, trial_name_creator=trial_id_of,
+                reuse_actors=True,  # a finished trial's process (imports done) serves the next one
+            ),
+            run_config=tune.RunConfig(
+                name=sweep.directory.name, storage_path=str(sweep.directory.parent),
+                failure_config=tune.FailureConfig(max_failures=sweep.config.max_failures),
+                callbacks=list(callbacks), verbose=1 if progress else 0,
+            ),
+        )
+    grid = tuner.fit()
+    if _unfinished(sweep):
+        echo(f"Sweep interrupted; continue it with `compat sweep --resume {sweep.directory}`")
+        return None
+    return collect_results(sweep, grid)
+
+
+def trial_id_of(trial) -> str:
+    """Tune trial directory and display name: the trial id (stable across Tuner.restore)."""
+    return trial.trial_id
+
+
+def _search_algorithm(sweep: Sweep, at_once: int):
+    """The searcher; Tune limits concurrency through it (the basic generator takes the limit itself)."""
+    seed = sweep.config.seed
+    if sweep.config.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed)
+    if sweep.config.search == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed, max_concurrent=at_once)
+
+
+def _scheduler(sweep: Sweep):
+    if sweep.config.scheduler.type == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = sweep.config.scheduler
+    return ASHAScheduler(time_attr="steps_done", max_t=sweep.num_versions, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _unfinished(sweep: Sweep) -> bool:
+    """Whether a resume would run more, read from the state Tune saved last. (After Ctrl-C the ResultGrid
+    shows the trials it cut off as terminated; the saved state keeps them to continue.)"""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(sweep.directory)).trials
+    return len(trials) < _total_trials(sweep) or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
+def _total_trials(sweep: Sweep) -> int:
+    """Trials the sweep makes: num_samples times the size of the grid (Tune's grid_search semantics)."""
+    total = _num_samples(sweep.config)
+    for dimension in sweep.dimensions:
+        if dimension.kind == "grid" or (sweep.config.search == "grid" and dimension.kind == "choice"):
+            total *= len(dimension.values)
+    return total
+
+
+def _num_samples(config: SweepConfig) -> int:
+    if config.num_samples is not None:
+        return config.num_samples
+    return 1 if config.search == "grid" else 8
+
+
+def _concurrency(cpus_per_trial: float) -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))

@@ -1,0 +1,200 @@
+"""Sweep outputs: the ranked results table (CSV and Markdown), the best trial as a runnable config, plots.
+
+Ranking: complete trials that satisfy every constraint come first, best objective first; then trials
+the scheduler stopped early (more steps first: their objective covers fewer versions, so it is not
+comparable with a complete run's); then trials violating a constraint, marked; then failed trials.
+Only a complete trial satisfying every constraint can be the best one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import yaml
+from matplotlib.figure import Figure
+
+from orchestrator import runfiles
+from orchestrator.objectives import TABLE_NAMES, Mode
+from orchestrator.report import _md_table, _save
+
+if TYPE_CHECKING:
+    from orchestrator.sweep import Sweep
+
+
+@dataclass
+class TrialOutcome:
+    """What one trial reached: its parameters, last reported step and numbers, and its history."""
+
+    trial_id: str
+    params: dict[str, Any]
+    steps_done: int
+    steps_total: int
+    objective: float
+    violations: str  # "" when every constraint holds
+    metrics: dict[str, float]
+    history: list[tuple[int, float]]  # (steps done, objective) after each step
+    error: Optional[str] = None
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "error"
+        return "complete" if self.steps_done >= self.steps_total else "stopped early"
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations
+
+
+@dataclass
+class SweepResults:
+    trials: list[TrialOutcome]  # ranked, best first
+    best: Optional[TrialOutcome]
+    directory: Path
+
+    def markdown(self) -> str:
+        return (self.directory / "results.md").read_text()
+
+
+def collect_results(sweep: "Sweep", grid) -> SweepResults:
+    """Rank the trials of a finished Tune run and write every output into the sweep directory."""
+    trials = rank_trials([_outcome(result, sweep) for result in grid], sweep.objective.mode)
+    best = best_of(trials)
+    write_tables(sweep, trials)
+    if best is not None:
+        write_best_config(sweep, best, sweep.directory / "best_config.yaml")
+    else:
+        (sweep.directory / "best_config.yaml").unlink(missing_ok=True)
+    plot_objective_vs_params(sweep, trials, best, sweep.directory / "objective_vs_params.png")
+    plot_objective_per_step(sweep, trials, best, sweep.directory / "objective_per_step.png")
+    return SweepResults(trials, best, sweep.directory)
+
+
+def rank_trials(trials: list[TrialOutcome], mode: Mode) -> list[TrialOutcome]:
+    """Best first, in the tiers of the module docstring; an undefined (NaN) objective sorts last in its tier."""
+    def key(t: TrialOutcome):
+        tier = 3 if t.error else 2 if not t.feasible else 0 if t.status == "complete" else 1
+        value = t.objective if mode == "max" else -t.objective
+        return tier, -t.steps_done, -(value if not math.isnan(value) else -math.inf)
+
+    return sorted(trials, key=key)
+
+
+def best_of(ranked: list[TrialOutcome]) -> Optional[TrialOutcome]:
+    """The first ranked trial when it is complete and satisfies every constraint."""
+    return ranked[0] if ranked and ranked[0].status == "complete" and ranked[0].feasible else None
+
+
+def write_tables(sweep: "Sweep", trials: list[TrialOutcome]) -> None:
+    """results.csv (full precision) and results.md: one row per trial, best first."""
+    keys = [d.key for d in sweep.dimensions]
+    objective = f"objective ({sweep.objective.mode} {sweep.objective.name.text})"
+    header = ["rank", "trial", "status", "steps", *keys, objective, "constraints", *TABLE_NAMES, "error"]
+    rows = [[rank, t.trial_id, t.status, f"{t.steps_done}/{t.steps_total}", *(t.params.get(k) for k in keys),
+             t.objective, "ok" if t.feasible else f"violated: {t.violations}",
+             *(t.metrics.get(n) for n in TABLE_NAMES), t.error or ""] for rank, t in enumerate(trials, 1)]
+    path = sweep.directory / "results.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+    title = (f"# Sweep {sweep.directory.name}: {sweep.objective.mode} {sweep.objective.name.text} of "
+             f"{sweep.objective.method} on {sweep.objective.matrix}")
+    constraints = ", ".join(c.text for c in sweep.objective.constraints) or "none"
+    lines = [title, "", f"- constraints: {constraints}", f"- trials: {len(trials)}", ""]
+    lines += _md_table(header[:-1], [[_cell(v) for v in row[:-1]] for row in rows])
+    runfiles.atomic_write_bytes(sweep.directory / "results.md", "\n".join(lines).encode())
+
+
+def write_best_config(sweep: "Sweep", best: TrialOutcome, path: Path) -> None:
+    """The best trial's experiment (every swept key set) as a config ``compat run`` takes as it is."""
+    raw = sweep.trial_raw(best.params)
+    raw["name"] = f"{sweep.experiment.name}-best"
+    subject = "".join(f", subject to {c.text}" for c in sweep.objective.constraints)
+    header = (f"# Best trial {best.trial_id} of sweep {sweep.directory.name}: {sweep.objective.name.text} of "
+              f"{sweep.objective.method} = {best.objective:.6g} ({sweep.objective.mode}{subject}).\n"
+              f"# Run it again: compat run {path}\n")
+    runfiles.atomic_write_bytes(path, (header + yaml.safe_dump(raw, sort_keys=False)).encode())
+
+
+# -- plots -----------------------------------------------------------------------------------------
+_STYLE = {"complete": dict(marker="o", color="tab:blue"), "stopped early": dict(marker="o", color="tab:gray", fillstyle="none"),
+          "violated": dict(marker="x", color="tab:red"), "best": dict(marker="*", color="tab:orange", markersize=14)}
+
+
+def _style_of(trial: TrialOutcome, best: Optional[TrialOutcome]) -> str:
+    if best is not None and trial is best:
+        return "best"
+    return "violated" if not trial.feasible else trial.status
+
+
+def plot_objective_vs_params(sweep: "Sweep", trials: list[TrialOutcome], best: Optional[TrialOutcome],
+                             path: Path) -> None:
+    """One panel per swept key: each trial's last objective against its value (categories for non-numbers)."""
+    shown = [t for t in trials if not t.error and not math.isnan(t.objective)]
+    fig = Figure(figsize=(4.2 * len(sweep.dimensions), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(sweep.dimensions), squeeze=False)[0]
+    for ax, dim in zip(axes, sweep.dimensions):
+        values = [t.params.get(dim.key) for t in shown]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = [] if numeric else sorted({str(v) for v in values})
+        for trial, value in zip(shown, values):
+            x = value if numeric else labels.index(str(value))
+            ax.plot([x], [trial.objective], linestyle="none", **_STYLE[_style_of(trial, best)])
+        if labels:
+            ax.set_xticks(range(len(labels)), labels)
+        if dim.kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set(xlabel=dim.key, ylabel=sweep.objective.name.text)
+    for name, style in _STYLE.items():
+        axes[0].plot([], [], linestyle="none", label=name, **style)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{sweep.objective.name.text} of {sweep.objective.method} per trial (last reported step)")
+    _save(fig, path)
+
+
+def plot_objective_per_step(sweep: "Sweep", trials: list[TrialOutcome], best: Optional[TrialOutcome],
+                            path: Path) -> None:
+    """The objective after each step, one line per trial; trials stopped early end early."""
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for trial in trials:
+        if not trial.history:
+            continue
+        steps, values = zip(*trial.history)
+        style = _style_of(trial, best)
+        ax.plot(steps, values, linestyle="--" if style == "violated" else "-", linewidth=2.5 if style == "best" else 1,
+                marker=_STYLE[style]["marker"], color=_STYLE[style]["color"], label=trial.trial_id)
+    ax.set(xlabel="steps done", ylabel=sweep.objective.name.text,
+           title=f"{sweep.objective.name.text} of {sweep.objective.method} after each step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if len(trials) <= 12:
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+# -- reading Tune results --------------------------------------------------------------------------
+def _outcome(result, sweep: "Sweep") -> TrialOutcome:
+    metrics = result.metrics or {}
+    history: list[tuple[int, float]] = []
+    frame = result.metrics_dataframe
+    if frame is not None and "steps_done" in frame:
+        frame = frame.drop_duplicates("steps_done", keep="last").sort_values("steps_done")
+        history = [(int(s), float(v)) for s, v in zip(frame["steps_done"], frame["objective"])]
+    error = None if result.error is None else (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+    return TrialOutcome(
+        trial_id=Path(result.path).name, params=dict(result.config or {}),
+        steps_done=int(metrics.get("steps_done", 0)), steps_total=int(metrics.get("steps_total", sweep.num_versions)),
+        objective=float(metrics.get("objective", math.nan)), violations=metrics.get("violations", ""),
+        metrics=dict(metrics.get("metrics") or {}), history=history, error=error,
+    )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.4g}"
+    return "–" if value is None else str(value)

@@ -1,0 +1,60 @@
+"""An offline FSCIL experiment end to end, in-process: upstream CLIP, zero-shot baseline, CPE-CLIP sessions."""
+
+import json
+
+import pytest
+import torch
+
+from orchestrator import metrics as M
+from orchestrator import simulation
+from orchestrator.config import load_config
+
+FSCIL = [
+    "data.num_classes=8", "data.train_per_class=12", "data.test_per_class=4", "data.augment=false",
+    "scenario.kind=few-shot", "scenario.initial_classes=4", "scenario.increment=2", "scenario.shots=2",
+    "scenario.num_steps=3", "scenario.training_data=new", "scenario.event=finetune",
+    "model.name=tiny-vit-w32", "upstream_clip={images_per_class: 6, epochs: 1, batch_size: 16}",
+    "training={optimizer: sgd, epochs: 2, batch_size: 16, lr_schedule: [0.01, 0.02], label_smoothing: 0.0, "
+    "weight_decay: 0.00001, incremental: {batch_size: 2}}",
+    "resources.num_workers=0", "methods=[{name: zero_shot_clip}, {name: cpe_clip}]",
+]
+
+
+@pytest.fixture(scope="module")
+def fscil_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fscil")
+    cfg = load_config(None, FSCIL)
+    cfg.output_dir = str(tmp)
+    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    return tmp / cfg.name, metrics
+
+
+def test_every_session_reports_accuracy_avg_pd_and_base_vs_novel(fscil_run):
+    run_dir, metrics = fscil_run
+    for key in ("zero_shot_clip", "cpe_clip"):
+        entry = metrics["methods"][key]
+        accuracy, summary = entry["accuracy"], entry["accuracy_summary"]
+        assert len(accuracy) == 3 and all(0 <= a <= 1 for a in accuracy)
+        assert summary["avg"] == pytest.approx(M.session_average(accuracy))
+        assert summary["pd"] == pytest.approx(M.performance_drop(accuracy))
+        assert summary["base"][0] == accuracy[0] and summary["novel"][0] is None
+        assert all(v is not None for v in summary["novel"][1:])
+        assert len(entry["matrices"]["cmc1"]) == 3  # the sessions' image embeddings went to the store
+    assert metrics["methods"]["zero_shot_clip"]["trainable_parameters"] == 0
+    assert metrics["methods"]["cpe_clip"]["trainable_parameters"] == 2 * 2 * 32 + 32 * 32 + 32
+    report = (run_dir / "report.md").read_text()
+    assert "Accuracy per session" in report and (run_dir / "accuracy.png").is_file()
+    upstream = json.loads((run_dir / "upstream_clip.json").read_text())
+    assert upstream["model"] == "tiny-vit-w32" and len(upstream["zero_shot_per_class"]) == 8
+
+
+def test_prompts_carry_over_and_versions_hold_only_what_was_trained(fscil_run):
+    run_dir, _ = fscil_run
+    versions = [torch.load(run_dir / "versions" / "cpe_clip" / f"v{v}" / "model.pt", weights_only=True)
+                for v in range(3)]
+    assert all(set(state) == {"prompts", "projection.weight", "projection.bias"} for state in versions)
+    assert not torch.equal(versions[0]["prompts"], versions[1]["prompts"])
+    zero_shot = torch.load(run_dir / "versions" / "zero_shot_clip" / "v0" / "model.pt", weights_only=True)
+    assert zero_shot == {}
+    manifest = json.loads((run_dir / "manifest" / "cpe_clip" / "step-001.json").read_text())
+    assert manifest["train_samples"] == 2 * 2  # 2-way 2-shot

@@ -1,0 +1,177 @@
+"""Model replacement: planning, config checks, the upstream stage, and broken checkpoints failing early."""
+
+import hashlib
+
+import pytest
+import torch
+
+from methods.base import load_state_dict
+from orchestrator import runfiles, simulation
+from orchestrator.cli import main
+from orchestrator.config import load_config
+from orchestrator.errors import CheckpointError, ConfigError
+from orchestrator.scenarios import plan_steps
+from orchestrator.upstream import check_replacements, train_upstream, upstream_config
+
+EVAL = "{dataset: synthetic, variant: 2, num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 16}"
+TINY = [
+    "data.num_classes=6", "data.train_per_class=16", "data.test_per_class=4", "data.image_size=16",
+    "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
+    "scenario.training_data=new", "scenario.event=finetune", "scenario.replay={per_class: 4}",
+    "model.width=8", "training.epochs=1", "training.batch_size=8", "training.label_smoothing=0.0",
+    "resources.num_workers=0",
+    "evaluation={protocol: query-gallery, query: queries, gallery: gallery, templates: true, "
+    f"sets: {{queries: {{split: train, data: {EVAL}}}, gallery: {{split: test, data: {EVAL}}}}}}}",
+    "methods=[{name: stationary, params: {num_classes: 16}}, {name: er}]",
+]
+UPSTREAM = [
+    "upstream={data: {dataset: synthetic, variant: 1, num_classes: 6, train_per_class: 16, test_per_class: 4, "
+    "image_size: 16}, classes: [4, 6]}",
+    "scenario.replace_at=[2]", "scenario.replacements=[{upstream: 1}]",
+]
+
+
+def tiny(tmp_path, *extra):
+    cfg = load_config(None, [*TINY, *extra])
+    cfg.output_dir = str(tmp_path)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def replaced_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("replace")
+    cfg = tiny(tmp, *UPSTREAM)
+    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    return cfg, tmp / cfg.name, metrics
+
+
+def params(path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_state_dict(path).items() if "running_" not in k and "num_batches" not in k}
+
+
+def distance(a: dict, b: dict, prefix: str) -> float:
+    return sum(float((a[k] - b[k]).norm()) for k in a if k.startswith(prefix))
+
+
+def test_replace_events_are_planned(tmp_path):
+    steps = plan_steps(tiny(tmp_path, *UPSTREAM), 6)
+    assert [s.event for s in steps] == ["train", "finetune", "replace"]
+    steps = plan_steps(tiny(tmp_path, *UPSTREAM, "scenario.replace_at=[0, 2]",
+                            "scenario.replacements=[{upstream: 0}, {upstream: 1}]"), 6)
+    assert [s.event for s in steps] == ["replace", "finetune", "replace"]
+    assert [s.event for s in plan_steps(tiny(tmp_path), 6)] == ["train", "finetune", "finetune"]
+
+
+def test_the_version_at_a_replacement_step_is_the_replacement_fine_tuned(replaced_run):
+    cfg, run_dir, _ = replaced_run
+    for spec in cfg.methods:
+        upstream_dir = runfiles.upstream_dir(run_dir, upstream_config(cfg, spec, 1).digest())
+        upstream = runfiles.versions_dir(upstream_dir, spec.name) / "v0"
+        versions = [runfiles.versions_dir(run_dir, spec.key) / f"v{v}" for v in range(3)]
+        entries = [runfiles.manifest_entry(run_dir, spec.key, v) for v in range(3)]
+        assert [e["init_checkpoint"] for e in entries] == [None, str(versions[0]), str(upstream)]
+        assert [e["event"] for e in entries] == ["train", "finetune", "replace"]
+        v1, v2, up1 = params(versions[1]), params(versions[2]), params(upstream)
+        # one short epoch moves the weights a little: v2 sits next to the replacement, far from v1
+        assert distance(v2, up1, "backbone.") < 0.2 * distance(v2, v1, "backbone.")
+        assert runfiles.manifest_entry(upstream_dir, spec.name, 0)["num_seen"] == 6  # trained on 6 upstream classes
+    er_up1, er_v2 = params(upstream), params(versions[2])
+    assert er_up1["classifier.weight"].shape == (6, 32) and er_v2["classifier.weight"].shape == (6, 32)
+    # the replacement's classifier rows were re-initialised, not loaded: they moved further than the backbone
+    assert float((er_v2["classifier.weight"] - er_up1["classifier.weight"]).norm()) > 0.5
+
+
+def test_query_gallery_templates_on_an_unseen_variant(replaced_run):
+    _, run_dir, metrics = replaced_run
+    assert metrics["protocol"] == "query-gallery"
+    for entry in metrics["methods"].values():
+        matrix = entry["matrices"]["cmc1"]
+        assert set(entry["matrices"]) == {"cmc1"} and all(0 <= matrix[i][j] <= 1 for i in range(3) for j in range(i + 1))
+    assert (run_dir / "heatmaps.png").is_file()
+    assert metrics["methods"]["stationary"]["params"]["feature_dim"] == 15
+
+
+def test_upstream_models_are_trained_once(replaced_run, monkeypatch):
+    import orchestrator.simulation
+
+    cfg, run_dir, _ = replaced_run
+    assert {p.name for p in (run_dir / "upstream").iterdir()} == {upstream_config(cfg, s, 1).digest() for s in cfg.methods}
+    monkeypatch.setattr(orchestrator.simulation, "run_experiment", lambda *a, **k: pytest.fail("retrained"))
+    for spec in cfg.methods:
+        train_upstream(cfg, run_dir, spec, echo=lambda s: None)
+
+
+def test_replacement_config_errors(tmp_path):
+    cases = [
+        (["scenario.replace_at=[1]"], "scenario.replacements"),
+        (["scenario.replace_at=[3]", "scenario.replacements=[{checkpoint: x.pt}]"], "scenario.replace_at"),
+        (["scenario.replace_at=[2, 1]", "scenario.replacements=[{upstream: 0}, {upstream: 0}]"], "scenario.replace_at"),
+        (["scenario.replace_at=[1]", "scenario.replacements=[{upstream: 0}]"], "scenario.replacements.0.upstream"),
+        (["scenario.replace_at=[1]", "scenario.replacements=[{upstream: 0, checkpoint: x.pt}]"], "scenario.replacements.0"),
+        ([*UPSTREAM, "scenario.replacements=[{upstream: 2}]"], "scenario.replacements.0.upstream"),
+        ([*UPSTREAM, "upstream.classes=[4, 9]"], "upstream.classes"),
+        ([*UPSTREAM, "upstream.training={epochs: 0}"], "upstream.training.epochs"),
+    ]
+    for overrides, key in cases:
+        with pytest.raises(ConfigError) as err:
+            tiny(tmp_path, *overrides)
+        assert err.value.key == key, overrides
+
+
+def checkpoint_run(tmp_path, path, *extra):
+    cfg = tiny(tmp_path, "scenario.replace_at=[1]", f"scenario.replacements=[{{checkpoint: {path}}}]", *extra)
+    return cfg, tmp_path / cfg.name
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"truncated download", "cannot be loaded safely"),
+    (None, "does not exist"),
+])
+def test_broken_replacement_fails_before_anything_is_written(tmp_path, content, message):
+    path = tmp_path / "replacement.pt"
+    if content is not None:
+        path.write_bytes(content)
+    cfg, run_dir = checkpoint_run(tmp_path, path)
+    with pytest.raises(CheckpointError, match=message):
+        simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert not run_dir.exists()
+
+
+def test_ill_fitting_replacement_names_the_tensor(tmp_path, capsys):
+    from methods.base import create_method
+
+    other = create_method("stationary", {"num_classes": 32}, load_config(None, TINY).model)  # another K
+    cfg, run_dir = checkpoint_run(tmp_path, tmp_path / "other.pt")
+    torch.save(other.build_model(plan_context(cfg)).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"step 1 for method 'stationary'.*head.junction.weight.*shape"):
+        simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert not run_dir.exists()
+    args = ["run", "--output-dir", str(tmp_path), *sum((["--set", o] for o in [
+        *TINY, "scenario.replace_at=[1]", f"scenario.replacements=[{{checkpoint: {tmp_path / 'other.pt'}}}]"]), [])]
+    assert main(args) == 2
+    assert "head.junction.weight" in capsys.readouterr().err and not run_dir.exists()
+
+
+def plan_context(cfg):
+    from methods.base import StepContext
+
+    return StepContext(index=0, num_steps=3, num_seen=2, num_previous=0, event="train", model=cfg.model,
+                       training=cfg.training, seed=0)
+
+
+def test_pinned_digest_and_absolute_paths(tmp_path, monkeypatch):
+    from methods.base import create_method
+
+    cfg = tiny(tmp_path)
+    state = create_method("er", {}, cfg.model).build_model(plan_context(cfg)).state_dict()
+    torch.save(state, tmp_path / "er.pt")
+    digest = hashlib.sha256((tmp_path / "er.pt").read_bytes()).hexdigest()
+    monkeypatch.chdir(tmp_path)
+    pinned = tiny(tmp_path, "methods=[{name: er}]", "scenario.replace_at=[1]",
+                  f"scenario.replacements=[{{checkpoint: er.pt, sha256: '{digest}'}}]")
+    assert pinned.scenario.replacements[0].checkpoint == str((tmp_path / "er.pt").resolve())  # resolved where it was read
+    check_replacements(pinned)
+    wrong = tiny(tmp_path, "methods=[{name: er}]", "scenario.replace_at=[1]",
+                 f"scenario.replacements=[{{checkpoint: er.pt, sha256: '{'0' * 64}'}}]")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        check_replacements(wrong)

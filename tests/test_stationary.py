@@ -1,0 +1,132 @@
+"""``stationary`` (d-Simplex + HOC): the HOC loss against hand computations, and the method's choices."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.base import StepContext, create_method
+from methods.simplex import dsimplex
+from methods.stationary import Stationary, hoc_loss
+from orchestrator.config import ModelConfig, TrainingConfig
+from orchestrator.errors import ConfigError
+
+# Three samples, labels [0, 1, 0] (a repeated label). With μ = 1, S = A Bᵀ = [[1, 0, 0], [0, 1, 1], [1, 0, 0]].
+OLD = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.5, 0.0]])  # normalised: e1, e2, e1
+NEW = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 4.0]])  # normalised: e1, e2, e2
+LABELS = torch.tensor([0, 1, 0])
+
+
+def manual_hoc(old, new, labels, mu, same_class):
+    """Per-sample loops straight from reference/stationary.md §2."""
+    a, b = F.normalize(old, dim=1), F.normalize(new, dim=1)
+    total = 0.0
+    for i in range(len(labels)):
+        positive = mu * float(a[i] @ b[i])
+        negatives = sum(math.exp(mu * float(a[i] @ b[j])) for j in range(len(labels)) if labels[j] != labels[i])
+        same = sum(1 for j in range(len(labels)) if labels[j] == labels[i])
+        partition = negatives + (same if same_class == "zero" else math.exp(positive))
+        total += -positive + math.log(partition)
+    return total / len(labels)
+
+
+def test_reference_handling_by_hand():
+    # rows: log(1 + 2) - 1, log(e^0 + e^1 + 1) - 1, log(1 + 2) - 0   (same-class entries count e^0 = 1)
+    expected = (2 * math.log(3) + math.log(2 + math.e) - 2) / 3
+    assert hoc_loss(OLD, NEW, LABELS, mu=1.0).item() == pytest.approx(expected, rel=1e-6)
+    expected_mu10 = (2 * math.log(3) + math.log(2 + math.exp(10)) - 20) / 3
+    assert hoc_loss(OLD, NEW, LABELS).item() == pytest.approx(expected_mu10, rel=1e-6)  # μ = 10 by default
+
+
+def test_mask_handling_by_hand():
+    # the positive stays in the partition, other same-class entries are removed
+    expected = (math.log(math.e + 1) - 1 + math.log(1 + 2 * math.e) - 1 + math.log(2)) / 3
+    assert hoc_loss(OLD, NEW, LABELS, mu=1.0, same_class="mask").item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("same_class", ["zero", "mask"])
+def test_random_batch_with_repeated_labels_matches_the_loops(same_class):
+    gen = torch.Generator().manual_seed(0)
+    old, new = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
+    labels = torch.tensor([0, 1, 1, 2, 0, 3, 1, 2])
+    got = hoc_loss(old, new, labels, mu=10.0, same_class=same_class).item()
+    assert got == pytest.approx(manual_hoc(old, new, labels, 10.0, same_class), rel=1e-5)
+
+
+def test_mask_with_distinct_labels_is_infonce_and_zero_is_not():
+    gen = torch.Generator().manual_seed(1)
+    old, new = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    labels = torch.arange(6)
+    sims = 10 * F.normalize(old, dim=1) @ F.normalize(new, dim=1).T
+    infonce = F.cross_entropy(sims, labels)
+    assert hoc_loss(old, new, labels, same_class="mask").item() == pytest.approx(infonce.item(), rel=1e-5)
+    assert hoc_loss(old, new, labels).item() != pytest.approx(infonce.item(), rel=1e-3)
+
+
+def test_identical_models_minimise_the_positive_term():
+    x = torch.randn(5, 7)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    aligned = hoc_loss(x, x, labels).item()
+    assert aligned < hoc_loss(x, torch.randn(5, 7), labels).item()
+
+
+def ctx(**kw):
+    base = dict(index=1, num_steps=3, num_seen=6, num_previous=4, event="finetune",
+                model=ModelConfig(width=8), training=TrainingConfig(label_smoothing=0.0), seed=0)
+    return StepContext(**{**base, **kw})
+
+
+def method(**params):
+    return create_method("stationary", {"num_classes": 12, **params}, ModelConfig(width=8))
+
+
+def test_loss_is_weighted_ce_plus_hoc_against_the_frozen_anchor():
+    m = method()
+    net, anchor = m.build_model(ctx()), m.build_model(ctx()).eval()
+    images, labels = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 5, 5, 2, 3])
+    outputs = net(images)
+    ce = F.cross_entropy(outputs["logits"], 11 - labels)  # labels are written from the end of the table
+    hoc = hoc_loss(anchor(images)["feature"], outputs["feature"], labels)
+    total, parts = m.loss(outputs, images, labels, m.prepare(ctx(), net, anchor, None), ctx())
+    assert total.item() == pytest.approx((0.1 * ce + 0.9 * hoc).item(), rel=1e-5)
+    assert set(parts) == {"ce", "hoc"}
+    alone, parts = m.loss(outputs, images, labels, m.prepare(ctx(), net, None, None), ctx())
+    assert alone.item() == pytest.approx(ce.item(), rel=1e-5) and set(parts) == {"ce"}
+    total.backward()
+    assert all(p.grad is None for p in anchor.parameters())
+
+
+def test_which_model_is_the_anchor():
+    m = method()
+    assert m.anchor_checkpoint(ctx(index=0, event="train")) is None
+    assert m.anchor_checkpoint(ctx(index=0, event="replace", init_checkpoint="up0")) == "up0"
+    assert m.anchor_checkpoint(ctx(previous_checkpoint="v0", init_checkpoint="v0")) == "v0"
+    at_replacement = ctx(event="replace", previous_checkpoint="v1", init_checkpoint="up1")
+    assert m.anchor_checkpoint(at_replacement) == "up1"  # reference: the replacement itself
+    assert method(anchor="replaced").anchor_checkpoint(at_replacement) == "v1"
+    assert method(anchor="replaced").anchor_checkpoint(ctx(index=0, event="replace", init_checkpoint="up0")) == "up0"
+
+
+def test_network_features_and_classification():
+    m = method()
+    net = m.build_model(ctx())
+    assert [n for n, _ in net.named_parameters() if not n.startswith("backbone.")] == ["head.junction.weight"]
+    images = torch.randn(3, 3, 16, 16)
+    emb = m.embed(net, images)
+    assert emb.shape == (3, 11) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+    logits = m.classify(net, images, ctx())
+    assert logits.shape == (3, 6)
+    assert torch.allclose(logits[:, 0], net(images)["feature"] @ dsimplex(12)[11], atol=1e-5)
+
+
+def test_upstream_models_use_the_other_end_of_the_table():
+    assert Stationary.upstream_params({})["label_rows"] == "from_start"
+    assert Stationary.upstream_params({"label_rows": "from_start", "mu": 5})["label_rows"] == "from_end"
+
+
+def test_too_many_classes_for_the_table():
+    with pytest.raises(ConfigError, match="num_classes"):
+        method(num_classes=4).build_model(ctx())
+    with pytest.raises(ConfigError, match="same_class"):
+        method(same_class="drop")
