@@ -57,7 +57,7 @@ def evaluate_run(cfg: CrossModalExperiment, run_dir: Path) -> dict:
     old_old, new_new = recall(old, old, ks), recall(new, new, ks)
     names = list(old_old)
     out: dict = {"schema_version": 1, "kind": cfg.kind, "experiment": cfg.name, "config_digest": cfg.digest(),
-                 "seeds": cfg.seeds, "metrics": names, "ties": ties,
+                 "seeds": cfg.seeds, "metrics": names, "ties": ties, "method_order": [m.key for m in cfg.methods],
                  "models": {role: getattr(cfg.models, role).name for role in ("old", "new")},
                  "gap_sigma": {"old": gap_sigma(old), "new": gap_sigma(new)},
                  "old_old": old_old, "new_new": new_new, "methods": {}}

@@ -31,7 +31,8 @@ def _rows(metrics: dict[str, Any], *, markdown: bool) -> list[list[str]]:
     names = metrics["metrics"]
     rows = [[f"old{arrow}old", *(f"{100 * metrics['old_old'][n]:.1f}" for n in names)]]
     seeds = len(metrics["seeds"])
-    for key, method in metrics["methods"].items():
+    for key in metrics["method_order"]:  # config order (metrics.json sorts its keys)
+        method = metrics["methods"][key]
         cells = []
         for n in names:
             spread = f" ± {100 * method['std'][n]:.1f}" if seeds > 1 else ""
@@ -61,8 +62,8 @@ def render_crossmodal_report(run_dir: Union[str, Path]) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["cell", "seed", *metrics["metrics"]])
         writer.writerow(["old-old", "", *(metrics["old_old"][n] for n in metrics["metrics"])])
-        for key, method in metrics["methods"].items():
-            for seed, cell in method["per_seed"].items():
+        for key in metrics["method_order"]:
+            for seed, cell in metrics["methods"][key]["per_seed"].items():
                 writer.writerow([f"new-old {key}", seed, *(cell[n] for n in metrics["metrics"])])
         writer.writerow(["new-new", "", *(metrics["new_new"][n] for n in metrics["metrics"])])
     seeds = ", ".join(str(s) for s in metrics["seeds"])
@@ -79,7 +80,8 @@ def render_crossmodal_report(run_dir: Union[str, Path]) -> Path:
     lines += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     lines += ["", "## Method settings", ""]
-    for key, method in metrics["methods"].items():
+    for key in metrics["method_order"]:
+        method = metrics["methods"][key]
         params = ", ".join(f"{k}={v}" for k, v in method["params"].items() if k != "method")
         lines.append(f"- **{key}** (`{method['method']}`): {params or 'no parameters'}")
     report = run_dir / "report.md"

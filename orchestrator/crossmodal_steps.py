@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from methods.clip_models import Tokenizer, clip_input_spec, create_clip, embedding_dim, encode_images, encode_texts
+from methods.clip_models import Tokenizer, clip_input_spec, create_clip, embedding_dim, encode_images
 from orchestrator import runfiles
 from orchestrator._internal.typed import from_dict
 from orchestrator.config import TrainingConfig
@@ -74,14 +74,15 @@ def encode_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
     store = EmbeddingStore(runfiles.store_dir(run_dir))
     meta = {"model": spec.name, "role": role, "config_digest": cfg.digest()}
     evaluation = eval_set(cfg.data, _image_size(spec, cfg.data))
-    _write_eval_set(store, role, evaluation, lambda x: encode_images(clip, x),
-                    lambda t: torch.nn.functional.normalize(clip.encode_text(t), dim=-1),
-                    tokenizer, transform, batch_size, worker, meta)
+
+    def encode_text(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(clip.encode_text(tokens), dim=-1)
+
+    _write_eval_set(store, role, evaluation, lambda x: encode_images(clip, x), encode_text, tokenizer, transform,
+                    batch_size, worker, meta)
     corpus = corpus_captions(cfg.data)
     rows = np.arange(len(corpus))[worker.rank::worker.world_size]
-    store.write(role, VERSIONS[role], "corpus",
-                _embed_texts(lambda t: torch.nn.functional.normalize(clip.encode_text(t), dim=-1), tokenizer,
-                             corpus, rows, batch_size, worker.device),
+    store.write(role, VERSIONS[role], "corpus", _embed_texts(encode_text, tokenizer, corpus, rows, batch_size, worker.device),
                 np.full(len(rows), -1), rows, modality="text", shard=worker.rank, num_shards=worker.world_size,
                 metadata={**meta, "normalized": True})
     return {"role": role, "model": spec.name, "weights": resolve_clip(spec, cfg.data.synthetic)[1],

@@ -102,6 +102,16 @@ def upstream_dir(run_dir: Path, digest: str) -> Path:
     return Path(run_dir) / "upstream" / digest
 
 
+def relative_to_run(path: Optional[str], run_dir: Path) -> Optional[str]:
+    """A path inside the run directory as relative to it (so a moved run directory stays valid)."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
 # -- manifest ----------------------------------------------------------------------------------
 def step_done(run_dir: Path, method: str, step: int) -> bool:
     return manifest_path(run_dir, method, step).is_file()

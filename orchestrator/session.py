@@ -183,7 +183,7 @@ class Session:
                 "method": self.spec.key, "version": step.index, "num_seen": step.num_seen, "num_previous": step.num_previous,
                 "event": step.event, "train_samples": int(len(indices)), **accuracy,
                 "trainable_parameters": sum(p.numel() for p in trainable),
-                "init_checkpoint": ctx.init_checkpoint, "replay_samples": 0 if memory is None else int(len(memory)),
+                "init_checkpoint": runfiles.relative_to_run(ctx.init_checkpoint, self.run_dir), "replay_samples": 0 if memory is None else int(len(memory)),
                 "seconds": round(time.time() - started, 3), "world_size": self.worker.world_size,
                 "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,
             })

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from orchestrator.data.caption_files import (load_images, read_caption_file, read_csv_pairs, read_jsonl_pairs,
+from orchestrator.data.caption_files import (load_images, read_caption_file, read_csv_pairs,
                                              read_karpathy_json, read_text_corpus)
 from orchestrator.errors import DataError
 

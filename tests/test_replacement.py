@@ -69,7 +69,9 @@ def test_the_version_at_a_replacement_step_is_the_replacement_fine_tuned(replace
         upstream = runfiles.versions_dir(upstream_dir, spec.name) / "v0"
         versions = [runfiles.versions_dir(run_dir, spec.key) / f"v{v}" for v in range(3)]
         entries = [runfiles.manifest_entry(run_dir, spec.key, v) for v in range(3)]
-        assert [e["init_checkpoint"] for e in entries] == [None, str(versions[0]), str(upstream)]
+        expected = [None, versions[0], upstream]  # recorded relative to the run directory
+        assert [e["init_checkpoint"] for e in entries] == [
+            None if p is None else runfiles.relative_to_run(str(p), run_dir) for p in expected]
         assert [e["event"] for e in entries] == ["train", "finetune", "replace"]
         v1, v2, up1 = params(versions[1]), params(versions[2]), params(upstream)
         # one short epoch moves the weights a little: v2 sits next to the replacement, far from v1

@@ -6,10 +6,11 @@ from orchestrator.scenarios import Resources, class_order, group_steps, plan_ste
 
 
 def test_class_incremental_plan():
-    cfg = load_config(None)
+    cfg = load_config(None, ["scenario.event=train"])
     steps = plan_steps(cfg, 20)
     assert [(s.num_previous, s.num_seen, s.train_from, s.event) for s in steps] == [
         (0, 10, 0, "train"), (10, 15, 0, "train"), (15, 20, 0, "train")]
+    assert [s.event for s in plan_steps(load_config(None), 20)] == ["train", "finetune", "finetune"]
 
 
 def test_new_only_finetune_plan_and_default_step_count():

@@ -137,9 +137,12 @@ def test_invalid_config_writes_nothing(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path):
+def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path, monkeypatch):
     _, run_dir, metrics = finished_run
     cfg = tiny(tmp_path, "resources.group_steps=false")
+    groups = []
+    real_run_group = simulation.run_group
+    monkeypatch.setattr(simulation, "run_group", lambda *a: groups.append(a[3]) or real_run_group(*a))
     ungrouped = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
     for key in ["independent", "bct"]:
         assert ungrouped["methods"][key]["matrices"] == metrics["methods"][key]["matrices"]
@@ -148,4 +151,4 @@ def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path):
             a = {k: x for k, x in runfiles.manifest_entry(run_dir, key, v).items() if k not in timing}
             b = {k: x for k, x in runfiles.manifest_entry(tmp_path / cfg.name, key, v).items() if k not in timing}
             assert a == b
-    assert len(list((tmp_path / cfg.name / "ray").iterdir())) == 6  # one Train run per step and method
+    assert [len(g) for g in groups] == [1] * 6  # one Train run per step and method
