@@ -78,6 +78,7 @@ def mask_old_logits(logits: torch.Tensor, num_previous: int) -> torch.Tensor:
 
 
 def scale_gradients(parameters: Iterable[torch.nn.Parameter], factor: float) -> None:
+    """Multiply the gradients in place, between ``backward()`` and the optimiser step."""
     for p in parameters:
         if p.grad is not None:
             p.grad.mul_(factor)
@@ -108,9 +109,6 @@ class ZeroShotClip(Method):
         names = ctx.extras["class_names"][:ctx.num_seen]
         model.set_class_tokens(tokenizer([class_text(self.params.template, n) for n in names]))
         return model
-
-    def growable_prefixes(self) -> tuple[str, ...]:
-        return ()
 
     def training_logits(self, outputs: dict[str, torch.Tensor], ctx: StepContext) -> torch.Tensor:
         """The logits the cross-entropy sees: every seen class."""

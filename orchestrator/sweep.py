@@ -24,7 +24,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
 import yaml
 
@@ -33,6 +33,9 @@ from orchestrator._internal.typed import from_dict, require
 from orchestrator.config import ExperimentConfig, load_raw, parse_config, set_key
 from orchestrator.errors import ConfigError, RunError
 from orchestrator.objectives import Objective, parse_constraint, parse_name
+
+if TYPE_CHECKING:
+    from orchestrator.sweep_report import SweepResults
 
 _RANGE_KINDS = ("uniform", "loguniform", "int")
 _RESERVED_KEYS = ("name", "output_dir", "seeds")  # set by the sweep itself
@@ -135,8 +138,7 @@ class Sweep:
 def load_sweep(config: Optional[str], overrides: Sequence[str] = (), output_dir: Optional[str] = None) -> Sweep:
     """Read, override and validate a sweep config; nothing is written and no trial is started."""
     document = load_raw(config, list(overrides))
-    if output_dir is not None:
-        document.setdefault("sweep", {})
+    if output_dir is not None and isinstance(document.get("sweep"), dict):
         document["sweep"]["output_dir"] = output_dir
     return parse_sweep(document)
 

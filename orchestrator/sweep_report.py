@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from orchestrator import runfiles
 from orchestrator.objectives import TABLE_NAMES, Mode
@@ -123,13 +124,14 @@ def write_best_config(sweep: "Sweep", best: TrialOutcome, path: Path) -> None:
 
 # -- plots -----------------------------------------------------------------------------------------
 _STYLE = {"complete": dict(marker="o", color="tab:blue"), "stopped early": dict(marker="o", color="tab:gray", fillstyle="none"),
-          "violated": dict(marker="x", color="tab:red"), "best": dict(marker="*", color="tab:orange", markersize=14)}
+          "violates a constraint": dict(marker="x", color="tab:red"),
+          "best": dict(marker="*", color="tab:orange", markersize=14)}
 
 
 def _style_of(trial: TrialOutcome, best: Optional[TrialOutcome]) -> str:
     if best is not None and trial is best:
         return "best"
-    return "violated" if not trial.feasible else trial.status
+    return "violates a constraint" if not trial.feasible else trial.status
 
 
 def plot_objective_vs_params(sweep: "Sweep", trials: list[TrialOutcome], best: Optional[TrialOutcome],
@@ -149,6 +151,7 @@ def plot_objective_vs_params(sweep: "Sweep", trials: list[TrialOutcome], best: O
             ax.set_xticks(range(len(labels)), labels)
         if dim.kind == "loguniform":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a narrow log range overlap
         ax.set(xlabel=dim.key, ylabel=sweep.objective.name.text)
     for name, style in _STYLE.items():
         axes[0].plot([], [], linestyle="none", label=name, **style)
@@ -159,7 +162,8 @@ def plot_objective_vs_params(sweep: "Sweep", trials: list[TrialOutcome], best: O
 
 def plot_objective_per_step(sweep: "Sweep", trials: list[TrialOutcome], best: Optional[TrialOutcome],
                             path: Path) -> None:
-    """The objective after each step, one line per trial; trials stopped early end early."""
+    """The objective after each step, one line (own colour) per trial; the marker tells its outcome, dashed
+    lines violate a constraint, the best trial's line is thick; trials stopped early end early."""
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for trial in trials:
@@ -167,11 +171,12 @@ def plot_objective_per_step(sweep: "Sweep", trials: list[TrialOutcome], best: Op
             continue
         steps, values = zip(*trial.history)
         style = _style_of(trial, best)
-        ax.plot(steps, values, linestyle="--" if style == "violated" else "-", linewidth=2.5 if style == "best" else 1,
-                marker=_STYLE[style]["marker"], color=_STYLE[style]["color"], label=trial.trial_id)
+        ax.plot(steps, values, linestyle="--" if style == "violates a constraint" else "-",
+                linewidth=2.5 if style == "best" else 1, marker=_STYLE[style]["marker"],
+                fillstyle=_STYLE[style].get("fillstyle", "full"), label=f"{trial.trial_id} ({style})")
+    ax.set_xticks(range(1, sweep.num_versions + 1))
     ax.set(xlabel="steps done", ylabel=sweep.objective.name.text,
            title=f"{sweep.objective.name.text} of {sweep.objective.method} after each step")
-    ax.xaxis.get_major_locator().set_params(integer=True)
     if len(trials) <= 12:
         ax.legend(fontsize=7)
     _save(fig, path)
