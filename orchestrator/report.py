@@ -273,13 +273,16 @@ def _update_section(metrics: dict[str, Any]) -> list[str]:
             *_md_table(("method", "metric", "old/old", "new/old", "new/new", "ECC", "update gain"), rows)]
 
 
-def _percent(value: Optional[float]) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
+def _percent(value: Optional[float], std: Optional[float] = None) -> str:
+    """A fraction as a percentage, with ``± std`` when a multi-seed run gives one."""
+    if value is None:
+        return "–"
+    return f"{100 * value:.2f}" if std is None else f"{100 * value:.2f} ± {100 * std:.2f}"
 
 
 def _session_accuracy_section(metrics: dict[str, Any]) -> list[str]:
-    """FSCIL table (percent): accuracy on all seen classes per session, Avg, PD, the last session's
-    base/novel accuracy and the trainable parameter count, methods side by side."""
+    """FSCIL table (percent): accuracy on all seen classes per session, Avg, PD (± std over seeds when
+    there are several), the last session's base/novel accuracy and the trainable parameter count."""
     entries = {key: m for key, m in metrics["methods"].items() if m.get("accuracy_summary")}
     if not entries:
         return []
@@ -287,14 +290,18 @@ def _session_accuracy_section(metrics: dict[str, Any]) -> list[str]:
     rows = []
     for key, method in entries.items():
         summary, accuracy = method["accuracy_summary"], method["accuracy"]
+        spread = ((metrics.get("methods_std") or {}).get(key) or {}).get("accuracy_summary") or {}
         cells = [_percent(accuracy[s]) if s < len(accuracy) else "–" for s in range(sessions)]
         params = method.get("trainable_parameters")
-        rows.append([key, *cells, _percent(summary["avg"]), _percent(summary["pd"]), _percent(summary["base"][-1]),
-                     _percent(summary["novel"][-1]), "–" if params is None else f"{params:,}"])
+        rows.append([key, *cells, _percent(summary["avg"], spread.get("avg")), _percent(summary["pd"], spread.get("pd")),
+                     _percent(summary["base"][-1]), _percent(summary["novel"][-1]),
+                     "–" if params is None else f"{params:,}"])
     header = ("method", *(f"S{s}" for s in range(sessions)), "Avg", "PD", "last base", "last novel", "trainable")
+    seeds = (metrics.get("seeds") or {}).get("values")
+    over = f" Means over seeds {', '.join(map(str, seeds))}." if seeds else ""
     return ["## Accuracy per session (%)", "",
             "Top-1 over the test images of every class seen so far; Avg = mean over sessions, PD = first − last; "
-            "base/novel = the first session's classes vs later ones.", "", *_md_table(header, rows)]
+            f"base/novel = the first session's classes vs later ones.{over}", "", *_md_table(header, rows)]
 
 
 def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str]) -> str:

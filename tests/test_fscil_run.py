@@ -58,3 +58,15 @@ def test_prompts_carry_over_and_versions_hold_only_what_was_trained(fscil_run):
     assert zero_shot == {}
     manifest = json.loads((run_dir / "manifest" / "cpe_clip" / "step-001.json").read_text())
     assert manifest["train_samples"] == 2 * 2  # 2-way 2-shot
+
+
+def test_report_table_shows_avg_and_pd_with_their_spread_over_seeds(tmp_path):
+    from orchestrator.report import render_report
+
+    summary = {"avg": 0.7, "pd": 0.2, "base": [0.8, 0.7], "novel": [None, 0.5]}
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "experiment": "x", "methods": {"cpe": {"accuracy": [0.8, 0.6], "accuracy_summary": summary,
+                                               "trainable_parameters": 406272}},
+        "methods_std": {"cpe": {"accuracy_summary": {"avg": 0.01, "pd": 0.02}}}, "seeds": {"values": [0, 1]}}))
+    report = render_report(tmp_path).read_text()
+    assert "| cpe | 80.00 | 60.00 | 70.00 ± 1.00 | 20.00 ± 2.00 | 70.00 | 50.00 | 406,272 |" in report
