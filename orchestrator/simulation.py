@@ -7,6 +7,7 @@ right after its version exists.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
@@ -113,6 +114,9 @@ def run_group(cfg: ExperimentConfig, run_dir: Path, method_index: int, group: li
     resources = group[0].resources
     if resources.num_workers > 0:
         ensure_ray()
+    elif os.environ.get("COMPAT_RAY_LOGS") != "1":
+        # in-process runs log every reported metric at INFO into this terminal, over the progress line
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     spec = cfg.methods[method_index]
     scaling = ScalingConfig(
         num_workers=resources.num_workers,
