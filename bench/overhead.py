@@ -17,6 +17,8 @@ import argparse
 import tempfile
 import time
 
+import torch
+
 from common import bare_loop
 
 from orchestrator.config import load_config
@@ -37,8 +39,11 @@ def orchestrated(overrides: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--cpus-per-worker", type=int, default=1,
+                        help="CPUs (threads) of the Train worker; the bare loop gets the same number of threads")
     args = parser.parse_args()
-    common = [f"training.epochs={args.epochs}"]
+    torch.set_num_threads(args.cpus_per_worker)  # like for like: the bare loop and in-process runs too
+    common = [f"training.epochs={args.epochs}", f"resources.cpus_per_worker={args.cpus_per_worker}"]
     ensure_ray()  # a cluster is already up in real use; its start-up is not per-step overhead
     bare = bare_loop(load_config(None, SCENARIO + common))["seconds"]
     rows = [

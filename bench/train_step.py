@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+import torch
+
 from common import bare_loop
 
 from orchestrator import runfiles
@@ -22,9 +24,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--cpus-per-worker", type=int, default=1,
+                        help="CPUs (threads) of each Train worker; the bare loop gets the same number of threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.cpus_per_worker)  # like for like: the bare loop and in-process runs too
     overrides = [f"training.epochs={args.epochs}", "scenario.num_steps=1", "scenario.initial_classes=20",
-                 "methods=[{name: independent}]", f"resources.num_workers={args.workers}"]
+                 "methods=[{name: independent}]", f"resources.num_workers={args.workers}",
+                 f"resources.cpus_per_worker={args.cpus_per_worker}"]
     cfg = load_config(None, overrides)
     bare = bare_loop(cfg, embed_test=False)
     bare_rate = bare["trained_images"] / bare["train_seconds"]

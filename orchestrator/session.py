@@ -69,6 +69,9 @@ def train_group(loop_config: dict) -> None:
     spec = cfg.methods[loop_config["method_index"]]
     worker = current_worker(cfg.resources.use_gpu)
     session = Session(cfg, spec, run_dir, worker)
+    resources = session.steps[loop_config["steps"][0]].resources
+    if resources.num_workers > 0:  # a Train worker granted N CPUs trains on N threads, not Ray's default
+        torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
     for index in loop_config["steps"]:
         if runfiles.step_done(run_dir, spec.key, index):
             continue  # finished before a worker-group restart
