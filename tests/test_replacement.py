@@ -13,6 +13,8 @@ from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.scenarios import plan_steps
 from orchestrator.upstream import check_replacements, train_upstream, upstream_config
 
+from helpers import config_under
+
 EVAL = "{dataset: synthetic, variant: 2, num_classes: 4, train_per_class: 8, test_per_class: 4, image_size: 16}"
 TINY = [
     "data.num_classes=6", "data.train_per_class=16", "data.test_per_class=4", "data.image_size=16",
@@ -32,9 +34,7 @@ UPSTREAM = [
 
 
 def tiny(tmp_path, *extra):
-    cfg = load_config(None, [*TINY, *extra])
-    cfg.output_dir = str(tmp_path)
-    return cfg
+    return config_under(tmp_path, *TINY, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from methods.base import register
 from methods.independent import Independent
 from orchestrator import runfiles, simulation
 from orchestrator.cli import main
-from orchestrator.config import load_config
+
+from helpers import config_under
 
 TINY = [
     "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
@@ -20,9 +21,7 @@ TINY = [
 
 
 def tiny(tmp_path, *extra):
-    cfg = load_config(None, [*TINY, *extra])
-    cfg.output_dir = str(tmp_path)
-    return cfg
+    return config_under(tmp_path, *TINY, *extra)
 
 
 @pytest.fixture(scope="module")
