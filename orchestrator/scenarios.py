@@ -7,7 +7,7 @@ after step t the classes seen are always positions 0..num_seen-1 and classifiers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -87,15 +87,36 @@ def plan_steps(cfg: ExperimentConfig, num_classes: int) -> list[Step]:
     return steps
 
 
-def group_steps(steps: list[Step], enabled: bool = True) -> list[list[Step]]:
-    """Split steps into runs of consecutive steps with equal resources (one worker group each)."""
-    groups: list[list[Step]] = []
-    for step in steps:
-        if enabled and groups and groups[-1][-1].resources == step.resources and groups[-1][-1].index + 1 == step.index:
-            groups[-1].append(step)
+class Task(NamedTuple):
+    """One step of one method (``method`` indexes ``cfg.methods``): what a worker group trains."""
+
+    method: int
+    step: Step
+
+
+def group_tasks(tasks: list[Task], enabled: bool = True) -> list[list[Task]]:
+    """Split tasks (method after method, each method's steps in order) into runs with equal resources,
+    one worker group each. A run crosses from one method's last step to the next method's first, so
+    an experiment that compares methods pays the worker group's start once, not once per method."""
+    groups: list[list[Task]] = []
+    for task in tasks:
+        last = groups[-1][-1] if groups else None
+        follows = last is not None and (task.method != last.method or task.step.index == last.step.index + 1)
+        if enabled and follows and last.step.resources == task.step.resources:
+            groups[-1].append(task)
         else:
-            groups.append([step])
+            groups.append([task])
     return groups
+
+
+def describe_tasks(tasks: list[Task], keys: list[str]) -> str:
+    """``bct steps 0-2`` or ``independent step 1 to bct step 2``, for logs and errors."""
+    first, last = tasks[0], tasks[-1]
+    if first.method != last.method:
+        return f"{keys[first.method]} step {first.step.index} to {keys[last.method]} step {last.step.index}"
+    if first.step.index == last.step.index:
+        return f"{keys[first.method]} step {first.step.index}"
+    return f"{keys[first.method]} steps {first.step.index}-{last.step.index}"
 
 
 def train_indices(positions: np.ndarray, step: Step, seed: int) -> np.ndarray:

@@ -63,18 +63,21 @@ def current_worker(use_gpu: bool) -> Worker:
 
 
 def train_group(loop_config: dict) -> None:
-    """Ray Train ``train_loop_per_worker``: train every unfinished step listed in ``loop_config``."""
+    """Ray Train ``train_loop_per_worker``: train every unfinished (method, step) task listed in
+    ``loop_config``, method after method, each method's state held only while its steps run."""
     run_dir = Path(loop_config["run_dir"])
     cfg = parse_config(loop_config["config"])
-    spec = cfg.methods[loop_config["method_index"]]
     worker = current_worker(cfg.resources.use_gpu)
-    session = Session(cfg, spec, run_dir, worker)
-    resources = session.steps[loop_config["steps"][0]].resources
-    if resources.num_workers > 0:  # a Train worker granted N CPUs trains on N threads, not Ray's default
-        torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
-    for index in loop_config["steps"]:
+    session: Optional[Session] = None
+    for method_index, index in loop_config["tasks"]:
+        spec = cfg.methods[method_index]
         if runfiles.step_done(run_dir, spec.key, index):
             continue  # finished before a worker-group restart
+        if session is None or session.spec is not spec:
+            session = Session(cfg, spec, run_dir, worker)
+        resources = session.steps[index].resources
+        if resources.num_workers > 0:  # a Train worker granted N CPUs trains on N threads, not Ray's default
+            torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
         session.run_step(session.steps[index])
 
 

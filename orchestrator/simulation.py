@@ -20,7 +20,7 @@ import yaml
 from orchestrator import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
 from orchestrator.errors import CompatError, RunError
-from orchestrator.scenarios import Step, group_steps, plan_steps
+from orchestrator.scenarios import Task, describe_tasks, group_tasks, plan_steps
 
 SCHEMA_VERSION = 1
 
@@ -86,15 +86,17 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     done = sum(runfiles.step_done(run_dir, m.key, s.index) for m in cfg.methods for s in steps)
     echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir}: {len(cfg.methods)} method(s) x "
          f"{len(steps)} step(s), {done}/{total} already done")
-    display = ProgressDisplay(run_dir, total, done, enabled=progress, echo=echo)
-    for method_index, spec in enumerate(cfg.methods):
-        todo = [s for s in steps if not runfiles.step_done(run_dir, spec.key, s.index)]
-        if todo:
-            train_upstream(cfg, run_dir, spec, echo)
-        for group in group_steps(todo, cfg.resources.group_steps):
-            display.start_group(spec.key, group)
-            run_group(cfg, run_dir, method_index, group)
+    display = ProgressDisplay(run_dir, total, done, enabled=progress, echo=echo, keys=[m.key for m in cfg.methods])
+    tasks = [Task(i, s) for i, spec in enumerate(cfg.methods) for s in steps
+             if not runfiles.step_done(run_dir, spec.key, s.index)]
+    for method_index in sorted({t.method for t in tasks}):
+        train_upstream(cfg, run_dir, cfg.methods[method_index], echo)
+    with RowUpdater(cfg, run_dir, len(steps)):  # each matrix row as soon as its step is done
+        for group in group_tasks(tasks, cfg.resources.group_steps):
+            display.start_group(group)
+            run_group(cfg, run_dir, group)
             display.finish_group(len(group))
+    for spec in cfg.methods:
         for step in steps:
             ensure_row(cfg, run_dir, spec.key, step.index)
     display.close()
@@ -104,20 +106,23 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     return metrics
 
 
-def run_group(cfg: ExperimentConfig, run_dir: Path, method_index: int, group: list[Step]) -> None:
-    """One Ray Train run (one worker group) that trains every step of ``group`` in turn."""
+def run_group(cfg: ExperimentConfig, run_dir: Path, group: list[Task]) -> None:
+    """One Ray Train run (one worker group) that trains every task of ``group`` in turn."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.session import train_group
 
-    resources = group[0].resources
+    resources = group[0].step.resources
     if resources.num_workers > 0:
         ensure_ray()
     elif os.environ.get("COMPAT_RAY_LOGS") != "1":
         # in-process runs log every reported metric at INFO into this terminal, over the progress line
         logging.getLogger("ray.train").setLevel(logging.WARNING)
-    spec = cfg.methods[method_index]
+    keys = [m.key for m in cfg.methods]
+    first, last = group[0], group[-1]
+    name = (f"{keys[first.method]}-steps-{first.step.index:03d}-{last.step.index:03d}" if first.method == last.method
+            else f"{keys[first.method]}-step-{first.step.index:03d}-to-{keys[last.method]}-step-{last.step.index:03d}")
     scaling = ScalingConfig(
         num_workers=resources.num_workers,
         use_gpu=resources.use_gpu,
@@ -125,11 +130,11 @@ def run_group(cfg: ExperimentConfig, run_dir: Path, method_index: int, group: li
     )
     trainer = TorchTrainer(
         train_group,
-        train_loop_config={"run_dir": str(run_dir), "config": cfg.to_dict(), "method_index": method_index,
-                           "steps": [s.index for s in group]},
+        train_loop_config={"run_dir": str(run_dir), "config": cfg.to_dict(),
+                           "tasks": [[t.method, t.step.index] for t in group]},
         scaling_config=scaling,
         run_config=RunConfig(
-            name=f"{spec.key}-steps-{group[0].index:03d}-{group[-1].index:03d}",
+            name=name,
             storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
         ),
@@ -137,15 +142,15 @@ def run_group(cfg: ExperimentConfig, run_dir: Path, method_index: int, group: li
     try:
         trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends
-        raise explain_failure(exc, spec.key, group) from exc
-    missing = [s.index for s in group if not runfiles.step_done(run_dir, spec.key, s.index)]
+        raise explain_failure(exc, describe_tasks(group, keys)) from exc
+    missing = [describe_tasks([t], keys) for t in group if not runfiles.step_done(run_dir, keys[t.method], t.step.index)]
     if missing:
-        raise RunError(f"{spec.key}: the Train run ended without finishing step(s) {missing}; see the log above")
+        raise RunError(f"the Train run ended without finishing {', '.join(missing)}; see the log above")
 
 
-def explain_failure(exc: Exception, method: str, group: list[Step]) -> Exception:
+def explain_failure(exc: Exception, tasks: str) -> Exception:
     """The worker's own error when it is one of ours (a clear sentence), else a RunError that names
-    the steps; the original traceback stays attached as the cause (shown with --debug)."""
+    the tasks; the original traceback stays attached as the cause (shown with --debug)."""
     failures = getattr(exc, "worker_failures", None) or {0: exc}
     for rank, failure in sorted(failures.items()):
         seen = failure
@@ -154,9 +159,8 @@ def explain_failure(exc: Exception, method: str, group: list[Step]) -> Exception
                 return seen
             seen = seen.__cause__ or getattr(seen, "cause", None)
     rank, failure = sorted(failures.items())[0]
-    steps = f"step {group[0].index}" if len(group) == 1 else f"steps {group[0].index}-{group[-1].index}"
     first_line = (str(failure).strip().splitlines() or [""])[-1]
-    return RunError(f"{method} {steps} failed on worker rank {rank}: {type(failure).__name__}: {first_line} "
+    return RunError(f"{tasks} failed on worker rank {rank}: {type(failure).__name__}: {first_line} "
                     f"(rerun with --debug for the traceback; finished steps are kept, --resume continues)")
 
 
@@ -185,6 +189,41 @@ def ensure_row(cfg: ExperimentConfig, run_dir: Path, method: str, version: int) 
     row = compatibility_row(EmbeddingStore(runfiles.store_dir(run_dir)), method, version, cfg.evaluation)
     runfiles.atomic_write_json(path, row)
     return row
+
+
+class RowUpdater:
+    """Computes each method's next matrix row as soon as its step is in the manifest, while the workers
+    train on, so the matrix grows row by row inside a grouped Train run. An error here is left for the
+    driver's final ``ensure_row`` pass, which raises it where the user sees it."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, num_versions: int, interval: float = 0.5):
+        import threading
+
+        self.cfg, self.run_dir, self.num_versions, self.interval = cfg, run_dir, num_versions, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="compat-rows", daemon=True)
+
+    def __enter__(self) -> "RowUpdater":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        next_version = {spec.key: 0 for spec in self.cfg.methods}
+        while not self._stop.wait(self.interval):
+            for key, version in next_version.items():
+                while version < self.num_versions and runfiles.step_done(self.run_dir, key, version):
+                    try:
+                        ensure_row(self.cfg, self.run_dir, key, version)
+                    except Exception:
+                        return
+                    version += 1
+                    if self._stop.is_set():
+                        return
+                next_version[key] = version
 
 
 def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) -> dict:
@@ -264,35 +303,37 @@ class ProgressDisplay:
     """Steps done/total, the current step's epoch and loss, and an ETA, read from progress.json while
     the workers run (the driver never sees their tensors)."""
 
-    def __init__(self, run_dir: Path, total: int, done: int, enabled: bool, echo: Callable[[str], None]):
+    def __init__(self, run_dir: Path, total: int, done: int, enabled: bool, echo: Callable[[str], None],
+                 keys: list[str]):
         import threading
 
         self.run_dir, self.total, self.done, self.enabled, self.echo = run_dir, total, done, enabled, echo
+        self.keys = keys
         self.started = time.time()
         self.finished_here = 0
-        self.group: tuple[str, list[Step]] = ("", [])
+        self.group: list[tuple[str, int]] = []  # (method key, step) of the running worker group, in order
         self._stop = threading.Event()
         self._tty = os.isatty(1)
         self._thread = threading.Thread(target=self._poll, daemon=True)
         if enabled:
             self._thread.start()
 
-    def start_group(self, method: str, group: list[Step]) -> None:
-        self.group = (method, group)
+    def start_group(self, group: list[Task]) -> None:
+        self.group = [(self.keys[t.method], t.step.index) for t in group]
         runfiles.progress_path(self.run_dir).unlink(missing_ok=True)
         if self.enabled:
-            steps = f"step {group[0].index}" if len(group) == 1 else f"steps {group[0].index}-{group[-1].index}"
-            self._print(f"[{method}] {steps} on {group[0].resources.num_workers or 'in-process'} worker(s)", newline=True)
+            workers = group[0].step.resources.num_workers or "in-process"
+            self._print(f"[{describe_tasks(group, self.keys)}] on {workers} worker(s)", newline=True)
 
     def finish_group(self, count: int) -> None:
         self.done += count
         self.finished_here += count
 
     def line(self, p: dict) -> str:
-        """Steps done (finished steps of the running group included), the running step's epoch and
+        """Steps done (finished tasks of the running group included), the running step's epoch and
         loss, and an ETA from the pace so far."""
-        method, group = self.group
-        in_group = max(0, p["step"] - group[0].index) if group and p["method"] == method else 0
+        running = (p["method"], p["step"])
+        in_group = self.group.index(running) if running in self.group else 0
         current = in_group + p["epoch"] / p["epochs"]
         elapsed = time.time() - self.started
         work = self.finished_here + current

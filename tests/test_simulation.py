@@ -141,7 +141,7 @@ def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path, mo
     cfg = tiny(tmp_path, "resources.group_steps=false")
     groups = []
     real_run_group = simulation.run_group
-    monkeypatch.setattr(simulation, "run_group", lambda *a: groups.append(a[3]) or real_run_group(*a))
+    monkeypatch.setattr(simulation, "run_group", lambda *a: groups.append(a[2]) or real_run_group(*a))
     ungrouped = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
     for key in ["independent", "bct"]:
         assert ungrouped["methods"][key]["matrices"] == metrics["methods"][key]["matrices"]
@@ -151,3 +151,34 @@ def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path, mo
             b = {k: x for k, x in runfiles.manifest_entry(tmp_path / cfg.name, key, v).items() if k not in timing}
             assert a == b
     assert [len(g) for g in groups] == [1] * 6  # one Train run per step and method
+
+
+def test_one_worker_group_trains_every_method(tmp_path, monkeypatch):
+    """Steps with equal resources share one Train run across methods: one start per experiment."""
+    cfg = tiny(tmp_path, "scenario.num_steps=2", "training.epochs=1")
+    groups = []
+    real_run_group = simulation.run_group
+    monkeypatch.setattr(simulation, "run_group", lambda *a: groups.append(a[2]) or real_run_group(*a))
+    simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert [[(t.method, t.step.index) for t in g] for g in groups] == [[(0, 0), (0, 1), (1, 0), (1, 1)]]
+    assert all(runfiles.step_done(tmp_path / cfg.name, key, v) for key in ["independent", "bct"] for v in (0, 1))
+
+
+def test_rows_are_computed_while_later_steps_train(finished_run, tmp_path):
+    """The row updater fills in each finished step's row on its own, as a grouped run needs."""
+    import shutil
+
+    cfg, run_dir, metrics = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "rows")
+    for key in ["independent", "bct"]:  # the last step of each method is "still training"
+        runfiles.manifest_path(copy, key, 2).unlink()
+    with simulation.RowUpdater(cfg, copy, 3, interval=0.05):
+        for _ in range(200):
+            if all(runfiles.row_path(copy, k, v).is_file() for k in ["independent", "bct"] for v in (0, 1)):
+                break
+            __import__("time").sleep(0.05)
+    for key in ["independent", "bct"]:
+        assert runfiles.read_json(runfiles.row_path(copy, key, 1))["cmc1"] == metrics["methods"][key]["matrices"]["cmc1"][1][:2]
+        assert not runfiles.row_path(copy, key, 2).exists()  # its step is not in the manifest
