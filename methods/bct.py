@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -33,6 +34,7 @@ class BCTParams:
     weight: float = 1.0  # λ, the influence-loss weight
     logit_scale: Optional[float] = None  # None: 16 for class_means, 1 for paper
     normalize_synthesized: bool = False  # paper variant: L2-normalise the synthesised new-class rows
+    anchor: Literal["previous", "first"] = "previous"  # the version whose classifier the influence loss uses
 
     def __post_init__(self):
         require(self.weight >= 0, "weight", "must be >= 0")
@@ -65,6 +67,13 @@ class BCT(Independent):
     name = "bct"
     Params = BCTParams
     needs_previous = True
+
+    def anchor_checkpoint(self, ctx: StepContext) -> Optional[str]:
+        """``first``: every version is aligned to version 0, the model that embedded the oldest gallery,
+        instead of through its predecessor (compatibility with v0 is then not left to transitivity)."""
+        if self.params.anchor == "first" and ctx.previous_checkpoint is not None:
+            return str(Path(ctx.previous_checkpoint).with_name("v0"))
+        return ctx.previous_checkpoint
 
     def prepare(self, ctx: StepContext, model, previous, loader) -> dict:
         if previous is None:  # the first version has nothing to be compatible with

@@ -8,6 +8,7 @@ so resume and fault tolerance keep step granularity. Nothing here knows any part
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +137,9 @@ class Session:
         model = self.method.init_model(ctx).to(device)
         previous = None
         anchor = self.method.anchor_checkpoint(ctx) if self.method.needs_previous else None
-        if anchor is not None and anchor == ctx.previous_checkpoint:
-            previous = self.method.load_version(self.context(self.steps[step.index - 1]), anchor).to(device)
+        own = self._own_version(anchor)
+        if own is not None:  # one of this method's earlier versions, loaded into that version's network
+            previous = self.method.load_version(self.context(self.steps[own]), anchor).to(device)
         elif anchor is not None:  # a model trained elsewhere (a replacement), loaded into this step's network
             previous = self.method.load_version(ctx, anchor, strict=False).to(device)
         indices = (self.sessions.indices[step.index] if self.sessions is not None
@@ -195,6 +197,13 @@ class Session:
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()
+
+    def _own_version(self, checkpoint: Optional[str]) -> Optional[int]:
+        """The version number when ``checkpoint`` is one of this method's version directories."""
+        path = Path(checkpoint or "")
+        if path.parent != runfiles.versions_dir(self.run_dir, self.spec.key) or not re.fullmatch(r"v\d+", path.name):
+            return None
+        return int(path.name[1:])
 
     def _end_epoch(self, step: Step, epoch: int, model, optimizer, means: dict[str, float]) -> None:
         import ray.train

@@ -47,3 +47,31 @@ def test_default_logit_scale_depends_on_variant():
     assert BCTParams().resolved_scale == 16.0
     assert BCTParams(variant="paper").resolved_scale == 1.0
     assert BCTParams(variant="paper", logit_scale=4).resolved_scale == 4.0
+
+
+def test_anchor_first_aligns_every_version_to_version_zero(tmp_path, monkeypatch):
+    """``anchor: first``: step 2's influence loss goes through v0's classifier (2 classes), not v1's (4)."""
+    from helpers import config_under
+
+    from methods.bct import BCT
+    from orchestrator import simulation
+
+    seen = {}
+    real_prepare = BCT.prepare
+
+    def recording_prepare(self, ctx, model, previous, loader):
+        state = real_prepare(self, ctx, model, previous, loader)
+        seen[ctx.index] = (previous.classifier.weight.shape[0] if previous is not None else None,
+                           tuple(state["old_classifier"].shape) if state else None)
+        return state
+
+    monkeypatch.setattr(BCT, "prepare", recording_prepare)
+    for anchor, v0_rows in [("first", 2), ("previous", 4)]:
+        cfg = config_under(tmp_path / anchor, "data.num_classes=6", "data.train_per_class=16", "data.test_per_class=4",
+                           "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
+                           "model.width=8", "model.embedding_dim=16", "training.epochs=1", "resources.num_workers=0",
+                           f"methods=[{{name: bct, params: {{variant: paper, anchor: {anchor}}}}}]")
+        simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+        assert seen[0] == (None, None)
+        assert seen[1] == (2, (4, 16))  # v0's 2 real rows + 2 synthesised
+        assert seen[2] == (v0_rows, (6, 16))  # all 6 classes, real rows from the anchor
