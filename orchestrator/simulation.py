@@ -23,6 +23,7 @@ from orchestrator.errors import CompatError, RunError
 from orchestrator.scenarios import Task, describe_tasks, group_tasks, plan_steps
 
 SCHEMA_VERSION = 1
+HEALTH_CHECK_INTERVAL_S = 0.2  # Ray Train's default is 2 s; an environment variable of the same name wins
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -114,6 +115,9 @@ def run_group(cfg: ExperimentConfig, run_dir: Path, group: list[Task]) -> None:
     from orchestrator.session import train_group
 
     resources = group[0].step.resources
+    # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default)
+    # and each ray.train.report() waits for the next poll: 2 s per epoch, and up to 2 s to notice the end.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     if resources.num_workers > 0:
         ensure_ray()
     elif os.environ.get("COMPAT_RAY_LOGS") != "1":
