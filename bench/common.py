@@ -29,15 +29,16 @@ def bare_loop(cfg: ExperimentConfig, embed_test: bool = True) -> dict:
     steps = plan_steps(cfg, len(train.class_names))
     started, trained, train_seconds = time.time(), 0, 0.0
     for step in steps:
+        training = cfg.method_training(cfg.methods[0], step.index)  # the step's recipe (``incremental`` too)
         torch.manual_seed(step.index)
         model = ClassifierNet(cfg.model, step.num_seen)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.training.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
         indices = np.flatnonzero(train.labels < step.num_seen)
         gen = torch.Generator().manual_seed(step.index)
-        bs = cfg.training.batch_size
+        bs = training.batch_size
         t0 = time.time()
-        for epoch in range(cfg.training.epochs):
-            set_lr(optimizer, lr_at(epoch, cfg.training))
+        for epoch in range(training.epochs):
+            set_lr(optimizer, lr_at(epoch, training))
             order = indices[np.random.default_rng(epoch).permutation(len(indices))]
             order = order[: len(order) - len(order) % bs] if len(order) > bs else order
             model.train()
@@ -45,7 +46,7 @@ def bare_loop(cfg: ExperimentConfig, embed_test: bool = True) -> dict:
                 idx = order[start:start + bs]
                 x = train_tf(images[torch.from_numpy(idx)], generator=gen)
                 y = torch.from_numpy(train.labels[idx])
-                loss = F.cross_entropy(model(x)["logits"], y, label_smoothing=cfg.training.label_smoothing)
+                loss = F.cross_entropy(model(x)["logits"], y, label_smoothing=training.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

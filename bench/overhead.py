@@ -4,7 +4,7 @@
 2. the orchestrator with a fresh Ray Train worker group per step (``resources.group_steps: false``);
 3. the orchestrator with consecutive steps grouped into one worker group (the default);
 plus, for information, the orchestrator in-process (``resources.num_workers: 0``).
-Then the quickstart itself (two methods, three 8-epoch steps each, one worker group for all six)
+Then the quickstart itself (two methods, three steps each (24, 8, 8 epochs), one worker group for all six)
 against the bare loop run once per method.
 
 Prints the overhead per step, (orchestrated - bare) / steps, and its share of the orchestrated time.
@@ -47,7 +47,7 @@ def main() -> None:
                         help="CPUs (threads) of the Train worker; the bare loop gets the same number of threads")
     args = parser.parse_args()
     torch.set_num_threads(args.cpus_per_worker)  # like for like: the bare loop and in-process runs too
-    common = [f"training.epochs={args.epochs}", f"resources.cpus_per_worker={args.cpus_per_worker}"]
+    common = [f"training.epochs={args.epochs}", "training.incremental={}", f"resources.cpus_per_worker={args.cpus_per_worker}"]
     ensure_ray()  # a cluster is already up in real use; its start-up is not per-step overhead
     bare = bare_loop(load_config(None, SCENARIO + common))["seconds"]
     rows = [

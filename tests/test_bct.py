@@ -69,7 +69,8 @@ def test_anchor_first_aligns_every_version_to_version_zero(tmp_path, monkeypatch
     for anchor, v0_rows in [("first", 2), ("previous", 4)]:
         cfg = config_under(tmp_path / anchor, "data.num_classes=6", "data.train_per_class=16", "data.test_per_class=4",
                            "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
-                           "model.width=8", "model.embedding_dim=16", "training.epochs=1", "resources.num_workers=0",
+                           "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.incremental={}",
+                           "resources.num_workers=0",
                            f"methods=[{{name: bct, params: {{variant: paper, anchor: {anchor}}}}}]")
         simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
         assert seen[0] == (None, None)

@@ -97,7 +97,8 @@ def test_worker_failure_restarts_the_group_which_skips_finished_steps_and_resume
     cfg = load_config(None, [
         "data.num_classes=4", "data.train_per_class=16", "data.test_per_class=4",
         "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=2",
-        "model.width=8", "model.embedding_dim=16", f"training.epochs={EPOCHS}", "training.batch_size=8",
+        "model.width=8", "model.embedding_dim=16", f"training.epochs={EPOCHS}", "training.incremental={}",
+        "training.batch_size=8",
         "resources.num_workers=2", "resources.cpus_per_worker=2", "resources.max_failures=1",
         f"methods=[{{name: {METHOD}, params: {{log_dir: '{log_dir}'}}}}]",
     ])

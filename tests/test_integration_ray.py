@@ -16,7 +16,7 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     cfg = load_config(None, [
         "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
         "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
-        "model.width=8", "model.embedding_dim=16", "training.epochs=2", "training.batch_size=16",
+        "model.width=8", "model.embedding_dim=16", "training.epochs=2", "training.incremental={}", "training.batch_size=16",
         "resources.num_workers=1", "resources.steps={2: {num_workers: 2}}",
         "methods=[{name: bct}]",
     ])

@@ -146,7 +146,7 @@ def chain_run(tmp_path_factory):
     cfg = load_config(None, [
         "name=oca_chain", "data.num_classes=6", "data.train_per_class=16", "data.test_per_class=6",
         "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
-        "model.width=4", "model.embedding_dim=8", "training.epochs=2", "training.batch_size=16",
+        "model.width=4", "model.embedding_dim=8", "training.epochs=2", "training.incremental={}", "training.batch_size=16",
         "resources.num_workers=0", "methods=[{name: independent}, {name: oca, params: {delta_dim: 4}}]",
     ])
     cfg.output_dir = str(tmp)

@@ -26,7 +26,7 @@ JOB_TIMEOUT_S = 120
 TINY = [
     "data.num_classes=4", "data.train_per_class=16", "data.test_per_class=4",
     "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=2",
-    "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.batch_size=16",
+    "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.incremental={}", "training.batch_size=16",
     "resources.num_workers=1", "methods=[{name: independent}]",
 ]
 

@@ -20,7 +20,7 @@ TINY = [
     "data.num_classes=6", "data.train_per_class=16", "data.test_per_class=4", "data.image_size=16",
     "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
     "scenario.training_data=new", "scenario.event=finetune", "scenario.replay={per_class: 4}",
-    "model.width=8", "training.epochs=1", "training.batch_size=8", "training.label_smoothing=0.0",
+    "model.width=8", "training.epochs=1", "training.incremental={}", "training.batch_size=8", "training.label_smoothing=0.0",
     "resources.num_workers=0",
     "evaluation={protocol: query-gallery, query: queries, gallery: gallery, templates: true, "
     f"sets: {{queries: {{split: train, data: {EVAL}}}, gallery: {{split: test, data: {EVAL}}}}}}}",

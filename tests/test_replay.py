@@ -76,7 +76,7 @@ def test_replay_inside_a_run(tmp_path):
         "data.num_classes=6", "data.train_per_class=30", "data.test_per_class=4", "data.image_size=16",
         "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
         "scenario.training_data=new", "scenario.event=finetune", "scenario.replay={per_class: 10}",
-        "model.width=8", "training.epochs=1", "training.batch_size=8", "resources.num_workers=0",
+        "model.width=8", "training.epochs=1", "training.incremental={}", "training.batch_size=8", "resources.num_workers=0",
         "methods=[{name: test_batch_recorder}]",
     ])
     cfg.output_dir = str(tmp_path)

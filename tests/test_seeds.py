@@ -12,7 +12,7 @@ from orchestrator.config import load_config
 TINY = [
     "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
     "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=2",
-    "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.batch_size=16",
+    "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.incremental={}", "training.batch_size=16",
     "resources.num_workers=0", "methods=[{name: bct}]",
 ]
 

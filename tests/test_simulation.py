@@ -15,7 +15,7 @@ from helpers import config_under
 TINY = [
     "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
     "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
-    "model.width=8", "model.embedding_dim=16", "training.epochs=2", "training.batch_size=16",
+    "model.width=8", "model.embedding_dim=16", "training.epochs=2", "training.incremental={}", "training.batch_size=16",
     "resources.num_workers=0",
 ]
 
