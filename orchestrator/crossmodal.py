@@ -204,6 +204,7 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
 
         ids = [worker.device.index] if worker.device.type == "cuda" else None
         wrapped = DistributedDataParallel(module, device_ids=ids)
+    means: dict[str, float] = {}
     for epoch in range(training.epochs):
         set_lr(optimizer, training.lr_schedule[epoch] if training.lr_schedule else lr_at(epoch, training))
         module.train()
@@ -221,7 +222,7 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
         if worker.is_chief:
             runfiles.write_progress(run_dir, {"method": label, "step": label, "epoch": epoch + 1,
                                               "epochs": training.epochs, **{k: round(v, 5) for k, v in means.items()}})
-        ray.train.report({"step": label, "epoch": epoch, **means})
+    ray.train.report({"step": label, **means})  # once per stage: each report waits for the controller's poll
     module.eval()
 
 

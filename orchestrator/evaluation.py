@@ -100,6 +100,10 @@ def retrieval_scores(query: np.ndarray, query_labels: np.ndarray, gallery: np.nd
     """
     scores = per_query_scores(query, query_labels, gallery, gallery_labels,
                               leave_one_out=leave_one_out, with_ap=with_map)
+    return _summarize(scores, topk, with_map)
+
+
+def _summarize(scores: dict[str, np.ndarray], topk: Sequence[int], with_map: bool) -> dict[str, float]:
     first_rank = _answerable(scores["first_rank"])
     out = {f"cmc{k}": metrics.recall_at_k(first_rank, k) for k in topk}
     if with_map:
@@ -359,20 +363,38 @@ def _is_number(cell: str) -> bool:
     return True
 
 
+BY_BLOCK = "cmc1_by_block"  # row entry: CMC top-1 of each class block (see class_block_top1)
+
+
 def _pair_scores(query_table: "EmbeddingTable", gallery_table: "EmbeddingTable",
-                 eval_cfg: EvaluationConfig) -> dict[str, float]:
-    """One matrix cell, every metric of the configured protocol."""
+                 eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None) -> dict:
+    """One matrix cell, every metric of the configured protocol; with ``block_of_label`` (and without
+    templates) also CMC top-1 per class block, from the same ranking."""
     if eval_cfg.protocol == "leave-one-out":
         if not np.array_equal(query_table.sample_ids, gallery_table.sample_ids):
             raise StoreError("the stored embeddings of the two versions list different samples or a different "
                              "order; re-encode the evaluation set for both versions")
-        return retrieval_scores(query_table.embeddings, query_table.labels, gallery_table.embeddings,
-                                gallery_table.labels, leave_one_out=True)
-    if eval_cfg.templates:
+    elif eval_cfg.templates:
         return template_top1(query_table.embeddings, query_table.labels, gallery_table.embeddings,
                              gallery_table.labels)
-    return retrieval_scores(query_table.embeddings, query_table.labels, gallery_table.embeddings,
-                            gallery_table.labels, leave_one_out=False)
+    scores = per_query_scores(query_table.embeddings, query_table.labels, gallery_table.embeddings,
+                              gallery_table.labels, leave_one_out=eval_cfg.protocol == "leave-one-out")
+    out: dict = _summarize(scores, (1, 5), with_map=True)
+    if block_of_label is not None:
+        out[BY_BLOCK] = class_block_top1(scores["first_rank"], block_of_label[query_table.labels],
+                                         int(block_of_label.max()) + 1)
+    return out
+
+
+def class_block_top1(first_rank: np.ndarray, query_blocks: np.ndarray, num_blocks: int) -> list[Optional[float]]:
+    """CMC top-1 of the queries of each class block (e.g. the classes each step added): where a
+    cross-model test gains or loses against the old self-test. ``None`` for a block without queries."""
+    out: list[Optional[float]] = []
+    for block in range(num_blocks):
+        ranks = first_rank[query_blocks == block]
+        ranks = ranks[~np.isnan(ranks)]
+        out.append(metrics.recall_at_k(ranks, 1) if ranks.size else None)
+    return out
 
 
 def _gallery_set(eval_cfg: EvaluationConfig) -> str:
@@ -388,15 +410,16 @@ def evaluate_pair(store: "EmbeddingStore", method_key: str, query_version: int, 
 
 
 def compatibility_row(store: "EmbeddingStore", method_key: str, version: int,
-                      eval_cfg: EvaluationConfig) -> dict[str, list[float]]:
-    """Row ``version`` of the matrix: cells (version, j) for j = 0..version, one list per metric.
+                      eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None) -> dict[str, list]:
+    """Row ``version`` of the matrix: cells (version, j) for j = 0..version, one list per metric (and
+    per-block top-1 lists under ``BY_BLOCK`` when ``block_of_label`` maps each label to its block).
 
     The query embeddings are read once; each gallery once.
     """
     query_table = store.read(method_key, version, eval_cfg.query)
-    row: dict[str, list[float]] = {}
+    row: dict[str, list] = {}
     for gallery_version in range(version + 1):
         gallery_table = store.read(method_key, gallery_version, _gallery_set(eval_cfg))
-        for name, value in _pair_scores(query_table, gallery_table, eval_cfg).items():
+        for name, value in _pair_scores(query_table, gallery_table, eval_cfg, block_of_label).items():
             row.setdefault(name, []).append(value)
     return row

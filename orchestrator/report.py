@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from orchestrator.errors import RunError
+from orchestrator.evaluation import BY_BLOCK
 
 _SUMMARY_KEYS = ("AC", "AM", "BC", "FC")
 _SUMMARY_HEADER = ("method", *_SUMMARY_KEYS, "final self-test", "ECC held on every pair")
@@ -273,6 +274,36 @@ def _update_section(metrics: dict[str, Any]) -> list[str]:
             *_md_table(("method", "metric", "old/old", "new/old", "new/new", "ECC", "update gain"), rows)]
 
 
+def _block_section(metrics: dict[str, Any]) -> list[str]:
+    """CMC top-1 of every cell split by the version that first trained on each class: shows whether a
+    cross-test loses on the classes both models know or on those the gallery model never saw."""
+    lines = []
+    for key, method in metrics["methods"].items():
+        blocks = method.get(BY_BLOCK)
+        if not blocks:
+            continue
+        cells = blocks["cells"]
+        size = len(cells)
+        if size <= 6:  # every cell, column by column
+            shown = [(i, j) for j in range(size) for i in range(j, size)]
+        else:  # the consecutive pairs and (last, first), each after its gallery's self-test
+            shown = sorted({(j, j) for _, j in _pairs(size)} | set(_pairs(size)), key=lambda c: (c[1], c[0]))
+        rows = []
+        for i, j in shown:
+            values = []
+            for b, value in enumerate(cells[i][j]):
+                own = cells[j][j][b]
+                lost = i != j and value is not None and own is not None and value <= own
+                values.append(_fmt(value) + (" ↓" if lost else ""))
+            rows.append([f"v{i}→v{j}" + (" (self)" if i == j else ""), *values])
+        lines += [f"### `{key}`", "", *_md_table(("cell", *(f"classes of {b}" for b in blocks["blocks"])), rows)]
+    if not lines:
+        return []
+    return ["## CMC top-1 by class block", "",
+            "Classes grouped by the version that first trained on them (`none`: no version did). ↓ marks a "
+            "cross-model cell at or below the gallery version's own self-test on that block.", "", *lines]
+
+
 def _percent(value: Optional[float], std: Optional[float] = None) -> str:
     """A fraction as a percentage, with ``± std`` when a multi-seed run gives one."""
     if value is None:
@@ -316,6 +347,7 @@ def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str])
     if metrics.get("seeds"):
         lines += _seeds_section(metrics["seeds"])
     lines += _update_section(metrics)
+    lines += _block_section(metrics)
     lines += _session_accuracy_section(metrics)
     for key, method in metrics["methods"].items():
         lines += _method_section(key, method, slugs[key], images)

@@ -130,6 +130,8 @@ class Session:
 
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, step: Step) -> None:
+        import ray.train
+
         started = time.time()
         ctx = self.context(step)
         self.training = ctx.training  # the step's own recipe (incremental steps may override it)
@@ -156,7 +158,7 @@ class Session:
             optimizer.load_state_dict(resume["optimizer"])
             start_epoch = int(resume["epoch"]) + 1
         ddp_model = self._distributed(model) if trainable else model
-        train_started, trained_images = time.time(), 0
+        train_started, trained_images, means = time.time(), 0, {}
         for epoch in range(start_epoch, self.training.epochs):
             set_lr(optimizer, lr_at(epoch, self.training))
             ddp_model.train()
@@ -197,6 +199,8 @@ class Session:
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()
+        # once per step, not per epoch: every report waits for the Train controller's next poll
+        ray.train.report({"method": self.spec.key, "step": step.index, **means, **accuracy})
 
     def _own_version(self, checkpoint: Optional[str]) -> Optional[int]:
         """The version number when ``checkpoint`` is one of this method's version directories."""
@@ -206,8 +210,6 @@ class Session:
         return int(path.name[1:])
 
     def _end_epoch(self, step: Step, epoch: int, model, optimizer, means: dict[str, float]) -> None:
-        import ray.train
-
         if self.worker.is_chief:
             runfiles.save_epoch_state(self.run_dir, self.spec.key, step.index,
                                       {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch})
@@ -215,7 +217,6 @@ class Session:
                 "method": self.spec.key, "step": step.index, "epoch": epoch + 1, "epochs": self.training.epochs,
                 **{k: round(v, 5) for k, v in means.items()},
             })
-        ray.train.report({"method": self.spec.key, "step": step.index, "epoch": epoch, **means})
 
     # -- data ----------------------------------------------------------------------------------
     def _batches(self, indices: np.ndarray, transform, shuffle_epoch: Optional[int],

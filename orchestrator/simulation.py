@@ -190,9 +190,34 @@ def ensure_row(cfg: ExperimentConfig, run_dir: Path, method: str, version: int) 
     path = runfiles.row_path(run_dir, method, version)
     if path.is_file():
         return runfiles.read_json(path)
-    row = compatibility_row(EmbeddingStore(runfiles.store_dir(run_dir)), method, version, cfg.evaluation)
+    blocks = class_blocks(cfg)
+    row = compatibility_row(EmbeddingStore(runfiles.store_dir(run_dir)), method, version, cfg.evaluation,
+                            None if blocks is None else blocks[1])
     runfiles.atomic_write_json(path, row)
     return row
+
+
+def class_blocks(cfg: ExperimentConfig) -> Optional[tuple[list[str], "np.ndarray"]]:
+    """Block names and each label's block: the classes version k first trained on form block ``vk``,
+    classes no version trained on form ``none``. Only where the evaluation ranks the experiment's own
+    classes (not templates, not another dataset, not a class order read from session files)."""
+    import numpy as np
+
+    from orchestrator.data import dataset_num_classes
+    from orchestrator.scenarios import class_order
+
+    ev = cfg.evaluation
+    own_data = all(ev.sets[name].data is None for name in {ev.query, ev.gallery or ev.query} if name in ev.sets)
+    if ev.templates or not own_data or cfg.scenario.session_files is not None or cfg.scenario.replace_at:
+        return None
+    num_classes = dataset_num_classes(cfg.data)
+    steps = plan_steps(cfg, num_classes)
+    order = class_order(cfg, num_classes)
+    block_of_label = np.full(num_classes, len(steps), dtype=np.int64)
+    for step in steps:
+        block_of_label[order[step.num_previous:step.num_seen]] = step.index
+    names = [f"v{step.index}" for step in steps] + (["none"] if steps[-1].num_seen < num_classes else [])
+    return names, block_of_label
 
 
 class RowUpdater:
@@ -233,7 +258,9 @@ class RowUpdater:
 def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) -> dict:
     """metrics.json: per method every matrix by metric name and the summary metrics (stable schema)."""
     from orchestrator import metrics as M
-    from orchestrator.evaluation import CompatibilityMatrix
+    from orchestrator.evaluation import BY_BLOCK, CompatibilityMatrix
+
+    blocks = class_blocks(cfg)
 
     out: dict = {"schema_version": SCHEMA_VERSION, "experiment": cfg.name, "seed": cfg.seed,
                  "config_digest": cfg.digest(), "protocol": cfg.evaluation.protocol,
@@ -241,7 +268,7 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
     for spec in cfg.methods:
         rows = [runfiles.read_json(runfiles.row_path(run_dir, spec.key, v)) for v in range(num_versions)]
         matrices, summaries, ecc = {}, {}, {}
-        for name in rows[0]:
+        for name in [n for n in rows[0] if n != BY_BLOCK]:
             matrix = CompatibilityMatrix(num_versions)
             for i, row in enumerate(rows):
                 for j, value in enumerate(row[name]):
@@ -268,6 +295,12 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
             "trainable_parameters": entries[-1].get("trainable_parameters"),
             "seconds": [e.get("seconds") for e in entries],
         }
+        if blocks is not None and all(BY_BLOCK in row for row in rows):
+            out["methods"][spec.key][BY_BLOCK] = {
+                "blocks": blocks[0],
+                "cells": [[row[BY_BLOCK][j] if j <= i else None for j in range(num_versions)]
+                          for i, row in enumerate(rows)],
+            }
     add_update_gain(out)
     return out
 

@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.config import EvalSetConfig, EvaluationConfig
 from orchestrator.errors import DataError, StoreError
-from orchestrator.evaluation import (CompatibilityMatrix, compatibility_row, cross_modal_recall, evaluate_pair,
+from orchestrator.evaluation import (BY_BLOCK, CompatibilityMatrix, class_block_top1, compatibility_row, cross_modal_recall, evaluate_pair,
                                      per_query_scores, retrieval_scores, template_top1, truncate_and_normalize)
 
 
@@ -274,3 +274,24 @@ def test_evaluate_pair_query_gallery_with_templates():
     plain = EvaluationConfig(protocol="query-gallery", sets=sets, query="train", gallery="test")
     assert evaluate_pair(store, "m", 1, 0, plain) == retrieval_scores(query, query_labels, gallery, gallery_labels,
                                                                       leave_one_out=False)
+
+
+def test_class_block_top1_by_hand():
+    first_rank = np.array([1, 2, 1, np.nan, 1, 3])  # 1-based; NaN: no relevant gallery item
+    blocks = np.array([0, 0, 1, 1, 2, 2])
+    assert class_block_top1(first_rank, blocks, 4) == [0.5, 1.0, 0.5, None]
+
+
+def test_row_by_block_splits_top1_by_the_classes_of_each_block():
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 6, 60)
+    versions = [rng.standard_normal((60, 8)).astype(np.float32) for _ in range(2)]
+    store = FakeStore({(v, "test"): make_table(x, labels) for v, x in enumerate(versions)})
+    block_of_label = np.array([0, 0, 0, 1, 1, 2])
+    row = compatibility_row(store, "m", 1, EvaluationConfig(), block_of_label)
+    assert row["cmc1"] == compatibility_row(store, "m", 1, EvaluationConfig())["cmc1"]  # unchanged by blocks
+    for j in range(2):
+        counts = np.bincount(block_of_label[labels], minlength=3)
+        assert np.dot(row[BY_BLOCK][j], counts) / counts.sum() == pytest.approx(row["cmc1"][j])
+    templates = EvaluationConfig(protocol="query-gallery", query="test", gallery="test", templates=True)
+    assert BY_BLOCK not in compatibility_row(store, "m", 1, templates, block_of_label)

@@ -1,6 +1,8 @@
 """End-to-end driver behaviour in-process (num_workers: 0): outputs, resume, interruption, errors."""
 
 import json
+import shutil
+import time
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from methods.base import register
 from methods.independent import Independent
 from orchestrator import runfiles, simulation
 from orchestrator.cli import main
+from orchestrator.scenarios import class_order
 
 from helpers import config_under
 
@@ -166,7 +169,6 @@ def test_one_worker_group_trains_every_method(tmp_path, monkeypatch):
 
 def test_rows_are_computed_while_later_steps_train(finished_run, tmp_path):
     """The row updater fills in each finished step's row on its own, as a grouped run needs."""
-    import shutil
 
     cfg, run_dir, metrics = finished_run
     copy = tmp_path / "copy"
@@ -178,7 +180,22 @@ def test_rows_are_computed_while_later_steps_train(finished_run, tmp_path):
         for _ in range(200):
             if all(runfiles.row_path(copy, k, v).is_file() for k in ["independent", "bct"] for v in (0, 1)):
                 break
-            __import__("time").sleep(0.05)
+            time.sleep(0.05)
     for key in ["independent", "bct"]:
         assert runfiles.read_json(runfiles.row_path(copy, key, 1))["cmc1"] == metrics["methods"][key]["matrices"]["cmc1"][1][:2]
         assert not runfiles.row_path(copy, key, 2).exists()  # its step is not in the manifest
+
+
+def test_cells_are_split_by_the_classes_each_version_added(finished_run):
+    cfg, run_dir, metrics = finished_run
+    names, block_of_label = simulation.class_blocks(cfg)
+    assert names == ["v0", "v1", "v2"] and block_of_label.tolist() == [0, 0, 1, 1, 2, 2]
+    blocks = metrics["methods"]["bct"]["cmc1_by_block"]
+    assert blocks["blocks"] == names and blocks["cells"][0][1] is None and len(blocks["cells"][2][0]) == 3
+    assert "## CMC top-1 by class block" in (run_dir / "report.md").read_text()
+    names, _ = simulation.class_blocks(tiny(run_dir, "scenario.num_steps=2"))
+    assert names == ["v0", "v1", "none"]  # classes 4-5 are in the test set, no version trained on them
+    seeded = tiny(run_dir, "scenario.class_order=seeded")
+    _, block_of_label = simulation.class_blocks(seeded)
+    order = class_order(seeded, 6)
+    assert block_of_label[order].tolist() == [0, 0, 1, 1, 2, 2]  # blocks follow the class order
