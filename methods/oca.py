@@ -11,12 +11,18 @@ The served feature is the normalised pre-orthogonal h, all d_t dims; against an 
 evaluator truncates both sides to the smaller width and re-normalises, which yields exactly ĥ. Version
 0 has nothing to align to: it is the plain ``independent`` network and loss, so with the same seed it
 is the very same old model as the ``independent`` and ``bct`` runs beside it. Chains of T > 2 versions
-align each version to its predecessor only (§9): compatibility with older versions is transitive.
+align each version to its predecessor only by default (§9), so compatibility with older versions is
+transitive; ``align_to: all`` adds one prototype term per earlier version (the §9 ablation), each on
+that version's own prefix, the terms averaged so the alignment keeps the weights w2 and w3.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,7 +33,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from methods.base import StepContext, register
 from methods.heads import ClassifierNet
 from methods.independent import Independent
-from methods.prototypes import compute_prototypes
+from methods.prototypes import compute_prototype_sets
 from orchestrator._internal.typed import require
 from orchestrator.config import ModelConfig
 
@@ -41,6 +47,7 @@ class OCAParams:
     rotation_bias: bool = True  # the orthogonal layer is affine (Q·h + b) as in the reference code
     renormalize_prototypes: bool = False  # reference: class means of normalised features, not re-normalised
     prototype_transform: Literal["train", "test"] = "train"  # reference: the training augmentation
+    align_to: Literal["previous", "all"] = "previous"  # chains: the predecessor only, or every earlier version
 
     def __post_init__(self):
         require(self.delta_dim >= 0, "delta_dim", "must be >= 0")
@@ -69,18 +76,23 @@ class OCANet(ClassifierNet):
         return {"feature": feature, "rotated": rotated, "logits": self.classifier(rotated)}
 
 
-def oca_loss(logits: torch.Tensor, feature: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
-             classifier_weight: float, prototype_weight: float, cosine_weight: float,
-             label_smoothing: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def oca_loss(logits: torch.Tensor, feature: torch.Tensor, labels: torch.Tensor,
+             prototypes: torch.Tensor | list[torch.Tensor], *, classifier_weight: float, prototype_weight: float,
+             cosine_weight: float, label_smoothing: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The OCA loss and its three (unweighted) parts.
 
     ``prototypes`` (C, d_old) fix how many leading dims of ``feature`` (B, d) are aligned: those are
-    re-normalised into ĥ; the prototype logits ĥ·Pᵀ have no temperature, so they stay in [−1, 1].
+    re-normalised into ĥ; the prototype logits ĥ·Pᵀ have no temperature, so they stay in [−1, 1]. A list
+    of prototype sets (one per earlier version, each its own width) averages their two alignment terms.
     """
-    aligned = F.normalize(feature[:, : prototypes.shape[1]], dim=1)
+    sets = prototypes if isinstance(prototypes, list) else [prototypes]
     ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    prototype_ce = F.cross_entropy(aligned @ prototypes.T, labels, label_smoothing=label_smoothing)
-    cosine = (1 - F.cosine_similarity(aligned, prototypes[labels], dim=1)).mean()
+    prototype_ce = cosine = 0.0
+    for protos in sets:
+        aligned = F.normalize(feature[:, : protos.shape[1]], dim=1)
+        prototype_ce = prototype_ce + F.cross_entropy(aligned @ protos.T, labels, label_smoothing=label_smoothing)
+        cosine = cosine + (1 - F.cosine_similarity(aligned, protos[labels], dim=1)).mean()
+    prototype_ce, cosine = prototype_ce / len(sets), cosine / len(sets)
     total = classifier_weight * ce + prototype_weight * prototype_ce + cosine_weight * cosine
     return total, {"ce": ce, "prototype_ce": prototype_ce, "cosine": cosine}
 
@@ -114,9 +126,18 @@ class OCA(Independent):
     def prepare(self, ctx: StepContext, model, previous, loader) -> dict:
         if previous is None:  # version 0 has nothing to align to
             return {}
-        prototypes = compute_prototypes(lambda x: self.embed(previous, x), loader, ctx.num_seen,
-                                        self.params.renormalize_prototypes)
-        return {"prototypes": prototypes}
+        anchors = [previous]
+        if self.params.align_to == "all":
+            anchors = [self._earlier_version(ctx, k) for k in range(ctx.index - 1)] + anchors
+        embeds = [functools.partial(self.embed, anchor) for anchor in anchors]
+        return {"prototypes": compute_prototype_sets(embeds, loader, ctx.num_seen, self.params.renormalize_prototypes)}
+
+    def _earlier_version(self, ctx: StepContext, version: int) -> nn.Module:
+        """Version ``version`` of this run (a sibling of the previous version's directory), frozen."""
+        path = Path(ctx.previous_checkpoint).with_name(f"v{version}")
+        num_seen = json.loads((path / "meta.json").read_text())["num_seen"]
+        earlier = dataclasses.replace(ctx, index=version, num_seen=num_seen, previous_checkpoint=None, init_checkpoint=None)
+        return self.load_version(earlier, str(path)).to(ctx.device)
 
     def loss(self, outputs, images, labels, state, ctx: StepContext):
         if "prototypes" not in state:

@@ -6,7 +6,7 @@ losses. The mean is *not* re-normalised (reference behaviour), so ``||P_c|| <= 1
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,19 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
 def compute_prototypes(embed: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                        num_classes: int, renormalize: bool = False) -> torch.Tensor:
     """Run ``embed`` once over ``batches`` of (images, labels) and return the class means."""
-    feats, labels = [], []
+    return compute_prototype_sets([embed], batches, num_classes, renormalize)[0]
+
+
+@torch.no_grad()
+def compute_prototype_sets(embeds: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+                           batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                           renormalize: bool = False) -> list[torch.Tensor]:
+    """The class means of several models' features, in one pass over ``batches``."""
+    feats: list[list[torch.Tensor]] = [[] for _ in embeds]
+    labels = []
     for images, y in batches:
-        feats.append(embed(images))
+        for out, embed in zip(feats, embeds):
+            out.append(embed(images))
         labels.append(y)
-    return class_means(torch.cat(feats), torch.cat(labels), num_classes, renormalize)
+    y = torch.cat(labels)
+    return [class_means(torch.cat(f), y, num_classes, renormalize) for f in feats]

@@ -1,6 +1,7 @@
 """OCA: the orthogonal layer, the prototypes, the loss against a manual computation, widening chains
 with truncated cross-tests (one tiny in-process run), fine-tuning, and the BCT-style report table."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -81,14 +82,14 @@ def test_prototypes_are_the_old_served_feature_averaged_per_class():
     old = method.build_model(ctx(1, 3)).eval()  # a widened (8-d) previous version
     x, y = images(12), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 0])
     loader = [(x[:5], y[:5]), (x[5:], y[5:])]
-    P = method.prepare(ctx(2, 5), method.build_model(ctx(2, 5)), old, loader)["prototypes"]
+    (P,) = method.prepare(ctx(2, 5), method.build_model(ctx(2, 5)), old, loader)["prototypes"]
     with torch.no_grad():
         served = method.embed(old, x)
         manual = torch.stack([torch.stack([served[i] for i in range(12) if y[i] == c]).mean(0) for c in range(5)])
         assert torch.allclose(served, F.normalize(old.net(x), dim=1))
     assert P.shape == (5, 8) and torch.allclose(P, manual, atol=1e-6)
     assert (P.norm(dim=1) < 1).all()  # means of unit vectors, not re-normalised
-    renormalized = oca(renormalize_prototypes=True).prepare(ctx(2, 5), None, old, loader)["prototypes"]
+    (renormalized,) = oca(renormalize_prototypes=True).prepare(ctx(2, 5), None, old, loader)["prototypes"]
     assert torch.allclose(renormalized, F.normalize(manual, dim=1), atol=1e-6)
     assert method.prepare(ctx(0, 5), None, None, loader) == {}  # version 0 aligns to nothing
 
@@ -111,6 +112,34 @@ def test_loss_matches_a_manual_computation():
     assert parts["cosine"].item() == pytest.approx(cosine, abs=1e-6)
     assert got.item() == pytest.approx(5 * ce + 10 * proto_ce + 5 * cosine, abs=1e-5)
     assert parts["cosine"].item() == pytest.approx(1.0)  # one sample on its prototype (0), one opposite (2)
+
+
+def test_align_to_all_has_one_prototype_set_per_earlier_version(tmp_path):
+    """Version 2 aligns its first d_0 dims to v0's class means and its first d_1 dims to v1's."""
+    import json
+
+    torch.manual_seed(0)
+    method = oca(align_to="all")
+    earlier = {0: method.build_model(ctx(0, 3)).eval(), 1: method.build_model(ctx(1, 4)).eval()}
+    for k, model in earlier.items():
+        (tmp_path / f"v{k}").mkdir()
+        torch.save(model.state_dict(), tmp_path / f"v{k}" / "model.pt")
+        (tmp_path / f"v{k}" / "meta.json").write_text(json.dumps({"num_seen": 3 + k}))
+    x, y = images(10), torch.tensor([0, 1, 2, 3, 4] * 2)
+    step = dataclasses.replace(ctx(2, 5), previous_checkpoint=str(tmp_path / "v1"))
+    P0, P1 = method.prepare(step, None, earlier[1], [(x, y)])["prototypes"]
+    with torch.no_grad():
+        for P, model in ((P0, earlier[0]), (P1, earlier[1])):
+            served = method.embed(model, x)
+            assert torch.allclose(P, torch.stack([served[y == c].mean(0) for c in range(5)]), atol=1e-6)
+    assert P0.shape == (5, 6) and P1.shape == (5, 8)  # widths d_0 = 6, d_1 = 6 + Δd
+    feature, logits, labels = F.normalize(torch.randn(10, 10), dim=1), torch.randn(10, 5), y
+    weights = dict(classifier_weight=5, prototype_weight=10, cosine_weight=5, label_smoothing=0.1)
+    _, both = oca_loss(logits, feature, labels, [P0, P1], **weights)
+    _, only0 = oca_loss(logits, feature, labels, P0, **weights)
+    _, only1 = oca_loss(logits, feature, labels, P1, **weights)
+    for part in ("prototype_ce", "cosine"):  # the terms are averaged over the earlier versions
+        assert both[part].item() == pytest.approx((only0[part].item() + only1[part].item()) / 2, abs=1e-6)
 
 
 def test_fine_tuning_grows_the_embedding_and_starts_a_fresh_orthogonal_layer(tmp_path):
