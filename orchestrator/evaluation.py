@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 _BLOCK_ELEMENTS = 1 << 22
 # Below every cosine (which lies in [-1, 1] up to rounding): marks the left-out item in a query's row.
 _LEFT_OUT = np.float32(-2.0)
-# Row offsets for the blocked search; larger than the range of a row's values (sentinel included).
-_ROW_STRIDE = 4.0
 
 
 def truncate_and_normalize(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -232,18 +230,19 @@ def _score_block(query: np.ndarray, gallery: np.ndarray, relevant: _RelevantItem
 def _relevant_ranks(sims: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> np.ndarray:
     """1-based rank of each (row, col) pair in its row sorted by descending similarity.
 
-    Each row is sorted once (the unavoidable cost); then one searchsorted over all rows at once, made
-    possible by shifting row r by r * _ROW_STRIDE in float64, counts the items above each relevant
-    value. Where a value is not alone in its slot (a real tie, or two floats merged by the shift) the
-    rank is recomputed exactly from the unsorted row.
+    Each row is sorted once (the unavoidable cost); then each row's relevant values are looked up in
+    it (``rows`` is row-major), which counts the items above them. Where a value is not alone in the
+    row (a tie) the rank is recomputed exactly from the unsorted row.
     """
     width = sims.shape[1]
-    shift = _ROW_STRIDE * np.arange(len(sims))
-    flat = np.add(np.sort(sims, axis=1), shift[:, None], dtype=np.float64).reshape(-1)
-    needles = values.astype(np.float64) + shift[rows]
-    end = np.searchsorted(flat, needles, side="right")  # one past the needle's last equal
-    ranks = (rows + 1) * width - end + 1
-    shared = (end - 1 > rows * width) & (flat[np.maximum(end - 2, 0)] == needles)
+    ordered = np.sort(sims, axis=1)
+    bounds = np.searchsorted(rows, np.arange(len(sims) + 1))
+    end = np.empty(len(values), dtype=np.int64)  # one past the value's last equal in its sorted row
+    for row in np.flatnonzero(bounds[1:] > bounds[:-1]):
+        lo, hi = bounds[row], bounds[row + 1]
+        end[lo:hi] = np.searchsorted(ordered[row], values[lo:hi], side="right")
+    ranks = width - end + 1
+    shared = (end >= 2) & (ordered[rows, np.maximum(end - 2, 0)] == values)
     if shared.any():
         ranks[shared] = _exact_ranks(sims, rows[shared], values[shared], cols[shared])
     return ranks
