@@ -199,3 +199,15 @@ def test_cells_are_split_by_the_classes_each_version_added(finished_run):
     _, block_of_label = simulation.class_blocks(seeded)
     order = class_order(seeded, 6)
     assert block_of_label[order].tolist() == [0, 0, 1, 1, 2, 2]  # blocks follow the class order
+
+
+def test_progress_line_counts_finished_tasks_of_a_group_that_spans_methods(tmp_path):
+    from orchestrator.scenarios import Task, plan_steps
+
+    cfg = tiny(tmp_path)
+    steps = plan_steps(cfg, 6)
+    display = simulation.ProgressDisplay(tmp_path, total=6, done=0, enabled=False, echo=lambda s: None,
+                                         keys=["independent", "bct"])
+    display.start_group([Task(m, s) for m in (0, 1) for s in steps])
+    line = display.line({"method": "bct", "step": 1, "epoch": 1, "epochs": 2, "loss": 0.5})
+    assert line.startswith("  4/6 steps done | bct step 1 epoch 1/2 loss 0.5000")
