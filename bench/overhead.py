@@ -62,9 +62,11 @@ def main() -> None:
         print_row(name, seconds, bare, steps)
     print(f"grouping speed-up over a fresh group per step: {rows[1][1] / rows[0][1]:.2f}x")
     if not args.skip_quickstart:
-        quickstart = load_config(None, [f"resources.cpus_per_worker={args.cpus_per_worker}"])
+        # like for like: the bare loop trains every version of both methods, so the orchestrator does too
+        same_work = [f"resources.cpus_per_worker={args.cpus_per_worker}", "resources.share_first_version=false"]
+        quickstart = load_config(None, same_work)
         bare = len(quickstart.methods) * bare_loop(quickstart)["seconds"]
-        seconds = orchestrated([f"resources.cpus_per_worker={args.cpus_per_worker}"])
+        seconds = orchestrated(same_work)
         steps = len(quickstart.methods) * quickstart.scenario.num_steps
         print(f"\nquickstart ({steps} steps): bare PyTorch loop {bare:.1f} s (once per method)")
         print_row("quickstart, one worker group", seconds, bare, steps)

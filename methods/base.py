@@ -156,6 +156,12 @@ class Method(ABC):
         ``None`` for the data section's own transform."""
         return None
 
+    def first_version_recipe(self) -> Optional[str]:
+        """A name shared by methods whose version 0 is the very same model (same network, loss, data and
+        seeding, given the same config): an experiment trains it once and copies it to the others
+        (``resources.share_first_version``). ``None``, the default, never shares."""
+        return None
+
     def anchor_checkpoint(self, ctx: StepContext) -> Optional[str]:
         """The model :meth:`prepare` receives, frozen, as ``previous`` (when ``needs_previous``): the
         previous version by default; a method may anchor to the model training starts from instead

@@ -8,6 +8,8 @@ output; at a replacement the replacement's classifier rows are re-initialised (t
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +36,9 @@ class BackboneClassifier(nn.Module):
 @register
 class ExperienceReplay(Independent):
     name = "er"
+
+    def first_version_recipe(self) -> Optional[str]:
+        return None  # another network than independent's
 
     def build_model(self, ctx: StepContext) -> BackboneClassifier:
         return BackboneClassifier(self.model_cfg, ctx.num_seen)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,9 @@ class Independent(Method):
     """Each version trains from scratch (or fine-tunes) with label-smoothed cross-entropy alone."""
 
     name = "independent"
+
+    def first_version_recipe(self) -> Optional[str]:
+        return "independent"  # subclasses whose version 0 is this plain classifier inherit it (bct)
 
     def build_model(self, ctx: StepContext) -> ClassifierNet:
         return ClassifierNet(self.model_cfg, ctx.num_seen)

@@ -23,7 +23,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,10 @@ class OCA(Independent):
     def embedding_dim(self, index: int) -> int:
         """Width of version ``index``: the configured width plus Δd per earlier upgrade."""
         return self.model_cfg.embedding_dim + index * self.params.delta_dim
+
+    def first_version_recipe(self) -> Optional[str]:
+        """Version 0 is independent's model when that one normalises its feature too (OCA always does)."""
+        return super().first_version_recipe() if self.model_cfg.normalize else None
 
     def build_model(self, ctx: StepContext) -> OCANet:
         return OCANet(self.model_cfg, ctx.num_seen, self.embedding_dim(ctx.index),

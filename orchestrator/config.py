@@ -220,6 +220,7 @@ class ResourcesConfig:
     max_failures: int = 0
     steps: dict[int, StepResources] = field(default_factory=dict)  # per-step overrides, by step index
     group_steps: bool = True  # consecutive steps with equal resources share one worker group
+    share_first_version: bool = True  # a method whose version 0 is an earlier method's copies it, untrained
 
     def __post_init__(self):
         require(self.num_workers >= 0, "num_workers", "must be >= 0 (0 runs in-process)")

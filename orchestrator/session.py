@@ -133,6 +133,10 @@ class Session:
         import ray.train
 
         started = time.time()
+        twin = self._first_version_twin() if step.index == 0 else None
+        if twin is not None:
+            self._copy_first_version(twin, started)
+            return
         ctx = self.context(step)
         self.training = ctx.training  # the step's own recipe (incremental steps may override it)
         device = self.worker.device
@@ -201,6 +205,47 @@ class Session:
         self.worker.barrier()
         # once per step, not per epoch: every report waits for the Train controller's next poll
         ray.train.report({"method": self.spec.key, "step": step.index, **means, **accuracy})
+
+    # -- a version 0 shared between methods ---------------------------------------------------
+    def _first_version_twin(self) -> Optional[str]:
+        """An earlier method of the experiment whose finished version 0 is the model this method would
+        train: the same :meth:`Method.first_version_recipe` and step-0 training recipe, in a scenario
+        whose first step trains from scratch without replay memory."""
+        recipe = self.method.first_version_recipe()
+        if (recipe is None or not self.cfg.resources.share_first_version or self.steps[0].event != "train"
+                or self.cfg.scenario.replay is not None):
+            return None
+        training = self.cfg.method_training(self.spec, 0)
+        for spec in self.cfg.methods[: self.cfg.methods.index(self.spec)]:
+            other = create_method(spec.name, spec.params, self.model_cfg)
+            if (other.first_version_recipe() == recipe and self.cfg.method_training(spec, 0) == training
+                    and runfiles.step_done(self.run_dir, spec.key, 0)):
+                return spec.key
+        return None
+
+    def _copy_first_version(self, twin: str, started: float) -> None:
+        """Version 0 of ``twin`` becomes this method's: weights, store partitions and manifest entry,
+        each written atomically, the manifest entry last."""
+        import ray.train
+
+        if self.worker.is_chief:
+            source = runfiles.versions_dir(self.run_dir, twin) / "v0"
+            state = torch.load(source / "model.pt", map_location="cpu", weights_only=True)
+            meta = runfiles.read_json(source / "meta.json")
+            runfiles.save_version(self.run_dir, self.spec.key, 0, state, {
+                **meta, "method": self.spec.name, "params": self.method.describe(), "copied_from": twin})
+            for name in self.cfg.evaluation.sets:
+                table = self.store.read(twin, 0, name)
+                self.store.write(self.spec.key, 0, name, table.embeddings, table.labels, table.sample_ids,
+                                 session=table.sessions, metadata={
+                                     "method": self.spec.name, "normalized": table.metadata.get("normalized", True),
+                                     "config_digest": self.cfg.digest()})
+            entry = runfiles.manifest_entry(self.run_dir, twin, 0)
+            runfiles.mark_step_done(self.run_dir, self.spec.key, 0, {
+                **entry, "method": self.spec.key, "copied_from": twin, "seconds": round(time.time() - started, 3),
+                "train_seconds": 0.0, "trained_images_per_worker": 0})
+        self.worker.barrier()
+        ray.train.report({"method": self.spec.key, "step": 0, "copied_from": twin})
 
     def _own_version(self, checkpoint: Optional[str]) -> Optional[int]:
         """The version number when ``checkpoint`` is one of this method's version directories."""

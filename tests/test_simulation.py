@@ -211,3 +211,27 @@ def test_progress_line_counts_finished_tasks_of_a_group_that_spans_methods(tmp_p
     display.start_group([Task(m, s) for m in (0, 1) for s in steps])
     line = display.line({"method": "bct", "step": 1, "epoch": 1, "epochs": 2, "loss": 0.5})
     assert line.startswith("  4/6 steps done | bct step 1 epoch 1/2 loss 0.5000")
+
+
+def test_an_identical_first_version_is_trained_once_and_copied(finished_run, tmp_path):
+    """bct's version 0 is independent's model: copied, and the same results as training it again."""
+    import numpy as np
+
+    from orchestrator.store import EmbeddingStore
+
+    cfg, run_dir, metrics = finished_run
+    entry = runfiles.manifest_entry(run_dir, "bct", 0)
+    assert entry["copied_from"] == "independent" and entry["trained_images_per_worker"] == 0
+    assert "copied_from" not in runfiles.manifest_entry(run_dir, "bct", 1)
+    store = EmbeddingStore(run_dir / "store")
+    assert np.array_equal(store.read("bct", 0, "test").embeddings, store.read("independent", 0, "test").embeddings)
+    assert runfiles.read_json(run_dir / "versions" / "bct" / "v0" / "meta.json")["method"] == "bct"
+
+    retrained = simulation.run_experiment(tiny(tmp_path, "resources.share_first_version=false"),
+                                          progress=False, echo=lambda s: None)
+    assert "copied_from" not in runfiles.manifest_entry(tmp_path / cfg.name, "bct", 0)
+    for key in ["independent", "bct"]:
+        assert retrained["methods"][key]["matrices"] == metrics["methods"][key]["matrices"]
+    other_recipe = tiny(tmp_path / "other", "methods=[{name: independent}, {name: bct, training: {lr: 0.01}}]")
+    simulation.run_experiment(other_recipe, progress=False, echo=lambda s: None)
+    assert "copied_from" not in runfiles.manifest_entry(tmp_path / "other" / cfg.name, "bct", 0)
