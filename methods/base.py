@@ -12,7 +12,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Optional
+from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
 
 import torch
 from torch import nn
@@ -43,6 +43,8 @@ class StepContext:
     world_size: int = 1
     rank: int = 0
     extras: dict[str, Any] = field(default_factory=dict)  # scenario facts a method may read (e.g. upstream paths)
+    # this method's finished version k of the run, frozen, on the device (set by the engine)
+    load_version: Optional[Callable[[int], nn.Module]] = None
 
     @property
     def new_classes(self) -> range:

@@ -18,11 +18,8 @@ that version's own prefix, the terms averaged so the alignment keeps the weights
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -132,16 +129,9 @@ class OCA(Independent):
             return {}
         anchors = [previous]
         if self.params.align_to == "all":
-            anchors = [self._earlier_version(ctx, k) for k in range(ctx.index - 1)] + anchors
+            anchors = [ctx.load_version(k) for k in range(ctx.index - 1)] + anchors
         embeds = [functools.partial(self.embed, anchor) for anchor in anchors]
         return {"prototypes": compute_prototype_sets(embeds, loader, ctx.num_seen, self.params.renormalize_prototypes)}
-
-    def _earlier_version(self, ctx: StepContext, version: int) -> nn.Module:
-        """Version ``version`` of this run (a sibling of the previous version's directory), frozen."""
-        path = Path(ctx.previous_checkpoint).with_name(f"v{version}")
-        num_seen = json.loads((path / "meta.json").read_text())["num_seen"]
-        earlier = dataclasses.replace(ctx, index=version, num_seen=num_seen, previous_checkpoint=None, init_checkpoint=None)
-        return self.load_version(earlier, str(path)).to(ctx.device)
 
     def loss(self, outputs, images, labels, state, ctx: StepContext):
         if "prototypes" not in state:

@@ -125,7 +125,7 @@ class Session:
             seed=self.cfg.seed, shots=step.shots,
             previous_checkpoint=previous, init_checkpoint=init, device=str(self.worker.device),
             world_size=self.worker.world_size, rank=self.worker.rank,
-            extras={"class_names": self.class_names},
+            extras={"class_names": self.class_names}, load_version=self._load_own_version,
         )
 
     # -- one step ------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ class Session:
         anchor = self.method.anchor_checkpoint(ctx) if self.method.needs_previous else None
         own = self._own_version(anchor)
         if own is not None:  # one of this method's earlier versions, loaded into that version's network
-            previous = self.method.load_version(self.context(self.steps[own]), anchor).to(device)
+            previous = self._load_own_version(own)
         elif anchor is not None:  # a model trained elsewhere (a replacement), loaded into this step's network
             previous = self.method.load_version(ctx, anchor, strict=False).to(device)
         indices = (self.sessions.indices[step.index] if self.sessions is not None
@@ -237,15 +237,22 @@ class Session:
             for name in self.cfg.evaluation.sets:
                 table = self.store.read(twin, 0, name)
                 self.store.write(self.spec.key, 0, name, table.embeddings, table.labels, table.sample_ids,
-                                 session=table.sessions, metadata={
-                                     "method": self.spec.name, "normalized": table.metadata.get("normalized", True),
-                                     "config_digest": self.cfg.digest()})
+                                 session=table.sessions,
+                                 metadata=self._store_metadata(table.metadata.get("normalized", True)))
             entry = runfiles.manifest_entry(self.run_dir, twin, 0)
             runfiles.mark_step_done(self.run_dir, self.spec.key, 0, {
                 **entry, "method": self.spec.key, "copied_from": twin, "seconds": round(time.time() - started, 3),
                 "train_seconds": 0.0, "trained_images_per_worker": 0})
         self.worker.barrier()
         ray.train.report({"method": self.spec.key, "step": 0, "copied_from": twin})
+
+    def _load_own_version(self, version: int) -> torch.nn.Module:
+        """This method's finished ``version``, built for its own step, frozen, on this worker's device."""
+        path = runfiles.versions_dir(self.run_dir, self.spec.key) / f"v{version}"
+        return self.method.load_version(self.context(self.steps[version]), str(path)).to(self.worker.device)
+
+    def _store_metadata(self, normalized: bool = True) -> dict:
+        return {"method": self.spec.name, "normalized": normalized, "config_digest": self.cfg.digest()}
 
     def _own_version(self, checkpoint: Optional[str]) -> Optional[int]:
         """The version number when ``checkpoint`` is one of this method's version directories."""
@@ -319,7 +326,7 @@ class Session:
             self.store.write(self.spec.key, step.index, name, feats, data.labels[shard].astype(np.int32),
                              data.sample_ids[shard], session=step.index, shard=self.worker.rank,
                              num_shards=self.worker.world_size,
-                             metadata={"method": self.spec.name, "normalized": True, "config_digest": self.cfg.digest()})
+                             metadata=self._store_metadata())
 
     def _eval_data(self, name: str) -> LabeledImages:
         eval_set = self.cfg.evaluation.sets[name]

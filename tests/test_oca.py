@@ -114,19 +114,13 @@ def test_loss_matches_a_manual_computation():
     assert parts["cosine"].item() == pytest.approx(1.0)  # one sample on its prototype (0), one opposite (2)
 
 
-def test_align_to_all_has_one_prototype_set_per_earlier_version(tmp_path):
+def test_align_to_all_has_one_prototype_set_per_earlier_version():
     """Version 2 aligns its first d_0 dims to v0's class means and its first d_1 dims to v1's."""
-    import json
-
     torch.manual_seed(0)
     method = oca(align_to="all")
     earlier = {0: method.build_model(ctx(0, 3)).eval(), 1: method.build_model(ctx(1, 4)).eval()}
-    for k, model in earlier.items():
-        (tmp_path / f"v{k}").mkdir()
-        torch.save(model.state_dict(), tmp_path / f"v{k}" / "model.pt")
-        (tmp_path / f"v{k}" / "meta.json").write_text(json.dumps({"num_seen": 3 + k}))
     x, y = images(10), torch.tensor([0, 1, 2, 3, 4] * 2)
-    step = dataclasses.replace(ctx(2, 5), previous_checkpoint=str(tmp_path / "v1"))
+    step = dataclasses.replace(ctx(2, 5), load_version=earlier.__getitem__)
     P0, P1 = method.prepare(step, None, earlier[1], [(x, y)])["prototypes"]
     with torch.no_grad():
         for P, model in ((P0, earlier[0]), (P1, earlier[1])):
@@ -170,13 +164,15 @@ def test_shipped_configs_validate(name):
 
 @pytest.fixture(scope="module")
 def chain_run(tmp_path_factory):
-    """Three versions (2, 4, 6 classes) of independent and oca, in-process, on tiny synthetic data."""
+    """Three versions (2, 4, 6 classes) of independent, oca and oca aligned to every earlier version,
+    in-process, on tiny synthetic data."""
     tmp = tmp_path_factory.mktemp("oca")
     cfg = load_config(None, [
         "name=oca_chain", "data.num_classes=6", "data.train_per_class=16", "data.test_per_class=6",
         "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=3",
         "model.width=4", "model.embedding_dim=8", "training.epochs=2", "training.incremental={}", "training.batch_size=16",
-        "resources.num_workers=0", "methods=[{name: independent}, {name: oca, params: {delta_dim: 4}}]",
+        "resources.num_workers=0", "methods=[{name: independent}, {name: oca, params: {delta_dim: 4}}, "
+        "{name: oca, label: oca-all, params: {delta_dim: 4, align_to: all}}]",
     ])
     cfg.output_dir = str(tmp)
     metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
@@ -217,3 +213,11 @@ def test_report_shows_the_update_table_with_gain(chain_run):
     ecc = "yes" if m[2][0] > m[0][0] else "no"
     assert f"| oca | map | {m[0][0]:.3f} | {m[2][0]:.3f} | {m[2][2]:.3f} | {ecc} | {gain:.3f} |" in text
     assert (run_dir / "heatmap_oca.png").is_file()
+
+
+def test_align_to_all_runs_in_a_chain_and_shares_only_version_0(chain_run):
+    run_dir, metrics = chain_run
+    assert runfiles.manifest_entry(run_dir, "oca-all", 0)["copied_from"] == "independent"
+    assert "copied_from" not in runfiles.manifest_entry(run_dir, "oca-all", 2)
+    assert metrics["methods"]["oca-all"]["params"]["align_to"] == "all"
+    assert len(metrics["methods"]["oca-all"]["matrices"]["cmc1"]) == 3
