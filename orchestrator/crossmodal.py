@@ -220,7 +220,7 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
         means = {k: v / max(batches, 1) for k, v in totals.items()}
         if worker.is_chief:
-            runfiles.write_progress(run_dir, {"method": label, "step": label, "epoch": epoch + 1,
+            runfiles.write_progress(run_dir, label, {"method": label, "step": label, "epoch": epoch + 1,
                                               "epochs": training.epochs, **{k: round(v, 5) for k, v in means.items()}})
     ray.train.report({"step": label, **means})  # once per stage: each report waits for the controller's poll
     module.eval()

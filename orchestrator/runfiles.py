@@ -9,6 +9,7 @@
     RUN_DIR/rows/<method>/row-NNN.json       row K of the compatibility matrices
     RUN_DIR/store/                           the embedding store
     RUN_DIR/ray/                             Ray Train run state (deterministic run names)
+    RUN_DIR/progress/<method>.json           the running step's epoch and loss (for the progress display)
     RUN_DIR/replay/<method>/after-step-NNN.json  replay memory (training-split indices) after step N
     RUN_DIR/upstream/<digest>/               a run directory per upstream (replacement) model
     RUN_DIR/metrics.json, report.md, *.png, *.csv
@@ -90,8 +91,8 @@ def epoch_state_path(run_dir: Path, method: str, step: int) -> Path:
     return Path(run_dir) / "epochs" / method / f"step-{step:03d}.pt"
 
 
-def progress_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "progress.json"
+def progress_path(run_dir: Path, method: str) -> Path:
+    return Path(run_dir) / "progress" / f"{method.replace('/', '--')}.json"
 
 
 def replay_path(run_dir: Path, method: str, step: int) -> Path:
@@ -154,12 +155,13 @@ def clear_epoch_state(run_dir: Path, method: str, step: int) -> None:
 
 
 # -- progress ----------------------------------------------------------------------------------
-def write_progress(run_dir: Path, progress: dict) -> None:
-    atomic_write_json(progress_path(run_dir), progress)
+def write_progress(run_dir: Path, method: str, progress: dict) -> None:
+    """The running step's epoch and losses, one file per method (several chains train at once)."""
+    atomic_write_json(progress_path(run_dir, method), progress)
 
 
-def read_progress(run_dir: Path) -> Optional[dict]:
+def read_progress(run_dir: Path, method: str) -> Optional[dict]:
     try:
-        return json.loads(progress_path(run_dir).read_text())
+        return json.loads(progress_path(run_dir, method).read_text())
     except (OSError, json.JSONDecodeError):
         return None

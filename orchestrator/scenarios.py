@@ -7,7 +7,7 @@ after step t the classes seen are always positions 0..num_seen-1 and classifiers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -85,38 +85,6 @@ def plan_steps(cfg: ExperimentConfig, num_classes: int) -> list[Step]:
             resources=step_resources(cfg, t),
         ))
     return steps
-
-
-class Task(NamedTuple):
-    """One step of one method (``method`` indexes ``cfg.methods``): what a worker group trains."""
-
-    method: int
-    step: Step
-
-
-def group_tasks(tasks: list[Task], enabled: bool = True) -> list[list[Task]]:
-    """Split tasks (method after method, each method's steps in order) into runs with equal resources,
-    one worker group each. A run crosses from one method's last step to the next method's first, so
-    an experiment that compares methods pays the worker group's start once, not once per method."""
-    groups: list[list[Task]] = []
-    for task in tasks:
-        last = groups[-1][-1] if groups else None
-        follows = last is not None and (task.method != last.method or task.step.index == last.step.index + 1)
-        if enabled and follows and last.step.resources == task.step.resources:
-            groups[-1].append(task)
-        else:
-            groups.append([task])
-    return groups
-
-
-def describe_tasks(tasks: list[Task], keys: list[str]) -> str:
-    """``bct steps 0-2`` or ``independent step 1 to bct step 2``, for logs and errors."""
-    first, last = tasks[0], tasks[-1]
-    if first.method != last.method:
-        return f"{keys[first.method]} step {first.step.index} to {keys[last.method]} step {last.step.index}"
-    if first.step.index == last.step.index:
-        return f"{keys[first.method]} step {first.step.index}"
-    return f"{keys[first.method]} steps {first.step.index}-{last.step.index}"
 
 
 def train_indices(positions: np.ndarray, step: Step, seed: int) -> np.ndarray:

@@ -10,9 +10,8 @@
                             with their mean and std
     RUN_DIR/report.md       heatmaps of the mean matrices plus the mean ± std table
 
-A seed's run never depends on the others, so seeds run concurrently as Ray tasks when the experiment
-uses Ray anyway (Train workers, or a cluster already connected): as many at once as the cluster's CPUs
-hold. In-process experiments without a cluster run their seeds one after another.
+A seed's run never depends on the others: its tasks are independent chains of the experiment's task
+graph, trained side by side as far as the cluster holds their worker groups.
 """
 
 from __future__ import annotations
@@ -40,44 +39,12 @@ def seed_runs(cfg: ExperimentConfig, run_dir: Path) -> list[tuple[ExperimentConf
 def run(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, concurrency: Optional[int] = None,
         progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """``compat run``: the experiment once, or once per seed of ``cfg.seeds`` followed by the aggregate.
+    Every seed's tasks are tasks of one graph (:func:`orchestrator.engine.graph.plan`), so seeds train
+    side by side as far as the cluster holds their worker groups; ``concurrency`` caps the worker groups
+    at once. Finished steps are never recomputed, so this also resumes."""
+    from orchestrator.simulation import run_experiment
 
-    ``concurrency`` caps the seeds run at once (None: :func:`seed_concurrency`). Finished seeds and
-    steps are never recomputed, so this also resumes.
-    """
-    from orchestrator.report import render_report
-    from orchestrator.simulation import default_run_dir, prepare_run_dir, run_experiment
-
-    if cfg.seeds is None:
-        return run_experiment(cfg, run_dir, progress=progress, echo=echo)
-    run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
-    prepare_run_dir(cfg, run_dir)
-    runs = seed_runs(cfg, run_dir)
-    at_once = seed_concurrency(cfg) if concurrency is None else concurrency
-    if at_once <= 1:
-        per_seed = [run_experiment(seed_cfg, seed_dir, progress=progress, echo=echo) for seed_cfg, seed_dir in runs]
-    else:
-        echo(f"Running seeds {', '.join(map(str, cfg.seeds))} of '{cfg.name}' as Ray tasks, {at_once} at once, in {run_dir}")
-        per_seed = _run_as_tasks(runs, at_once, echo)
-    metrics = aggregate(cfg, per_seed)
-    runfiles.atomic_write_json(run_dir / "metrics.json", metrics)
-    render_report(run_dir)
-    return metrics
-
-
-def seed_concurrency(cfg: ExperimentConfig) -> int:
-    """Seeds run at once: 1 for an in-process experiment while no Ray cluster is in use; otherwise as
-    many as the cluster's CPUs hold, each seed needing its largest worker group (plus one CPU when some
-    step trains in-process)."""
-    import ray
-
-    from orchestrator.simulation import ensure_ray
-
-    worker_cpus, in_process = cpu_needs(cfg)
-    if worker_cpus == 0 and not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
-        return 1
-    ensure_ray()
-    need = worker_cpus + (1 if in_process else 0)
-    return max(1, min(len(cfg.seeds or [cfg.seed]), int(ray.cluster_resources().get("CPU", 1) // need)))
+    return run_experiment(cfg, run_dir, progress=progress, echo=echo, max_groups=concurrency)
 
 
 def cpu_needs(cfg: ExperimentConfig) -> tuple[float, bool]:
@@ -160,23 +127,6 @@ def format_seed_table(metrics: dict) -> str:
 
 
 # -- internals -------------------------------------------------------------------------------------
-def _run_as_tasks(runs: list[tuple[ExperimentConfig, Path]], at_once: int, echo: Callable[[str], None]) -> list[dict]:
-    import ray
-
-    _, in_process = cpu_needs(runs[0][0])
-    setup = TaskSetup.here()
-    waiting, pending, results = list(range(len(runs))), {}, {}
-    while waiting or pending:
-        while waiting and len(pending) < at_once:
-            index = waiting.pop(0)
-            pending[submit(*runs[index], num_cpus=1 if in_process else 0, setup=setup)] = index
-        (ready,), _ = ray.wait(list(pending), num_returns=1)
-        index = pending.pop(ready)
-        results[index] = result_of(ready)
-        echo(f"  seed {runs[index][0].seed} done ({len(results)}/{len(runs)}): {runs[index][1]}")
-    return [results[i] for i in range(len(runs))]
-
-
 def _run_in_task(cfg_dict: dict, run_dir: str, setup: TaskSetup) -> dict:
     import torch
 

@@ -7,6 +7,7 @@ so resume and fault tolerance keep step granularity. Nothing here knows any part
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -24,6 +25,7 @@ from orchestrator.config import ExperimentConfig, MethodSpec, parse_config
 from orchestrator.data import LabeledImages, load_split
 from orchestrator.data.display_names import display_names
 from orchestrator.data.transforms import BatchTransform, make_transform
+from orchestrator.engine.graph import COPY
 from orchestrator.replay import ReplayMemory, balanced_order
 from orchestrator.scenarios import Step, class_order, plan_steps, train_indices
 from orchestrator.session_files import session_plan
@@ -63,23 +65,38 @@ def current_worker(use_gpu: bool) -> Worker:
     return Worker(rank=rank, world_size=world, device=device)
 
 
-def train_group(loop_config: dict) -> None:
-    """Ray Train ``train_loop_per_worker``: train every unfinished (method, step) task listed in
-    ``loop_config``, method after method, each method's state held only while its steps run."""
-    run_dir = Path(loop_config["run_dir"])
-    cfg = parse_config(loop_config["config"])
-    worker = current_worker(cfg.resources.use_gpu)
+def work(loop_config: dict) -> None:
+    """Ray Train ``train_loop_per_worker`` of every worker group: take tasks from the executor's queue
+    until it has none for this group. A task whose manifest entry exists (finished before a restart of
+    the group) is skipped; a chain's consecutive tasks reuse one :class:`Session`."""
+    from orchestrator.engine.executor import QueueClient
+
+    root, group = Path(loop_config["root"]), loop_config["group"]
+    queue = QueueClient(loop_config["queue"])
+    worker = current_worker(loop_config["use_gpu"])
+    configs: dict[str, ExperimentConfig] = {}
     session: Optional[Session] = None
-    for method_index, index in loop_config["tasks"]:
+    for seq in itertools.count():
+        task_id = queue.next_task(group, seq)
+        if task_id is None:
+            return
+        run, method_index, index, action, copy_from = loop_config["tasks"][task_id]
+        if run not in configs:
+            configs[run] = parse_config(loop_config["runs"][run])
+        cfg, run_dir = configs[run], root / run
         spec = cfg.methods[method_index]
-        if runfiles.step_done(run_dir, spec.key, index):
-            continue  # finished before a worker-group restart
-        if session is None or session.spec is not spec:
-            session = Session(cfg, spec, run_dir, worker)
-        resources = session.steps[index].resources
-        if resources.num_workers > 0:  # a Train worker granted N CPUs trains on N threads, not Ray's default
-            torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
-        session.run_step(session.steps[index])
+        if not runfiles.step_done(run_dir, spec.key, index):
+            if session is None or session.spec is not spec:
+                session = Session(cfg, spec, run_dir, worker)
+            resources = session.steps[index].resources
+            if resources.num_workers > 0:  # a Train worker granted N CPUs trains on N threads, not Ray's default
+                torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
+            if action == COPY:
+                session.copy_first_version(cfg.methods[copy_from].key, group)
+            else:
+                session.run_step(session.steps[index], group)
+        if worker.is_chief:
+            queue.call("complete", task_id)
 
 
 class Session:
@@ -129,14 +146,10 @@ class Session:
         )
 
     # -- one step ------------------------------------------------------------------------------
-    def run_step(self, step: Step) -> None:
+    def run_step(self, step: Step, group: str = "") -> None:
         import ray.train
 
         started = time.time()
-        twin = self._first_version_twin() if step.index == 0 else None
-        if twin is not None:
-            self._copy_first_version(twin, started)
-            return
         ctx = self.context(step)
         self.training = ctx.training  # the step's own recipe (incremental steps may override it)
         device = self.worker.device
@@ -200,6 +213,7 @@ class Session:
                 "init_checkpoint": runfiles.relative_to_run(ctx.init_checkpoint, self.run_dir), "replay_samples": 0 if memory is None else int(len(memory)),
                 "seconds": round(time.time() - started, 3), "world_size": self.worker.world_size,
                 "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,
+                "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group,
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()
@@ -207,27 +221,13 @@ class Session:
         ray.train.report({"method": self.spec.key, "step": step.index, **means, **accuracy})
 
     # -- a version 0 shared between methods ---------------------------------------------------
-    def _first_version_twin(self) -> Optional[str]:
-        """An earlier method of the experiment whose finished version 0 is the model this method would
-        train: the same :meth:`Method.first_version_recipe` and step-0 training recipe, in a scenario
-        whose first step trains from scratch without replay memory."""
-        recipe = self.method.first_version_recipe()
-        if (recipe is None or not self.cfg.resources.share_first_version or self.steps[0].event != "train"
-                or self.cfg.scenario.replay is not None):
-            return None
-        training = self.cfg.method_training(self.spec, 0)
-        for spec in self.cfg.methods[: self.cfg.methods.index(self.spec)]:
-            other = create_method(spec.name, spec.params, self.model_cfg)
-            if (other.first_version_recipe() == recipe and self.cfg.method_training(spec, 0) == training
-                    and runfiles.step_done(self.run_dir, spec.key, 0)):
-                return spec.key
-        return None
-
-    def _copy_first_version(self, twin: str, started: float) -> None:
-        """Version 0 of ``twin`` becomes this method's: weights, store partitions and manifest entry,
-        each written atomically, the manifest entry last."""
+    def copy_first_version(self, twin: str, group: str = "") -> None:
+        """Version 0 of ``twin`` (the method whose version 0 is the model this one would train, see
+        :func:`~orchestrator.engine.graph.first_version_twins`) becomes this method's: weights, store
+        partitions and manifest entry, each written atomically, the manifest entry last."""
         import ray.train
 
+        started = time.time()
         if self.worker.is_chief:
             source = runfiles.versions_dir(self.run_dir, twin) / "v0"
             state = torch.load(source / "model.pt", map_location="cpu", weights_only=True)
@@ -242,7 +242,8 @@ class Session:
             entry = runfiles.manifest_entry(self.run_dir, twin, 0)
             runfiles.mark_step_done(self.run_dir, self.spec.key, 0, {
                 **entry, "method": self.spec.key, "copied_from": twin, "seconds": round(time.time() - started, 3),
-                "train_seconds": 0.0, "trained_images_per_worker": 0})
+                "train_seconds": 0.0, "trained_images_per_worker": 0, "started_at": round(started, 3),
+                "finished_at": round(time.time(), 3), "group": group})
         self.worker.barrier()
         ray.train.report({"method": self.spec.key, "step": 0, "copied_from": twin})
 
@@ -265,7 +266,7 @@ class Session:
         if self.worker.is_chief:
             runfiles.save_epoch_state(self.run_dir, self.spec.key, step.index,
                                       {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch})
-            runfiles.write_progress(self.run_dir, {
+            runfiles.write_progress(self.run_dir, self.spec.key, {
                 "method": self.spec.key, "step": step.index, "epoch": epoch + 1, "epochs": self.training.epochs,
                 **{k: round(v, 5) for k, v in means.items()},
             })

@@ -7,7 +7,6 @@ right after its version exists.
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import subprocess
@@ -19,11 +18,11 @@ import yaml
 
 from orchestrator import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
-from orchestrator.errors import CompatError, RunError
-from orchestrator.scenarios import Task, describe_tasks, group_tasks, plan_steps
+from orchestrator.engine.executor import ensure_ray, explain_failure  # noqa: F401  (public here since the first release)
+from orchestrator.errors import RunError
+from orchestrator.scenarios import plan_steps
 
 SCHEMA_VERSION = 1
-HEALTH_CHECK_INTERVAL_S = 0.2  # Ray Train's default is 2 s; an environment variable of the same name wins
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -72,114 +71,63 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, progress: bool = True,
-                   echo: Callable[[str], None] = print) -> dict:
-    """Run (or resume) every method's scenario, then write metrics.json, CSVs, plots and report.md."""
-    from orchestrator.data import dataset_num_classes
+                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None) -> dict:
+    """Run (or resume) the experiment: plan its task graph (every method, seed and upstream model),
+    execute it, then write each run's metrics.json, CSVs, plots and report.md.
+
+    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds)."""
+    from orchestrator.engine.executor import execute
+    from orchestrator.engine.graph import plan
     from orchestrator.report import render_report
-    from orchestrator.upstream import train_upstream
     from orchestrator.upstream_clip import record_upstream
 
-    run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
-    resuming = prepare_run_dir(cfg, run_dir)
-    record_upstream(cfg, run_dir)  # the offline upstream CLIP, built once before any worker needs it
-    steps = plan_steps(cfg, dataset_num_classes(cfg.data))
-    total = len(steps) * len(cfg.methods)
-    done = sum(runfiles.step_done(run_dir, m.key, s.index) for m in cfg.methods for s in steps)
-    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir}: {len(cfg.methods)} method(s) x "
-         f"{len(steps)} step(s), {done}/{total} already done")
-    display = ProgressDisplay(run_dir, total, done, enabled=progress, echo=echo, keys=[m.key for m in cfg.methods])
-    tasks = [Task(i, s) for i, spec in enumerate(cfg.methods) for s in steps
-             if not runfiles.step_done(run_dir, spec.key, s.index)]
-    for method_index in sorted({t.method for t in tasks}):
-        train_upstream(cfg, run_dir, cfg.methods[method_index], echo)
-    with RowUpdater(cfg, run_dir, len(steps)):  # each matrix row as soon as its step is done
-        for group in group_tasks(tasks, cfg.resources.group_steps):
-            display.start_group(group)
-            run_group(cfg, run_dir, group)
-            display.finish_group(len(group))
-    for spec in cfg.methods:
-        for step in steps:
-            ensure_row(cfg, run_dir, spec.key, step.index)
+    root = Path(run_dir or default_run_dir(cfg)).resolve()
+    resuming = prepare_run_dir(cfg, root)
+    graph = plan(cfg)
+    for path, run in graph.runs.items():
+        if path:
+            prepare_run_dir(run.config, root / path)
+        if run.role != "upstream":
+            record_upstream(run.config, root / path)  # the offline upstream CLIP, built once before any worker needs it
+    done = sum(runfiles.step_done(root / t.run, graph.runs[t.run].config.methods[t.method].key, t.step)
+               for t in graph.tasks.values())
+    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {root}: {describe_graph(graph)}, "
+         f"{done}/{len(graph.tasks)} already done")
+    display = ProgressDisplay(root, graph, done, enabled=progress, echo=echo)
+
+    def row_of(task_id: str) -> None:  # each matrix row as soon as its version is committed
+        task = graph.tasks[task_id]
+        run = graph.runs[task.run]
+        ensure_row(run.config, root / task.run, run.config.methods[task.method].key, task.step)
+
+    execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups)
     display.close()
-    metrics = assemble_metrics(cfg, run_dir, len(steps))
-    runfiles.atomic_write_json(run_dir / "metrics.json", metrics)
-    render_report(run_dir)
+    finished: dict[str, dict] = {}
+    for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):
+        for task in graph.tasks_of(path):
+            row_of(task.id)
+        metrics = assemble_metrics(run.config, root / path, len(run.steps))
+        runfiles.atomic_write_json(root / path / "metrics.json", metrics)
+        render_report(root / path)
+        finished[path] = metrics
+    if cfg.seeds is None:
+        return finished[""]
+    from orchestrator.seeds import aggregate
+
+    metrics = aggregate(cfg, [finished[f"seed-{seed}"] for seed in cfg.seeds])
+    runfiles.atomic_write_json(root / "metrics.json", metrics)
+    render_report(root)
     return metrics
 
 
-def run_group(cfg: ExperimentConfig, run_dir: Path, group: list[Task]) -> None:
-    """One Ray Train run (one worker group) that trains every task of ``group`` in turn."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from orchestrator.session import train_group
-
-    resources = group[0].step.resources
-    # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default)
-    # and each ray.train.report() waits for the next poll: 2 s per epoch, and up to 2 s to notice the end.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
-    if resources.num_workers > 0:
-        ensure_ray()
-    elif os.environ.get("COMPAT_RAY_LOGS") != "1":
-        # in-process runs log every reported metric at INFO into this terminal, over the progress line
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
-    keys = [m.key for m in cfg.methods]
-    first, last = group[0], group[-1]
-    name = (f"{keys[first.method]}-steps-{first.step.index:03d}-{last.step.index:03d}" if first.method == last.method
-            else f"{keys[first.method]}-step-{first.step.index:03d}-to-{keys[last.method]}-step-{last.step.index:03d}")
-    scaling = ScalingConfig(
-        num_workers=resources.num_workers,
-        use_gpu=resources.use_gpu,
-        resources_per_worker={"CPU": resources.cpus_per_worker} if resources.num_workers else None,
-    )
-    trainer = TorchTrainer(
-        train_group,
-        train_loop_config={"run_dir": str(run_dir), "config": cfg.to_dict(),
-                           "tasks": [[t.method, t.step.index] for t in group]},
-        scaling_config=scaling,
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(run_dir / "ray"),
-            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
-        ),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:  # ray.train.TrainingFailedError and friends
-        raise explain_failure(exc, describe_tasks(group, keys)) from exc
-    missing = [describe_tasks([t], keys) for t in group if not runfiles.step_done(run_dir, keys[t.method], t.step.index)]
-    if missing:
-        raise RunError(f"the Train run ended without finishing {', '.join(missing)}; see the log above")
-
-
-def explain_failure(exc: Exception, tasks: str) -> Exception:
-    """The worker's own error when it is one of ours (a clear sentence), else a RunError that names
-    the tasks; the original traceback stays attached as the cause (shown with --debug)."""
-    failures = getattr(exc, "worker_failures", None) or {0: exc}
-    for rank, failure in sorted(failures.items()):
-        seen = failure
-        while seen is not None:
-            if isinstance(seen, CompatError):
-                return seen
-            seen = seen.__cause__ or getattr(seen, "cause", None)
-    rank, failure = sorted(failures.items())[0]
-    first_line = (str(failure).strip().splitlines() or [""])[-1]
-    return RunError(f"{tasks} failed on worker rank {rank}: {type(failure).__name__}: {first_line} "
-                    f"(rerun with --debug for the traceback; finished steps are kept, --resume continues)")
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one.
-    Worker logs stay in Ray's session log directory unless COMPAT_RAY_LOGS=1 (set by --debug)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
+def describe_graph(graph) -> str:
+    """``2 method(s) x 3 step(s) x 4 seeds (+2 upstream models) = 26 tasks``, for the first line of a run."""
+    runs = [r for r in graph.runs.values() if r.role != "upstream"]
+    upstream = sum(len(graph.tasks_of(p)) for p, r in graph.runs.items() if r.role == "upstream")
+    text = f"{len(runs[0].config.methods)} method(s) x {len(runs[0].steps)} step(s)"
+    text += f" x {len(runs)} seeds" if len(runs) > 1 or runs[0].role == "seed" else ""
+    text += f" (+{upstream} upstream model(s))" if upstream else ""
+    return f"{text} = {len(graph.tasks)} tasks"
 
 
 def ensure_row(cfg: ExperimentConfig, run_dir: Path, method: str, version: int) -> dict:
@@ -218,41 +166,6 @@ def class_blocks(cfg: ExperimentConfig) -> Optional[tuple[list[str], "np.ndarray
         block_of_label[order[step.num_previous:step.num_seen]] = step.index
     names = [f"v{step.index}" for step in steps] + (["none"] if steps[-1].num_seen < num_classes else [])
     return names, block_of_label
-
-
-class RowUpdater:
-    """Computes each method's next matrix row as soon as its step is in the manifest, while the workers
-    train on, so the matrix grows row by row inside a grouped Train run. An error here is left for the
-    driver's final ``ensure_row`` pass, which raises it where the user sees it."""
-
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, num_versions: int, interval: float = 0.5):
-        import threading
-
-        self.cfg, self.run_dir, self.num_versions, self.interval = cfg, run_dir, num_versions, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="compat-rows", daemon=True)
-
-    def __enter__(self) -> "RowUpdater":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        next_version = {spec.key: 0 for spec in self.cfg.methods}
-        while not self._stop.wait(self.interval):
-            for key, version in next_version.items():
-                while version < self.num_versions and runfiles.step_done(self.run_dir, key, version):
-                    try:
-                        ensure_row(self.cfg, self.run_dir, key, version)
-                    except Exception:
-                        return
-                    version += 1
-                    if self._stop.is_set():
-                        return
-                next_version[key] = version
 
 
 def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) -> dict:
@@ -337,59 +250,53 @@ def add_update_gain(out: dict) -> None:
 
 
 class ProgressDisplay:
-    """Steps done/total, the current step's epoch and loss, and an ETA, read from progress.json while
-    the workers run (the driver never sees their tensors)."""
+    """Tasks done/total, each running task's epoch and loss, and an ETA, from the executor's events and
+    the progress files the workers write (the driver never sees their tensors)."""
 
-    def __init__(self, run_dir: Path, total: int, done: int, enabled: bool, echo: Callable[[str], None],
-                 keys: list[str]):
-        import threading
-
-        self.run_dir, self.total, self.done, self.enabled, self.echo = run_dir, total, done, enabled, echo
-        self.keys = keys
+    def __init__(self, root: Path, graph, done: int, enabled: bool, echo: Callable[[str], None]):
+        self.root, self.graph, self.enabled, self.echo = root, graph, enabled, echo
+        self.total, self.done, self.finished_here = len(graph.tasks), done, 0
         self.started = time.time()
-        self.finished_here = 0
-        self.group: list[tuple[str, int]] = []  # (method key, step) of the running worker group, in order
-        self._stop = threading.Event()
         self._tty = os.isatty(1)
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        if enabled:
-            self._thread.start()
+        self._last: Optional[str] = None
 
-    def start_group(self, group: list[Task]) -> None:
-        self.group = [(self.keys[t.method], t.step.index) for t in group]
-        runfiles.progress_path(self.run_dir).unlink(missing_ok=True)
-        if self.enabled:
-            workers = group[0].step.resources.num_workers or "in-process"
-            self._print(f"[{describe_tasks(group, self.keys)}] on {workers} worker(s)", newline=True)
+    def event(self, kind: str, task_id: str) -> None:
+        if kind == "finished":
+            self.done += 1
+            self.finished_here += 1
+        if self.enabled and kind in ("started", "failed"):
+            self._print(f"[{self.graph.describe(task_id)}] {kind}", newline=True)
 
-    def finish_group(self, count: int) -> None:
-        self.done += count
-        self.finished_here += count
+    def tick(self, running: list[str]) -> None:
+        if not self.enabled:
+            return
+        line = self.line([(task_id, self._progress(task_id)) for task_id in running])
+        if self._tty:  # a live line, refreshed in place
+            self._print(line, newline=False)
+        elif line != self._last:  # logs get one line per change
+            self._print(line, newline=True)
+        self._last = line
 
-    def line(self, p: dict) -> str:
-        """Steps done (finished tasks of the running group included), the running step's epoch and
-        loss, and an ETA from the pace so far."""
-        running = (p["method"], p["step"])
-        in_group = self.group.index(running) if running in self.group else 0
-        current = in_group + p["epoch"] / p["epochs"]
+    def line(self, running: list[tuple[str, Optional[dict]]]) -> str:
+        """Tasks done, each running task's epoch and loss, and an ETA from the pace so far."""
+        parts, current = [], 0.0
+        for task_id, p in running:
+            task = self.graph.tasks[task_id]
+            key = self.graph.runs[task.run].config.methods[task.method].key
+            if p is None or p.get("step") != task.step:
+                parts.append(f"{key} step {task.step} starting")
+                continue
+            current += p["epoch"] / p["epochs"]
+            parts.append(f"{key} step {task.step} epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f}")
         elapsed = time.time() - self.started
         work = self.finished_here + current
         eta = _clock(elapsed / work * (self.total - self.done - current)) if work > 0 else "--:--"
-        return (f"  {self.done + in_group}/{self.total} steps done | {p['method']} step {p['step']} "
-                f"epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f} | "
+        return (f"  {self.done}/{self.total} tasks done | {'; '.join(parts) or 'waiting for a worker group'} | "
                 f"elapsed {_clock(elapsed)} ETA {eta}")
 
-    def _poll(self) -> None:
-        last = None
-        while not self._stop.wait(0.5):
-            progress = runfiles.read_progress(self.run_dir)
-            if not progress:
-                continue
-            if self._tty:  # a live line, refreshed in place
-                self._print(self.line(progress), newline=False)
-            elif progress != last:  # logs get one line per finished epoch
-                self._print(self.line(progress), newline=True)
-            last = progress
+    def _progress(self, task_id: str) -> Optional[dict]:
+        task = self.graph.tasks[task_id]
+        return runfiles.read_progress(self.root / task.run, self.graph.runs[task.run].config.methods[task.method].key)
 
     def _print(self, text: str, newline: bool) -> None:
         if self._tty and not newline:
@@ -400,12 +307,9 @@ class ProgressDisplay:
             self.echo(text)
 
     def close(self) -> None:
-        self._stop.set()
-        if self.enabled and self._thread.is_alive():
-            self._thread.join(timeout=2)
-            if self._tty:
-                print()
-        self.echo(f"All {self.total} steps done in {_clock(time.time() - self.started)}")
+        if self.enabled and self._tty:
+            print()
+        self.echo(f"All {self.total} tasks done in {_clock(time.time() - self.started)}")
 
 
 def _clock(seconds: float) -> str:

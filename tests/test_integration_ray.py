@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from orchestrator import runfiles, simulation
+from orchestrator.engine import executor
 from orchestrator.config import load_config
 from orchestrator.store import EmbeddingStore
 
@@ -25,8 +26,9 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
 
     # two worker groups: steps 0-1 on one worker, step 2 on two DDP workers
-    assert sorted(p.name for p in (run_dir / "ray").iterdir() if p.is_dir()) == [
-        "bct-steps-000-001", "bct-steps-002-002"]
+    groups = [runfiles.manifest_entry(run_dir, "bct", v)["group"] for v in range(3)]
+    assert groups[0] == groups[1] != groups[2]
+    assert sorted(p.name for p in (run_dir / "ray").iterdir() if p.is_dir()) == [f"quickstart-{g}" for g in groups[1:]]
     assert runfiles.manifest_entry(run_dir, "bct", 2)["world_size"] == 2
     store = EmbeddingStore(run_dir / "store")
     table = store.read("bct", 2, "test")
@@ -35,6 +37,6 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     m = np.array(metrics["methods"]["bct"]["matrices"]["cmc1"], dtype=float)
     assert np.isnan(m[0, 1]) and np.isfinite(np.tril(m)).all()
 
-    monkeypatch.setattr(simulation, "run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
     again = simulation.run_experiment(simulation.load_run_config(run_dir), run_dir, progress=False, echo=lambda s: None)
     assert json.dumps(again["methods"]) == json.dumps(metrics["methods"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.scenarios import Resources, Task, class_order, describe_tasks, group_tasks, plan_steps, train_indices
+from orchestrator.scenarios import Resources, class_order, plan_steps, train_indices
 
 
 def test_class_incremental_plan():
@@ -28,31 +28,10 @@ def test_seeded_class_order_is_a_deterministic_permutation():
     assert (class_order(load_config(None), 20) == np.arange(20)).all()
 
 
-def test_per_step_resources_and_grouping():
+def test_per_step_resources():
     cfg = load_config(None, ["resources.steps={2: {num_workers: 2}}"])
     steps = plan_steps(cfg, 20)
-    assert steps[2].resources == Resources(2, False, 1.0)
-    tasks = [Task(0, s) for s in steps]
-    assert [[t.step.index for t in g] for g in group_tasks(tasks)] == [[0, 1], [2]]
-    assert [[t.step.index for t in g] for g in group_tasks(tasks, enabled=False)] == [[0], [1], [2]]
-
-
-def test_grouping_crosses_methods_but_not_resources():
-    steps = plan_steps(load_config(None), 20)
-    two_methods = [Task(m, s) for m in (0, 1) for s in steps]
-    assert [[(t.method, t.step.index) for t in g] for g in group_tasks(two_methods)] == [
-        [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]]
-    resumed = [Task(0, steps[2]), Task(1, steps[1]), Task(1, steps[2])]  # finished steps left out
-    assert len(group_tasks(resumed)) == 1
-    gap = [Task(0, steps[0]), Task(0, steps[2])]
-    assert len(group_tasks(gap)) == 2  # never skip over a step of the same method
-    wide = plan_steps(load_config(None, ["resources.steps={0: {num_workers: 2}}"]), 20)
-    assert [[(t.method, t.step.index) for t in g] for g in group_tasks([Task(m, s) for m in (0, 1) for s in wide])] == [
-        [(0, 0)], [(0, 1), (0, 2)], [(1, 0)], [(1, 1), (1, 2)]]
-    keys = ["independent", "bct"]
-    assert describe_tasks(two_methods, keys) == "independent step 0 to bct step 2"
-    assert describe_tasks(two_methods[3:], keys) == "bct steps 0-2"
-    assert describe_tasks(two_methods[4:5], keys) == "bct step 1"
+    assert [s.resources for s in steps] == [Resources(1, False, 1.0)] * 2 + [Resources(2, False, 1.0)]
 
 
 def test_few_shot_indices_are_k_per_new_class_and_deterministic():

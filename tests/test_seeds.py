@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from orchestrator import seeds, simulation
+from orchestrator.engine import executor
 from orchestrator.cli import main
 from orchestrator.config import load_config
 
@@ -65,7 +66,7 @@ def test_every_metric_is_reported_as_mean_and_sample_std(two_seeds):
 def test_resume_of_a_multi_seed_run_redoes_nothing(two_seeds, monkeypatch, capsys):
     parent, _ = two_seeds
     before = read(parent)
-    monkeypatch.setattr(simulation, "run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
     assert main(["run", "--resume", str(parent), "--no-progress"]) == 0
     assert "mean ± sample std" in capsys.readouterr().out
     assert numbers(read(parent)) == numbers(before)
@@ -89,14 +90,6 @@ def test_aggregate_keeps_names_and_counts_and_ands_flags():
     assert out["seeds"]["runs"] == {"3": "seed-3", "4": "seed-4"} and out["seed"] is None
     single = seeds.aggregate(load_config(None, [*TINY, "seeds=[3]"]), [run(60.0, True)])
     assert single["seeds"]["std"]["bct"]["AM"] is None  # one seed has no spread
-
-
-def test_in_process_seeds_run_one_after_another_without_a_cluster(monkeypatch):
-    import ray
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert not ray.is_initialized()
-    assert seeds.seed_concurrency(load_config(None, [*TINY, "seeds=[0, 1, 2]"])) == 1
 
 
 @pytest.mark.parametrize("value", ["0,0", "0,x"])

@@ -10,6 +10,7 @@ import torch
 from methods.base import register
 from methods.independent import Independent
 from orchestrator import runfiles, simulation
+from orchestrator.engine import executor
 from orchestrator.cli import main
 from orchestrator.scenarios import class_order
 
@@ -67,14 +68,14 @@ def test_metrics_json_schema(finished_run):
 
 def test_rerun_with_the_same_config_redoes_nothing(finished_run, monkeypatch):
     cfg, run_dir, metrics = finished_run
-    monkeypatch.setattr(simulation, "run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
     again = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert again["methods"]["bct"]["matrices"] == metrics["methods"]["bct"]["matrices"]
 
 
 def test_resume_flag_and_report_command(finished_run, monkeypatch, capsys):
     _, run_dir, _ = finished_run
-    monkeypatch.setattr(simulation, "run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
     assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
     assert "bct" in capsys.readouterr().out
     (run_dir / "report.md").unlink()
@@ -139,51 +140,39 @@ def test_invalid_config_writes_nothing(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path, monkeypatch):
+RECORD_KEYS = {"seconds", "train_seconds", "started_at", "finished_at", "group"}  # when and where, not what
+
+
+def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path):
     _, run_dir, metrics = finished_run
     cfg = tiny(tmp_path, "resources.group_steps=false")
-    groups = []
-    real_run_group = simulation.run_group
-    monkeypatch.setattr(simulation, "run_group", lambda *a: groups.append(a[2]) or real_run_group(*a))
     ungrouped = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    groups = set()
     for key in ["independent", "bct"]:
         assert ungrouped["methods"][key]["matrices"] == metrics["methods"][key]["matrices"]
         for v in range(3):
-            timing = {"seconds", "train_seconds"}
-            a = {k: x for k, x in runfiles.manifest_entry(run_dir, key, v).items() if k not in timing}
-            b = {k: x for k, x in runfiles.manifest_entry(tmp_path / cfg.name, key, v).items() if k not in timing}
-            assert a == b
-    assert [len(g) for g in groups] == [1] * 6  # one Train run per step and method
+            a = {k: x for k, x in runfiles.manifest_entry(run_dir, key, v).items() if k not in RECORD_KEYS}
+            b = runfiles.manifest_entry(tmp_path / cfg.name, key, v)
+            groups.add(b["group"])
+            assert a == {k: x for k, x in b.items() if k not in RECORD_KEYS}
+    assert len(groups) == 6  # one Train run per step and method
 
 
-def test_one_worker_group_trains_every_method(tmp_path, monkeypatch):
-    """Steps with equal resources share one Train run across methods: one start per experiment."""
-    cfg = tiny(tmp_path, "scenario.num_steps=2", "training.epochs=1")
-    groups = []
-    real_run_group = simulation.run_group
-    monkeypatch.setattr(simulation, "run_group", lambda *a: groups.append(a[2]) or real_run_group(*a))
-    simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
-    assert [[(t.method, t.step.index) for t in g] for g in groups] == [[(0, 0), (0, 1), (1, 0), (1, 1)]]
-    assert all(runfiles.step_done(tmp_path / cfg.name, key, v) for key in ["independent", "bct"] for v in (0, 1))
+def test_one_worker_group_trains_every_method_in_process(finished_run):
+    """In-process, one group trains every task in turn (chain by chain): one start per experiment."""
+    _, run_dir, _ = finished_run
+    entries = [runfiles.manifest_entry(run_dir, key, v) for key in ["independent", "bct"] for v in range(3)]
+    assert len({e["group"] for e in entries}) == 1
+    order = sorted(entries, key=lambda e: e["started_at"])
+    assert [(e["method"], e["version"]) for e in order] == [
+        ("independent", 0), ("independent", 1), ("independent", 2), ("bct", 0), ("bct", 1), ("bct", 2)]
 
 
-def test_rows_are_computed_while_later_steps_train(finished_run, tmp_path):
-    """The row updater fills in each finished step's row on its own, as a grouped run needs."""
-
-    cfg, run_dir, metrics = finished_run
-    copy = tmp_path / "copy"
-    shutil.copytree(run_dir, copy)
-    shutil.rmtree(copy / "rows")
-    for key in ["independent", "bct"]:  # the last step of each method is "still training"
-        runfiles.manifest_path(copy, key, 2).unlink()
-    with simulation.RowUpdater(cfg, copy, 3, interval=0.05):
-        for _ in range(200):
-            if all(runfiles.row_path(copy, k, v).is_file() for k in ["independent", "bct"] for v in (0, 1)):
-                break
-            time.sleep(0.05)
-    for key in ["independent", "bct"]:
-        assert runfiles.read_json(runfiles.row_path(copy, key, 1))["cmc1"] == metrics["methods"][key]["matrices"]["cmc1"][1][:2]
-        assert not runfiles.row_path(copy, key, 2).exists()  # its step is not in the manifest
+def test_rows_are_computed_while_later_steps_train(finished_run):
+    """Each version's matrix row is computed as soon as it is committed, while the group trains on."""
+    _, run_dir, _ = finished_run
+    last = runfiles.manifest_entry(run_dir, "independent", 2)
+    assert runfiles.row_path(run_dir, "independent", 0).stat().st_mtime < last["finished_at"]
 
 
 def test_cells_are_split_by_the_classes_each_version_added(finished_run):
@@ -201,16 +190,14 @@ def test_cells_are_split_by_the_classes_each_version_added(finished_run):
     assert block_of_label[order].tolist() == [0, 0, 1, 1, 2, 2]  # blocks follow the class order
 
 
-def test_progress_line_counts_finished_tasks_of_a_group_that_spans_methods(tmp_path):
-    from orchestrator.scenarios import Task, plan_steps
+def test_progress_line_shows_every_running_task(tmp_path):
+    from orchestrator.engine.graph import plan
 
-    cfg = tiny(tmp_path)
-    steps = plan_steps(cfg, 6)
-    display = simulation.ProgressDisplay(tmp_path, total=6, done=0, enabled=False, echo=lambda s: None,
-                                         keys=["independent", "bct"])
-    display.start_group([Task(m, s) for m in (0, 1) for s in steps])
-    line = display.line({"method": "bct", "step": 1, "epoch": 1, "epochs": 2, "loss": 0.5})
-    assert line.startswith("  4/6 steps done | bct step 1 epoch 1/2 loss 0.5000")
+    graph = plan(tiny(tmp_path))
+    display = simulation.ProgressDisplay(tmp_path, graph, done=4, enabled=False, echo=lambda s: None)
+    line = display.line([("bct/step-001", {"method": "bct", "step": 1, "epoch": 1, "epochs": 2, "loss": 0.5}),
+                         ("independent/step-002", None)])
+    assert line.startswith("  4/6 tasks done | bct step 1 epoch 1/2 loss 0.5000; independent step 2 starting |")
 
 
 def test_an_identical_first_version_is_trained_once_and_copied(finished_run, tmp_path):

@@ -180,12 +180,11 @@ def test_best_config_reproduces_its_trial_with_compat_run(asha_sweep, tmp_path):
 
 
 @integration
-def test_seeds_as_concurrent_ray_tasks_equal_in_process_runs(asha_sweep, tmp_path):
+def test_seeds_of_one_graph_equal_the_trial_run(asha_sweep, tmp_path):
     from orchestrator.config import load_config
 
     sweep, results, _, _ = asha_sweep
     cfg = load_config(str(sweep.directory / "best_config.yaml"), ["seeds=[0, 1]"])
-    assert seeds.seed_concurrency(cfg) == 2  # the cluster is up: 4 CPUs, one per in-process seed
     seeds.run(cfg, tmp_path / "multi", echo=lambda s: None)
     trial_run = json.loads((sweep.directory / "runs" / results.best.trial_id / "metrics.json").read_text())
     seed_zero = json.loads((tmp_path / "multi" / "seed-0" / "metrics.json").read_text())

@@ -1,0 +1,250 @@
+"""The executor: runs every ready task of a graph as soon as the cluster holds its worker group.
+
+Worker groups are Ray Train runs (one ``TorchTrainer.fit`` each, started from a driver thread) whose
+workers pull tasks from a :class:`~orchestrator.engine.queue.TaskQueue` until it tells them to leave.
+Independent chains therefore train at the same time in groups of their own, while consecutive tasks of
+one chain stay in one group and pay its start-up once. The driver only schedules: it opens a group
+when a task of some resource shape is ready, no open group of that shape is free and the cluster has
+room for it; it learns what finished from the queue, and hands each finished task to ``on_finished``
+(the matrix rows) and to the progress display.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from orchestrator.engine.graph import TaskGraph
+from orchestrator.engine.queue import DONE, WAIT, TaskQueue, shape_of
+from orchestrator.errors import CompatError, RunError
+
+HEALTH_CHECK_INTERVAL_S = 0.2  # Ray Train's default is 2 s; an environment variable of the same name wins
+POLL_S = 0.2
+_LOCAL_QUEUES: dict[str, TaskQueue] = {}  # in-process groups find their queue here (no Ray actor needed)
+
+
+def execute(graph: TaskGraph, root: Path, *, on_finished: Callable[[str], None] = lambda task_id: None,
+            display=None, max_groups: Optional[int] = None) -> None:
+    """Run every unfinished task of ``graph`` (run state under ``root``); raise the first failure once
+    everything that did not depend on it has finished."""
+    from orchestrator import runfiles
+
+    done = {t.id for t in graph.tasks.values() if runfiles.step_done(*_where(graph, root, t.id))}
+    todo = [t for t in graph.tasks.values() if t.id not in done]
+    if not todo:
+        return
+    remote = any(t.resources.num_workers > 0 for t in todo)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
+    if remote:
+        ensure_ray()
+    if any(t.resources.num_workers == 0 for t in todo) and os.environ.get("COMPAT_RAY_LOGS") != "1":
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process reports would log over the progress line
+    reuse = next(iter(graph.runs.values())).config.resources.group_steps
+    queue = _Queue(list(graph.tasks.values()), done, remote, reuse)
+    capacity = _Capacity(max_groups) if remote else None
+    threads: list[threading.Thread] = []
+    errors: dict[str, BaseException] = {}
+    cursor = 0
+    try:
+        while True:
+            for event, task_id in queue.call("events_since", cursor):
+                cursor += 1
+                if event == "finished":
+                    on_finished(task_id)
+                if display is not None:
+                    display.event(event, task_id)
+            if queue.call("finished"):
+                break
+            _open_groups(graph, root, queue, capacity, threads, errors)
+            if display is not None:
+                display.tick(queue.call("running"))
+            time.sleep(POLL_S)
+    except BaseException:  # Ctrl-C or a bug here: leave now; Ray ends the groups this driver owns
+        queue.close()
+        raise
+    for thread in threads:
+        thread.join()
+    queue.close()
+    failures = queue.failures
+    if failures:
+        first = next(iter(failures))
+        cause = next(iter(errors.values()), None)
+        if cause is not None and not isinstance(cause, Exception):
+            raise cause  # an interrupt inside an in-process group, as if it had reached this thread
+        if cause is not None:
+            raise explain_failure(cause, graph.describe(first)) from cause
+        raise RunError(f"{graph.describe(first)} did not finish: {failures[first]} (finished tasks are kept; "
+                       f"--resume continues)")
+
+
+def _open_groups(graph, root, queue, capacity, threads, errors) -> None:
+    ready = queue.call("unclaimed_ready")
+    free = queue.call("free_groups")
+    open_shapes = queue.call("open_groups")
+    for shape, count in ready.items():
+        needed = count - free.get(shape, 0)
+        while needed > 0:
+            in_process = shape[0] == 0
+            if in_process and any(s[0] == 0 for s in open_shapes):
+                break  # one in-process group at a time: it trains in this process
+            if not in_process and not capacity.admits(shape, [s for s in open_shapes if s[0] > 0]):
+                break
+            group = queue.call("open_group", shape)
+            open_shapes.append(shape)
+            thread = threading.Thread(target=_run_group, args=(graph, root, queue, group, shape, errors),
+                                      name=f"compat-{group}", daemon=True)
+            thread.start()
+            threads.append(thread)
+            needed -= 1
+
+
+def _run_group(graph: TaskGraph, root: Path, queue: "_Queue", group: str, shape: tuple,
+               errors: dict[str, BaseException]) -> None:
+    """One worker group: a Ray Train run whose workers pull tasks until the queue has none for them."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.session import work
+
+    num_workers, use_gpu, cpus = shape
+    first_cfg = next(iter(graph.runs.values())).config
+    trainer = TorchTrainer(
+        work,
+        train_loop_config={
+            "root": str(root), "group": group, "queue": queue.handle(group), "use_gpu": use_gpu,
+            "runs": {path: run.config.to_dict() for path, run in graph.runs.items()},
+            "tasks": {t.id: [t.run, t.method, t.step, t.action, t.copy_from] for t in graph.tasks.values()},
+        },
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus} if num_workers else None),
+        run_config=RunConfig(name=f"{first_cfg.name}-{group}", storage_path=str(root / "ray"),
+                             failure_config=FailureConfig(max_failures=first_cfg.resources.max_failures)),
+    )
+    error = None
+    try:
+        trainer.fit()
+    except BaseException as exc:  # ray.train.TrainingFailedError and friends
+        errors[group] = exc
+        error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
+    finally:
+        queue.call("close_group", group, error)
+
+
+def explain_failure(exc: BaseException, tasks: str) -> Exception:
+    """The worker's own error when it is one of ours (a clear sentence), else a RunError that names
+    the task; the original traceback stays attached as the cause (shown with --debug)."""
+    failures = getattr(exc, "worker_failures", None) or {0: exc}
+    for rank, failure in sorted(failures.items()):
+        seen = failure
+        while seen is not None:
+            if isinstance(seen, CompatError):
+                return seen
+            seen = seen.__cause__ or getattr(seen, "cause", None)
+    rank, failure = sorted(failures.items())[0]
+    first_line = (str(failure).strip().splitlines() or [""])[-1]
+    return RunError(f"{tasks} failed on worker rank {rank}: {type(failure).__name__}: {first_line} "
+                    f"(rerun with --debug for the traceback; finished steps are kept, --resume continues)")
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one.
+    Worker logs stay in Ray's session log directory unless COMPAT_RAY_LOGS=1 (set by --debug)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
+
+
+def _where(graph: TaskGraph, root: Path, task_id: str) -> tuple[Path, str, int]:
+    task = graph.tasks[task_id]
+    run = graph.runs[task.run]
+    return root / task.run, run.config.methods[task.method].key, task.step
+
+
+class _Capacity:
+    """Whether the cluster holds one more worker group of a shape next to the open ones."""
+
+    def __init__(self, max_groups: Optional[int]):
+        import ray
+
+        total = ray.cluster_resources()
+        self.cpus, self.gpus, self.max_groups = total.get("CPU", 0.0), total.get("GPU", 0.0), max_groups
+
+    def admits(self, shape: tuple, open_shapes: list[tuple]) -> bool:
+        if not open_shapes:
+            return True  # one group always starts (an autoscaling cluster grows for it)
+        if self.max_groups is not None and len(open_shapes) >= self.max_groups:
+            return False
+        shapes = [*open_shapes, shape]
+        cpus = sum(n * c for n, _, c in shapes)
+        gpus = sum(n for n, gpu, _ in shapes if gpu)
+        return cpus <= self.cpus + 1e-9 and gpus <= self.gpus + 1e-9
+
+
+class _Queue:
+    """The driver's handle on the queue: a Ray actor when groups run on the cluster, else the object."""
+
+    def __init__(self, tasks, done, remote: bool, reuse_groups: bool):
+        import uuid
+
+        self.remote = remote
+        if remote:
+            import ray
+
+            self.actor = ray.remote(num_cpus=0, max_concurrency=1)(TaskQueue).remote(tasks, done, reuse_groups)
+        else:
+            self.name = f"queue-{uuid.uuid4().hex}"
+            _LOCAL_QUEUES[self.name] = TaskQueue(tasks, done, reuse_groups)
+        self.failures: dict[str, str] = {}
+
+    def call(self, method: str, *args):
+        if self.remote:
+            import ray
+
+            return ray.get(getattr(self.actor, method).remote(*args))
+        return getattr(_LOCAL_QUEUES[self.name], method)(*args)
+
+    def handle(self, group: str):
+        return self.actor if self.remote else self.name
+
+    def close(self) -> None:
+        self.failures = self.call("failures")
+        if self.remote:
+            import ray
+
+            ray.kill(self.actor)
+        else:
+            _LOCAL_QUEUES.pop(self.name, None)
+
+
+class QueueClient:
+    """A worker's side of the queue (the actor handle, or the in-process queue's name)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def call(self, method: str, *args):
+        if isinstance(self.handle, str):
+            return getattr(_LOCAL_QUEUES[self.handle], method)(*args)
+        import ray
+
+        return ray.get(getattr(self.handle, method).remote(*args))
+
+    def next_task(self, group: str, seq: int) -> Optional[str]:
+        """The group's ``seq``-th task, waiting while one is about to become ready; None: leave."""
+        while True:
+            answer = self.call("claim", group, seq)
+            if answer == DONE:
+                return None
+            if answer != WAIT:
+                return answer
+            time.sleep(POLL_S)

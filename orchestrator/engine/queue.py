@@ -1,0 +1,158 @@
+"""Which worker group trains which task next: the scheduling state of one execution.
+
+Worker groups pull tasks: a group asks for its next task (``claim``) whenever it is free, and the queue
+hands it a ready task of its resource shape, preferring the next task of the chain the group just
+worked on (its datasets and method are already loaded). A group with nothing ready waits while some
+task of its shape is about to become ready (a task it depends on is running), and leaves otherwise, so
+an idle group never holds resources another shape needs.
+
+Every rank of a group asks with the same sequence number and gets the same answer; a group that Ray
+Train restarts after a failure asks again from sequence 0 and is handed its earlier tasks again (the
+finished ones it skips, the interrupted one it redoes). The queue is plain Python: the driver holds it
+as a Ray actor when workers run on a cluster, and as an object when the one group trains in-process.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional
+
+from orchestrator.engine.graph import Task
+
+WAIT, DONE = "wait", "done"
+
+
+@dataclass
+class _Group:
+    shape: tuple
+    claims: list  # task ids (or DONE) by sequence number
+    working: Optional[str] = None
+    last: Optional[str] = None  # the last task it claimed: its chain comes first
+    open: bool = True
+
+
+class TaskQueue:
+    def __init__(self, tasks: list[Task], done: set[str], reuse_groups: bool = True):
+        self.reuse_groups = reuse_groups  # False: every group trains one task and leaves
+        self.tasks = {t.id: t for t in tasks}
+        self.order = {t.id: i for i, t in enumerate(tasks)}
+        self.done = set(done) & set(self.tasks)
+        self.failed: dict[str, str] = {}  # task id -> why (its own failure, or the task it depended on)
+        self.claimed: dict[str, str] = {}  # task id -> group
+        self.groups: dict[str, _Group] = {}
+        self.events: list[tuple[str, str]] = []  # ("started" | "finished" | "failed", task id), in order
+        self._ids = itertools.count()
+
+    # -- groups -------------------------------------------------------------------------------
+    def open_group(self, shape: tuple) -> str:
+        name = f"group-{next(self._ids)}"
+        self.groups[name] = _Group(shape=shape, claims=[])
+        return name
+
+    def close_group(self, group: str, error: Optional[str] = None) -> None:
+        """The group's Train run ended. A task it was still on failed (with ``error``, or without a word),
+        and so does every task that depends on it; other chains go on."""
+        g = self.groups[group]
+        g.open = False
+        if g.working is not None and g.working not in self.done:
+            self._fail(g.working, error or "its worker group ended without finishing it")
+        g.working = None
+
+    def claim(self, group: str, seq: int) -> str:
+        """The task id for the group's ``seq``-th claim, ``WAIT`` (ask again soon) or ``DONE`` (leave)."""
+        g = self.groups[group]
+        if seq < len(g.claims):  # a rank catching up, or a restarted group replaying its claims
+            answer = g.claims[seq]
+            if answer != DONE:
+                g.working = answer
+            return answer
+        may_take = self.reuse_groups or not g.claims
+        pick = self._pick(g) if may_take else None
+        if pick is None:
+            if may_take and self._worth_waiting(g.shape):
+                return WAIT
+            g.claims.append(DONE)
+            return DONE
+        g.claims.append(pick)
+        g.working, g.last = pick, pick
+        self.claimed[pick] = group
+        self.events.append(("started", pick))
+        return pick
+
+    def complete(self, task_id: str) -> None:
+        """``task_id`` is committed (its manifest entry exists)."""
+        if task_id not in self.done:
+            self.done.add(task_id)
+            self.events.append(("finished", task_id))
+        for g in self.groups.values():
+            if g.working == task_id:
+                g.working = None
+
+    # -- what the driver reads ------------------------------------------------------------------
+    def unclaimed_ready(self) -> dict[tuple, int]:
+        """Ready tasks no group has taken, by resource shape."""
+        counts: dict[tuple, int] = {}
+        for task in self._ready():
+            counts[shape_of(task)] = counts.get(shape_of(task), 0) + 1
+        return counts
+
+    def free_groups(self) -> dict[tuple, int]:
+        """Open groups not working on a task (starting, or between tasks), by resource shape."""
+        counts: dict[tuple, int] = {}
+        for g in self.groups.values():
+            if g.open and g.working is None:
+                counts[g.shape] = counts.get(g.shape, 0) + 1
+        return counts
+
+    def open_groups(self) -> list[tuple]:
+        return [g.shape for g in self.groups.values() if g.open]
+
+    def running(self) -> list[str]:
+        return [g.working for g in self.groups.values() if g.open and g.working is not None]
+
+    def events_since(self, cursor: int) -> list[tuple[str, str]]:
+        return self.events[cursor:]
+
+    def finished(self) -> bool:
+        """Every task committed, or failed, or blocked by a failure."""
+        return all(t in self.done or t in self.failed for t in self.tasks)
+
+    def failures(self) -> dict[str, str]:
+        return dict(self.failed)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _ready(self) -> list[Task]:
+        return [t for t in self.tasks.values()
+                if t.id not in self.done and t.id not in self.failed and t.id not in self.claimed
+                and all(d in self.done for d in t.deps)]
+
+    def _pick(self, g: _Group) -> Optional[str]:
+        ready = [t for t in self._ready() if shape_of(t) == g.shape]
+        if not ready:
+            return None
+        last = self.tasks.get(g.last) if g.last else None
+        same_chain = [t for t in ready if last is not None and t.chain == last.chain]
+        return (same_chain or ready)[0].id  # otherwise the first in plan order
+
+    def _worth_waiting(self, shape: tuple) -> bool:
+        """Some pending task of ``shape`` needs only tasks that are finished or running right now."""
+        running = {g.working for g in self.groups.values() if g.open and g.working is not None}
+        for t in self.tasks.values():
+            if (shape_of(t) == shape and t.id not in self.done and t.id not in self.failed
+                    and t.id not in self.claimed and all(d in self.done or d in running for d in t.deps)):
+                return True
+        return False
+
+    def _fail(self, task_id: str, why: str) -> None:
+        self.failed[task_id] = why
+        self.events.append(("failed", task_id))
+        for t in self.tasks.values():  # in plan order, so dependents of dependents follow
+            if t.id not in self.failed and t.id not in self.done and any(d in self.failed for d in t.deps):
+                self.failed[t.id] = f"needs {task_id}, which failed"
+
+
+def shape_of(task: Task) -> tuple:
+    r = task.resources
+    return (r.num_workers, r.use_gpu, r.cpus_per_worker)
+
