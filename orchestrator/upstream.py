@@ -6,14 +6,15 @@ method's network before the run directory exists — or upstream model k: each m
 trained on the first ``upstream.classes[k]`` classes of ``upstream.data``.
 Unlike the reference, whose checkpoints come from an unversioned link with no recipe, the upstream recipe
 is part of the config: each upstream model is a one-step experiment in ``RUN_DIR/upstream/<digest>/``
-(its own config, report and accuracy), trained once and found again by the digest of its recipe.
+(its own config, report and accuracy), a run of the experiment's task graph (orchestrator/engine/graph.py)
+that the replacing step depends on, trained once and found again by the digest of its recipe.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -99,19 +100,6 @@ def replacement_checkpoint(cfg: ExperimentConfig, run_dir: Path, spec: MethodSpe
     if source.checkpoint is not None:
         return source.checkpoint
     return str(_upstream_version(cfg, run_dir, spec, source.upstream)[2])
-
-
-def train_upstream(cfg: ExperimentConfig, run_dir: Path, spec: MethodSpec, echo: Callable[[str], None]) -> None:
-    """Train (once) every upstream model ``spec``'s scenario swaps in; finished ones are skipped."""
-    from orchestrator.simulation import run_experiment
-
-    for index in sorted({s.upstream for s in cfg.scenario.replacements if s.upstream is not None}):
-        sub_dir, key, _ = _upstream_version(cfg, run_dir, spec, index)
-        if runfiles.step_done(sub_dir, key, 0):
-            continue
-        echo(f"[{spec.key}] upstream model {index}: {cfg.upstream.classes[index]} classes of "
-             f"{cfg.upstream.data.dataset} (variant {cfg.upstream.data.variant}) in {sub_dir}")
-        run_experiment(upstream_config(cfg, spec, index), sub_dir, progress=False, echo=echo)
 
 
 def check_replacements(cfg: ExperimentConfig) -> None:

@@ -11,7 +11,7 @@ from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.scenarios import plan_steps
-from orchestrator.upstream import check_replacements, train_upstream, upstream_config
+from orchestrator.upstream import check_replacements, upstream_config
 
 from helpers import config_under
 
@@ -94,13 +94,17 @@ def test_query_gallery_templates_on_an_unseen_variant(replaced_run):
 
 
 def test_upstream_models_are_trained_once(replaced_run, monkeypatch):
-    import orchestrator.simulation
+    from orchestrator import simulation
+    from orchestrator.engine import executor
 
-    cfg, run_dir, _ = replaced_run
+    cfg, run_dir, metrics = replaced_run
     assert {p.name for p in (run_dir / "upstream").iterdir()} == {upstream_config(cfg, s, 1).digest() for s in cfg.methods}
-    monkeypatch.setattr(orchestrator.simulation, "run_experiment", lambda *a, **k: pytest.fail("retrained"))
-    for spec in cfg.methods:
-        train_upstream(cfg, run_dir, spec, echo=lambda s: None)
+    for spec in cfg.methods:  # each upstream model is a run of its own, with its report
+        sub = run_dir / "upstream" / upstream_config(cfg, spec, 1).digest()
+        assert (sub / "report.md").is_file() and runfiles.step_done(sub, spec.name, 0)
+    monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("retrained"))
+    again = simulation.run_experiment(cfg, run_dir, progress=False, echo=lambda s: None)
+    assert again["methods"] == metrics["methods"]
 
 
 def test_replacement_config_errors(tmp_path):
