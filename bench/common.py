@@ -17,7 +17,7 @@ from orchestrator.config import ExperimentConfig  # noqa: E402
 from orchestrator.data import load_split  # noqa: E402
 from orchestrator.data.transforms import make_transform  # noqa: E402
 from orchestrator.scenarios import plan_steps  # noqa: E402
-from orchestrator.session import lr_at, set_lr  # noqa: E402
+from orchestrator.engine.loop import lr_at, set_lr  # noqa: E402
 
 
 def bare_loop(cfg: ExperimentConfig, embed_test: bool = True) -> dict:

@@ -192,36 +192,17 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
     DDP across workers, one ``ray.train.report`` (and progress line) per epoch."""
     import ray.train
 
-    from orchestrator.session import build_optimizer, lr_at, set_lr
+    from orchestrator.engine.loop import ProgressFile, build_optimizer, distributed, train_epochs
 
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         return
     optimizer = build_optimizer(params, training)
-    wrapped = module
-    if worker.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [worker.device.index] if worker.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(module, device_ids=ids)
-    means: dict[str, float] = {}
-    for epoch in range(training.epochs):
-        set_lr(optimizer, training.lr_schedule[epoch] if training.lr_schedule else lr_at(epoch, training))
-        module.train()
-        totals: dict[str, float] = {}
-        batches = 0
-        for idx in epoch_batches(num_items, training.batch_size, seed, epoch, worker.rank, worker.world_size):
-            loss, parts = loss_fn(wrapped, torch.from_numpy(idx).to(worker.device), epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            batches += 1
-            for name, value in {"loss": loss, **parts}.items():
-                totals[name] = totals.get(name, 0.0) + float(value.detach())
-        means = {k: v / max(batches, 1) for k, v in totals.items()}
-        if worker.is_chief:
-            runfiles.write_progress(run_dir, label, {"method": label, "step": label, "epoch": epoch + 1,
-                                              "epochs": training.epochs, **{k: round(v, 5) for k, v in means.items()}})
+    wrapped = distributed(module, worker)
+    means = train_epochs(
+        module, optimizer, training, hooks=[ProgressFile(run_dir, label, label, training.epochs)] if worker.is_chief else [],
+        batches=lambda epoch: epoch_batches(num_items, training.batch_size, seed, epoch, worker.rank, worker.world_size),
+        loss=lambda idx, epoch: loss_fn(wrapped, torch.from_numpy(idx).to(worker.device), epoch))
     ray.train.report({"step": label, **means})  # once per stage: each report waits for the controller's poll
     module.eval()
 

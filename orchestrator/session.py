@@ -8,7 +8,6 @@ so resume and fault tolerance keep step granularity. Nothing here knows any part
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from orchestrator.data import LabeledImages, load_split
 from orchestrator.data.display_names import display_names
 from orchestrator.data.transforms import BatchTransform, make_transform
 from orchestrator.engine.graph import COPY
+from orchestrator.engine.loop import Hook, ProgressFile, build_optimizer, distributed, train_epochs
 from orchestrator.replay import ReplayMemory, balanced_order
 from orchestrator.scenarios import Step, class_order, plan_steps, train_indices
 from orchestrator.session_files import session_plan
@@ -174,26 +174,15 @@ class Session:
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
             start_epoch = int(resume["epoch"]) + 1
-        ddp_model = self._distributed(model) if trainable else model
-        train_started, trained_images, means = time.time(), 0, {}
-        for epoch in range(start_epoch, self.training.epochs):
-            set_lr(optimizer, lr_at(epoch, self.training))
-            ddp_model.train()
-            totals: dict[str, float] = {}
-            batches = 0
-            for images, labels in self._batches(indices, self.train_tf, shuffle_epoch=epoch, memory=memory):
-                outputs = ddp_model(images)
-                loss, parts = self.method.loss(outputs, images, labels, state, ctx)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.method.after_backward(model, state, ctx)
-                optimizer.step()
-                batches += 1
-                trained_images += len(labels)
-                for name, value in {"loss": loss, **parts}.items():
-                    totals[name] = totals.get(name, 0.0) + float(value.detach())
-            means = {k: v / max(batches, 1) for k, v in totals.items()}
-            self._end_epoch(step, epoch, model, optimizer, means)
+        ddp_model = distributed(model, self.worker) if trainable else model
+        train_started = time.time()
+        hooks = StepHooks(self, step, model, optimizer, state, ctx)
+        progress = [ProgressFile(self.run_dir, self.spec.key, step.index, self.training.epochs)] if self.worker.is_chief else []
+        means = train_epochs(
+            ddp_model, optimizer, self.training, start_epoch=start_epoch, hooks=[hooks, *progress],
+            batches=lambda epoch: self._batches(indices, self.train_tf, shuffle_epoch=epoch, memory=memory),
+            loss=lambda batch, epoch: self.method.loss(ddp_model(batch[0]), batch[0], batch[1], state, ctx))
+        trained_images = hooks.images
         train_seconds = time.time() - train_started
         model.eval()
         self._write_embeddings(step, model)
@@ -262,15 +251,6 @@ class Session:
             return None
         return int(path.name[1:])
 
-    def _end_epoch(self, step: Step, epoch: int, model, optimizer, means: dict[str, float]) -> None:
-        if self.worker.is_chief:
-            runfiles.save_epoch_state(self.run_dir, self.spec.key, step.index,
-                                      {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch})
-            runfiles.write_progress(self.run_dir, self.spec.key, {
-                "method": self.spec.key, "step": step.index, "epoch": epoch + 1, "epochs": self.training.epochs,
-                **{k: round(v, 5) for k, v in means.items()},
-            })
-
     # -- data ----------------------------------------------------------------------------------
     def _batches(self, indices: np.ndarray, transform, shuffle_epoch: Optional[int],
                  memory: Optional[np.ndarray] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -302,14 +282,6 @@ class Session:
             images = transform(images.to(self.worker.device, non_blocking=True), generator=gen)
             labels = torch.from_numpy(self.train_positions[order[start:start + bs]]).to(self.worker.device)
             yield images, labels
-
-    def _distributed(self, model):
-        if self.worker.world_size <= 1:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.worker.device.index] if self.worker.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -360,6 +332,26 @@ class Session:
                 "accuracy_novel": _fraction(correct[~base])}
 
 
+class StepHooks(Hook):
+    """A method step's hooks: the method's gradient surgery after each backward, the images trained on,
+    and at each epoch's end the resume point (written by the chief)."""
+
+    def __init__(self, session: "Session", step: Step, model, optimizer, state, ctx: StepContext):
+        self.session, self.step, self.model, self.optimizer, self.state, self.ctx = session, step, model, optimizer, state, ctx
+        self.images = 0
+
+    def after_backward(self) -> None:
+        self.session.method.after_backward(self.model, self.state, self.ctx)
+
+    def after_batch(self, batch, loss) -> None:
+        self.images += len(batch[1])
+
+    def after_epoch(self, epoch: int, means: dict[str, float]) -> None:
+        if self.session.worker.is_chief:
+            runfiles.save_epoch_state(self.session.run_dir, self.session.spec.key, self.step.index, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch})
+
+
 def _fraction(hits: np.ndarray) -> Optional[float]:
     """Share of True entries; None for an empty selection (e.g. novel classes before the first increment)."""
     return float(hits.mean()) if hits.size else None
@@ -385,31 +377,3 @@ def embed_array(embed, images: np.ndarray, indices: np.ndarray, transform, batch
         probe = embed(transform(torch.from_numpy(images[:1]).to(device)))
         return np.zeros((0, probe.shape[1]), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
-
-
-def build_optimizer(params, training) -> torch.optim.Optimizer:
-    params = list(params)
-    if training.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
-    if training.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
-    return torch.optim.Adam(params, lr=training.lr, weight_decay=training.weight_decay)
-
-
-def lr_at(epoch: int, training) -> float:
-    """Per-epoch learning rate: the explicit ``lr_schedule`` entry when given, else linear warm-up
-    lr·(e+1)/W, then cosine from lr to min_lr (or constant)."""
-    if training.lr_schedule is not None:
-        return training.lr_schedule[epoch]
-    if epoch < training.warmup_epochs:
-        return training.lr * (epoch + 1) / training.warmup_epochs
-    if training.schedule == "constant":
-        return training.lr
-    span = max(training.epochs - training.warmup_epochs, 1)
-    progress = (epoch - training.warmup_epochs) / span
-    return training.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (training.lr - training.min_lr)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -7,7 +7,7 @@ from methods.base import StepContext, create_method
 from methods.cpe_clip import class_text, mask_old_logits, scale_gradients, session_alpha
 from orchestrator.config import ModelConfig, TrainingConfig, load_config
 from orchestrator.errors import ConfigError
-from orchestrator.session import lr_at
+from orchestrator.engine.loop import lr_at
 
 
 def test_alpha_is_new_over_seen_classes():

@@ -131,7 +131,9 @@ def test_worker_failure_restarts_the_group_which_skips_finished_steps_and_resume
     step1 = runfiles.manifest_entry(run_dir, METHOD, 1)
     assert step1["trained_images_per_worker"] == (EPOCHS - 1) * IMAGES_PER_RANK_EPOCH_STEP1
     assert not runfiles.epoch_state_path(run_dir, METHOD, 1).exists()  # cleared once the step is done
-    assert [p.name for p in (run_dir / "ray").iterdir() if p.is_dir()] == [f"{METHOD}-steps-000-001"]
+    group = step1["group"]  # one worker group (one Train run) for both steps, restarted in place
+    assert runfiles.manifest_entry(run_dir, METHOD, 0)["group"] == group
+    assert [p.name for p in (run_dir / "ray").iterdir() if p.is_dir()] == [f"{cfg.name}-{group}"]
 
     # the metrics are complete
     entry = metrics["methods"][METHOD]

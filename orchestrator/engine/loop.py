@@ -1,0 +1,113 @@
+"""The one training loop every task uses, with named hooks for everything that is not the loop itself.
+
+A task (a method's step, a cross-modal stage) brings its batches and its loss; the loop owns the
+order of operations — learning rate of the epoch, forward, ``zero_grad``, backward, the
+``after_backward`` hooks, the optimiser step — so that every task trains the same way and nothing
+grows a loop of its own. Checkpoints, the progress file, gradient surgery of a method and counters
+plug in as :class:`Hook` objects.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+
+class Hook:
+    """Named points of the loop; a hook overrides the ones it needs."""
+
+    def before_epoch(self, epoch: int) -> None: ...
+
+    def after_backward(self) -> None: ...
+
+    def after_batch(self, batch: Any, loss: torch.Tensor) -> None: ...
+
+    def after_epoch(self, epoch: int, means: dict[str, float]) -> None: ...
+
+
+class ProgressFile(Hook):
+    """The running task's epoch and mean losses in its progress file, which the driver's display reads."""
+
+    def __init__(self, run_dir, name: str, step, epochs: int):
+        self.run_dir, self.name, self.step, self.epochs = run_dir, name, step, epochs
+
+    def after_epoch(self, epoch: int, means: dict[str, float]) -> None:
+        from orchestrator import runfiles
+
+        runfiles.write_progress(self.run_dir, self.name, {
+            "method": self.name, "step": self.step, "epoch": epoch + 1, "epochs": self.epochs,
+            **{k: round(v, 5) for k, v in means.items()}})
+
+
+def train_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, training, *,
+                 batches: Callable[[int], Iterable[Any]],
+                 loss: Callable[[Any, int], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                 hooks: Sequence[Hook] = (), start_epoch: int = 0) -> dict[str, float]:
+    """Epochs ``start_epoch .. training.epochs-1``; returns the last epoch's mean of every loss part.
+
+    ``batches(epoch)`` yields the epoch's batches, ``loss(batch, epoch)`` returns (loss, named parts) of
+    one batch (forward included); ``module`` is put in train mode at every epoch."""
+    means: dict[str, float] = {}
+    for epoch in range(start_epoch, training.epochs):
+        set_lr(optimizer, lr_at(epoch, training))
+        module.train()
+        for hook in hooks:
+            hook.before_epoch(epoch)
+        totals: dict[str, float] = {}
+        count = 0
+        for batch in batches(epoch):
+            value, parts = loss(batch, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            for hook in hooks:
+                hook.after_backward()
+            optimizer.step()
+            count += 1
+            for name, part in {"loss": value, **parts}.items():
+                totals[name] = totals.get(name, 0.0) + float(part.detach())
+            for hook in hooks:
+                hook.after_batch(batch, value)
+        means = {k: v / max(count, 1) for k, v in totals.items()}
+        for hook in hooks:
+            hook.after_epoch(epoch, means)
+    return means
+
+
+def build_optimizer(params, training) -> torch.optim.Optimizer:
+    params = list(params)
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay)
+    if training.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+    return torch.optim.Adam(params, lr=training.lr, weight_decay=training.weight_decay)
+
+
+def lr_at(epoch: int, training) -> float:
+    """Per-epoch learning rate: the explicit ``lr_schedule`` entry when given, else linear warm-up
+    lr·(e+1)/W, then cosine from lr to min_lr (or constant)."""
+    if training.lr_schedule is not None:
+        return training.lr_schedule[epoch]
+    if epoch < training.warmup_epochs:
+        return training.lr * (epoch + 1) / training.warmup_epochs
+    if training.schedule == "constant":
+        return training.lr
+    span = max(training.epochs - training.warmup_epochs, 1)
+    progress = (epoch - training.warmup_epochs) / span
+    return training.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (training.lr - training.min_lr)
+
+
+def set_lr(optimizer: Optional[torch.optim.Optimizer], lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def distributed(module: torch.nn.Module, worker) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel when the worker group has several ranks."""
+    if worker.world_size <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [worker.device.index] if worker.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
