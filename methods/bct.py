@@ -1,14 +1,14 @@
 """``bct``: Backward-Compatible Training (Shen et al., CVPR 2020).
 
 The new model's features must also be classified correctly by the *old* model's classifier (the
-"influence loss"), which keeps them in the old embedding space. Two variants (reference/oca_bct.md §3):
+"influence loss"), which keeps them in the old embedding space. Two variants (docs/methods/bct.md):
 
 - ``paper``: the old model's real classifier rows for old classes plus *synthesised* rows (old-model
   class means) for classes the old model never saw; λ = 1.
 - ``class_means`` (default; ml-fct / BT-2 / OCA codebases): old-model class means for *all* classes.
 
 The logit scale of the influence term decides whether BCT actually satisfies the empirical
-compatibility criterion on small data (§3.4): ``class_means`` defaults to 16, ``paper`` to 1 (the old
+compatibility criterion on small data: ``class_means`` defaults to 16, ``paper`` to 1 (the old
 classifier already carries its own scale). The resolved value is recorded in run metadata.
 """
 
@@ -30,6 +30,8 @@ from orchestrator._internal.typed import require
 
 @dataclass
 class BCTParams:
+    # the old classifier: old-model class means for all classes, or (paper) the old model's real rows
+    # plus class means for the classes it never saw
     variant: Literal["class_means", "paper"] = "class_means"
     weight: float = 1.0  # λ, the influence-loss weight
     logit_scale: Optional[float] = None  # None: 16 for class_means, 1 for paper

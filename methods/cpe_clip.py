@@ -1,5 +1,5 @@
 """``cpe_clip`` (D'Alessandro et al., ICCV-W 2023) and the ``zero_shot_clip`` baseline: few-shot
-class-incremental learning with a frozen open_clip CLIP (reference/cpe_clip.md).
+class-incremental learning with a frozen open_clip CLIP (docs/methods/cpe-clip.md).
 
 CPE-CLIP learns one shared prompt tensor and one projection (:mod:`methods.prompted_clip`) across all
 sessions; logits are ``100 * cos`` against the prompted text features of every seen class. In
@@ -14,7 +14,7 @@ regularisation off; here they are independent, so its ablation is ``vision_mode:
 with ``regularization: false``. Naive prompt tuning is ``cpe_clip`` with ``regularization: false``.
 
 ``zero_shot_clip`` is the same frozen CLIP without prompts (nothing to train): the reference's sanity
-check, which every FSCIL report must include with the same template (§8).
+check, which every FSCIL report must include with the same template.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from orchestrator.errors import ConfigError
 
 @dataclass
 class ZeroShotClipParams:
-    template: str = "{}."  # the reference's template: the class name and a full stop
+    template: str = "{}."  # the authors' template: the class name and a full stop
     logit_scale: float = 100.0  # fixed, not CLIP's learned logit_scale
 
     def __post_init__(self):
@@ -48,6 +48,8 @@ class CpeClipParams(ZeroShotClipParams):
     prompt_length: int = 2  # L_g: prompt tokens per layer
     prompt_depth: Optional[int] = None  # deep_g: layers with prompts; None = every text layer
     vision_prompts: bool = True  # False: text prompts only (ablation)
+    # vision prompts per layer: keep the earlier prompt outputs and append new prompts (accumulate),
+    # overwrite them (replace), or re-append the raw prompts (accumulate_same)
     vision_mode: Literal["accumulate", "replace", "accumulate_same"] = "accumulate"
     regularization: bool = True  # α_t gradient scaling in incremental sessions
     mask_old_classes: bool = True  # old-class logits at -9999 in incremental sessions

@@ -1,4 +1,4 @@
-"""``er``: experience replay with a growing learnable classifier (reference/stationary.md §3).
+"""``er``: experience replay with a growing learnable classifier (docs/methods/er.md).
 
 The baseline d-Simplex-HOC is measured against: cross-entropy only, no old model, no distillation. It
 replays exactly as HOC does (the engine's ``scenario.replay``). Its retrieval feature is the backbone

@@ -3,7 +3,7 @@
 Version t widens the embedding to ``d_t = model.embedding_dim + t * delta_dim``. Its normalised feature
 h feeds an orthogonal affine layer Q·h + b (exact by parametrisation, no penalty) and a bias-free
 classifier; the first d_{t-1} dims of h are pulled onto fixed class prototypes built once from the
-previous version's served feature (reference/oca_bct.md §2, §4):
+previous version's served feature (docs/methods/oca.md):
 
     L = w1·LS-CE(fc(Q·h + b), y) + w2·LS-CE(ĥ·Pᵀ, y) + w3·(1 − cos(ĥ, P_y)),  ĥ = norm(h[:d_{t-1}])
 
@@ -11,8 +11,8 @@ The served feature is the normalised pre-orthogonal h, all d_t dims; against an 
 evaluator truncates both sides to the smaller width and re-normalises, which yields exactly ĥ. Version
 0 has nothing to align to: it is the plain ``independent`` network and loss, so with the same seed it
 is the very same old model as the ``independent`` and ``bct`` runs beside it. Chains of T > 2 versions
-align each version to its predecessor only by default (§9), so compatibility with older versions is
-transitive; ``align_to: all`` adds one prototype term per earlier version (the §9 ablation), each on
+align each version to its predecessor only by default, so compatibility with older versions is
+transitive; ``align_to: all`` adds one prototype term per earlier version (an ablation), each on
 that version's own prefix, the terms averaged so the alignment keeps the weights w2 and w3.
 """
 
@@ -41,9 +41,9 @@ class OCAParams:
     classifier_weight: float = 5.0  # w1: LS-CE of the classifier on Q·h + b
     prototype_weight: float = 10.0  # w2: LS-CE of the prototype logits ĥ·Pᵀ (no temperature)
     cosine_weight: float = 5.0  # w3: 1 − cos(ĥ, P_y)
-    rotation_bias: bool = True  # the orthogonal layer is affine (Q·h + b) as in the reference code
-    renormalize_prototypes: bool = False  # reference: class means of normalised features, not re-normalised
-    prototype_transform: Literal["train", "test"] = "train"  # reference: the training augmentation
+    rotation_bias: bool = True  # the orthogonal layer is affine (Q·h + b), as in the authors' code
+    renormalize_prototypes: bool = False  # the authors' code: class means of normalised features, not re-normalised
+    prototype_transform: Literal["train", "test"] = "train"  # train: the training augmentation (authors' code)
     align_to: Literal["previous", "all"] = "previous"  # chains: the predecessor only, or every earlier version
 
     def __post_init__(self):

@@ -1,6 +1,6 @@
 """Orthogonal Procrustes: the training-free baseline that maps new embeddings into the old space.
 
-Fitted in closed form on paired embeddings of the same captions (reference/xbt.md §4): with the thin
+Fitted in closed form on paired embeddings of the same captions (docs/methods/procrustes.md): with the thin
 SVD X_newᵀ X_old = U Σ Vᵀ, the map is W = U Vᵀ (d_new × d_old). When d_new ≥ d_old, W has orthonormal
 columns (WᵀW = I: the new space is projected onto d_old orthonormal directions); when d_new < d_old,
 orthonormal rows (WWᵀ = I: the new space is embedded isometrically in the old one). Either way W is the

@@ -1,4 +1,4 @@
-"""A frozen open_clip CLIP with CPE-CLIP's learnable prompts (reference/cpe_clip.md §3), forward pass
+"""A frozen open_clip CLIP with CPE-CLIP's learnable prompts (docs/methods/cpe-clip.md), forward pass
 re-implemented layer by layer over open_clip's own modules so prompts can be injected.
 
 - One shared prompt tensor G (depth x L x text width), Xavier-uniform.

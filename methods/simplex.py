@@ -1,4 +1,4 @@
-"""The d-Simplex fixed classifier (reference/stationary.md §1).
+"""The d-Simplex fixed classifier (docs/methods/stationary.md).
 
 K class prototypes form a regular simplex in R^{K-1}: unit rows, centred at 0, every pairwise cosine
 −1/(K−1). The table is built from K alone, so every model that uses the same K shares the identical

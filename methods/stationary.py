@@ -1,4 +1,4 @@
-"""``stationary``: d-Simplex fixed classifier + HOC loss (Biondi et al., CVPR 2024; reference/stationary.md §1-2).
+"""``stationary``: d-Simplex fixed classifier + HOC loss (Biondi et al., CVPR 2024; docs/methods/stationary.md).
 
 The fixed d-Simplex W keeps the features stationary, so models trained at different times — or elsewhere,
 as replacements — share one feature space. HOC adds a contrastive pull of the new features towards the
@@ -33,10 +33,10 @@ SameClass = Literal["zero", "mask"]
 @dataclass
 class StationaryParams:
     num_classes: int = 1024  # K preallocated prototypes; the feature dimension is K − 1
-    label_rows: LabelRows = "from_end"  # reference: label y -> row K−1−y; upstream models use the other end
+    label_rows: LabelRows = "from_end"  # from_end: label y -> row K−1−y (authors' code); upstream: the other end
     ce_weight: float = 0.1  # λ
     mu: float = 10.0  # μ, the scale of the cosine similarities in L_HOC
-    same_class: SameClass = "zero"  # reference: same-class entries count e^0 = 1 each; "mask": InfoNCE-style
+    same_class: SameClass = "zero"  # zero (authors' code): same-class entries count e^0 = 1 each; mask: InfoNCE
     anchor: Literal["replacement", "replaced"] = "replacement"  # previous model at a replacement step
 
     def __post_init__(self):

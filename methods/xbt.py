@@ -1,4 +1,4 @@
-"""``xbt``: cross-modal backward-compatible training (reference/xbt.md §3, a reconstruction).
+"""``xbt``: cross-modal backward-compatible training (docs/methods/xbt.md, a reconstruction).
 
 Stage ``text`` (text only): a projection φ from the new embedding space to the old one is trained so
 that φ(f_new(t) + ε), ε ~ N(0, σ²I), matches f_old(t) for the captions t of a corpus; the noise stands
@@ -11,7 +11,7 @@ plus an optional consistency term keeping φ(new caption) near the stage-1 outpu
 Serving: base new model + adapters -> φ -> L2 normalisation searches the old gallery; new-new
 retrieval uses the base model with the adapters off (the base weights are never changed).
 
-Every unknown of the paper is a parameter with a documented default (reference/xbt.md §3.1).
+Every unknown of the paper is a parameter with a documented default (docs/methods/xbt.md).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ TextLoss = Literal["infonce", "cosine", "mse"]
 
 @dataclass
 class LoRAParams:
-    """Adapters of stage 2 (defaults: rank 8 on the attention q/v of both towers, as reference/xbt.md §3.1)."""
+    """Adapters of stage 2 (defaults: rank 8 on the attention q/v of both towers)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q", "v"])
-    towers: list[str] = field(default_factory=lambda: ["image", "text"])
+    rank: int = 8  # rank of each low-rank update
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])  # q, k, v, out_proj (attention); c_fc, c_proj (MLP)
+    towers: list[str] = field(default_factory=lambda: ["image", "text"])  # towers that get adapters
 
     def __post_init__(self):
         require(self.rank >= 1, "rank", "must be >= 1")
@@ -53,20 +53,20 @@ class LoRAParams:
 
 @dataclass
 class XBTParams:
-    """The paper's unknowns (reference/xbt.md §3.1), each a choice recorded in the run metadata."""
+    """The paper's unknowns, each a choice recorded in the run metadata."""
 
-    projection: Literal["linear", "mlp", "mlp_residual"] = "mlp_residual"
+    projection: Literal["linear", "mlp", "mlp_residual"] = "mlp_residual"  # φ: linear, GELU MLP, MLP + linear skip
     hidden: int = 2048  # width of the MLP's hidden layer
     normalize_output: bool = True  # stage-1 losses see L2-normalised φ outputs (serving always normalises)
     noise_sigma: float = 0.05  # per-coordinate std of the stage-1 noise, added to unit-norm embeddings
     text_loss: list[TextLoss] = field(default_factory=lambda: ["infonce", "cosine"])  # summed
     temperature: float = 0.07  # InfoNCE temperature of both stages
-    learn_temperature: bool = False
+    learn_temperature: bool = False  # train the InfoNCE temperature
     text_stage: bool = True  # False: the "no stage 1" ablation (φ starts from its initialisation)
     pair_stage: bool = True  # False: serve φ after stage 1, without adapters
     consistency_weight: float = 1.0  # stage 2: weight of 1 - cos(φ(new caption), stage-1 output)
-    # Stage 2: whether φ keeps training alongside the adapters. reference/xbt.md §3.1 starts from a
-    # trainable φ; on the synthetic runs a frozen φ is better in every I2T cell (trained on a few hundred
+    # Stage 2: whether φ keeps training alongside the adapters. A trainable φ is the natural first
+    # reading of the paper; on the synthetic runs a frozen φ is better in every I2T cell (trained on a few hundred
     # pairs, φ drifts from the old space it learnt on the larger text corpus), so it is frozen by default.
     # Without stage 1 φ always trains.
     train_projection: bool = False

@@ -26,7 +26,7 @@ BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repo
 class DataConfig:
     """Which dataset to read and how to transform it."""
 
-    dataset: str = "synthetic"
+    dataset: str = "synthetic"  # synthetic (built in, generated and cached), cifar10, cifar100 or imagefolder
     root: Optional[str] = None  # local directory for cifar10/cifar100/imagefolder
     download: bool = False  # CIFAR only: fetch when missing (needs network)
     num_classes: int = 20  # synthetic only
@@ -34,7 +34,7 @@ class DataConfig:
     test_per_class: int = 30  # synthetic only
     image_size: int = 32  # synthetic generates this size; others are resized to it when it differs
     augment: bool = True  # random crop (padding 4) + horizontal flip on training data
-    normalization: Literal["dataset", "cifar100", "imagenet", "none"] = "dataset"
+    normalization: Literal["dataset", "cifar100", "imagenet", "none"] = "dataset"  # mean/std: the data's own or fixed
     difficulty: float = 1.0  # synthetic only: scales the within-class noise and the similarity of sibling classes
     variant: int = 0  # synthetic only: a different variant draws a different (but equally hard) dataset
     class_names_file: Optional[str] = None  # lines "<class> <name used in text>" (e.g. wnid -> WordNet name)
@@ -51,23 +51,23 @@ class DataConfig:
 class EvalSetConfig:
     """One evaluation set: a split of the training dataset, or of another dataset."""
 
-    split: Literal["train", "test"] = "test"
+    split: Literal["train", "test"] = "test"  # split of the dataset the set is drawn from
     data: Optional[DataConfig] = None  # None: the experiment's dataset
-    classes: Literal["all", "seen"] = "all"
+    classes: Literal["all", "seen"] = "all"  # seen: only classes trained on up to the embedding version
 
 
 @dataclass
 class EvaluationConfig:
     """How each matrix entry is computed from the store."""
 
-    protocol: Literal["leave-one-out", "query-gallery"] = "leave-one-out"
+    protocol: Literal["leave-one-out", "query-gallery"] = "leave-one-out"  # leave-one-out: queries are the gallery
     sets: dict[str, EvalSetConfig] = field(default_factory=lambda: {"test": EvalSetConfig()})
-    query: str = "test"
+    query: str = "test"  # name of the evaluation set whose images are the queries
     gallery: Optional[str] = None  # query-gallery only
     templates: bool = False  # query-gallery: reduce the gallery to L2-normalised class means
     primary: Literal["cmc1", "cmc5", "map"] = "cmc1"  # metric used for AC/AM and the summary table
     ties: Literal["fail", "pass"] = "fail"  # AC: whether M[i][j] == M[j][j] counts as compatible
-    batch_size: int = 256
+    batch_size: int = 256  # images per embedding batch
 
     def __post_init__(self):
         require(bool(self.sets), "sets", "needs at least one evaluation set")
@@ -116,11 +116,11 @@ class ReplacementSource:
 class ScenarioConfig:
     """The ordered steps: which classes each step trains on and what happens to the model."""
 
-    kind: Literal["class-incremental", "few-shot"] = "class-incremental"
-    initial_classes: int = 10
-    increment: int = 5
+    kind: Literal["class-incremental", "few-shot"] = "class-incremental"  # few-shot: `shots` images per new class
+    initial_classes: int = 10  # classes of the first step (the base session)
+    increment: int = 5  # new classes per later step (N-way in few-shot)
     num_steps: Optional[int] = None  # None: as many steps as the classes allow
-    class_order: Literal["natural", "seeded"] = "natural"
+    class_order: Literal["natural", "seeded"] = "natural"  # natural: 0, 1, 2, ...; seeded: a permutation from the seed
     training_data: Literal["cumulative", "new"] = "cumulative"  # cumulative = all data of every seen class
     event: Literal["train", "finetune"] = "train"  # model event of steps after the first
     shots: Optional[int] = None  # few-shot: training examples per new class after the base step
@@ -151,12 +151,12 @@ class ScenarioConfig:
 class ModelConfig:
     """The backbone every method builds its network around."""
 
-    backbone: str = "small_cnn"
-    embedding_dim: int = 64
-    stem: Literal["cifar", "imagenet"] = "cifar"
-    final_relu: bool = False
+    backbone: str = "small_cnn"  # small_cnn (fast), or torchvision resnet18 / resnet50
+    embedding_dim: int = 64  # width of the linear embedding layer on the pooled features
+    stem: Literal["cifar", "imagenet"] = "cifar"  # resnets: 3x3 conv without max-pool, or the ImageNet stem
+    final_relu: bool = False  # ReLU after the embedding layer
     normalize: bool = True  # L2-normalise the embedding before the classifier
-    embedding_bn: bool = False  # BatchNorm1d on the embedding (centres it; see README on BCT)
+    embedding_bn: bool = False  # BatchNorm1d on the embedding (centres it)
     width: int = 32  # small_cnn only: channels of the first block
     name: Optional[str] = None  # CLIP methods: an open_clip architecture (e.g. ViT-B-16, tiny-vit-w64)
     pretrained: Optional[str] = None  # CLIP methods: an open_clip tag (e.g. openai) or a local checkpoint file
@@ -171,17 +171,17 @@ class ModelConfig:
 class TrainingConfig:
     """Optimisation recipe of one step."""
 
-    epochs: int = 8
-    batch_size: int = 64
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: int = 0
-    min_lr: float = 0.0
-    label_smoothing: float = 0.1
-    loader_workers: int = 0
+    epochs: int = 8  # epochs per step
+    batch_size: int = 64  # per worker: a step with N workers trains on batches of N x batch_size
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"  # a fresh optimiser for every step
+    lr: float = 1e-3  # peak learning rate, set per epoch
+    weight_decay: float = 0.0  # applied by the optimiser to every trainable parameter
+    momentum: float = 0.9  # sgd only
+    schedule: Literal["cosine", "constant"] = "cosine"  # per epoch: cosine from lr to min_lr after the warm-up
+    warmup_epochs: int = 0  # linear warm-up lr·(e+1)/W over the first W epochs
+    min_lr: float = 0.0  # the cosine schedule's last value
+    label_smoothing: float = 0.1  # of the methods' cross-entropy terms
+    loader_workers: int = 0  # not read by the engine at present (datasets are in-memory arrays)
     lr_schedule: Optional[list[float]] = None  # explicit lr of each epoch; replaces lr/schedule/warm-up when set
     incremental: dict[str, Any] = field(default_factory=dict)  # overrides of this section for every step after the first
 
@@ -205,19 +205,19 @@ class TrainingConfig:
 class StepResources:
     """Ray resources of a step; unset fields fall back to the experiment-wide values."""
 
-    num_workers: Optional[int] = None
-    use_gpu: Optional[bool] = None
-    cpus_per_worker: Optional[float] = None
+    num_workers: Optional[int] = None  # None: resources.num_workers
+    use_gpu: Optional[bool] = None  # None: resources.use_gpu
+    cpus_per_worker: Optional[float] = None  # None: resources.cpus_per_worker
 
 
 @dataclass
 class ResourcesConfig:
     """Ray Train resources. ``num_workers: 0`` trains in the driver process (fast for tiny steps)."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 0
+    num_workers: int = 1  # DDP workers per step (gloo on CPU, NCCL on GPU); 0 trains in the driver, no Ray cluster
+    use_gpu: bool = False  # one GPU per worker; batch transforms run on the device
+    cpus_per_worker: float = 1.0  # logical CPUs per worker, also its torch thread count
+    max_failures: int = 0  # worker-group restarts Ray Train allows per group of steps; -1 retries forever
     steps: dict[int, StepResources] = field(default_factory=dict)  # per-step overrides, by step index
     group_steps: bool = True  # consecutive steps with equal resources share one worker group
     share_first_version: bool = True  # a method whose version 0 is an earlier method's copies it, untrained
@@ -234,10 +234,11 @@ class ResourcesConfig:
 class MethodSpec:
     """One method to simulate: a registry name, a display label and its hyperparameters."""
 
-    name: str
-    label: Optional[str] = None
-    params: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)  # overrides of the experiment's training section
+    name: str  # a registered method: independent, bct, oca, stationary, er, cpe_clip, zero_shot_clip, ...
+    label: Optional[str] = None  # display name and key in the run (None: name); lets one method run with several params
+    params: dict[str, Any] = field(default_factory=dict)  # the method's hyperparameters (Method parameters below)
+    # overrides of the experiment's training section (cross-modal: per stage, {text: {...}, pairs: {...}})
+    training: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -247,18 +248,18 @@ class MethodSpec:
 @dataclass
 class UpstreamClipConfig:
     """Contrastive pretraining of ``model.name`` before the scenario, on captions naming every class of
-    the synthetic dataset and images of a shifted distribution (reference/cpe_clip.md §9.1): the offline
+    the synthetic dataset and images of a shifted distribution (docs/methods/cpe-clip.md): the offline
     stand-in for a web-scale CLIP. Deterministic, and cached by a digest of this recipe."""
 
     shift: float = 0.5  # 0 = the experiment's own image distribution, 1 = the strongest shift
-    images_per_class: int = 100
-    captions_per_image: int = 4
+    images_per_class: int = 100  # images per class of the shifted dataset
+    captions_per_image: int = 4  # each from another caption template
     captions: Literal["class", "instance"] = "class"  # instance: captions describe each image (cross-modal retrieval)
-    epochs: int = 30
-    batch_size: int = 100
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    seed: int = 0
+    epochs: int = 30  # contrastive pretraining: AdamW with a one-cycle schedule
+    batch_size: int = 100  # image-caption pairs per batch (class captions: same-class pairs are positives)
+    lr: float = 2e-3  # peak learning rate of the one-cycle schedule
+    weight_decay: float = 0.1  # AdamW weight decay
+    seed: int = 0  # the stage's own seed: one upstream CLIP serves every seed of the experiment
 
     def __post_init__(self):
         require(0 <= self.shift <= 1, "shift", "must be in [0, 1]")
@@ -277,7 +278,7 @@ class UpstreamConfig:
     Trained once per run and cached by a digest of this recipe."""
 
     data: DataConfig
-    classes: list[int]
+    classes: list[int]  # model k trains on the first classes[k] classes of data
     training: dict[str, Any] = field(default_factory=dict)  # overrides of the experiment's training section
     seed: Optional[int] = None  # None: the experiment's seed; model k trains with seed + 1000·(k+1)
 
@@ -290,10 +291,10 @@ class UpstreamConfig:
 class ExperimentConfig:
     """One experiment: one config file, one run directory."""
 
-    name: str
-    seed: int = 0
+    name: str  # the run directory is <output_dir>/<name>: deterministic, so a re-run resumes
+    seed: int = 0  # drives class order, shot sampling, initialisation and batch order
     seeds: Optional[list[int]] = None  # several seeds: one run each in RUN_DIR/seed-N, metrics as mean ± std (replaces seed)
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # parent directory of the run directory
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,4 +1,4 @@
-"""The cross-modal driver: old gallery once, new queries per method, Recall@K both ways (protocol §6.3).
+"""The cross-modal driver: old gallery once, new queries per method, Recall@K both ways (docs/guide/evaluation.md).
 
 Every step is a Ray Train run with a deterministic name, and is recorded in the manifest when done, so
 a re-run resumes where it stopped::

@@ -26,9 +26,9 @@ class ClipSpec:
     pretrained on the synthetic captioned data (``upstream``; instance captions, see
     orchestrator/data/instance_captions.py)."""
 
-    name: str
-    pretrained: Optional[str] = None
-    upstream: Optional[UpstreamClipConfig] = None
+    name: str  # an open_clip architecture (e.g. ViT-B-32) or a shipped tiny one (tiny-vit-w32)
+    pretrained: Optional[str] = None  # an open_clip tag (e.g. openai) or a local checkpoint file; None: random weights
+    upstream: Optional[UpstreamClipConfig] = None  # offline: pretrain the model on the synthetic captioned data first
 
     def __post_init__(self):
         require(self.upstream is None or self.pretrained is None, "upstream",
@@ -37,15 +37,15 @@ class ClipSpec:
 
 @dataclass
 class ModelsConfig:
-    old: ClipSpec
-    new: ClipSpec
+    old: ClipSpec  # the CLIP that embedded the deployed gallery (images and captions)
+    new: ClipSpec  # the CLIP whose queries must search that gallery
 
 
 @dataclass
 class CaptionSource:
     """A caption annotation file (Karpathy .json, .csv, .jsonl) or, for the corpus, also a .txt corpus."""
 
-    path: str
+    path: str  # Karpathy .json, .csv (image, caption columns) or .jsonl; the corpus may be a .txt, one caption a line
     image_root: Optional[str] = None  # default: the annotation file's directory
     splits: Optional[list[str]] = None  # Karpathy JSON only; None = every split
 
@@ -58,7 +58,7 @@ class CrossModalDataConfig:
     pairs from its train split. ``files``: ``eval``, ``corpus`` and ``pairs`` name annotation files.
     """
 
-    source: Literal["synthetic", "files"] = "synthetic"
+    source: Literal["synthetic", "files"] = "synthetic"  # files: eval, corpus and pairs name annotation files
     synthetic: DataConfig = field(default_factory=DataConfig)
     captions_per_image: int = 5  # synthetic only
     eval: Optional[CaptionSource] = None
@@ -90,9 +90,9 @@ class StageTrainingConfig:
 
 @dataclass
 class CrossModalEvaluationConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # the K of Recall@K
     ties: Literal["fail", "pass"] = "fail"  # compatibility: whether new->old == old->old counts as a pass
-    batch_size: int = 256
+    batch_size: int = 256  # images or captions per embedding batch
 
     def __post_init__(self):
         require(bool(self.ks) and all(k >= 1 for k in self.ks), "ks", "needs one or more K >= 1")
@@ -103,11 +103,11 @@ class CrossModalEvaluationConfig:
 class CrossModalExperiment:
     """One cross-modal experiment: one config file, one run directory (one sub-directory per seed)."""
 
-    kind: Literal["cross-modal"]
-    name: str
+    kind: Literal["cross-modal"]  # marks the config as a cross-modal experiment
+    name: str  # the run directory is <output_dir>/<name>
     models: ModelsConfig
-    seeds: list[int] = field(default_factory=lambda: [0])
-    output_dir: str = "runs"
+    seeds: list[int] = field(default_factory=lambda: [0])  # one seed-S/ directory per seed; metrics as mean ± std
+    output_dir: str = "runs"  # parent directory of the run directory
     data: CrossModalDataConfig = field(default_factory=CrossModalDataConfig)
     training: StageTrainingConfig = field(default_factory=StageTrainingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

@@ -1,4 +1,4 @@
-"""Cross-modal Recall@K of a finished run, from the store only (protocol §6.3), and metrics.json.
+"""Cross-modal Recall@K of a finished run, from the store only (the cross-modal protocol), and metrics.json.
 
 Cells: old->old (old queries, old gallery), new->new (base new model re-indexed), and per method and
 seed new->old (the method's projected queries against the old gallery, which is read, never re-encoded).

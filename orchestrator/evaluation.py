@@ -32,7 +32,7 @@ _LEFT_OUT = np.float32(-2.0)
 
 
 def truncate_and_normalize(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cut both sides to the first min(d_a, d_b) coordinates and L2-normalise them (protocol §6.2).
+    """Cut both sides to the first min(d_a, d_b) coordinates and L2-normalise them (as the leave-one-out protocol does).
 
     Truncation commutes with scaling, so normalise-truncate-renormalise equals truncate-normalise.
     Returns new float32 arrays: the inputs may be read-only memory maps and are never modified. A zero
@@ -92,7 +92,7 @@ def retrieval_scores(query: np.ndarray, query_labels: np.ndarray, gallery: np.nd
                      with_map: bool = True) -> dict[str, float]:
     """CMC top-k (``cmc1``, ``cmc5``, ...) and mAP over the entire ranking (``map``), as fractions.
 
-    Protocol §6.2 with ``leave_one_out=True``; the all-vectors query-gallery variant of §6.1 with
+    The leave-one-out protocol with ``leave_one_out=True``; the all-vectors query-gallery protocol with
     ``False``. Queries whose class has no gallery item cannot be answered and are left out of every
     average (an error if that leaves none).
     """
@@ -111,7 +111,8 @@ def _summarize(scores: dict[str, np.ndarray], topk: Sequence[int], with_map: boo
 
 def template_top1(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
                   gallery_labels: np.ndarray) -> dict[str, float]:
-    """Protocol §6.1: top-1 accuracy of queries against L2-normalised class means of the gallery.
+    """The query-gallery protocol with templates: top-1 accuracy of queries against L2-normalised class
+    means of the gallery.
 
     The class means are taken over the normalised gallery features and re-normalised, so this is
     nearest-class-mean classification with the gallery model's class means (exact inner product).
@@ -129,7 +130,7 @@ def template_top1(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarr
 def cross_modal_recall(image_q: np.ndarray, text_gallery: np.ndarray, caption_of: np.ndarray,
                        text_q: np.ndarray, image_gallery: np.ndarray,
                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Protocol §6.3: image-to-text and text-to-image Recall@K as fractions (``i2t_r1``, ``t2i_r5``, ...).
+    """The cross-modal protocol: image-to-text and text-to-image Recall@K as fractions (``i2t_r1``, ``t2i_r5``, ...).
 
     ``caption_of[c]`` is the image index of caption c; captions are in the same order in ``text_gallery``
     and ``text_q``, images in ``image_q`` and ``image_gallery``. An image query hits at K when any of its

@@ -1,4 +1,4 @@
-"""Replay memory and balanced batches (reference/stationary.md §5), for any method.
+"""Replay memory and balanced batches (docs/methods/stationary.md), for any method.
 
 After each step, a fixed number of random exemplars of each of its new classes joins the memory (the
 quota is never redistributed). Every later step trains on its new data plus the memory, in batches

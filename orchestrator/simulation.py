@@ -219,7 +219,7 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
 
 
 def accuracy_summary(entries: list[dict]) -> Optional[dict]:
-    """The FSCIL view of per-session accuracy (reference/cpe_clip.md §6): Avg (mean over sessions), PD
+    """The FSCIL view of per-session accuracy (docs/methods/cpe-clip.md): Avg (mean over sessions), PD
     (first - last) and the accuracy on base vs novel classes per session; None without accuracies."""
     from orchestrator import metrics as M
 
@@ -232,7 +232,7 @@ def accuracy_summary(entries: list[dict]) -> Optional[dict]:
 
 def add_update_gain(out: dict) -> None:
     """With an ``independent`` method present: gain of every other method's last version over its first
-    (reference/compatibility.md §5.4), per metric, with the independent last version as new*."""
+    (docs/guide/evaluation.md), per metric, with the independent last version as new*."""
     from orchestrator.metrics import update_gain
 
     reference = next((m for m in out["methods"].values() if m["method"] == "independent"), None)

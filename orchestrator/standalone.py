@@ -103,7 +103,7 @@ def run_compare(args: argparse.Namespace) -> int:
         cells = {name: retrieval_scores(*q["query"], *g["gallery"], leave_one_out=False)
                  for name, q, g in (("old_old", old_sides, old_sides), ("new_old", new_sides, old_sides),
                                     ("new_new", new_sides, new_sides))}
-    # ECC (§3): the cross-test must strictly beat the old model's self-test, per metric.
+    # ECC: the cross-test must strictly beat the old model's self-test, per metric.
     report = {**cells, "ecc": {m: bool(cells["new_old"][m] > cells["old_old"][m]) for m in _RETRIEVAL_METRICS}}
     if args.json:
         print(json.dumps(report))

@@ -1,7 +1,7 @@
 """The embedding store: one uncompressed Arrow IPC file per (method, version, eval set, shard).
 
 Why Arrow IPC: an uncompressed IPC file memory-maps straight into a read-only float32 numpy view (no
-decode, no copy), as fast as a raw ``.npy``; Parquet decodes ~40-60x slower (reference/ray.md §4), so
+decode, no copy), as fast as a raw ``.npy``; Parquet decodes far slower (docs/performance.md), so
 it is only offered as an export for interchange (:meth:`EmbeddingStore.export_parquet`).
 
 Layout, hive-style so plain ``pyarrow.dataset(root, format="arrow", partitioning="hive")``, pandas and

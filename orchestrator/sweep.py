@@ -2,7 +2,7 @@
 
 A sweep config is an experiment config plus a ``sweep:`` section (keys: :class:`SweepConfig`). All of
 it is validated before Ray starts. Each trial is a plain function trainable (the Train-in-Tune pattern
-of reference/ray.md §1.6, see sweep_trial.py) whose run directory is ``runs/<trial id>``: the trial id
+of Ray 2.60, see sweep_trial.py) whose run directory is ``runs/<trial id>``: the trial id
 is stable across ``Tuner.restore``, so a resumed trial continues its run from the manifest, and the
 Train runs inside it keep their deterministic names. Outputs are written by sweep_report.py.
 
@@ -44,7 +44,7 @@ _RESERVED_KEYS = ("name", "output_dir", "seeds")  # set by the sweep itself
 @dataclass
 class ObjectiveConfig:
     metric: str = "AM"  # a name of orchestrator/objectives.py: AC, AM, M[1][0], margin[-1][0], accuracy, Avg, ...
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = "max"  # maximise or minimise the metric
     method: Optional[str] = None  # the method key (label) it is read from; None: the experiment's only method
     matrix: Optional[str] = None  # cmc1, cmc5, map, ...; None: evaluation.primary
 
@@ -53,7 +53,7 @@ class ObjectiveConfig:
 class SchedulerConfig:
     type: Literal["fifo", "asha"] = "fifo"  # asha: stop trials whose objective after a step lags the others
     grace_period: int = 1  # steps every trial runs before it can be stopped
-    reduction_factor: float = 2.0
+    reduction_factor: float = 2.0  # asha: a trial continues past a rung only if it is in the top 1/reduction_factor
 
     def __post_init__(self):
         require(self.grace_period >= 1, "grace_period", "must be >= 1 (steps)")
@@ -67,7 +67,7 @@ class SweepConfig:
     space: dict[str, Any]  # config key -> {choice|grid: [values]} or {uniform|loguniform|int: [low, high]}
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     constraints: list[str] = field(default_factory=list)  # e.g. "AC >= 1": ECC on every pair
-    search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    search: Literal["random", "grid", "optuna", "hyperopt"] = "random"  # optuna, hyperopt: pip install -e ".[sweep]"
     num_samples: Optional[int] = None  # trials to sample (grid: repeats of the grid); None: 1 for grid, else 8
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_concurrent: Optional[int] = None  # None: the cluster's CPUs / (trial_cpus + CPUs of a worker group)

@@ -1,9 +1,9 @@
 """Models trained elsewhere: replacement checkpoints and the upstream stage that trains them reproducibly.
 
-A scenario swaps a replacement model in at each step of ``scenario.replace_at`` (reference/stationary.md
-§6). A replacement is a checkpoint file — checked against its pinned SHA-256 and test-loaded into every
-method's network before the run directory exists — or upstream model k: each method's own network
-trained on the first ``upstream.classes[k]`` classes of ``upstream.data``.
+A scenario swaps a replacement model in at each step of ``scenario.replace_at``
+(docs/methods/stationary.md). A replacement is a checkpoint file — checked against its pinned SHA-256
+and test-loaded into every method's network before the run directory exists — or upstream model k:
+each method's own network trained on the first ``upstream.classes[k]`` classes of ``upstream.data``.
 Unlike the reference, whose checkpoints come from an unversioned link with no recipe, the upstream recipe
 is part of the config: each upstream model is a one-step experiment in ``RUN_DIR/upstream/<digest>/``
 (its own config, report and accuracy), a run of the experiment's task graph (orchestrator/engine/graph.py)

@@ -1,10 +1,10 @@
 """The upstream CLIP stage: contrastive pretraining of a tiny open_clip model, offline, before a scenario.
 
-A web-scale CLIP already knows the names of every class, later sessions' included (reference/cpe_clip.md
-§9.1). Offline, this stage imitates that: the experiment's architecture (``model.name``) is trained
-from random weights on captions that name every class of the synthetic dataset, with images drawn from
-a *shifted* distribution (:mod:`orchestrator.data.captions`), so zero-shot accuracy on the experiment's
-images is above chance but imperfect and prompts have a domain gap to close.
+A web-scale CLIP already knows the names of every class, later sessions' included. Offline, this stage
+imitates that: the experiment's architecture (``model.name``) is trained from random weights on captions
+that name every class of the synthetic dataset, with images drawn from a *shifted* distribution
+(:mod:`orchestrator.data.captions`), so zero-shot accuracy on the experiment's images is above chance
+but imperfect and prompts have a domain gap to close.
 
 API (stable; shared with the cross-modal methods):
 

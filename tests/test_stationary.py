@@ -19,7 +19,7 @@ LABELS = torch.tensor([0, 1, 0])
 
 
 def manual_hoc(old, new, labels, mu, same_class):
-    """Per-sample loops straight from reference/stationary.md §2."""
+    """Per-sample loops straight from the formula in docs/methods/stationary.md."""
     a, b = F.normalize(old, dim=1), F.normalize(new, dim=1)
     total = 0.0
     for i in range(len(labels)):

@@ -1,6 +1,6 @@
 """A deterministic captioned image dataset built on the synthetic image generator.
 
-Why it exists (reference/cpe_clip.md §9.1): offline CLIP experiments need a CLIP that already "knows"
+Why it exists (docs/methods/cpe-clip.md): offline CLIP experiments need a CLIP that already "knows"
 the names of every class, as a web-scale CLIP does. Captions name the class with one of several
 templates; images come from the synthetic classes, optionally from a *shifted* distribution (rotated
 colours, lower contrast, stronger nuisance) so that a CLIP pretrained on them transfers imperfectly to

@@ -1,13 +1,14 @@
 """Synthetic images whose captions describe the individual image, not only its class.
 
-Why: image-text retrieval (reference/compatibility.md §6.3) is instance-level: a caption must find *its*
-image. With class-only captions every image of a class shares the same few texts, so Recall@K is
-decided by ties among identical captions. Here each synthetic image gets a coloured square painted in
-one of three rows, small or large, and its captions name the class, the square's colour, size and row,
-each caption a different phrasing that mentions all or only some of them (as real captions mention
-different details). With 8 colours x 3 rows x 2 sizes per class, most images of an evaluation set have
-a description of their own, while partial captions keep text-to-image retrieval ambiguous, as on
-Flickr30k. The attributes survive horizontal flips and small crops, the usual CLIP augmentations.
+Why: image-text retrieval (the cross-modal protocol, docs/guide/evaluation.md) is instance-level: a
+caption must find *its* image. With class-only captions every image of a class shares the same few
+texts, so Recall@K is decided by ties among identical captions. Here each synthetic image gets a
+coloured square painted in one of three rows, small or large, and its captions name the class, the
+square's colour, size and row, each caption a different phrasing that mentions all or only some of them
+(as real captions mention different details). With 8 colours x 3 rows x 2 sizes per class, most images
+of an evaluation set have a description of their own, while partial captions keep text-to-image
+retrieval ambiguous, as on Flickr30k. The attributes survive horizontal flips and small crops, the usual
+CLIP augmentations.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A procedurally generated image dataset with CIFAR's shape, for tests and fast simulations.
 
-Why it looks like this (see reference/oca_bct.md §3.4): a dataset the old model solves perfectly cannot
+Why it looks like this (see docs/methods/bct.md): a dataset the old model solves perfectly cannot
 show compatibility, so classes come in super-classes of :data:`SIBLINGS`. Siblings share a base pattern
 (background, gratings, blobs) and differ only by a weaker class-specific pattern, and class ``c``
 belongs to super-class ``c % num_supers`` so any contiguous block of classes spans every super-class:
