@@ -1,7 +1,7 @@
 """The cross-modal driver: old gallery once, new queries per method, Recall@K both ways (docs/guide/evaluation.md).
 
-Every step is a Ray Train run with a deterministic name, and is recorded in the manifest when done, so
-a re-run resumes where it stopped::
+Every step is a task of the engine's graph (orchestrator/engine/graph.py), trained by a worker group,
+and recorded in the manifest when done, so a re-run resumes where it stopped::
 
     encode-old    the old model embeds the evaluation images and captions (the deployed gallery) and,
                   with its text tower, the caption corpus: the only time the old model runs
@@ -44,10 +44,6 @@ def seed_dir(run_dir: Path, seed: int) -> Path:
     return Path(run_dir) / f"seed-{seed}"
 
 
-def manifest_path(run_dir: Path, step: str) -> Path:
-    return Path(run_dir) / "manifest" / f"{step}.json"
-
-
 def state_path(run_dir: Path, seed: int, method: str, stage: str) -> Path:
     return seed_dir(run_dir, seed) / "states" / method / f"{stage}.pt"
 
@@ -86,95 +82,68 @@ def _prepare_run_dir(cfg: CrossModalExperiment, run_dir: Path) -> bool:
 
 
 # -- driver ------------------------------------------------------------------------------------
-def plan(cfg: CrossModalExperiment) -> list[tuple[str, dict]]:
-    """(step name, worker payload) of every step, in order. A stage's payload holds what that stage needs
-    and nothing more: the new model, the data, its recipe, and the old model's width, never the old model."""
+def stage_payloads(cfg: CrossModalExperiment) -> list[tuple[str, dict, tuple[str, ...]]]:
+    """(task name, worker payload, earlier stage) of every method's stage per seed, in order. A stage's
+    payload holds what that stage needs and nothing more: the new model, the data, its recipe, and the
+    old model's width, never the old model."""
     from methods.clip_models import embedding_dim
     from methods.crossmodal_base import create_crossmodal
 
     config = cfg.to_dict()
-    common = {"use_gpu": cfg.resources.use_gpu}
-    steps = [(f"encode-{role}", {**common, "kind": "encode", "role": role, "config": config}) for role in ("old", "new")]
+    out = []
     for seed in cfg.seeds:
         for index, spec in enumerate(cfg.methods):
             stages = list(create_crossmodal(spec.name, spec.params, f"methods.{index}").stages())
             for position, stage in enumerate(stages):
-                steps.append((f"seed-{seed}/{spec.key}/{stage}", {
-                    **common, "kind": "stage", "seed": seed, "stage": stage, "method_index": index,
-                    "method": {"name": spec.name, "key": spec.key, "params": spec.params},
+                earlier = (f"seed-{seed}/{spec.key}/{stages[position - 1]}",) if position else ()
+                out.append((f"seed-{seed}/{spec.key}/{stage}", {
+                    "kind": "stage", "use_gpu": cfg.resources.use_gpu, "seed": seed, "stage": stage,
+                    "method_index": index, "method": {"name": spec.name, "key": spec.key, "params": spec.params},
                     "training": to_dict(cfg.stage_training(index, stage)), "earlier": stages[:position],
                     "last": position == len(stages) - 1, "new_model": config["models"]["new"],
                     "old_dim": embedding_dim(cfg.models.old.name), "data": config["data"],
-                    "batch_size": cfg.evaluation.batch_size}))
-    return steps
+                    "batch_size": cfg.evaluation.batch_size}, earlier))
+    return out
 
 
 def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[Path] = None,
-                   echo: Callable[[str], None] = print) -> dict:
-    """Run (or resume) every step, then write metrics.json and report.md; returns the metrics."""
+                   echo: Callable[[str], None] = print, progress: bool = False) -> dict:
+    """Run (or resume) every task on the engine's executor, then write metrics.json and report.md."""
     from orchestrator.crossmodal_data import check_data
+    from orchestrator.crossmodal_eval import evaluate_run
     from orchestrator.crossmodal_report import render_crossmodal_report
+    from orchestrator.engine.executor import execute
+    from orchestrator.engine.graph import plan
+    from orchestrator.simulation import ProgressDisplay
 
     check_data(cfg.data)
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name).resolve()
     resuming = _prepare_run_dir(cfg, run_dir)
-    steps = plan(cfg)
-    done = sum(manifest_path(run_dir, name).is_file() for name, _ in steps)
-    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir}: {len(steps)} steps "
+    graph = plan(cfg)
+    done = sum(runfiles.task_done(run_dir, t.name) for t in graph.tasks.values())
+    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir}: {len(graph.tasks)} tasks "
          f"({len(cfg.seeds)} seed(s) x {len(cfg.methods)} method(s)), {done} already done")
-    started = time.time()
-    for number, (name, payload) in enumerate(steps, start=1):
-        if manifest_path(run_dir, name).is_file():
-            continue
-        echo(f"  [{number}/{len(steps)}] {name}")
-        _run_step(cfg, run_dir, name, payload)
-    from orchestrator.crossmodal_eval import evaluate_run
-
+    display = ProgressDisplay(run_dir, graph, done, enabled=progress, echo=echo)
+    execute(graph, run_dir, display=display)
+    display.close()
     metrics = evaluate_run(cfg, run_dir)
     runfiles.atomic_write_json(run_dir / "metrics.json", metrics)
     render_crossmodal_report(run_dir)
-    echo(f"All {len(steps)} steps done in {time.time() - started:.0f} s")
     return metrics
 
 
-def _run_step(cfg: CrossModalExperiment, run_dir: Path, name: str, payload: dict) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from orchestrator.simulation import ensure_ray
-
-    res = cfg.resources
-    if res.num_workers > 0:
-        ensure_ray()
-    trainer = TorchTrainer(
-        crossmodal_worker,
-        train_loop_config={"run_dir": str(run_dir), "step": name, **payload},
-        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                     resources_per_worker={"CPU": res.cpus_per_worker} if res.num_workers else None),
-        run_config=RunConfig(name=name.replace("/", "-"), storage_path=str(run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=res.max_failures)),
-    )
-    trainer.fit()
-    if not manifest_path(run_dir, name).is_file():
-        raise RunError(f"step {name}: the Train run ended without finishing; see the log above")
-
-
 # -- workers -----------------------------------------------------------------------------------
-def crossmodal_worker(loop: dict) -> None:
-    """Ray Train ``train_loop_per_worker`` of every cross-modal step."""
+def run_task(name: str, payload: dict, run_dir: Path, worker, group: str) -> None:
+    """A worker's part of one cross-modal task; the chief commits its manifest entry."""
     from orchestrator.crossmodal_steps import encode_step, stage_step
-    from orchestrator.session import current_worker
 
-    run_dir = Path(loop["run_dir"])
-    if manifest_path(run_dir, loop["step"]).is_file():
-        return  # finished before a worker-group restart
-    worker = current_worker(loop["use_gpu"])
     started = time.time()
-    entry = (encode_step if loop["kind"] == "encode" else stage_step)(loop, run_dir, worker)
+    entry = (encode_step if payload["kind"] == "encode" else stage_step)(payload, run_dir, worker)
     worker.barrier()
     if worker.is_chief:
-        runfiles.atomic_write_json(manifest_path(run_dir, loop["step"]), {
-            "step": loop["step"], "seconds": round(time.time() - started, 3), "world_size": worker.world_size, **entry})
+        runfiles.atomic_write_json(runfiles.task_manifest_path(run_dir, name), {
+            "step": name, "seconds": round(time.time() - started, 3), "world_size": worker.world_size,
+            "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group, **entry})
 
 
 def resolve_clip(spec: ClipSpec, synthetic) -> tuple[str, Optional[str]]:

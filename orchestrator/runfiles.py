@@ -79,8 +79,13 @@ def versions_dir(run_dir: Path, method: str) -> Path:
     return Path(run_dir) / "versions" / method
 
 
+def task_manifest_path(run_dir: Path, name: str) -> Path:
+    """The manifest entry of a task of the run (``<method>/step-NNN``, ``encode-old``, ...)."""
+    return Path(run_dir) / "manifest" / f"{name}.json"
+
+
 def manifest_path(run_dir: Path, method: str, step: int) -> Path:
-    return Path(run_dir) / "manifest" / method / f"step-{step:03d}.json"
+    return task_manifest_path(run_dir, f"{method}/step-{step:03d}")
 
 
 def row_path(run_dir: Path, method: str, step: int) -> Path:
@@ -114,6 +119,10 @@ def relative_to_run(path: Optional[str], run_dir: Path) -> Optional[str]:
 
 
 # -- manifest ----------------------------------------------------------------------------------
+def task_done(run_dir: Path, name: str) -> bool:
+    return task_manifest_path(run_dir, name).is_file()
+
+
 def step_done(run_dir: Path, method: str, step: int) -> bool:
     return manifest_path(run_dir, method, step).is_file()
 

@@ -23,7 +23,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from orchestrator import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
 from orchestrator.errors import CompatError
 from orchestrator.objectives import table_values

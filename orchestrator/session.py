@@ -24,7 +24,7 @@ from orchestrator.config import ExperimentConfig, MethodSpec, parse_config
 from orchestrator.data import LabeledImages, load_split
 from orchestrator.data.display_names import display_names
 from orchestrator.data.transforms import BatchTransform, make_transform
-from orchestrator.engine.graph import COPY
+from orchestrator.engine.graph import COPY, step_name
 from orchestrator.engine.loop import Hook, ProgressFile, build_optimizer, distributed, train_epochs
 from orchestrator.replay import ReplayMemory, balanced_order
 from orchestrator.scenarios import Step, class_order, plan_steps, train_indices
@@ -80,21 +80,27 @@ def work(loop_config: dict) -> None:
         task_id = queue.next_task(group, seq)
         if task_id is None:
             return
-        run, method_index, index, action, copy_from = loop_config["tasks"][task_id]
-        if run not in configs:
-            configs[run] = parse_config(loop_config["runs"][run])
-        cfg, run_dir = configs[run], root / run
-        spec = cfg.methods[method_index]
-        if not runfiles.step_done(run_dir, spec.key, index):
-            if session is None or session.spec is not spec:
-                session = Session(cfg, spec, run_dir, worker)
-            resources = session.steps[index].resources
-            if resources.num_workers > 0:  # a Train worker granted N CPUs trains on N threads, not Ray's default
-                torch.set_num_threads(max(1, int(resources.cpus_per_worker)))
-            if action == COPY:
-                session.copy_first_version(cfg.methods[copy_from].key, group)
+        task = loop_config["tasks"][task_id]
+        run_dir = root / task["run"]
+        if not runfiles.task_done(run_dir, task["name"]):
+            if task["payload"] is not None:  # a cross-modal encoding or stage
+                from orchestrator.crossmodal import run_task
+
+                run_task(task["name"], task["payload"], run_dir, worker, group)
             else:
-                session.run_step(session.steps[index], group)
+                if task["run"] not in configs:
+                    configs[task["run"]] = parse_config(loop_config["runs"][task["run"]])
+                cfg = configs[task["run"]]
+                spec = cfg.methods[task["method"]]
+                if session is None or session.spec is not spec:
+                    session = Session(cfg, spec, run_dir, worker)
+                step = session.steps[task["step"]]
+                if step.resources.num_workers > 0:  # a Train worker granted N CPUs trains on N threads, not Ray's default
+                    torch.set_num_threads(max(1, int(step.resources.cpus_per_worker)))
+                if task["action"] == COPY:
+                    session.copy_first_version(cfg.methods[task["copy_from"]].key, group)
+                else:
+                    session.run_step(step, group)
         if worker.is_chief:
             queue.call("complete", task_id)
 
@@ -177,7 +183,8 @@ class Session:
         ddp_model = distributed(model, self.worker) if trainable else model
         train_started = time.time()
         hooks = StepHooks(self, step, model, optimizer, state, ctx)
-        progress = [ProgressFile(self.run_dir, self.spec.key, step.index, self.training.epochs)] if self.worker.is_chief else []
+        progress = [ProgressFile(self.run_dir, step_name(self.spec.key, step.index), step.index, self.training.epochs)
+                    ] if self.worker.is_chief else []
         means = train_epochs(
             ddp_model, optimizer, self.training, start_epoch=start_epoch, hooks=[hooks, *progress],
             batches=lambda epoch: self._batches(indices, self.train_tf, shuffle_epoch=epoch, memory=memory),

@@ -18,7 +18,7 @@ import yaml
 
 from orchestrator import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
-from orchestrator.engine.executor import ensure_ray, explain_failure  # noqa: F401  (public here since the first release)
+from orchestrator.engine.executor import ensure_ray  # noqa: F401  (the benches start the cluster through here)
 from orchestrator.errors import RunError
 from orchestrator.scenarios import plan_steps
 
@@ -281,13 +281,12 @@ class ProgressDisplay:
         """Tasks done, each running task's epoch and loss, and an ETA from the pace so far."""
         parts, current = [], 0.0
         for task_id, p in running:
-            task = self.graph.tasks[task_id]
-            key = self.graph.runs[task.run].config.methods[task.method].key
-            if p is None or p.get("step") != task.step:
-                parts.append(f"{key} step {task.step} starting")
+            what = self.graph.describe(task_id)
+            if p is None:
+                parts.append(f"{what} starting")
                 continue
             current += p["epoch"] / p["epochs"]
-            parts.append(f"{key} step {task.step} epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f}")
+            parts.append(f"{what} epoch {p['epoch']}/{p['epochs']} loss {p.get('loss', float('nan')):.4f}")
         elapsed = time.time() - self.started
         work = self.finished_here + current
         eta = _clock(elapsed / work * (self.total - self.done - current)) if work > 0 else "--:--"
@@ -296,7 +295,7 @@ class ProgressDisplay:
 
     def _progress(self, task_id: str) -> Optional[dict]:
         task = self.graph.tasks[task_id]
-        return runfiles.read_progress(self.root / task.run, self.graph.runs[task.run].config.methods[task.method].key)
+        return runfiles.read_progress(self.root / task.run, task.name)
 
     def _print(self, text: str, newline: bool) -> None:
         if self._tty and not newline:

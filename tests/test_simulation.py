@@ -195,8 +195,7 @@ def test_progress_line_shows_every_running_task(tmp_path):
 
     graph = plan(tiny(tmp_path))
     display = simulation.ProgressDisplay(tmp_path, graph, done=4, enabled=False, echo=lambda s: None)
-    line = display.line([("bct/step-001", {"method": "bct", "step": 1, "epoch": 1, "epochs": 2, "loss": 0.5}),
-                         ("independent/step-002", None)])
+    line = display.line([("bct/step-001", {"epoch": 1, "epochs": 2, "loss": 0.5}), ("independent/step-002", None)])
     assert line.startswith("  4/6 tasks done | bct step 1 epoch 1/2 loss 0.5000; independent step 2 starting |")
 
 

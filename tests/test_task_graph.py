@@ -122,3 +122,19 @@ def test_finished_tasks_are_never_handed_out(done):
     queue, shape = queue_for(done=done)
     group = queue.open_group(shape)
     assert queue.claim(group, 0) not in done
+
+
+def test_a_cross_modal_experiment_is_a_graph_of_encodings_and_stages():
+    from orchestrator.config import load_raw
+    from orchestrator.crossmodal_config import parse_crossmodal
+    from orchestrator.engine.graph import ENCODE, STAGE
+
+    cfg = parse_crossmodal(load_raw("configs/xbt_synthetic.yaml", ["seeds=[0]"]))
+    graph = plan(cfg)
+    encodes = [t for t in graph.tasks.values() if t.action == ENCODE]
+    assert [t.name for t in encodes] == ["encode-old", "encode-new"]
+    stages = [t for t in graph.tasks.values() if t.action == STAGE]
+    assert stages and all({"encode-old", "encode-new"} <= set(t.deps) for t in stages)
+    queue = TaskQueue(list(graph.tasks.values()), set())
+    group = queue.open_group(shape_of(encodes[0]))
+    assert [queue.claim(group, 0), queue.claim(queue.open_group(shape_of(encodes[0])), 0)] == ["encode-old", "encode-new"]

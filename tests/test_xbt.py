@@ -13,6 +13,8 @@ import yaml
 from methods.crossmodal_base import StageContext, TextPairs, create_crossmodal
 from methods.xbt import Projection, symmetric_infonce, text_alignment_losses
 from orchestrator import crossmodal, crossmodal_steps
+from orchestrator.engine import executor
+from orchestrator.engine.graph import ENCODE, STAGE, plan
 from orchestrator.cli import main
 from orchestrator.config import TrainingConfig
 from orchestrator.crossmodal_config import parse_crossmodal
@@ -154,9 +156,13 @@ def test_old_model_loaded_once_and_never_by_a_stage(finished_run):
     # query embedding, xbt 2 stages + query embedding) load only the new one.
     assert loads.count("tiny-vit-w32") == 1
     assert loads.count("tiny-vit-w64") == 1 + 2 * (1 + 1 + 1)
-    for name, payload in crossmodal.plan(cfg):
-        if payload["kind"] == "stage":
-            assert "tiny-vit-w32" not in json.dumps(payload), name  # the stage cannot even name it
+    tasks = plan(cfg).tasks
+    stages = [t for t in tasks.values() if t.action == STAGE]
+    assert len(stages) == 2 * 3 and [t.action for t in tasks.values()][:2] == [ENCODE, ENCODE]
+    for task in stages:
+        assert "tiny-vit-w32" not in json.dumps(task.payload), task.name  # the stage cannot even name it
+        assert {"encode-old", "encode-new"} <= set(task.deps)
+    assert tasks["seed-1/xbt/pairs"].deps[2:] == ("seed-1/xbt/text",)  # a method's stages in order
 
 
 def test_old_gallery_is_stored_once_and_methods_store_only_queries(finished_run):
@@ -173,7 +179,7 @@ def test_old_gallery_is_stored_once_and_methods_store_only_queries(finished_run)
 
 def test_rerun_and_cli_resume_redo_nothing(finished_run, monkeypatch, capsys):
     cfg, run_dir, metrics, _ = finished_run
-    monkeypatch.setattr(crossmodal, "_run_step", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
     assert crossmodal.run_crossmodal(cfg, echo=lambda s: None)["methods"] == metrics["methods"]
     assert main(["run", "--resume", str(run_dir)]) == 0
     assert "new->old xbt" in capsys.readouterr().out

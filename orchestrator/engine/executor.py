@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from orchestrator.engine.graph import TaskGraph
-from orchestrator.engine.queue import DONE, WAIT, TaskQueue, shape_of
+from orchestrator.engine.queue import DONE, WAIT, TaskQueue
 from orchestrator.errors import CompatError, RunError
 
 HEALTH_CHECK_INTERVAL_S = 0.2  # Ray Train's default is 2 s; an environment variable of the same name wins
@@ -33,7 +33,7 @@ def execute(graph: TaskGraph, root: Path, *, on_finished: Callable[[str], None] 
     everything that did not depend on it has finished."""
     from orchestrator import runfiles
 
-    done = {t.id for t in graph.tasks.values() if runfiles.step_done(*_where(graph, root, t.id))}
+    done = {t.id for t in graph.tasks.values() if runfiles.task_done(root / t.run, t.name)}
     todo = [t for t in graph.tasks.values() if t.id not in done]
     if not todo:
         return
@@ -117,7 +117,8 @@ def _run_group(graph: TaskGraph, root: Path, queue: "_Queue", group: str, shape:
         train_loop_config={
             "root": str(root), "group": group, "queue": queue.handle(group), "use_gpu": use_gpu,
             "runs": {path: run.config.to_dict() for path, run in graph.runs.items()},
-            "tasks": {t.id: [t.run, t.method, t.step, t.action, t.copy_from] for t in graph.tasks.values()},
+            "tasks": {t.id: {"run": t.run, "name": t.name, "method": t.method, "step": t.step, "action": t.action,
+                             "copy_from": t.copy_from, "payload": t.payload} for t in graph.tasks.values()},
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus} if num_workers else None),
@@ -162,12 +163,6 @@ def ensure_ray() -> None:
         ray.init(address=address)
     else:
         ray.init(include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
-
-
-def _where(graph: TaskGraph, root: Path, task_id: str) -> tuple[Path, str, int]:
-    task = graph.tasks[task_id]
-    run = graph.runs[task.run]
-    return root / task.run, run.config.methods[task.method].key, task.step
 
 
 class _Capacity:

@@ -7,7 +7,8 @@ run; it may start once every task it depends on is committed to the manifest:
 - a method's step t needs its step t-1 (the previous version is the model it starts from or aligns to);
 - a step that swaps in upstream model k needs the upstream run that trains it;
 - a version 0 that is another method's version 0 (``resources.share_first_version``) is a copy task
-  that needs that method's step 0.
+  that needs that method's step 0;
+- a cross-modal stage needs both CLIPs' encodings and its method's earlier stage.
 
 Everything else is independent: each method's chain, each seed, each upstream model can run at the
 same time as the others when the cluster holds them.
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Optional
+from typing import Any, Optional
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.scenarios import Resources, Step, plan_steps
 
-TRAIN, COPY = "train", "copy"
+TRAIN, COPY = "train", "copy"  # a method's step: trained, or version 0 copied from a twin
+ENCODE, STAGE = "encode", "stage"  # cross-modal: a CLIP embeds the evaluation set; a stage of a method
 
 
 @dataclass(frozen=True)
@@ -30,28 +32,30 @@ class RunPlan:
     """One run of the graph: where it lives (relative to the experiment's location), its config, steps."""
 
     path: str  # "" is the experiment's own location; "seed-3", "seed-3/upstream/<digest>", ...
-    config: ExperimentConfig
+    config: Any  # ExperimentConfig, or CrossModalExperiment for role "cross-modal"
     steps: tuple[Step, ...]
-    role: str  # "experiment" (metrics and report of its own) | "seed" (aggregated) | "upstream"
+    role: str  # "experiment" (metrics and report of its own) | "seed" (aggregated) | "upstream" | "cross-modal"
 
 
 @dataclass(frozen=True)
 class Task:
-    """One version of one method of one run."""
+    """One unit of work of one run: a version of a method, or a cross-modal encoding or stage."""
 
-    id: str  # "<run>/<method key>/step-NNN" (no run prefix for the experiment itself): stable across resumes
+    id: str  # "<run>/<name>" ("<name>" for the experiment itself): stable across resumes
     run: str
-    method: int  # index into the run's ``config.methods``
-    step: int
-    action: str  # TRAIN | COPY
+    name: str  # within its run: "<method key>/step-NNN", "encode-old", "seed-0/<method key>/<stage>"
+    action: str  # TRAIN | COPY | ENCODE | STAGE
     resources: Resources
     deps: tuple[str, ...] = ()
+    method: Optional[int] = None  # index into the run's ``config.methods``
+    step: Optional[int] = None
     copy_from: Optional[int] = None  # for COPY: the method (index) whose version 0 this is
+    payload: Optional[dict] = None  # for ENCODE/STAGE: what the worker needs, nothing more
 
     @property
     def chain(self) -> str:
         """Tasks of one chain share a method's datasets and state when one worker group runs them in turn."""
-        return f"{self.run}/{self.method}"
+        return f"{self.run}/{self.method if self.payload is None else self.name.rsplit('/', 1)[0]}"
 
 
 @dataclass
@@ -72,19 +76,31 @@ class TaskGraph:
 
     def describe(self, task_id: str) -> str:
         task = self.tasks[task_id]
-        key = self.runs[task.run].config.methods[task.method].key
         where = f" of {task.run}" if task.run else ""
+        if task.method is None:
+            return f"{task.name}{where}"
+        key = self.runs[task.run].config.methods[task.method].key
         return f"{key} step {task.step}{where}" + (" (copy of version 0)" if task.action == COPY else "")
 
 
-def task_id(run: str, method_key: str, step: int) -> str:
-    return str(PurePosixPath(run or ".", method_key, f"step-{step:03d}")).removeprefix("./")
+def step_name(method_key: str, step: int) -> str:
+    """The name of a method's step within its run (also its manifest entry's path)."""
+    return f"{method_key}/step-{step:03d}"
 
 
-def plan(cfg: ExperimentConfig) -> TaskGraph:
-    """Every task of ``cfg``: one run, or one per seed, plus the upstream runs their replacements need."""
+def task_id(run: str, name: str) -> str:
+    return str(PurePosixPath(run or ".", name)).removeprefix("./")
+
+
+def plan(cfg) -> TaskGraph:
+    """Every task of ``cfg``: one run, or one per seed, plus the upstream runs their replacements need;
+    a cross-modal experiment is one run of encodings and stages."""
+    from orchestrator.crossmodal_config import CrossModalExperiment
+
     graph = TaskGraph()
-    if cfg.seeds is None:
+    if isinstance(cfg, CrossModalExperiment):
+        _plan_crossmodal(graph, cfg)
+    elif cfg.seeds is None:
         _plan_run(graph, "", cfg, "experiment")
     else:
         for seed in cfg.seeds:
@@ -105,19 +121,39 @@ def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> 
             sub = upstream_config(cfg, spec, index)
             sub_path = str(PurePosixPath(path or ".", "upstream", sub.digest())).removeprefix("./")
             _plan_run(graph, sub_path, sub, "upstream")
-            upstream_tasks[index] = task_id(sub_path, sub.methods[0].key, 0)
+            upstream_tasks[index] = task_id(sub_path, step_name(sub.methods[0].key, 0))
         for step in steps:
-            deps = [task_id(path, spec.key, step.index - 1)] if step.index > 0 else []
+            deps = [task_id(path, step_name(spec.key, step.index - 1))] if step.index > 0 else []
             if step.index in cfg.scenario.replace_at:
                 source = cfg.scenario.replacements[cfg.scenario.replace_at.index(step.index)]
                 if source.upstream is not None:
                     deps.append(upstream_tasks[source.upstream])
             twin = twins.get(m) if step.index == 0 else None
             if twin is not None:
-                deps.append(task_id(path, cfg.methods[twin].key, 0))
-            graph.add(Task(id=task_id(path, spec.key, step.index), run=path, method=m, step=step.index,
+                deps.append(task_id(path, step_name(cfg.methods[twin].key, 0)))
+            name = step_name(spec.key, step.index)
+            graph.add(Task(id=task_id(path, name), run=path, name=name, method=m, step=step.index,
                            action=COPY if twin is not None else TRAIN, resources=step.resources,
                            deps=tuple(deps), copy_from=twin))
+
+
+def _plan_crossmodal(graph: TaskGraph, cfg) -> None:
+    """Both CLIPs embed the evaluation set (and the old one the gallery, once); then each method's stages
+    in order, per seed, each needing both encodings and the method's earlier stage."""
+    from orchestrator.crossmodal import stage_payloads
+
+    res = cfg.resources
+    resources = Resources(num_workers=res.num_workers, use_gpu=res.use_gpu, cpus_per_worker=res.cpus_per_worker)
+    graph.add_run(RunPlan("", cfg, (), "cross-modal"))
+    encodings = []
+    for role in ("old", "new"):
+        name = f"encode-{role}"
+        graph.add(Task(id=name, run="", name=name, action=ENCODE, resources=resources,
+                       payload={"kind": "encode", "role": role, "config": cfg.to_dict(), "use_gpu": res.use_gpu}))
+        encodings.append(name)
+    for name, payload, earlier in stage_payloads(cfg):
+        graph.add(Task(id=name, run="", name=name, action=STAGE, resources=resources,
+                       deps=(*encodings, *earlier), payload=payload))
 
 
 def first_version_twins(cfg: ExperimentConfig, steps: tuple[Step, ...]) -> dict[int, int]:
