@@ -146,13 +146,13 @@ def run_task(name: str, payload: dict, run_dir: Path, worker, group: str) -> Non
             "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group, **entry})
 
 
-def resolve_clip(spec: ClipSpec, synthetic) -> tuple[str, Optional[str]]:
-    """(architecture, weights) of a model spec; an ``upstream`` spec is pretrained (cached) here."""
+def resolve_clip(spec: ClipSpec, synthetic, run_dir: Path) -> tuple[str, Optional[str]]:
+    """(architecture, weights) of a model spec; an ``upstream`` spec's weights were pretrained by its task."""
     if spec.upstream is None:
         return spec.name, spec.pretrained
-    from orchestrator.upstream_clip import pretrain_clip
+    from orchestrator.upstream_clip import clip_checkpoint
 
-    return spec.name, str(pretrain_clip(spec.name, spec.upstream, synthetic))
+    return spec.name, str(clip_checkpoint(spec.name, spec.upstream, synthetic, run_dir))
 
 
 def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, worker, seed: int,
@@ -161,7 +161,7 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
     DDP across workers, one ``ray.train.report`` (and progress line) per epoch."""
     import ray.train
 
-    from orchestrator.engine.loop import ProgressFile, build_optimizer, distributed, train_epochs
+    from orchestrator.engine.loop import ProgressFile, build_optimizer, distributed, lr_at, train_epochs
 
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -169,7 +169,7 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
     optimizer = build_optimizer(params, training)
     wrapped = distributed(module, worker)
     means = train_epochs(
-        module, optimizer, training, hooks=[ProgressFile(run_dir, label, label, training.epochs)] if worker.is_chief else [],
+        module, optimizer, training.epochs, lr=partial(lr_at, training=training), hooks=[ProgressFile(run_dir, label, label, training.epochs)] if worker.is_chief else [],
         batches=lambda epoch: epoch_batches(num_items, training.batch_size, seed, epoch, worker.rank, worker.world_size),
         loss=lambda idx, epoch: loss_fn(wrapped, torch.from_numpy(idx).to(worker.device), epoch))
     ray.train.report({"step": label, **means})  # once per stage: each report waits for the controller's poll

@@ -26,10 +26,11 @@ from orchestrator.session import Worker, embed_array
 from orchestrator.store import EmbeddingStore
 
 
-def _load(spec: ClipSpec, data: CrossModalDataConfig, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, BatchTransform]:
+def _load(spec: ClipSpec, data: CrossModalDataConfig, device: torch.device,
+          run_dir: Path) -> tuple[torch.nn.Module, Tokenizer, BatchTransform]:
     """The model, its tokenizer and its test-time transform. Random weights (no ``pretrained``, no
     ``upstream``) come from a fixed seed, so every step of a run sees the same model."""
-    name, weights = resolve_clip(spec, data.synthetic)
+    name, weights = resolve_clip(spec, data.synthetic, run_dir)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         clip, tokenizer = create_clip(name, weights)
@@ -69,7 +70,7 @@ def encode_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
     cfg = parse_crossmodal(loop["config"])
     role = loop["role"]
     spec: ClipSpec = getattr(cfg.models, role)
-    clip, tokenizer, transform = _load(spec, cfg.data, worker.device)
+    clip, tokenizer, transform = _load(spec, cfg.data, worker.device, run_dir)
     batch_size = cfg.evaluation.batch_size
     store = EmbeddingStore(runfiles.store_dir(run_dir))
     meta = {"model": spec.name, "role": role, "config_digest": cfg.digest()}
@@ -85,7 +86,7 @@ def encode_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
     store.write(role, VERSIONS[role], "corpus", _embed_texts(encode_text, tokenizer, corpus, rows, batch_size, worker.device),
                 np.full(len(rows), -1), rows, modality="text", shard=worker.rank, num_shards=worker.world_size,
                 metadata={**meta, "normalized": True})
-    return {"role": role, "model": spec.name, "weights": resolve_clip(spec, cfg.data.synthetic)[1],
+    return {"role": role, "model": spec.name, "weights": resolve_clip(spec, cfg.data.synthetic, run_dir)[1],
             "images": len(evaluation.images), "captions": len(evaluation.captions), "corpus": len(corpus)}
 
 
@@ -139,7 +140,7 @@ def stage_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
         stage_data = TextPairs(*(torch.from_numpy(np.ascontiguousarray(x[draw])).to(worker.device) for x in (new, old)))
         size = len(draw)
     else:
-        clip, tokenizer, transform = _load(new_spec, data, worker.device)
+        clip, tokenizer, transform = _load(new_spec, data, worker.device, run_dir)
         stage_data = PairBatches(clip, tokenizer, pair_set(data, seed, _image_size(new_spec, data)), transform, seed,
                                  worker.device)
         size = len(stage_data)
@@ -147,7 +148,7 @@ def stage_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
     if worker.is_chief:
         runfiles.atomic_torch_save(state_path(run_dir, seed, spec["key"], stage), kept)
     if loop["last"]:
-        clip, tokenizer, transform = _load(new_spec, data, worker.device)
+        clip, tokenizer, transform = _load(new_spec, data, worker.device, run_dir)
         encoder = method.query_encoder(clip, {**state, **kept}, **dims).to(worker.device).eval()
         _write_eval_set(EmbeddingStore(seed_dir(run_dir, seed) / "store"), spec["key"],
                         eval_set(data, _image_size(new_spec, data)), encoder.encode_image, encoder.encode_text,

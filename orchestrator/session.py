@@ -8,6 +8,7 @@ so resume and fault tolerance keep step granularity. Nothing here knows any part
 from __future__ import annotations
 
 import itertools
+from functools import partial
 import re
 import time
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from orchestrator.config import ExperimentConfig, MethodSpec, parse_config
 from orchestrator.data import LabeledImages, load_split
 from orchestrator.data.display_names import display_names
 from orchestrator.data.transforms import BatchTransform, make_transform
-from orchestrator.engine.graph import COPY, step_name
-from orchestrator.engine.loop import Hook, ProgressFile, build_optimizer, distributed, train_epochs
+from orchestrator.engine.graph import COPY, PRETRAIN, step_name
+from orchestrator.engine.loop import Hook, ProgressFile, build_optimizer, distributed, lr_at, train_epochs
 from orchestrator.replay import ReplayMemory, balanced_order
 from orchestrator.scenarios import Step, class_order, plan_steps, train_indices
 from orchestrator.session_files import session_plan
@@ -83,7 +84,11 @@ def work(loop_config: dict) -> None:
         task = loop_config["tasks"][task_id]
         run_dir = root / task["run"]
         if not runfiles.task_done(run_dir, task["name"]):
-            if task["payload"] is not None:  # a cross-modal encoding or stage
+            if task["action"] == PRETRAIN:
+                from orchestrator.upstream_clip import run_clip_task
+
+                run_clip_task(task["name"], task["payload"], root, worker, group)
+            elif task["payload"] is not None:  # a cross-modal encoding or stage
                 from orchestrator.crossmodal import run_task
 
                 run_task(task["name"], task["payload"], run_dir, worker, group)
@@ -93,7 +98,7 @@ def work(loop_config: dict) -> None:
                 cfg = configs[task["run"]]
                 spec = cfg.methods[task["method"]]
                 if session is None or session.spec is not spec:
-                    session = Session(cfg, spec, run_dir, worker)
+                    session = Session(cfg, spec, run_dir, worker, root)
                 step = session.steps[task["step"]]
                 if step.resources.num_workers > 0:  # a Train worker granted N CPUs trains on N threads, not Ray's default
                     torch.set_num_threads(max(1, int(step.resources.cpus_per_worker)))
@@ -108,12 +113,12 @@ def work(loop_config: dict) -> None:
 class Session:
     """Trains steps of one method; holds the datasets and the method across steps of a group."""
 
-    def __init__(self, cfg: ExperimentConfig, spec: MethodSpec, run_dir: Path, worker: Worker):
+    def __init__(self, cfg: ExperimentConfig, spec: MethodSpec, run_dir: Path, worker: Worker, root: Path):
         from orchestrator.data import dataset_num_classes
 
         self.cfg, self.spec, self.run_dir, self.worker = cfg, spec, run_dir, worker
         self.training = cfg.method_training(spec)
-        self.model_cfg = resolved_model_config(cfg)
+        self.model_cfg = resolved_model_config(cfg, root)  # the upstream CLIP lives at the experiment's root
         self.method: Method = create_method(spec.name, spec.params, self.model_cfg)
         num_classes = dataset_num_classes(cfg.data)
         self.order = class_order(cfg, num_classes)
@@ -186,7 +191,8 @@ class Session:
         progress = [ProgressFile(self.run_dir, step_name(self.spec.key, step.index), step.index, self.training.epochs)
                     ] if self.worker.is_chief else []
         means = train_epochs(
-            ddp_model, optimizer, self.training, start_epoch=start_epoch, hooks=[hooks, *progress],
+            ddp_model, optimizer, self.training.epochs, lr=partial(lr_at, training=self.training),
+            start_epoch=start_epoch, hooks=[hooks, *progress],
             batches=lambda epoch: self._batches(indices, self.train_tf, shuffle_epoch=epoch, memory=memory),
             loss=lambda batch, epoch: self.method.loss(ddp_model(batch[0]), batch[0], batch[1], state, ctx))
         trained_images = hooks.images

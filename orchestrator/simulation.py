@@ -87,16 +87,15 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     for path, run in graph.runs.items():
         if path:
             prepare_run_dir(run.config, root / path)
-        if run.role != "upstream":
-            record_upstream(run.config, root / path)  # the offline upstream CLIP, built once before any worker needs it
-    done = sum(runfiles.step_done(root / t.run, graph.runs[t.run].config.methods[t.method].key, t.step)
-               for t in graph.tasks.values())
+    done = sum(runfiles.task_done(root / t.run, t.name) for t in graph.tasks.values())
     echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {root}: {describe_graph(graph)}, "
          f"{done}/{len(graph.tasks)} already done")
     display = ProgressDisplay(root, graph, done, enabled=progress, echo=echo)
 
     def row_of(task_id: str) -> None:  # each matrix row as soon as its version is committed
         task = graph.tasks[task_id]
+        if task.method is None:
+            return  # the upstream CLIP: no version of a method
         run = graph.runs[task.run]
         ensure_row(run.config, root / task.run, run.config.methods[task.method].key, task.step)
 
@@ -106,6 +105,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):
         for task in graph.tasks_of(path):
             row_of(task.id)
+        record_upstream(run.config, root / path, root)
         metrics = assemble_metrics(run.config, root / path, len(run.steps))
         runfiles.atomic_write_json(root / path / "metrics.json", metrics)
         render_report(root / path)

@@ -6,15 +6,14 @@ that name every class of the synthetic dataset, with images drawn from a *shifte
 (:mod:`orchestrator.data.captions`), so zero-shot accuracy on the experiment's images is above chance
 but imperfect and prompts have a domain gap to close.
 
-API (stable; shared with the cross-modal methods):
+The upstream CLIP is a task of the experiment's graph (``clip_task``), trained by a worker group with
+the engine's training loop and stored in the run, under a digest of everything that determines it:
 
-- ``pretrain_clip(model_name, recipe, data, cache_dir=None) -> Path``: the checkpoint file (a state
-  dict of tensors, loadable with ``create_clip(model_name, str(path))``), built once and cached under
-  a digest of everything that determines it; ``meta.json`` beside it records the recipe and the
-  zero-shot accuracy per class on the dataset's test split.
-- ``upstream_entry(model_name, recipe, data, cache_dir=None) -> Path``: that cache directory.
-- ``upstream_checkpoint(cfg) -> Optional[Path]``: the same for an experiment config (``None`` when it
-  has no ``upstream_clip`` section).
+- ``pretrain_clip(model_name, recipe, data, root) -> Path``: the checkpoint file (a state dict of
+  tensors, loadable with ``create_clip(model_name, str(path))``), built once in
+  ``root/upstream-clip/<digest>/``; ``meta.json`` beside it records the recipe and the zero-shot
+  accuracy per class on the dataset's test split, and marks the entry finished.
+- ``clip_checkpoint(model_name, recipe, data, root) -> Path``: that file, which its task has built.
 - ``zero_shot_per_class(model, tokenizer, images, labels, class_names, template, batch_size)``.
 """
 
@@ -24,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,10 +32,11 @@ import torch.nn.functional as F
 from methods.clip_models import Tokenizer, clip_input_spec, create_clip, encode_images, encode_texts
 from orchestrator.config import DataConfig, ExperimentConfig, ModelConfig, UpstreamClipConfig
 from orchestrator.data import load_split
-from orchestrator.data.captions import cache_root, load_captioned
+from orchestrator.data.captions import load_captioned
 from orchestrator.data.instance_captions import load_described
 from orchestrator.data.transforms import BatchTransform
-from orchestrator.errors import ConfigError
+from orchestrator.engine.loop import Hook, train_epochs
+from orchestrator.errors import ConfigError, RunError
 from orchestrator.runfiles import atomic_torch_save, atomic_write_json
 
 RECIPE_VERSION = 1  # part of the cache key: bump whenever the training procedure changes
@@ -49,32 +49,46 @@ def recipe_key(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) ->
             "data": {k: getattr(data, k) for k in ("num_classes", "image_size", "difficulty", "variant")}}
 
 
-def upstream_entry(model_name: str, recipe: UpstreamClipConfig, data: DataConfig,
-                   cache_dir: Optional[Path] = None) -> Path:
-    """The cache directory of the upstream CLIP ``(model_name, recipe, data)`` (it may not exist yet)."""
+def upstream_digest(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> str:
     blob = json.dumps(recipe_key(model_name, recipe, data), sort_keys=True).encode()
-    return cache_root(cache_dir) / f"upstream-clip-{hashlib.sha256(blob).hexdigest()[:16]}"
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def upstream_checkpoint(cfg: ExperimentConfig, cache_dir: Optional[Path] = None) -> Optional[Path]:
-    if cfg.upstream_clip is None:
-        return None
-    return pretrain_clip(cfg.model.name, cfg.upstream_clip, cfg.data, cache_dir)
+def upstream_entry(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: Path) -> Path:
+    """The directory of the upstream CLIP ``(model_name, recipe, data)`` in the run at ``root``."""
+    return Path(root) / "upstream-clip" / upstream_digest(model_name, recipe, data)
 
 
-def pretrain_clip(model_name: str, recipe: UpstreamClipConfig, data: DataConfig,
-                  cache_dir: Optional[Path] = None) -> Path:
-    """The cached upstream CLIP checkpoint for ``(model_name, recipe, data)``; trained here if missing.
+def clip_task(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> tuple[str, dict]:
+    """(task name, worker payload) of the task that pretrains this upstream CLIP."""
+    return (f"upstream-clip/{upstream_digest(model_name, recipe, data)}",
+            {"kind": "clip", "model": model_name, "recipe": dataclasses.asdict(recipe),
+             "data": dataclasses.asdict(data)})
 
-    ``meta.json`` is written (atomically) after the weights, so its presence marks a finished entry;
-    concurrent builders write identical files.
+
+def clip_checkpoint(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: Path) -> Path:
+    """The upstream CLIP's weights, which its task built before any task that needs them started."""
+    entry = upstream_entry(model_name, recipe, data, root)
+    if not (entry / "meta.json").is_file():
+        raise RunError(f"the upstream CLIP {model_name} is missing from {entry}; its task "
+                       f"{clip_task(model_name, recipe, data)[0]} must finish first (rerun with --resume)")
+    return entry / "model.pt"
+
+
+def pretrain_clip(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: Path,
+                  worker=None) -> Path:
+    """The upstream CLIP checkpoint for ``(model_name, recipe, data)`` in ``root``; trained here if missing.
+
+    ``meta.json`` is written (atomically) after the weights, so its presence marks a finished entry.
     """
     if data.dataset != "synthetic":
         raise ConfigError("upstream_clip", f"pretrains on the captioned synthetic dataset; data.dataset is "
                                            f"{data.dataset!r} (use model.pretrained for real data)")
-    entry = upstream_entry(model_name, recipe, data, cache_dir)
+    entry = upstream_entry(model_name, recipe, data, root)
     if not (entry / "meta.json").is_file():
         state, zero_shot = _train(model_name, recipe, data)
+        if worker is not None and not worker.is_chief:
+            return entry / "model.pt"
         atomic_torch_save(entry / "model.pt", state)
         atomic_write_json(entry / "meta.json", {**recipe_key(model_name, recipe, data), "entry": entry.name,
                                                 "zero_shot_template": ZERO_SHOT_TEMPLATE,
@@ -84,6 +98,23 @@ def pretrain_clip(model_name: str, recipe: UpstreamClipConfig, data: DataConfig,
 
 def read_upstream_meta(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint).parent / "meta.json").read_text())
+
+
+def run_clip_task(name: str, payload: dict, root: Path, worker, group: str) -> None:
+    """A worker's part of the upstream-CLIP task (every rank trains the same model; the chief keeps it)."""
+    import time
+
+    from orchestrator._internal.typed import from_dict
+
+    started = time.time()
+    recipe = from_dict(UpstreamClipConfig, payload["recipe"], "upstream_clip")
+    data = from_dict(DataConfig, payload["data"], "data")
+    checkpoint = pretrain_clip(payload["model"], recipe, data, root, worker)
+    worker.barrier()
+    if worker.is_chief:
+        atomic_write_json(Path(root) / "manifest" / f"{name}.json", {
+            "step": name, "checkpoint": str(Path(checkpoint).relative_to(root)), "seconds": round(time.time() - started, 3),
+            "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group})
 
 
 def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
@@ -114,19 +145,19 @@ def _train(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> tup
     steps_per_epoch = max(len(images) // recipe.batch_size, 1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, pct_start=0.1,
                                                    total_steps=recipe.epochs * steps_per_epoch)
-    model.train()
-    for _ in range(recipe.epochs):
+
+    def batches(epoch: int):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, steps_per_epoch * recipe.batch_size, recipe.batch_size):
-            idx = order[start:start + recipe.batch_size]
-            which = torch.randint(0, recipe.captions_per_image, (len(idx),), generator=generator)
-            image_features = encode_images(model, transform(images[idx], generator=generator))
-            text_features = F.normalize(model.encode_text(tokens[idx, which]), dim=-1)
-            loss = multi_positive_clip_loss(image_features, text_features, labels[idx], model.logit_scale.exp())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            yield order[start:start + recipe.batch_size]
+
+    def loss(idx: torch.Tensor, epoch: int):
+        which = torch.randint(0, recipe.captions_per_image, (len(idx),), generator=generator)
+        image_features = encode_images(model, transform(images[idx], generator=generator))
+        text_features = F.normalize(model.encode_text(tokens[idx, which]), dim=-1)
+        return multi_positive_clip_loss(image_features, text_features, labels[idx], model.logit_scale.exp()), {}
+
+    train_epochs(model, optimizer, recipe.epochs, lr=None, batches=batches, loss=loss, hooks=[StepScheduler(schedule)])
     model.eval()
     test = load_split(data, "test")
     zero_shot = zero_shot_per_class(model, tokenizer, test.images, test.labels, test.class_names, ZERO_SHOT_TEMPLATE,
@@ -147,22 +178,29 @@ def zero_shot_per_class(model, tokenizer: Tokenizer, images: np.ndarray, labels:
     return [float(correct[labels == c].mean()) for c in range(len(class_names))]
 
 
-def resolved_model_config(cfg: ExperimentConfig) -> ModelConfig:
+class StepScheduler(Hook):
+    """A learning-rate schedule that steps after every batch (the upstream CLIP's one-cycle schedule)."""
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def after_batch(self, batch, loss) -> None:
+        self.schedule.step()
+
+
+def resolved_model_config(cfg: ExperimentConfig, root: Path) -> ModelConfig:
     """``cfg.model``, with ``pretrained`` pointing at the upstream CLIP when the experiment has one."""
-    checkpoint = upstream_checkpoint(cfg)
-    return cfg.model if checkpoint is None else dataclasses.replace(cfg.model, pretrained=str(checkpoint))
+    if cfg.upstream_clip is None:
+        return cfg.model
+    checkpoint = clip_checkpoint(cfg.model.name, cfg.upstream_clip, cfg.data, root)
+    return dataclasses.replace(cfg.model, pretrained=str(checkpoint))
 
 
-def record_upstream(cfg: ExperimentConfig, run_dir: Path, echo: Callable[[str], None] = print) -> None:
-    """Build (or find) the upstream CLIP in the driver, before any worker needs it, and record its recipe,
-    digest and zero-shot accuracy per class in ``run_dir/upstream_clip.json``."""
+def record_upstream(cfg: ExperimentConfig, run_dir: Path, root: Path) -> None:
+    """Record the upstream CLIP's recipe, digest and zero-shot accuracy per class in
+    ``run_dir/upstream_clip.json`` (once its task has built it)."""
     if cfg.upstream_clip is None:
         return
-    entry = upstream_entry(cfg.model.name, cfg.upstream_clip, cfg.data)
-    if not (entry / "meta.json").is_file():
-        echo(f"Pretraining the upstream CLIP {cfg.model.name} ({cfg.upstream_clip.epochs} epochs on captioned "
-             f"shifted images); it is cached in {entry}")
-    checkpoint = upstream_checkpoint(cfg)
-    if checkpoint is not None:
-        atomic_write_json(Path(run_dir) / "upstream_clip.json", {**read_upstream_meta(checkpoint),
-                                                                "checkpoint": str(checkpoint)})
+    checkpoint = clip_checkpoint(cfg.model.name, cfg.upstream_clip, cfg.data, root)
+    atomic_write_json(Path(run_dir) / "upstream_clip.json", {**read_upstream_meta(checkpoint),
+                                                            "checkpoint": str(Path(checkpoint).relative_to(root))})

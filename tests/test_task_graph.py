@@ -127,14 +127,26 @@ def test_finished_tasks_are_never_handed_out(done):
 def test_a_cross_modal_experiment_is_a_graph_of_encodings_and_stages():
     from orchestrator.config import load_raw
     from orchestrator.crossmodal_config import parse_crossmodal
-    from orchestrator.engine.graph import ENCODE, STAGE
+    from orchestrator.engine.graph import ENCODE, PRETRAIN, STAGE
 
     cfg = parse_crossmodal(load_raw("configs/xbt_synthetic.yaml", ["seeds=[0]"]))
     graph = plan(cfg)
+    pretrain = [t.name for t in graph.tasks.values() if t.action == PRETRAIN]
     encodes = [t for t in graph.tasks.values() if t.action == ENCODE]
     assert [t.name for t in encodes] == ["encode-old", "encode-new"]
+    assert len(pretrain) == 2 and [t.deps for t in encodes] == [(pretrain[0],), (pretrain[1],)]  # both CLIPs upstream
     stages = [t for t in graph.tasks.values() if t.action == STAGE]
     assert stages and all({"encode-old", "encode-new"} <= set(t.deps) for t in stages)
-    queue = TaskQueue(list(graph.tasks.values()), set())
+    queue = TaskQueue(list(graph.tasks.values()), set(pretrain))
     group = queue.open_group(shape_of(encodes[0]))
     assert [queue.claim(group, 0), queue.claim(queue.open_group(shape_of(encodes[0])), 0)] == ["encode-old", "encode-new"]
+
+
+def test_the_upstream_clip_is_pretrained_once_for_every_seed():
+    from orchestrator.engine.graph import PRETRAIN
+
+    graph = plan(load_config("configs/fscil_synthetic.yaml", ["seeds=[0, 1]"]))
+    pretrain = [t for t in graph.tasks.values() if t.action == PRETRAIN]
+    assert len(pretrain) == 1 and pretrain[0].run == ""  # at the experiment's root, shared by the seeds
+    firsts = [t for t in graph.tasks.values() if t.step == 0]
+    assert len(firsts) == 2 * 4 and all(t.deps == (pretrain[0].id,) for t in firsts)  # 2 seeds x 4 methods

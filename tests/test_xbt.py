@@ -244,8 +244,8 @@ def test_upstream_pretraining_on_instance_captions(tmp_path):
 
     recipe = UpstreamClipConfig(captions="instance", captions_per_image=2, images_per_class=4, epochs=1, batch_size=8)
     data = DataConfig(num_classes=4, train_per_class=4, test_per_class=2)
-    checkpoint = pretrain_clip("tiny-vit-w32", recipe, data, cache_dir=tmp_path)
-    assert pretrain_clip("tiny-vit-w32", recipe, data, cache_dir=tmp_path) == checkpoint  # cached
+    checkpoint = pretrain_clip("tiny-vit-w32", recipe, data, tmp_path)
+    assert pretrain_clip("tiny-vit-w32", recipe, data, tmp_path) == checkpoint  # cached
     create_clip("tiny-vit-w32", str(checkpoint))  # loads strictly
 
 
@@ -256,7 +256,7 @@ def test_new_to_new_uses_the_untouched_base_model(finished_run):
     from orchestrator.store import EmbeddingStore
 
     cfg, run_dir, _, _ = finished_run
-    clip, _, transform = crossmodal_steps._load(cfg.models.new, cfg.data, torch.device("cpu"))
+    clip, _, transform = crossmodal_steps._load(cfg.models.new, cfg.data, torch.device("cpu"), run_dir)
     state = torch.load(run_dir / "seed-0" / "states" / "xbt" / "pairs.pt", weights_only=True)
     method = create_crossmodal("xbt", cfg.methods[1].params)
     encoder = method.query_encoder(clip, state, 64, 32)

@@ -8,7 +8,9 @@ run; it may start once every task it depends on is committed to the manifest:
 - a step that swaps in upstream model k needs the upstream run that trains it;
 - a version 0 that is another method's version 0 (``resources.share_first_version``) is a copy task
   that needs that method's step 0;
-- a cross-modal stage needs both CLIPs' encodings and its method's earlier stage.
+- a cross-modal stage needs both CLIPs' encodings and its method's earlier stage;
+- every task that builds on an upstream CLIP (the experiment's ``upstream_clip``, a cross-modal model's
+  ``upstream``) needs the task that pretrains it, once for the whole experiment.
 
 Everything else is independent: each method's chain, each seed, each upstream model can run at the
 same time as the others when the cluster holds them.
@@ -25,6 +27,7 @@ from orchestrator.scenarios import Resources, Step, plan_steps
 
 TRAIN, COPY = "train", "copy"  # a method's step: trained, or version 0 copied from a twin
 ENCODE, STAGE = "encode", "stage"  # cross-modal: a CLIP embeds the evaluation set; a stage of a method
+PRETRAIN = "pretrain"  # the upstream CLIP: a web-scale CLIP's offline stand-in, pretrained once per location
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> 
     steps = tuple(plan_steps(cfg, dataset_num_classes(cfg.data)))
     graph.add_run(RunPlan(path, cfg, steps, role))
     twins = first_version_twins(cfg, steps)
+    clip = () if cfg.upstream_clip is None else (_pretrain(graph, cfg.model.name, cfg.upstream_clip, cfg.data, steps[0].resources),)
     for m, spec in enumerate(cfg.methods):
         upstream_tasks = {}
         for index in sorted({s.upstream for s in cfg.scenario.replacements if s.upstream is not None}):
@@ -123,7 +127,7 @@ def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> 
             _plan_run(graph, sub_path, sub, "upstream")
             upstream_tasks[index] = task_id(sub_path, step_name(sub.methods[0].key, 0))
         for step in steps:
-            deps = [task_id(path, step_name(spec.key, step.index - 1))] if step.index > 0 else []
+            deps = [task_id(path, step_name(spec.key, step.index - 1))] if step.index > 0 else [*clip]
             if step.index in cfg.scenario.replace_at:
                 source = cfg.scenario.replacements[cfg.scenario.replace_at.index(step.index)]
                 if source.upstream is not None:
@@ -147,8 +151,10 @@ def _plan_crossmodal(graph: TaskGraph, cfg) -> None:
     graph.add_run(RunPlan("", cfg, (), "cross-modal"))
     encodings = []
     for role in ("old", "new"):
+        spec = getattr(cfg.models, role)
+        clip = () if spec.upstream is None else (_pretrain(graph, spec.name, spec.upstream, cfg.data.synthetic, resources),)
         name = f"encode-{role}"
-        graph.add(Task(id=name, run="", name=name, action=ENCODE, resources=resources,
+        graph.add(Task(id=name, run="", name=name, action=ENCODE, resources=resources, deps=clip,
                        payload={"kind": "encode", "role": role, "config": cfg.to_dict(), "use_gpu": res.use_gpu}))
         encodings.append(name)
     for name, payload, earlier in stage_payloads(cfg):
@@ -156,17 +162,24 @@ def _plan_crossmodal(graph: TaskGraph, cfg) -> None:
                        deps=(*encodings, *earlier), payload=payload))
 
 
+def _pretrain(graph: TaskGraph, model_name: str, recipe, data, resources: Resources) -> str:
+    """The task that pretrains this upstream CLIP at the experiment's location (planned once)."""
+    from orchestrator.upstream_clip import clip_task
+
+    name, payload = clip_task(model_name, recipe, data)
+    graph.add(Task(id=name, run="", name=name, action=PRETRAIN, resources=resources, payload=payload))
+    return name
+
+
 def first_version_twins(cfg: ExperimentConfig, steps: tuple[Step, ...]) -> dict[int, int]:
     """Method index -> the earlier method whose version 0 is the very model it would train: the same
     :meth:`Method.first_version_recipe` and step-0 training recipe, in a scenario whose first step trains
     from scratch without replay memory. That version is trained once and copied."""
     from methods.base import create_method
-    from orchestrator.upstream_clip import resolved_model_config
 
     if not cfg.resources.share_first_version or steps[0].event != "train" or cfg.scenario.replay is not None:
         return {}
-    model_cfg = resolved_model_config(cfg)
-    recipes = [create_method(spec.name, spec.params, model_cfg).first_version_recipe() for spec in cfg.methods]
+    recipes = [create_method(spec.name, spec.params, cfg.model).first_version_recipe() for spec in cfg.methods]
     twins = {}
     for m, spec in enumerate(cfg.methods):
         if recipes[m] is None:

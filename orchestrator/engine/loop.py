@@ -41,17 +41,20 @@ class ProgressFile(Hook):
             **{k: round(v, 5) for k, v in means.items()}})
 
 
-def train_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, training, *,
+def train_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs: int, *,
+                 lr: Optional[Callable[[int], float]],
                  batches: Callable[[int], Iterable[Any]],
                  loss: Callable[[Any, int], tuple[torch.Tensor, dict[str, torch.Tensor]]],
                  hooks: Sequence[Hook] = (), start_epoch: int = 0) -> dict[str, float]:
-    """Epochs ``start_epoch .. training.epochs-1``; returns the last epoch's mean of every loss part.
+    """Epochs ``start_epoch .. epochs-1``; returns the last epoch's mean of every loss part.
 
-    ``batches(epoch)`` yields the epoch's batches, ``loss(batch, epoch)`` returns (loss, named parts) of
-    one batch (forward included); ``module`` is put in train mode at every epoch."""
+    ``lr(epoch)`` is the epoch's learning rate (None: a hook schedules it); ``batches(epoch)`` yields
+    the epoch's batches, ``loss(batch, epoch)`` returns (loss, named parts) of one batch, forward
+    included; ``module`` is put in train mode at every epoch."""
     means: dict[str, float] = {}
-    for epoch in range(start_epoch, training.epochs):
-        set_lr(optimizer, lr_at(epoch, training))
+    for epoch in range(start_epoch, epochs):
+        if lr is not None:
+            set_lr(optimizer, lr(epoch))
         module.train()
         for hook in hooks:
             hook.before_epoch(epoch)
