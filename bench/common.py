@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from methods.heads import ClassifierNet, served_embedding  # noqa: E402
+from methods.nets.heads import ClassifierNet, served_embedding  # noqa: E402
 from orchestrator.config import ExperimentConfig  # noqa: E402
 from orchestrator.data import load_split  # noqa: E402
 from orchestrator.data.transforms import make_transform  # noqa: E402
-from orchestrator.scenarios import plan_steps  # noqa: E402
+from orchestrator.engine.scenarios import plan_steps  # noqa: E402
 from orchestrator.engine.loop import lr_at, set_lr  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from common import ClassifierNet, served_embedding
 
 from orchestrator.config import EvaluationConfig, ModelConfig
 from orchestrator.evaluation import compatibility_row, retrieval_scores
-from orchestrator.store import EmbeddingStore
+from orchestrator.storage.store import EmbeddingStore
 
 
 class CountingEmbedder:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from orchestrator.store import EmbeddingStore  # noqa: E402
+from orchestrator.storage.store import EmbeddingStore  # noqa: E402
 
 _FLOATS_PER_PAGE = 1024  # 4 KiB pages of float32
 

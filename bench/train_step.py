@@ -15,9 +15,9 @@ import torch
 
 from common import bare_loop
 
-from orchestrator import runfiles
+from orchestrator.storage import runfiles
 from orchestrator.config import load_config
-from orchestrator.simulation import ensure_ray, run_experiment
+from orchestrator.engine.driver import ensure_ray, run_experiment
 
 
 def main() -> None:

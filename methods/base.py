@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
 import torch
 from torch import nn
 
-from orchestrator._internal.typed import from_dict
+from orchestrator.config.typed import from_dict
 from orchestrator.config import ModelConfig, TrainingConfig
 from orchestrator.errors import CheckpointError, ConfigError
 

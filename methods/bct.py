@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from methods.base import StepContext, register
 from methods.independent import Independent
-from methods.prototypes import compute_prototypes
-from orchestrator._internal.typed import require
+from methods.nets.prototypes import compute_prototypes
+from orchestrator.config.typed import require
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``cpe_clip`` (D'Alessandro et al., ICCV-W 2023) and the ``zero_shot_clip`` baseline: few-shot
 class-incremental learning with a frozen open_clip CLIP (docs/methods/cpe-clip.md).
 
-CPE-CLIP learns one shared prompt tensor and one projection (:mod:`methods.prompted_clip`) across all
+CPE-CLIP learns one shared prompt tensor and one projection (:mod:`methods.nets.prompted_clip`) across all
 sessions; logits are ``100 * cos`` against the prompted text features of every seen class. In
 incremental sessions (step >= 1) the old classes' logits are set to -9999 before the cross-entropy and
 the gradients of the prompts and projection are multiplied by α_t = |new classes| / |classes seen|
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import InputSpec, Method, StepContext, register
-from methods.clip_models import clip_input_spec, create_clip, model_config
-from methods.prompted_clip import MASKED_LOGIT, PromptedClip, VisionMode
-from orchestrator._internal.typed import require
+from methods.nets.clip_models import clip_input_spec, create_clip, model_config
+from methods.nets.prompted_clip import MASKED_LOGIT, PromptedClip, VisionMode
+from orchestrator.config.typed import require
 from orchestrator.errors import ConfigError
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import NoParams
-from orchestrator._internal.typed import from_dict
+from orchestrator.config.typed import from_dict
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import ConfigError
 

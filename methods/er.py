@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.backbones import build_backbone
+from methods.nets.backbones import build_backbone
 from methods.base import StepContext, register
 from methods.independent import Independent
 from orchestrator.config import ModelConfig

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import Method, StepContext, register
-from methods.heads import ClassifierNet, served_embedding
+from methods.nets.heads import ClassifierNet, served_embedding
 
 
 @register

@@ -28,10 +28,10 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from methods.base import StepContext, register
-from methods.heads import ClassifierNet
+from methods.nets.heads import ClassifierNet
 from methods.independent import Independent
-from methods.prototypes import compute_prototype_sets
-from orchestrator._internal.typed import require
+from methods.nets.prototypes import compute_prototype_sets
+from orchestrator.config.typed import require
 from orchestrator.config import ModelConfig
 
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.backbones import build_backbone
+from methods.nets.backbones import build_backbone
 from methods.base import Method, StepContext, register
-from methods.simplex import DSimplexHead, LabelRows, label_rows, other_end
-from orchestrator._internal.typed import require
+from methods.nets.simplex import DSimplexHead, LabelRows, label_rows, other_end
+from orchestrator.config.typed import require
 from orchestrator.config import ModelConfig
 from orchestrator.errors import ConfigError
 

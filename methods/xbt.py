@@ -27,8 +27,8 @@ from torch import nn
 
 from methods.crossmodal_base import (CrossModalMethod, PairData, ProjectedCLIP, StageContext, State, TextPairs,
                                      register_crossmodal)
-from methods.lora import TARGETS, TOWERS, add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
-from orchestrator._internal.typed import require
+from methods.nets.lora import TARGETS, TOWERS, add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
+from orchestrator.config.typed import require
 
 TextLoss = Literal["infonce", "cosine", "mse"]
 

@@ -21,7 +21,7 @@ __all__ = [
 
 
 def run_experiment(*args, **kwargs):
-    """Run an experiment end to end; see :func:`orchestrator.simulation.run_experiment`."""
-    from orchestrator.simulation import run_experiment as _run
+    """Run an experiment end to end; see :func:`orchestrator.engine.driver.run_experiment`."""
+    from orchestrator.engine.driver import run_experiment as _run
 
     return _run(*args, **kwargs)

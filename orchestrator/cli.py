@@ -16,10 +16,11 @@ from orchestrator.errors import CompatError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator import crossmodal, seeds
+    from orchestrator.engine import crossmodal
+    from orchestrator.tuning import seeds
     from orchestrator.config import load_config
-    from orchestrator.report import format_summary_table
-    from orchestrator.simulation import load_run_config
+    from orchestrator.reporting.report import format_summary_table
+    from orchestrator.engine.driver import load_run_config
 
     handled = crossmodal.cli_run(args)  # a config (or run) with `kind: cross-modal` has its own driver
     if handled is not None:
@@ -43,7 +44,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import load_sweep, load_sweep_dir, run_sweep
+    from orchestrator.tuning.sweep import load_sweep, load_sweep_dir, run_sweep
 
     if args.resume:
         if args.config or args.set or args.output_dir:
@@ -66,9 +67,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator import crossmodal
-    from orchestrator.report import format_summary_table, render_report
-    from orchestrator.runfiles import read_json
+    from orchestrator.engine import crossmodal
+    from orchestrator.reporting.report import format_summary_table, render_report
+    from orchestrator.storage.runfiles import read_json
 
     handled = crossmodal.cli_report(Path(args.run_dir))
     if handled is not None:
@@ -80,7 +81,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from orchestrator.standalone import add_compare_parser, add_metrics_parser
+    from orchestrator.evaluation.standalone import add_compare_parser, add_metrics_parser
 
     parser = argparse.ArgumentParser(prog="compat", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

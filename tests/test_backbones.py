@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from methods.backbones import EmbeddingNet, build_backbone, list_backbones
+from methods.nets.backbones import EmbeddingNet, build_backbone, list_backbones
 from orchestrator.config import ModelConfig
 from orchestrator.errors import ConfigError
 

@@ -5,7 +5,7 @@ import math
 import torch
 
 from methods.bct import BCTParams, influence_loss, paper_old_classifier
-from methods.prototypes import class_means
+from methods.nets.prototypes import class_means
 
 
 def manual_ce(logits, label, eps, num_classes):
@@ -54,7 +54,7 @@ def test_anchor_first_aligns_every_version_to_version_zero(tmp_path, monkeypatch
     from helpers import config_under
 
     from methods.bct import BCT
-    from orchestrator import simulation
+    from orchestrator.engine import driver as simulation
 
     seen = {}
     real_prepare = BCT.prepare

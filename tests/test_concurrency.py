@@ -2,15 +2,17 @@
 
 import pytest
 
-from orchestrator import runfiles, simulation
+from orchestrator.storage import runfiles
+from orchestrator.engine import driver as simulation
 from orchestrator.config import load_config
 
 pytestmark = pytest.mark.integration
 
+# each chain trains for several seconds, longer than the jitter of two worker groups' start-up
 TWO_CHAINS = [
-    "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
+    "data.num_classes=6", "data.train_per_class=48", "data.test_per_class=8",
     "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=2",
-    "model.width=8", "model.embedding_dim=16", "training.epochs=2", "training.incremental={}", "training.batch_size=16",
+    "model.width=8", "model.embedding_dim=16", "training.epochs=15", "training.incremental={}", "training.batch_size=16",
     "resources.num_workers=1", "resources.cpus_per_worker=1", "resources.share_first_version=false",
     "methods=[{name: independent, label: chain-a}, {name: independent, label: chain-b}]",
 ]

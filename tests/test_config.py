@@ -21,13 +21,13 @@ def test_quickstart_is_valid():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates_its_schema(path):
-    from orchestrator._internal.typed import from_dict
+    from orchestrator.config.typed import from_dict
 
     data = yaml.safe_load(path.read_text())
     if "sweep" in data:
         data = {k: v for k, v in data.items() if k != "sweep"}
-    if data.get("kind") == "cross-modal":  # its own experiment schema (orchestrator/crossmodal_config.py)
-        from orchestrator.crossmodal_config import CrossModalExperiment
+    if data.get("kind") == "cross-modal":  # its own experiment schema (orchestrator/config/crossmodal.py)
+        from orchestrator.config.crossmodal import CrossModalExperiment
 
         from_dict(CrossModalExperiment, data)
         return

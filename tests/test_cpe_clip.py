@@ -86,7 +86,7 @@ def test_configs_are_checked_against_the_model():
 
 
 def test_protocol_presets_plan_the_standard_sessions(tmp_path):
-    from orchestrator.scenarios import plan_steps
+    from orchestrator.engine.scenarios import plan_steps
 
     cifar = load_config("fscil_cifar100")
     assert [s.num_seen for s in plan_steps(cifar, 100)] == [60 + 5 * t for t in range(9)]

@@ -93,7 +93,7 @@ def test_subset_keeps_sample_ids():
 
 def test_synthetic_is_learnable_by_small_cnn():
     """A few epochs of small_cnn give leave-one-out 1-NN accuracy far above chance (0.1; measured 0.55)."""
-    from methods.backbones import EmbeddingNet
+    from methods.nets.backbones import EmbeddingNet
 
     torch.manual_seed(0)
     cfg = DataConfig(num_classes=10, train_per_class=60, test_per_class=20)

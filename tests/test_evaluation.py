@@ -131,7 +131,7 @@ def test_small_blocks_give_the_same_answer(monkeypatch):
     rng = np.random.default_rng(7)
     x, labels = rng.standard_normal((97, 8)), rng.integers(0, 5, 97)
     whole = retrieval_scores(x, labels, x, labels, leave_one_out=True)
-    monkeypatch.setattr(evaluation, "_BLOCK_ELEMENTS", 97 * 4)  # 4 rows per block, 25 blocks
+    monkeypatch.setattr("orchestrator.evaluation.retrieval._BLOCK_ELEMENTS", 97 * 4)  # 4 rows per block, 25 blocks
     assert retrieval_scores(x, labels, x, labels, leave_one_out=True) == pytest.approx(whole, abs=1e-12)
 
 

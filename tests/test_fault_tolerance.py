@@ -19,7 +19,8 @@ import pytest
 from methods import base
 from methods.base import EXTRA_METHOD_MODULES_ENV, list_methods, register
 from methods.independent import Independent
-from orchestrator import runfiles, simulation
+from orchestrator.storage import runfiles
+from orchestrator.engine import driver as simulation
 from orchestrator.config import load_config
 from orchestrator.errors import ConfigError
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from orchestrator import metrics as M
-from orchestrator import simulation
+from orchestrator.evaluation import metrics as M
+from orchestrator.engine import driver as simulation
 from orchestrator.config import load_config
 
 FSCIL = [
@@ -61,7 +61,7 @@ def test_prompts_carry_over_and_versions_hold_only_what_was_trained(fscil_run):
 
 
 def test_report_table_shows_avg_and_pd_with_their_spread_over_seeds(tmp_path):
-    from orchestrator.report import render_report
+    from orchestrator.reporting.report import render_report
 
     summary = {"avg": 0.7, "pd": 0.2, "base": [0.8, 0.7], "novel": [None, 0.5]}
     (tmp_path / "metrics.json").write_text(json.dumps({

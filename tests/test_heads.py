@@ -1,8 +1,8 @@
-"""methods/heads.py: the shared embedding + classifier network and its served feature."""
+"""methods/nets/heads.py: the shared embedding + classifier network and its served feature."""
 
 import torch
 
-from methods.heads import ClassifierNet, served_embedding
+from methods.nets.heads import ClassifierNet, served_embedding
 from orchestrator.config import ModelConfig
 
 

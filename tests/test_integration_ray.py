@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from orchestrator import runfiles, simulation
+from orchestrator.storage import runfiles
+from orchestrator.engine import driver as simulation
 from orchestrator.engine import executor
 from orchestrator.config import load_config
-from orchestrator.store import EmbeddingStore
+from orchestrator.storage.store import EmbeddingStore
 
 pytestmark = pytest.mark.integration
 

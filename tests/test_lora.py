@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from methods.clip_models import create_clip
-from methods.lora import add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
+from methods.nets.clip_models import create_clip
+from methods.nets.lora import add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
 from orchestrator.errors import CheckpointError, ConfigError
 
 

@@ -1,4 +1,4 @@
-"""Every formula of orchestrator.metrics against hand-computed values and the published iamcl2r matrices."""
+"""Every formula of orchestrator.evaluation.metrics against hand-computed values and the published iamcl2r matrices."""
 
 import json
 import math
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import metrics
+from orchestrator.evaluation import metrics
 
 NAN = float("nan")
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "iamcl2r_matrices.json").read_text())

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator import metrics as M
+from orchestrator.evaluation import metrics as M
 from orchestrator.errors import ConfigError
-from orchestrator.objectives import (Objective, compatibility_margin, min_margin, parse_constraint, parse_name,
+from orchestrator.evaluation.objectives import (Objective, compatibility_margin, min_margin, parse_constraint, parse_name,
                                      table_values)
 
 MATRIX = [[0.50, None, None], [0.55, 0.70, None], [0.48, 0.72, 0.80]]

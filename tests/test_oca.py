@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 from methods.base import StepContext, create_method
 from methods.oca import oca_loss
-from orchestrator import runfiles, simulation
+from orchestrator.storage import runfiles
+from orchestrator.engine import driver as simulation
 from orchestrator.config import ModelConfig, TrainingConfig, load_config
 from orchestrator.errors import ConfigError
 from orchestrator.evaluation import retrieval_scores
-from orchestrator.store import EmbeddingStore
+from orchestrator.storage.store import EmbeddingStore
 
 MODEL = ModelConfig(width=4, embedding_dim=6)
 

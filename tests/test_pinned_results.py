@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from orchestrator.config import load_config, load_raw
-from orchestrator.crossmodal import run_crossmodal
-from orchestrator.crossmodal_config import parse_crossmodal
-from orchestrator.simulation import run_experiment
+from orchestrator.engine.crossmodal import run_crossmodal
+from orchestrator.config.crossmodal import parse_crossmodal
+from orchestrator.engine.driver import run_experiment
 
 from helpers import config_under
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.clip_models import create_clip
-from methods.prompted_clip import (PromptedClip, check_room_for_prompts, extend_prompts, insert_after_start,
+from methods.nets.clip_models import create_clip
+from methods.nets.prompted_clip import (PromptedClip, check_room_for_prompts, extend_prompts, insert_after_start,
                                    pooled_positions, xavier_prompts)
 
 

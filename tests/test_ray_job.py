@@ -107,9 +107,10 @@ def test_quickstart_runs_as_a_ray_job(ray_head, tmp_path):
 
     run_dir = tmp_path / "quickstart"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert (run_dir / "ray" / "independent-steps-000-001").is_dir()  # trained by a Ray Train run on the head
+    group = json.loads((run_dir / "manifest" / "independent" / "step-000.json").read_text())["group"]
+    assert (run_dir / "ray" / f"quickstart-{group}").is_dir()  # trained by a Ray Train run on the head
     assert list(metrics["methods"]) == ["independent"]
     assert metrics["methods"]["independent"]["num_versions"] == 2
-    assert "steps done" in client.get_job_logs(job_id)
+    assert "tasks done" in client.get_job_logs(job_id)
     with pytest.raises(RuntimeError, match="already exists"):  # a deterministic id refuses a second copy
         client.submit_job(entrypoint=entrypoint, submission_id=job_id)

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from methods.base import load_state_dict
-from orchestrator import runfiles, simulation
+from orchestrator.storage import runfiles
+from orchestrator.engine import driver as simulation
 from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.errors import CheckpointError, ConfigError
-from orchestrator.scenarios import plan_steps
-from orchestrator.upstream import check_replacements, upstream_config
+from orchestrator.engine.scenarios import plan_steps
+from orchestrator.engine.upstream import check_replacements, upstream_config
 
 from helpers import config_under
 
@@ -94,7 +95,7 @@ def test_query_gallery_templates_on_an_unseen_variant(replaced_run):
 
 
 def test_upstream_models_are_trained_once(replaced_run, monkeypatch):
-    from orchestrator import simulation
+    from orchestrator.engine import driver as simulation
     from orchestrator.engine import executor
 
     cfg, run_dir, metrics = replaced_run

@@ -7,10 +7,11 @@ import pytest
 
 from methods.base import register
 from methods.er import ExperienceReplay
-from orchestrator import runfiles, simulation
+from orchestrator.storage import runfiles
+from orchestrator.engine import driver as simulation
 from orchestrator.config import load_config
 from orchestrator.errors import ConfigError
-from orchestrator.replay import balanced_order, memory_count, select_exemplars
+from orchestrator.engine.replay import balanced_order, memory_count, select_exemplars
 
 
 def test_select_exemplars_per_class():

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from orchestrator.errors import RunError
-from orchestrator.report import format_summary_table, render_report
+from orchestrator.reporting.report import format_summary_table, render_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.scenarios import Resources, class_order, plan_steps, train_indices
+from orchestrator.engine.scenarios import Resources, class_order, plan_steps, train_indices
 
 
 def test_class_incremental_plan():

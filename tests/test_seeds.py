@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from orchestrator import seeds, simulation
+from orchestrator.tuning import seeds
+from orchestrator.engine import driver as simulation
 from orchestrator.engine import executor
 from orchestrator.cli import main
 from orchestrator.config import load_config

@@ -8,9 +8,9 @@ from PIL import Image
 from orchestrator.config import DataConfig, load_config
 from orchestrator.data.display_names import display_names
 from orchestrator.errors import ConfigError, DataError
-from orchestrator.scenarios import plan_steps, train_indices
-from orchestrator.session import Session, Worker
-from orchestrator.session_files import plan_from_files, resolve_entries, session_file_paths
+from orchestrator.engine.scenarios import plan_steps, train_indices
+from orchestrator.engine.worker import Session, Worker
+from orchestrator.engine.session_files import plan_from_files, resolve_entries, session_file_paths
 
 
 def test_shot_sampling_is_seeded_and_gives_exactly_k_images_per_new_class():
@@ -75,7 +75,7 @@ def test_a_session_reads_index_files_of_an_image_folder(tmp_path):
                              "scenario.kind=few-shot", "scenario.shots=1", "scenario.initial_classes=1",
                              "scenario.increment=1", "scenario.num_steps=2", f"scenario.session_files={folder}",
                              "methods=[{name: independent}]", "resources.num_workers=0"])
-    session = Session(cfg, cfg.methods[0], tmp_path / "run", Worker(0, 1, torch.device("cpu")))
+    session = Session(cfg, cfg.methods[0], tmp_path / "run", Worker(0, 1, torch.device("cpu")), tmp_path)
     assert session.order.tolist() == [2, 0, 1]
     assert session.class_names == ["cls2", "cls0", "cls1"]
     assert session.sessions.indices[0].tolist() == [6, 7] and session.sessions.indices[1].tolist() == [2]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from methods.simplex import DSimplexClassifier, DSimplexHead, dsimplex, label_rows, other_end
+from methods.nets.simplex import DSimplexClassifier, DSimplexHead, dsimplex, label_rows, other_end
 
 
 @pytest.mark.parametrize("k", [2, 3, 5, 10, 100, 1024])

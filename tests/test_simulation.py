@@ -9,10 +9,11 @@ import torch
 
 from methods.base import register
 from methods.independent import Independent
-from orchestrator import runfiles, simulation
+from orchestrator.storage import runfiles
+from orchestrator.engine import driver as simulation
 from orchestrator.engine import executor
 from orchestrator.cli import main
-from orchestrator.scenarios import class_order
+from orchestrator.engine.scenarios import class_order
 
 from helpers import config_under
 
@@ -123,7 +124,7 @@ def test_interrupted_step_resumes_from_its_last_epoch(tmp_path, monkeypatch):
         seen_starts.append((step, None if state is None else state["epoch"]))
         return state
 
-    monkeypatch.setattr("orchestrator.session.runfiles.load_epoch_state", spy)
+    monkeypatch.setattr("orchestrator.engine.worker.runfiles.load_epoch_state", spy)
     with pytest.raises(KeyboardInterrupt):
         simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert runfiles.step_done(run_dir, "test_interrupted", 0) and not runfiles.step_done(run_dir, "test_interrupted", 1)
@@ -203,7 +204,7 @@ def test_an_identical_first_version_is_trained_once_and_copied(finished_run, tmp
     """bct's version 0 is independent's model: copied, and the same results as training it again."""
     import numpy as np
 
-    from orchestrator.store import EmbeddingStore
+    from orchestrator.storage.store import EmbeddingStore
 
     cfg, run_dir, metrics = finished_run
     entry = runfiles.manifest_entry(run_dir, "bct", 0)

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.errors import DataError, StoreError
 from orchestrator.evaluation import CompatibilityMatrix, retrieval_scores
-from orchestrator.standalone import add_compare_parser, add_metrics_parser, read_embedding_file
+from orchestrator.evaluation.standalone import add_compare_parser, add_metrics_parser, read_embedding_file
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "iamcl2r_matrices.json").read_text())
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import StepContext, create_method
-from methods.simplex import dsimplex
+from methods.nets.simplex import dsimplex
 from methods.stationary import Stationary, hoc_loss
 from orchestrator.config import ModelConfig, TrainingConfig
 from orchestrator.errors import ConfigError

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.errors import StoreError
-from orchestrator.store import EmbeddingStore
+from orchestrator.storage.store import EmbeddingStore
 
 METHOD = "bct a/b"  # a label that needs percent-encoding in the hive path
 

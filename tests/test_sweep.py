@@ -10,12 +10,12 @@ import pytest
 import yaml
 from ray import tune
 
-from orchestrator import seeds
+from orchestrator.tuning import seeds
 from orchestrator.cli import main
 from orchestrator.config import load_raw
 from orchestrator.errors import ConfigError
-from orchestrator.objectives import parse_name
-from orchestrator.sweep import load_sweep_dir, parse_sweep, run_sweep
+from orchestrator.evaluation.objectives import parse_name
+from orchestrator.tuning.sweep import load_sweep_dir, parse_sweep, run_sweep
 
 TINY = [
     "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
@@ -62,7 +62,7 @@ def test_invalid_sweeps_name_the_key(tmp_path, patch, key, message):
 
 @pytest.mark.parametrize("name", ["sweep_bct_synthetic", "sweep_oca_synthetic", "sweep_hoc_synthetic"])
 def test_shipped_sweep_configs_validate(name):
-    from orchestrator.sweep import load_sweep
+    from orchestrator.tuning.sweep import load_sweep
 
     sweep = load_sweep(name)
     assert sweep.num_versions == 3 and sweep.objective.constraints and sweep.config.scheduler.type == "asha"
@@ -81,7 +81,7 @@ def test_invalid_space_fails_before_any_trial_starts(tmp_path, capsys):
 
 
 def test_ranking_puts_violating_and_failed_trials_last():
-    from orchestrator.sweep_report import TrialOutcome, best_of, rank_trials
+    from orchestrator.tuning.results import TrialOutcome, best_of, rank_trials
 
     def trial(name, objective, steps=3, violations="", error=None):
         return TrialOutcome(name, {}, steps, 3, objective, violations, {}, [], error)

@@ -126,7 +126,7 @@ def test_finished_tasks_are_never_handed_out(done):
 
 def test_a_cross_modal_experiment_is_a_graph_of_encodings_and_stages():
     from orchestrator.config import load_raw
-    from orchestrator.crossmodal_config import parse_crossmodal
+    from orchestrator.config.crossmodal import parse_crossmodal
     from orchestrator.engine.graph import ENCODE, PRETRAIN, STAGE
 
     cfg = parse_crossmodal(load_raw("configs/xbt_synthetic.yaml", ["seeds=[0]"]))

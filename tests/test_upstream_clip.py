@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from methods.clip_models import create_clip
+from methods.nets.clip_models import create_clip
 from orchestrator.config import DataConfig, UpstreamClipConfig, load_config
 from orchestrator.data import load_split
 from orchestrator.data.captions import CAPTION_TEMPLATES, caption_texts, load_captioned, shifted_templates
 from orchestrator.errors import ConfigError, DataError
-from orchestrator.upstream_clip import multi_positive_clip_loss, pretrain_clip, read_upstream_meta, recipe_key
+from orchestrator.engine.upstream_clip import multi_positive_clip_loss, pretrain_clip, read_upstream_meta, recipe_key
 
 DATA = DataConfig(num_classes=4, train_per_class=10, test_per_class=5)
 

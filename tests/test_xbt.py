@@ -12,12 +12,13 @@ import yaml
 
 from methods.crossmodal_base import StageContext, TextPairs, create_crossmodal
 from methods.xbt import Projection, symmetric_infonce, text_alignment_losses
-from orchestrator import crossmodal, crossmodal_steps
+from orchestrator.engine import crossmodal
+from orchestrator.engine import crossmodal_steps
 from orchestrator.engine import executor
 from orchestrator.engine.graph import ENCODE, STAGE, plan
 from orchestrator.cli import main
 from orchestrator.config import TrainingConfig
-from orchestrator.crossmodal_config import parse_crossmodal
+from orchestrator.config.crossmodal import parse_crossmodal
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.evaluation import cross_modal_recall
 
@@ -238,9 +239,9 @@ def test_instance_captions_describe_the_painted_square():
 
 
 def test_upstream_pretraining_on_instance_captions(tmp_path):
-    from methods.clip_models import create_clip
+    from methods.nets.clip_models import create_clip
     from orchestrator.config import DataConfig, UpstreamClipConfig
-    from orchestrator.upstream_clip import pretrain_clip
+    from orchestrator.engine.upstream_clip import pretrain_clip
 
     recipe = UpstreamClipConfig(captions="instance", captions_per_image=2, images_per_class=4, epochs=1, batch_size=8)
     data = DataConfig(num_classes=4, train_per_class=4, test_per_class=2)
@@ -250,10 +251,10 @@ def test_upstream_pretraining_on_instance_captions(tmp_path):
 
 
 def test_new_to_new_uses_the_untouched_base_model(finished_run):
-    from methods.lora import lora_disabled
-    from orchestrator.crossmodal_data import eval_set
-    from orchestrator.session import embed_array
-    from orchestrator.store import EmbeddingStore
+    from methods.nets.lora import lora_disabled
+    from orchestrator.data.crossmodal import eval_set
+    from orchestrator.engine.worker import embed_array
+    from orchestrator.storage.store import EmbeddingStore
 
     cfg, run_dir, _, _ = finished_run
     clip, _, transform = crossmodal_steps._load(cfg.models.new, cfg.data, torch.device("cpu"), run_dir)

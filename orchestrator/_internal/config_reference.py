@@ -1,6 +1,6 @@
 """Generate docs/config.md, the config reference, from the config dataclasses.
 
-Every key a config accepts is a field of a typed dataclass (see :mod:`orchestrator._internal.typed`),
+Every key a config accepts is a field of a typed dataclass (see :mod:`orchestrator.config.typed`),
 so the reference is generated from them rather than kept by hand: key path, type, default and
 description. A field's description is its comment in the source — the ``# ...`` at the end of the
 field's line, or the block of ``#`` lines right above the field — and a section's description is the
@@ -266,8 +266,8 @@ def _builtin_method_params() -> tuple[list[tuple[str, type]], list[tuple[str, ty
 def parts() -> list[tuple[str, str, list[Section]]]:
     """(heading, introduction, sections) of each part of the reference."""
     from orchestrator.config import ExperimentConfig
-    from orchestrator.crossmodal_config import CrossModalExperiment
-    from orchestrator.sweep import SweepConfig
+    from orchestrator.config.crossmodal import CrossModalExperiment
+    from orchestrator.tuning.sweep import SweepConfig
 
     seen: dict = {}
     experiment = list(walk(ExperimentConfig, "", "Top level", seen=seen, linked=False))

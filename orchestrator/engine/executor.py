@@ -31,7 +31,7 @@ def execute(graph: TaskGraph, root: Path, *, on_finished: Callable[[str], None] 
             display=None, max_groups: Optional[int] = None) -> None:
     """Run every unfinished task of ``graph`` (run state under ``root``); raise the first failure once
     everything that did not depend on it has finished."""
-    from orchestrator import runfiles
+    from orchestrator.storage import runfiles
 
     done = {t.id for t in graph.tasks.values() if runfiles.task_done(root / t.run, t.name)}
     todo = [t for t in graph.tasks.values() if t.id not in done]
@@ -108,7 +108,7 @@ def _run_group(graph: TaskGraph, root: Path, queue: "_Queue", group: str, shape:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.session import work
+    from orchestrator.engine.worker import work
 
     num_workers, use_gpu, cpus = shape
     first_cfg = next(iter(graph.runs.values())).config

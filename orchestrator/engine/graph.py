@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 from typing import Any, Optional
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.scenarios import Resources, Step, plan_steps
+from orchestrator.engine.scenarios import Resources, Step, plan_steps
 
 TRAIN, COPY = "train", "copy"  # a method's step: trained, or version 0 copied from a twin
 ENCODE, STAGE = "encode", "stage"  # cross-modal: a CLIP embeds the evaluation set; a stage of a method
@@ -98,7 +98,7 @@ def task_id(run: str, name: str) -> str:
 def plan(cfg) -> TaskGraph:
     """Every task of ``cfg``: one run, or one per seed, plus the upstream runs their replacements need;
     a cross-modal experiment is one run of encodings and stages."""
-    from orchestrator.crossmodal_config import CrossModalExperiment
+    from orchestrator.config.crossmodal import CrossModalExperiment
 
     graph = TaskGraph()
     if isinstance(cfg, CrossModalExperiment):
@@ -113,7 +113,7 @@ def plan(cfg) -> TaskGraph:
 
 def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> None:
     from orchestrator.data import dataset_num_classes
-    from orchestrator.upstream import upstream_config
+    from orchestrator.engine.upstream import upstream_config
 
     steps = tuple(plan_steps(cfg, dataset_num_classes(cfg.data)))
     graph.add_run(RunPlan(path, cfg, steps, role))
@@ -144,7 +144,7 @@ def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> 
 def _plan_crossmodal(graph: TaskGraph, cfg) -> None:
     """Both CLIPs embed the evaluation set (and the old one the gallery, once); then each method's stages
     in order, per seed, each needing both encodings and the method's earlier stage."""
-    from orchestrator.crossmodal import stage_payloads
+    from orchestrator.engine.crossmodal import stage_payloads
 
     res = cfg.resources
     resources = Resources(num_workers=res.num_workers, use_gpu=res.use_gpu, cpus_per_worker=res.cpus_per_worker)
@@ -164,7 +164,7 @@ def _plan_crossmodal(graph: TaskGraph, cfg) -> None:
 
 def _pretrain(graph: TaskGraph, model_name: str, recipe, data, resources: Resources) -> str:
     """The task that pretrains this upstream CLIP at the experiment's location (planned once)."""
-    from orchestrator.upstream_clip import clip_task
+    from orchestrator.engine.upstream_clip import clip_task
 
     name, payload = clip_task(model_name, recipe, data)
     graph.add(Task(id=name, run="", name=name, action=PRETRAIN, resources=resources, payload=payload))

@@ -34,7 +34,7 @@ class ProgressFile(Hook):
         self.run_dir, self.name, self.step, self.epochs = run_dir, name, step, epochs
 
     def after_epoch(self, epoch: int, means: dict[str, float]) -> None:
-        from orchestrator import runfiles
+        from orchestrator.storage import runfiles
 
         runfiles.write_progress(self.run_dir, self.name, {
             "method": self.name, "step": self.step, "epoch": epoch + 1, "epochs": self.epochs,

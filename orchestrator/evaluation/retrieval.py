@@ -3,7 +3,7 @@
 Every protocol reduces to one question per query: at which 1-based ranks do its relevant gallery items
 appear when the gallery is sorted by cosine similarity (descending, ties broken by the lower gallery
 index)? The ranks come from one vectorised, row-blocked engine; the formulas that turn ranks into
-scores live in :mod:`orchestrator.metrics`.
+scores live in :mod:`orchestrator.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from orchestrator import metrics
+from orchestrator.evaluation import metrics
 from orchestrator.config import EvaluationConfig
 from orchestrator.errors import DataError, StoreError
 
 if TYPE_CHECKING:
-    from orchestrator.store import EmbeddingStore, EmbeddingTable
+    from orchestrator.storage.store import EmbeddingStore, EmbeddingTable
 
 # Elements of one similarity block (rows x gallery size). With its sorted float32 and float64 copies a
 # block takes ~16 bytes per element, so ~64 MiB per worker whatever the gallery size.

@@ -16,11 +16,11 @@ from typing import Callable, Optional
 
 import yaml
 
-from orchestrator import runfiles
+from orchestrator.storage import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
 from orchestrator.engine.executor import ensure_ray  # noqa: F401  (the benches start the cluster through here)
 from orchestrator.errors import RunError
-from orchestrator.scenarios import plan_steps
+from orchestrator.engine.scenarios import plan_steps
 
 SCHEMA_VERSION = 1
 
@@ -39,7 +39,7 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
     """Create ``run_dir`` for ``cfg``, or check that it already belongs to ``cfg``. Returns True when resuming.
     A replacement checkpoint that is missing, unsafe or does not fit fails here, before anything is written."""
-    from orchestrator.upstream import check_replacements
+    from orchestrator.engine.upstream import check_replacements
 
     check_replacements(cfg)
     config_file = run_dir / "config.yaml"
@@ -78,8 +78,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds)."""
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
-    from orchestrator.report import render_report
-    from orchestrator.upstream_clip import record_upstream
+    from orchestrator.reporting.report import render_report
+    from orchestrator.engine.upstream_clip import record_upstream
 
     root = Path(run_dir or default_run_dir(cfg)).resolve()
     resuming = prepare_run_dir(cfg, root)
@@ -112,7 +112,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
         finished[path] = metrics
     if cfg.seeds is None:
         return finished[""]
-    from orchestrator.seeds import aggregate
+    from orchestrator.tuning.seeds import aggregate
 
     metrics = aggregate(cfg, [finished[f"seed-{seed}"] for seed in cfg.seeds])
     runfiles.atomic_write_json(root / "metrics.json", metrics)
@@ -133,7 +133,7 @@ def describe_graph(graph) -> str:
 def ensure_row(cfg: ExperimentConfig, run_dir: Path, method: str, version: int) -> dict:
     """Row ``version`` of every compatibility matrix, computed once from the store and cached."""
     from orchestrator.evaluation import compatibility_row
-    from orchestrator.store import EmbeddingStore
+    from orchestrator.storage.store import EmbeddingStore
 
     path = runfiles.row_path(run_dir, method, version)
     if path.is_file():
@@ -152,7 +152,7 @@ def class_blocks(cfg: ExperimentConfig) -> Optional[tuple[list[str], "np.ndarray
     import numpy as np
 
     from orchestrator.data import dataset_num_classes
-    from orchestrator.scenarios import class_order
+    from orchestrator.engine.scenarios import class_order
 
     ev = cfg.evaluation
     own_data = all(ev.sets[name].data is None for name in {ev.query, ev.gallery or ev.query} if name in ev.sets)
@@ -170,7 +170,7 @@ def class_blocks(cfg: ExperimentConfig) -> Optional[tuple[list[str], "np.ndarray
 
 def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) -> dict:
     """metrics.json: per method every matrix by metric name and the summary metrics (stable schema)."""
-    from orchestrator import metrics as M
+    from orchestrator.evaluation import metrics as M
     from orchestrator.evaluation import BY_BLOCK, CompatibilityMatrix
 
     blocks = class_blocks(cfg)
@@ -221,7 +221,7 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
 def accuracy_summary(entries: list[dict]) -> Optional[dict]:
     """The FSCIL view of per-session accuracy (docs/methods/cpe-clip.md): Avg (mean over sessions), PD
     (first - last) and the accuracy on base vs novel classes per session; None without accuracies."""
-    from orchestrator import metrics as M
+    from orchestrator.evaluation import metrics as M
 
     accuracy = [e.get("accuracy") for e in entries]
     if not accuracy or any(a is None for a in accuracy):
@@ -233,7 +233,7 @@ def accuracy_summary(entries: list[dict]) -> Optional[dict]:
 def add_update_gain(out: dict) -> None:
     """With an ``independent`` method present: gain of every other method's last version over its first
     (docs/guide/evaluation.md), per metric, with the independent last version as new*."""
-    from orchestrator.metrics import update_gain
+    from orchestrator.evaluation.metrics import update_gain
 
     reference = next((m for m in out["methods"].values() if m["method"] == "independent"), None)
     if reference is None or reference["num_versions"] < 2:

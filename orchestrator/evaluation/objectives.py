@@ -4,7 +4,7 @@ A name is read from one method's entry of metrics.json (or the same entry over t
 only, while a run is in progress), on one of its matrices:
 
 =================  =======================================================================================
-``AC AM BC FC``    the matrix's summary metrics (:mod:`orchestrator.metrics`)
+``AC AM BC FC``    the matrix's summary metrics (:mod:`orchestrator.evaluation.metrics`)
 ``M[i][j]``        a cell: queries of version i against the gallery of version j <= i
 ``margin[i][j]``   compatibility margin M[i][j] − M[j][j] of version i over version j < i (> 0: ECC holds)
 ``min_margin``     the smallest margin over every pair j < i (> 0: ECC holds on every pair)
@@ -27,7 +27,7 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from orchestrator import metrics as M
+from orchestrator.evaluation import metrics as M
 from orchestrator.errors import ConfigError
 
 SUMMARY_NAMES = ("AC", "AM", "BC", "FC")

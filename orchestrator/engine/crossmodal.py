@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import yaml
 
-from orchestrator import runfiles
-from orchestrator._internal.typed import to_dict
-from orchestrator.crossmodal_config import ClipSpec, CrossModalExperiment, parse_crossmodal
+from orchestrator.storage import runfiles
+from orchestrator.config.typed import to_dict
+from orchestrator.config.crossmodal import ClipSpec, CrossModalExperiment, parse_crossmodal
 from orchestrator.errors import RunError
 
 SCHEMA_VERSION = 1
@@ -86,7 +86,7 @@ def stage_payloads(cfg: CrossModalExperiment) -> list[tuple[str, dict, tuple[str
     """(task name, worker payload, earlier stage) of every method's stage per seed, in order. A stage's
     payload holds what that stage needs and nothing more: the new model, the data, its recipe, and the
     old model's width, never the old model."""
-    from methods.clip_models import embedding_dim
+    from methods.nets.clip_models import embedding_dim
     from methods.crossmodal_base import create_crossmodal
 
     config = cfg.to_dict()
@@ -109,12 +109,12 @@ def stage_payloads(cfg: CrossModalExperiment) -> list[tuple[str, dict, tuple[str
 def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[Path] = None,
                    echo: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Run (or resume) every task on the engine's executor, then write metrics.json and report.md."""
-    from orchestrator.crossmodal_data import check_data
-    from orchestrator.crossmodal_eval import evaluate_run
-    from orchestrator.crossmodal_report import render_crossmodal_report
+    from orchestrator.data.crossmodal import check_data
+    from orchestrator.evaluation.crossmodal import evaluate_run
+    from orchestrator.reporting.crossmodal import render_crossmodal_report
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
-    from orchestrator.simulation import ProgressDisplay
+    from orchestrator.engine.driver import ProgressDisplay
 
     check_data(cfg.data)
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name).resolve()
@@ -135,7 +135,7 @@ def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[Path] = None,
 # -- workers -----------------------------------------------------------------------------------
 def run_task(name: str, payload: dict, run_dir: Path, worker, group: str) -> None:
     """A worker's part of one cross-modal task; the chief commits its manifest entry."""
-    from orchestrator.crossmodal_steps import encode_step, stage_step
+    from orchestrator.engine.crossmodal_steps import encode_step, stage_step
 
     started = time.time()
     entry = (encode_step if payload["kind"] == "encode" else stage_step)(payload, run_dir, worker)
@@ -150,7 +150,7 @@ def resolve_clip(spec: ClipSpec, synthetic, run_dir: Path) -> tuple[str, Optiona
     """(architecture, weights) of a model spec; an ``upstream`` spec's weights were pretrained by its task."""
     if spec.upstream is None:
         return spec.name, spec.pretrained
-    from orchestrator.upstream_clip import clip_checkpoint
+    from orchestrator.engine.upstream_clip import clip_checkpoint
 
     return spec.name, str(clip_checkpoint(spec.name, spec.upstream, synthetic, run_dir))
 
@@ -196,8 +196,8 @@ def train_fn(training, worker, seed: int, label: str, run_dir: Path) -> Callable
 def cli_run(args) -> Optional[int]:
     """``compat run`` for a config (or run directory) with ``kind: cross-modal``; None for any other."""
     from orchestrator.config import load_raw
-    from orchestrator.crossmodal_config import is_crossmodal
-    from orchestrator.crossmodal_report import format_crossmodal_table
+    from orchestrator.config.crossmodal import is_crossmodal
+    from orchestrator.reporting.crossmodal import format_crossmodal_table
     from orchestrator.errors import CompatError
 
     seeds = getattr(args, "seeds", None)
@@ -225,8 +225,8 @@ def cli_run(args) -> Optional[int]:
 
 def cli_report(run_dir: Path) -> Optional[int]:
     """``compat report`` for a cross-modal run directory; None for any other."""
-    from orchestrator.crossmodal_config import is_crossmodal
-    from orchestrator.crossmodal_report import format_crossmodal_table, render_crossmodal_report
+    from orchestrator.config.crossmodal import is_crossmodal
+    from orchestrator.reporting.crossmodal import format_crossmodal_table, render_crossmodal_report
 
     path = Path(run_dir) / "config.yaml"
     if not (path.is_file() and is_crossmodal(yaml.safe_load(path.read_text()))):

@@ -20,7 +20,7 @@ from orchestrator.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from orchestrator.config import ExperimentConfig
-    from orchestrator.scenarios import Step
+    from orchestrator.engine.scenarios import Step
 
 
 def session_file_paths(directory: str, num_steps: int, key: str = "scenario.session_files") -> list[Path]:

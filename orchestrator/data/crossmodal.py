@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orchestrator.crossmodal_config import CaptionSource, CrossModalDataConfig
+from orchestrator.config.crossmodal import CaptionSource, CrossModalDataConfig
 from orchestrator.data.caption_files import (CaptionIndex, load_images, read_caption_file, read_text_corpus,
                                              select_captions)
 from orchestrator.errors import DataError

@@ -28,7 +28,7 @@ from torch import nn
 from methods.base import InputSpec, load_state_dict
 from orchestrator.errors import CheckpointError, ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]

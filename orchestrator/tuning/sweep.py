@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
 import yaml
 
-from orchestrator import runfiles
-from orchestrator._internal.typed import from_dict, require
+from orchestrator.storage import runfiles
+from orchestrator.config.typed import from_dict, require
 from orchestrator.config import ExperimentConfig, load_raw, parse_config, set_key
 from orchestrator.errors import ConfigError, RunError
-from orchestrator.objectives import Objective, parse_constraint, parse_name
+from orchestrator.evaluation.objectives import Objective, parse_constraint, parse_name
 
 if TYPE_CHECKING:
-    from orchestrator.sweep_report import SweepResults
+    from orchestrator.tuning.results import SweepResults
 
 _RANGE_KINDS = ("uniform", "loguniform", "int")
 _RESERVED_KEYS = ("name", "output_dir", "seeds")  # set by the sweep itself
@@ -43,7 +43,7 @@ _RESERVED_KEYS = ("name", "output_dir", "seeds")  # set by the sweep itself
 
 @dataclass
 class ObjectiveConfig:
-    metric: str = "AM"  # a name of orchestrator/objectives.py: AC, AM, M[1][0], margin[-1][0], accuracy, Avg, ...
+    metric: str = "AM"  # a name of orchestrator/evaluation/objectives.py: AC, AM, M[1][0], margin[-1][0], accuracy, Avg, ...
     mode: Literal["max", "min"] = "max"  # maximise or minimise the metric
     method: Optional[str] = None  # the method key (label) it is read from; None: the experiment's only method
     matrix: Optional[str] = None  # cmc1, cmc5, map, ...; None: evaluation.primary
@@ -154,7 +154,7 @@ def load_sweep_dir(directory: Path) -> Sweep:
 def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
     """Validate everything a sweep needs before any trial starts, naming the offending key."""
     from orchestrator.data import dataset_num_classes
-    from orchestrator.scenarios import plan_steps
+    from orchestrator.engine.scenarios import plan_steps
 
     if not isinstance(document.get("sweep"), dict):
         raise ConfigError("sweep", "a sweep config needs a 'sweep:' section (space, objective, ...)")
@@ -246,10 +246,10 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     """
     from ray import tune
 
-    from orchestrator.seeds import TaskSetup, cpu_needs
-    from orchestrator.simulation import ensure_ray
-    from orchestrator.sweep_report import collect_results
-    from orchestrator.sweep_trial import run_trial
+    from orchestrator.tuning.seeds import TaskSetup, cpu_needs
+    from orchestrator.engine.driver import ensure_ray
+    from orchestrator.tuning.results import collect_results
+    from orchestrator.tuning.trial import run_trial
 
     state = sweep.directory / "sweep.yaml"
     resuming = state.is_file()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.clip_models import Tokenizer, clip_input_spec, create_clip, encode_images, encode_texts
+from methods.nets.clip_models import Tokenizer, clip_input_spec, create_clip, encode_images, encode_texts
 from orchestrator.config import DataConfig, ExperimentConfig, ModelConfig, UpstreamClipConfig
 from orchestrator.data import load_split
 from orchestrator.data.captions import load_captioned
@@ -37,7 +37,7 @@ from orchestrator.data.instance_captions import load_described
 from orchestrator.data.transforms import BatchTransform
 from orchestrator.engine.loop import Hook, train_epochs
 from orchestrator.errors import ConfigError, RunError
-from orchestrator.runfiles import atomic_torch_save, atomic_write_json
+from orchestrator.storage.runfiles import atomic_torch_save, atomic_write_json
 
 RECIPE_VERSION = 1  # part of the cache key: bump whenever the training procedure changes
 ZERO_SHOT_TEMPLATE = "{}."
@@ -104,7 +104,7 @@ def run_clip_task(name: str, payload: dict, root: Path, worker, group: str) -> N
     """A worker's part of the upstream-CLIP task (every rank trains the same model; the chief keeps it)."""
     import time
 
-    from orchestrator._internal.typed import from_dict
+    from orchestrator.config.typed import from_dict
 
     started = time.time()
     recipe = from_dict(UpstreamClipConfig, payload["recipe"], "upstream_clip")

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchestrator import metrics
+from orchestrator.evaluation import metrics
 from orchestrator.errors import DataError, StoreError
 from orchestrator.evaluation import CompatibilityMatrix, retrieval_scores
 

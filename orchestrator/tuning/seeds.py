@@ -25,7 +25,7 @@ import numpy as np
 
 from orchestrator.config import ExperimentConfig, parse_config
 from orchestrator.errors import CompatError
-from orchestrator.objectives import table_values
+from orchestrator.evaluation.objectives import table_values
 
 
 def seed_runs(cfg: ExperimentConfig, run_dir: Path) -> list[tuple[ExperimentConfig, Path]]:
@@ -41,7 +41,7 @@ def run(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, concurrency: O
     Every seed's tasks are tasks of one graph (:func:`orchestrator.engine.graph.plan`), so seeds train
     side by side as far as the cluster holds their worker groups; ``concurrency`` caps the worker groups
     at once. Finished steps are never recomputed, so this also resumes."""
-    from orchestrator.simulation import run_experiment
+    from orchestrator.engine.driver import run_experiment
 
     return run_experiment(cfg, run_dir, progress=progress, echo=echo, max_groups=concurrency)
 
@@ -49,7 +49,7 @@ def run(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, concurrency: O
 def cpu_needs(cfg: ExperimentConfig) -> tuple[float, bool]:
     """(CPUs of the largest worker group, whether some step trains in-process)."""
     from orchestrator.data import dataset_num_classes
-    from orchestrator.scenarios import plan_steps
+    from orchestrator.engine.scenarios import plan_steps
 
     steps = plan_steps(cfg, dataset_num_classes(cfg.data))
     worker_cpus = max(s.resources.num_workers * s.resources.cpus_per_worker for s in steps)

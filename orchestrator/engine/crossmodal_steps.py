@@ -1,4 +1,4 @@
-"""What a Ray Train worker does in each cross-modal step (see :mod:`orchestrator.crossmodal`).
+"""What a Ray Train worker does in each cross-modal step (see :mod:`orchestrator.engine.crossmodal`).
 
 ``encode_step`` runs one of the two models over the evaluation set and the corpus; ``stage_step`` runs
 one stage of one method and, after the last stage, embeds the evaluation set with the method's query
@@ -14,16 +14,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from methods.clip_models import Tokenizer, clip_input_spec, create_clip, embedding_dim, encode_images
-from orchestrator import runfiles
-from orchestrator._internal.typed import from_dict
+from methods.nets.clip_models import Tokenizer, clip_input_spec, create_clip, embedding_dim, encode_images
+from orchestrator.storage import runfiles
+from orchestrator.config.typed import from_dict
 from orchestrator.config import TrainingConfig
-from orchestrator.crossmodal import VERSIONS, resolve_clip, seed_dir, state_path, train_fn
-from orchestrator.crossmodal_config import ClipSpec, CrossModalDataConfig, parse_crossmodal
-from orchestrator.crossmodal_data import CaptionedArrays, corpus_captions, corpus_draw, eval_set, pair_set
+from orchestrator.engine.crossmodal import VERSIONS, resolve_clip, seed_dir, state_path, train_fn
+from orchestrator.config.crossmodal import ClipSpec, CrossModalDataConfig, parse_crossmodal
+from orchestrator.data.crossmodal import CaptionedArrays, corpus_captions, corpus_draw, eval_set, pair_set
 from orchestrator.data.transforms import BatchTransform
-from orchestrator.session import Worker, embed_array
-from orchestrator.store import EmbeddingStore
+from orchestrator.engine.worker import Worker, embed_array
+from orchestrator.storage.store import EmbeddingStore
 
 
 def _load(spec: ClipSpec, data: CrossModalDataConfig, device: torch.device,

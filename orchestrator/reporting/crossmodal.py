@@ -1,7 +1,7 @@
 """report.md and recall.csv of a cross-modal run, rendered from its metrics.json only.
 
 Re-rendering needs no Ray, store or model (``compat report RUN_DIR``). No formula lives here: the
-compatibility ticks come from metrics.json (see :mod:`orchestrator.crossmodal_eval`).
+compatibility ticks come from metrics.json (see :mod:`orchestrator.evaluation.crossmodal`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Cells: old->old (old queries, old gallery), new->new (base new model re-indexed), and per method and
 seed new->old (the method's projected queries against the old gallery, which is read, never re-encoded).
-A method is compatible on a metric when new->old beats old->old (the ECC of :mod:`orchestrator.metrics`).
+A method is compatible on a metric when new->old beats old->old (the ECC of :mod:`orchestrator.evaluation.metrics`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator import metrics as M
-from orchestrator import runfiles
-from orchestrator.crossmodal import VERSIONS, seed_dir
-from orchestrator.crossmodal_config import CrossModalExperiment
+from orchestrator.evaluation import metrics as M
+from orchestrator.storage import runfiles
+from orchestrator.engine.crossmodal import VERSIONS, seed_dir
+from orchestrator.config.crossmodal import CrossModalExperiment
 from orchestrator.errors import StoreError
 from orchestrator.evaluation import cross_modal_recall
-from orchestrator.store import EmbeddingStore, EmbeddingTable
+from orchestrator.storage.store import EmbeddingStore, EmbeddingTable
 
 
 def _sides(store: EmbeddingStore, key: str) -> dict[str, EmbeddingTable]:

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from orchestrator import runfiles
-from orchestrator._internal.typed import from_dict, require, to_dict
+from orchestrator.storage import runfiles
+from orchestrator.config.typed import from_dict, require, to_dict
 from orchestrator.config import (EvalSetConfig, EvaluationConfig, ExperimentConfig, MethodSpec, ResourcesConfig,
                                  ScenarioConfig, TrainingConfig)
 from orchestrator.errors import CheckpointError, ConfigError
@@ -107,7 +107,7 @@ def check_replacements(cfg: ExperimentConfig) -> None:
     step, so a missing, unsafe, corrupt or ill-fitting file fails before anything is written."""
     from methods.base import StepContext, checkpoint_file, create_method
     from orchestrator.data import dataset_num_classes
-    from orchestrator.scenarios import plan_steps
+    from orchestrator.engine.scenarios import plan_steps
 
     sc = cfg.scenario
     files = [(at, source) for at, source in zip(sc.replace_at, sc.replacements) if source.checkpoint is not None]

@@ -5,17 +5,17 @@ Runs before anything is written, so an impossible experiment never leaves a run 
 
 from __future__ import annotations
 
-from orchestrator._internal.typed import require
+from orchestrator.config.typed import require
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import ConfigError
 
 
 def validate_experiment(cfg: ExperimentConfig) -> None:
-    from methods.backbones import list_backbones
+    from methods.nets.backbones import list_backbones
     from methods.base import create_method, parse_params
     from orchestrator.data import dataset_num_classes
-    from orchestrator.scenarios import classes_needed, num_steps
-    from orchestrator.upstream import validate_replacements
+    from orchestrator.engine.scenarios import classes_needed, num_steps
+    from orchestrator.engine.upstream import validate_replacements
 
     require(cfg.model.backbone in list_backbones(), "model.backbone",
             f"unknown backbone {cfg.model.backbone!r}; available: {', '.join(list_backbones())}")
@@ -50,10 +50,10 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
 def _check_clip_sections(cfg: ExperimentConfig, steps: int) -> None:
     """An open_clip model that exists (tag or file), a class-names file naming every class, an upstream
     CLIP only on synthetic data, and session index files for every step."""
-    from methods.clip_models import check_clip_spec
+    from methods.nets.clip_models import check_clip_spec
     from orchestrator.data import class_names_of
     from orchestrator.data.display_names import display_names
-    from orchestrator.session_files import session_file_paths
+    from orchestrator.engine.session_files import session_file_paths
 
     if cfg.model.name is not None:
         check_clip_spec(cfg.model.name, cfg.model.pretrained, "model")

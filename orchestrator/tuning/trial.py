@@ -12,13 +12,13 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from orchestrator import runfiles
+from orchestrator.storage import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
-from orchestrator.objectives import Objective, table_values
+from orchestrator.evaluation.objectives import Objective, table_values
 
 if TYPE_CHECKING:
-    from orchestrator.seeds import TaskSetup
-    from orchestrator.sweep import Sweep
+    from orchestrator.tuning.seeds import TaskSetup
+    from orchestrator.tuning.sweep import Sweep
 
 POLL_SECONDS = 0.5
 VIOLATION_SCORE = 1e9  # the score of a trial that violates a constraint (negated for max): it ranks last
@@ -29,7 +29,7 @@ def run_trial(params: dict[str, Any], sweep: "Sweep", setup: "TaskSetup") -> Non
     import ray
     from ray import tune
 
-    from orchestrator.seeds import result_of, submit
+    from orchestrator.tuning.seeds import result_of, submit
 
     run_dir = sweep.directory / "runs" / tune.get_context().get_trial_id()
     cfg = parse_config(sweep.trial_raw(params))
@@ -51,7 +51,7 @@ class StepWatcher:
     """One Tune result per step that every seed of a trial has finished, from the run directories."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, objective: Objective, num_versions: int):
-        from orchestrator.seeds import seed_runs
+        from orchestrator.tuning.seeds import seed_runs
 
         self.runs = seed_runs(cfg, run_dir)
         self.objective = objective
@@ -68,7 +68,7 @@ class StepWatcher:
 
 def prefix_entry(cfg: ExperimentConfig, run_dir: Path, method: str, num_versions: int) -> dict:
     """The metrics.json entry of ``method`` over its first ``num_versions`` versions (rows computed if missing)."""
-    from orchestrator.simulation import assemble_metrics, ensure_row
+    from orchestrator.engine.driver import assemble_metrics, ensure_row
 
     spec = next(m for m in cfg.methods if m.key == method)
     for version in range(num_versions):

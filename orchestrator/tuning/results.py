@@ -18,12 +18,12 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from orchestrator import runfiles
-from orchestrator.objectives import TABLE_NAMES, Mode
-from orchestrator.report import _md_table, _save
+from orchestrator.storage import runfiles
+from orchestrator.evaluation.objectives import TABLE_NAMES, Mode
+from orchestrator.reporting.report import _md_table, _save
 
 if TYPE_CHECKING:
-    from orchestrator.sweep import Sweep
+    from orchestrator.tuning.sweep import Sweep
 
 
 @dataclass

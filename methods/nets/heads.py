@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.backbones import EmbeddingNet
+from methods.nets.backbones import EmbeddingNet
 from orchestrator.config import ModelConfig
 
 

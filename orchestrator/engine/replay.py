@@ -13,10 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from orchestrator import runfiles
+from orchestrator.storage import runfiles
 from orchestrator.config import ReplayConfig
 from orchestrator.errors import RunError
-from orchestrator.scenarios import Step
+from orchestrator.engine.scenarios import Step
 
 
 def select_exemplars(indices: np.ndarray, positions: np.ndarray, classes: range, per_class: int,

@@ -20,19 +20,19 @@ import torch
 import torch.distributed as dist
 
 from methods.base import Method, StepContext, create_method
-from orchestrator import runfiles
+from orchestrator.storage import runfiles
 from orchestrator.config import ExperimentConfig, MethodSpec, parse_config
 from orchestrator.data import LabeledImages, load_split
 from orchestrator.data.display_names import display_names
 from orchestrator.data.transforms import BatchTransform, make_transform
 from orchestrator.engine.graph import COPY, PRETRAIN, step_name
 from orchestrator.engine.loop import Hook, ProgressFile, build_optimizer, distributed, lr_at, train_epochs
-from orchestrator.replay import ReplayMemory, balanced_order
-from orchestrator.scenarios import Step, class_order, plan_steps, train_indices
-from orchestrator.session_files import session_plan
-from orchestrator.store import EmbeddingStore
-from orchestrator.upstream_clip import resolved_model_config
-from orchestrator.upstream import replacement_checkpoint
+from orchestrator.engine.replay import ReplayMemory, balanced_order
+from orchestrator.engine.scenarios import Step, class_order, plan_steps, train_indices
+from orchestrator.engine.session_files import session_plan
+from orchestrator.storage.store import EmbeddingStore
+from orchestrator.engine.upstream_clip import resolved_model_config
+from orchestrator.engine.upstream import replacement_checkpoint
 
 
 @dataclass
@@ -85,11 +85,11 @@ def work(loop_config: dict) -> None:
         run_dir = root / task["run"]
         if not runfiles.task_done(run_dir, task["name"]):
             if task["action"] == PRETRAIN:
-                from orchestrator.upstream_clip import run_clip_task
+                from orchestrator.engine.upstream_clip import run_clip_task
 
                 run_clip_task(task["name"], task["payload"], root, worker, group)
             elif task["payload"] is not None:  # a cross-modal encoding or stage
-                from orchestrator.crossmodal import run_task
+                from orchestrator.engine.crossmodal import run_task
 
                 run_task(task["name"], task["payload"], run_dir, worker, group)
             else:
@@ -269,7 +269,7 @@ class Session:
                  memory: Optional[np.ndarray] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of (transformed images, class positions) on the worker's device. Training batches are
         a seeded permutation sharded across ranks with equal counts (DDP needs equal step counts); with a
-        non-empty replay ``memory`` they are balanced memory/new batches (orchestrator/replay.py)."""
+        non-empty replay ``memory`` they are balanced memory/new batches (orchestrator/engine/replay.py)."""
         bs = self.training.batch_size
         if shuffle_epoch is None:
             order = indices if memory is None else np.concatenate([indices, memory])

@@ -16,10 +16,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from orchestrator._internal.typed import from_dict, require, to_dict
+from orchestrator.config.typed import from_dict, require, to_dict
 from orchestrator.errors import ConfigError
 
-BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/ (editable install)
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
 
 @dataclass
@@ -407,7 +407,7 @@ def load_raw(config: str | None, overrides: list[str] = ()) -> dict:
 
 def parse_config(data: dict) -> ExperimentConfig:
     """Validate a raw mapping: schema, then cross-section checks, then every method's own parameters."""
-    from orchestrator.validation import validate_experiment
+    from orchestrator.engine.validate import validate_experiment
 
     cfg = from_dict(ExperimentConfig, data)
     validate_experiment(cfg)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from orchestrator._internal.typed import from_dict, require, to_dict
+from orchestrator.config.typed import from_dict, require, to_dict
 from orchestrator.config import DataConfig, MethodSpec, ResourcesConfig, TrainingConfig, UpstreamClipConfig
 
 KIND = "cross-modal"
@@ -145,7 +145,7 @@ class CrossModalExperiment:
 
 def parse_crossmodal(data: dict) -> CrossModalExperiment:
     """Validate a raw mapping: schema, model specs, data files and every method's parameters."""
-    from methods.clip_models import check_clip_spec
+    from methods.nets.clip_models import check_clip_spec
     from methods.crossmodal_base import create_crossmodal
 
     cfg = from_dict(CrossModalExperiment, data)

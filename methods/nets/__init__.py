@@ -1,0 +1,1 @@
+"""Networks the methods build on: backbones, heads, CLIP wrappers, adapters, fixed classifiers."""

@@ -1,0 +1,14 @@
+"""Evaluation: ranking and retrieval metrics, compatibility rows, pure formulas."""
+
+from orchestrator.evaluation.retrieval import (  # noqa: F401
+    truncate_and_normalize,
+    per_query_scores,
+    retrieval_scores,
+    template_top1,
+    cross_modal_recall,
+    CompatibilityMatrix,
+    BY_BLOCK,
+    class_block_top1,
+    evaluate_pair,
+    compatibility_row,
+)

@@ -1,0 +1,1 @@
+"""Reports: report.md, plots and tables, from metrics.json and the store."""

@@ -1,0 +1,1 @@
+"""Run state: the run's layout and its files, the embedding store."""
