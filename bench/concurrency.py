@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator import load_config  # noqa: E402
 from orchestrator.engine.driver import ensure_ray, run_experiment  # noqa: E402
 
 TWO_CHAINS = ["methods=[{name: independent, label: chain-a}, {name: independent, label: chain-b}]",

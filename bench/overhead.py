@@ -24,7 +24,7 @@ import torch
 
 from common import bare_loop
 
-from orchestrator.config import load_config
+from orchestrator import load_config
 from orchestrator.engine.driver import ensure_ray, run_experiment
 
 SCENARIO = ["scenario.initial_classes=6", "scenario.increment=2", "scenario.num_steps=8", "methods=[{name: independent}]"]

@@ -16,7 +16,7 @@ import torch
 from common import bare_loop
 
 from orchestrator.storage import runfiles
-from orchestrator.config import load_config
+from orchestrator import load_config
 from orchestrator.engine.driver import ensure_ray, run_experiment
 
 

@@ -20,8 +20,8 @@ from torch import nn
 from orchestrator.config.typed import from_dict
 from orchestrator.config import ModelConfig, TrainingConfig
 from orchestrator.errors import CheckpointError, ConfigError
+from orchestrator.registry import Registry
 
-_REGISTRY: dict[str, type["Method"]] = {}
 
 
 @dataclass(frozen=True)
@@ -212,12 +212,7 @@ class Method(ABC):
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by ``cls.name`` in configs."""
-    if not cls.name:
-        raise TypeError(f"{cls.__qualname__} needs a non-empty 'name'")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return METHODS.add(cls.name, cls)
 
 
 EXTRA_METHOD_MODULES_ENV = "COMPAT_EXTRA_METHOD_MODULES"
@@ -241,16 +236,15 @@ def _load_builtin_methods() -> None:
                                   f"({exc}); put it on PYTHONPATH or remove it from the variable") from exc
 
 
+METHODS: Registry[type[Method]] = Registry("method", "methods.name", load=_load_builtin_methods)
+
+
 def list_methods() -> list[str]:
-    _load_builtin_methods()
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def method_class(name: str, key: str = "methods.name") -> type[Method]:
-    _load_builtin_methods()
-    if name not in _REGISTRY:
-        raise ConfigError(key, f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return METHODS.get(name, key)
 
 
 def parse_params(name: str, params: dict, key: str) -> Any:

@@ -32,6 +32,7 @@ from methods.base import NoParams
 from orchestrator.config.typed import from_dict
 from orchestrator.config import TrainingConfig
 from orchestrator.errors import ConfigError
+from orchestrator.registry import Registry
 
 State = dict[str, torch.Tensor]
 # loss(module (DDP-wrapped when distributed), indices of this batch's items, epoch) -> (loss, named parts)
@@ -112,24 +113,21 @@ class CrossModalMethod(ABC):
 
 
 STAGE_KINDS = ("text", "pairs")
-_REGISTRY: dict[str, type[CrossModalMethod]] = {}
+def _load_builtin() -> None:
+    import methods  # noqa: F401  (importing the package registers every built-in method)
+
+
+CROSSMODAL_METHODS: Registry[type[CrossModalMethod]] = Registry("cross-modal method", "methods.name", load=_load_builtin)
 
 
 def register_crossmodal(cls: type[CrossModalMethod]) -> type[CrossModalMethod]:
     """Class decorator: make a cross-modal method available by ``cls.name`` in configs."""
-    if not cls.name or (cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls):
-        raise TypeError(f"{cls.__qualname__} needs a unique non-empty 'name', got {cls.name!r}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return CROSSMODAL_METHODS.add(cls.name, cls)
 
 
 def create_crossmodal(name: str, params: dict, key: str = "methods.0") -> CrossModalMethod:
     """Registry name + raw params -> a configured method; unknown names and bad params raise ConfigError."""
-    import methods  # noqa: F401  (importing the package registers every built-in method)
-
-    if name not in _REGISTRY:
-        raise ConfigError(f"{key}.name", f"unknown cross-modal method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
+    cls = CROSSMODAL_METHODS.get(name, f"{key}.name")
     method = cls(from_dict(cls.Params, params, f"{key}.params"))
     unknown = sorted(set(method.stages()) - set(STAGE_KINDS))
     if unknown:

@@ -17,9 +17,9 @@ from orchestrator.errors import CompatError
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.engine import crossmodal
-    from orchestrator.tuning import seeds
-    from orchestrator.config import load_config
-    from orchestrator.reporting.report import format_summary_table
+    from orchestrator.engine.driver import run_experiment
+    from orchestrator.engine.validate import load_experiment as load_config
+    from orchestrator.reporting.report import format_seed_table, format_summary_table
     from orchestrator.engine.driver import load_run_config
 
     handled = crossmodal.cli_run(args)  # a config (or run) with `kind: cross-modal` has its own driver
@@ -34,12 +34,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg, run_dir = load_config(args.config, [*args.set, *seed_list]), None
         if args.output_dir:
             cfg.output_dir = args.output_dir
-    metrics = seeds.run(cfg, run_dir, progress=not args.no_progress)
+    metrics = run_experiment(cfg, run_dir, progress=not args.no_progress)
     print()
     print(format_summary_table(metrics))
     if metrics.get("seeds"):
         print()
-        print(seeds.format_seed_table(metrics))
+        print(format_seed_table(metrics))
     return 0
 
 

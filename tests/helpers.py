@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from orchestrator.config import ExperimentConfig, load_config
+from orchestrator.config import ExperimentConfig
+from orchestrator import load_config
 
 
 def config_under(directory, *overrides: str) -> ExperimentConfig:

@@ -54,7 +54,7 @@ def test_anchor_first_aligns_every_version_to_version_zero(tmp_path, monkeypatch
     from helpers import config_under
 
     from methods.bct import BCT
-    from orchestrator.engine import driver as simulation
+    from orchestrator.engine import driver
 
     seen = {}
     real_prepare = BCT.prepare
@@ -72,7 +72,7 @@ def test_anchor_first_aligns_every_version_to_version_zero(tmp_path, monkeypatch
                            "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.incremental={}",
                            "resources.num_workers=0",
                            f"methods=[{{name: bct, params: {{variant: paper, anchor: {anchor}}}}}]")
-        simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+        driver.run_experiment(cfg, progress=False, echo=lambda s: None)
         assert seen[0] == (None, None)
         assert seen[1] == (2, (4, 16))  # v0's 2 real rows + 2 synthesised
         assert seen[2] == (v0_rows, (6, 16))  # all 6 classes, real rows from the anchor

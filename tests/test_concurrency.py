@@ -3,8 +3,8 @@
 import pytest
 
 from orchestrator.storage import runfiles
-from orchestrator.engine import driver as simulation
-from orchestrator.config import load_config
+from orchestrator.engine import driver
+from orchestrator import load_config
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_independent_chains_overlap_in_time(two_node_cluster, tmp_path):
     cfg = load_config(None, TWO_CHAINS)
     cfg.output_dir = str(tmp_path)
     run_dir = tmp_path / cfg.name
-    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     spans = {}
     for key in ["chain-a", "chain-b"]:
         entries = [runfiles.manifest_entry(run_dir, key, v) for v in range(2)]
@@ -50,7 +50,7 @@ def test_independent_chains_overlap_in_time(two_node_cluster, tmp_path):
     # the same numbers as one chain after the other in one group
     serial = load_config(None, TWO_CHAINS)
     serial.output_dir = str(tmp_path / "serial")
-    one_group = simulation.run_experiment(serial, progress=False, echo=lambda s: None, max_groups=1)
+    one_group = driver.run_experiment(serial, progress=False, echo=lambda s: None, max_groups=1)
     for key in spans:
         assert one_group["methods"][key]["matrices"] == metrics["methods"][key]["matrices"]
     entries = [runfiles.manifest_entry(tmp_path / "serial" / cfg.name, k, v) for k in spans for v in range(2)]

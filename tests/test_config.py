@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import ExperimentConfig, apply_override, load_config, parse_config
+from orchestrator.config import ExperimentConfig, apply_override
+from orchestrator import load_config
+from orchestrator.engine.validate import parse_experiment
 from orchestrator.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,7 @@ def test_unknown_key_names_its_path():
     data = base()
     data["training"]["epoch"] = 3
     with pytest.raises(ConfigError) as err:
-        parse_config(data)
+        parse_experiment(data)
     assert err.value.key == "training.epoch"
     assert "epochs" in str(err.value)  # the allowed keys are listed
 
@@ -47,7 +49,7 @@ def test_wrong_type_names_its_path():
     data = base()
     data["training"]["lr"] = "fast"
     with pytest.raises(ConfigError) as err:
-        parse_config(data)
+        parse_experiment(data)
     assert err.value.key == "training.lr" and "number" in str(err.value)
 
 
@@ -55,7 +57,7 @@ def test_bad_literal_lists_allowed_values():
     data = base()
     data["evaluation"]["protocol"] = "knn"
     with pytest.raises(ConfigError) as err:
-        parse_config(data)
+        parse_experiment(data)
     assert err.value.key == "evaluation.protocol" and "'leave-one-out'" in str(err.value)
 
 
@@ -63,7 +65,7 @@ def test_more_classes_than_the_dataset_has():
     data = base()
     data["scenario"]["num_steps"] = 5  # 10 + 4*5 = 30 > 20 synthetic classes
     with pytest.raises(ConfigError) as err:
-        parse_config(data)
+        parse_experiment(data)
     assert err.value.key == "scenario.num_steps" and "20" in str(err.value)
 
 
@@ -71,7 +73,7 @@ def test_post_init_errors_are_prefixed_with_their_section():
     data = base()
     data["training"]["epochs"] = 0
     with pytest.raises(ConfigError) as err:
-        parse_config(data)
+        parse_experiment(data)
     assert err.value.key == "training.epochs"
 
 
@@ -79,7 +81,7 @@ def test_method_params_are_validated():
     data = base()
     data["methods"][1]["params"]["variant"] = "fancy"
     with pytest.raises(ConfigError) as err:
-        parse_config(data)
+        parse_experiment(data)
     assert err.value.key == "methods.1.params.variant"
 
 
@@ -87,7 +89,7 @@ def test_unknown_method():
     data = base()
     data["methods"].append({"name": "magic"})
     with pytest.raises(ConfigError) as err:
-        parse_config(data)
+        parse_experiment(data)
     assert "bct" in str(err.value) and "independent" in str(err.value)
 
 
@@ -95,7 +97,7 @@ def test_duplicate_method_labels():
     data = base()
     data["methods"].append({"name": "bct"})
     with pytest.raises(ConfigError, match="label"):
-        parse_config(data)
+        parse_experiment(data)
 
 
 def test_overrides():
@@ -103,7 +105,7 @@ def test_overrides():
     apply_override(data, "training.epochs=3")
     apply_override(data, "methods.1.params.logit_scale=8")
     apply_override(data, "model.final_relu=true")
-    cfg = parse_config(data)
+    cfg = parse_experiment(data)
     assert cfg.training.epochs == 3 and cfg.methods[1].params["logit_scale"] == 8 and cfg.model.final_relu is True
     with pytest.raises(ConfigError):
         apply_override(data, "methods.7.params.x=1")
@@ -115,7 +117,7 @@ def test_method_training_overrides_are_validated():
     data = base()
     data["methods"][0]["training"] = {"epochs": -1}
     with pytest.raises(ConfigError) as err:
-        parse_config(data)
+        parse_experiment(data)
     assert err.value.key == "methods.0.training.epochs"
 
 

@@ -5,7 +5,8 @@ import torch
 
 from methods.base import StepContext, create_method
 from methods.cpe_clip import class_text, mask_old_logits, scale_gradients, session_alpha
-from orchestrator.config import ModelConfig, TrainingConfig, load_config
+from orchestrator.config import ModelConfig, TrainingConfig
+from orchestrator import load_config
 from orchestrator.errors import ConfigError
 from orchestrator.engine.loop import lr_at
 

@@ -20,8 +20,8 @@ from methods import base
 from methods.base import EXTRA_METHOD_MODULES_ENV, list_methods, register
 from methods.independent import Independent
 from orchestrator.storage import runfiles
-from orchestrator.engine import driver as simulation
-from orchestrator.config import load_config
+from orchestrator.engine import driver
+from orchestrator import load_config
 from orchestrator.errors import ConfigError
 
 # Step 1 trains on 4 classes x 16 images = 64 images: 32 per rank, 4 batches of 8 per epoch.
@@ -105,7 +105,7 @@ def test_worker_failure_restarts_the_group_which_skips_finished_steps_and_resume
     ])
     cfg.output_dir = str(tmp_path / "runs")
     run_dir = Path(cfg.output_dir) / cfg.name
-    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
 
     marker = log_dir / "failed-once"
     assert marker.is_file(), "the injected failure never fired"
@@ -153,7 +153,7 @@ def test_extra_method_modules_hook_registers_methods_and_names_a_missing_module(
         "    name = 'plugin_example'\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the plugin stays out of other tests
+    monkeypatch.setattr(base.METHODS, "_entries", dict(base.METHODS._entries))  # the plugin stays out of other tests
     monkeypatch.setenv(EXTRA_METHOD_MODULES_ENV, " compat_plugin_example , ")
     try:
         assert "plugin_example" in list_methods()

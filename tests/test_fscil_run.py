@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from orchestrator.evaluation import metrics as M
-from orchestrator.engine import driver as simulation
-from orchestrator.config import load_config
+from orchestrator.engine import driver
+from orchestrator import load_config
 
 FSCIL = [
     "data.num_classes=8", "data.train_per_class=12", "data.test_per_class=4", "data.augment=false",
@@ -25,7 +25,7 @@ def fscil_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fscil")
     cfg = load_config(None, FSCIL)
     cfg.output_dir = str(tmp)
-    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     return tmp / cfg.name, metrics
 
 

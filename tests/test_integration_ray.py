@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from orchestrator.storage import runfiles
-from orchestrator.engine import driver as simulation
+from orchestrator.engine import driver
 from orchestrator.engine import executor
-from orchestrator.config import load_config
+from orchestrator import load_config
 from orchestrator.storage.store import EmbeddingStore
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     ])
     cfg.output_dir = str(tmp_path)
     run_dir = tmp_path / cfg.name
-    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
 
     # two worker groups: steps 0-1 on one worker, step 2 on two DDP workers
     groups = [runfiles.manifest_entry(run_dir, "bct", v)["group"] for v in range(3)]
@@ -39,5 +39,5 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     assert np.isnan(m[0, 1]) and np.isfinite(np.tril(m)).all()
 
     monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
-    again = simulation.run_experiment(simulation.load_run_config(run_dir), run_dir, progress=False, echo=lambda s: None)
+    again = driver.run_experiment(driver.load_run_config(run_dir), run_dir, progress=False, echo=lambda s: None)
     assert json.dumps(again["methods"]) == json.dumps(metrics["methods"])

@@ -89,3 +89,33 @@ def test_the_check_sees_lazy_imports():
     """An import inside a function (the usual way a cycle hides) counts like one at the top."""
     source = "import torch\n\ndef f():\n    from orchestrator.engine import driver\n    import methods.bct\n"
     assert imports_of(source) == ["torch", "orchestrator.engine", "methods.bct"]
+
+
+def test_one_registry_type_serves_every_kind():
+    from methods.base import METHODS
+    from methods.crossmodal_base import CROSSMODAL_METHODS
+    from methods.nets.backbones import BACKBONES
+    from orchestrator.data import DATASETS
+    from orchestrator.registry import Registry
+    from orchestrator.tuning.sweep import SEARCH_ALGORITHMS
+
+    for registry in (METHODS, CROSSMODAL_METHODS, BACKBONES, DATASETS, SEARCH_ALGORITHMS):
+        assert isinstance(registry, Registry) and registry.names()
+    assert {"bct", "oca", "stationary"} <= set(METHODS.names()) and "xbt" in CROSSMODAL_METHODS
+
+
+def test_a_registry_names_the_key_and_the_choices_and_refuses_a_second_entry():
+    import pytest
+
+    from orchestrator.errors import ConfigError
+    from orchestrator.registry import Registry
+
+    registry = Registry("widget", "widgets.name")
+    registry.add("a", 1)
+    registry.register("b")(2)
+    assert registry.get("b") == 2 and registry.names() == ["a", "b"]
+    with pytest.raises(ConfigError) as err:
+        registry.get("c", "x.0.name")
+    assert err.value.key == "x.0.name" and "unknown widget 'c'; available: a, b" in str(err.value)
+    with pytest.raises(TypeError, match="already registered"):
+        registry.add("a", 3)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from methods.base import StepContext, create_method
 from methods.oca import oca_loss
 from orchestrator.storage import runfiles
-from orchestrator.engine import driver as simulation
-from orchestrator.config import ModelConfig, TrainingConfig, load_config
+from orchestrator.engine import driver
+from orchestrator.config import ModelConfig, TrainingConfig
+from orchestrator import load_config
 from orchestrator.errors import ConfigError
 from orchestrator.evaluation import retrieval_scores
 from orchestrator.storage.store import EmbeddingStore
@@ -176,7 +177,7 @@ def chain_run(tmp_path_factory):
         "{name: oca, label: oca-all, params: {delta_dim: 4, align_to: all}}]",
     ])
     cfg.output_dir = str(tmp)
-    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     return tmp / cfg.name, metrics
 
 

@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from orchestrator.config import load_config, load_raw
+from orchestrator.config import load_raw
+from orchestrator import load_config
 from orchestrator.engine.crossmodal import run_crossmodal
 from orchestrator.config.crossmodal import parse_crossmodal
 from orchestrator.engine.driver import run_experiment

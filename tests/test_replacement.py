@@ -7,9 +7,9 @@ import torch
 
 from methods.base import load_state_dict
 from orchestrator.storage import runfiles
-from orchestrator.engine import driver as simulation
+from orchestrator.engine import driver
 from orchestrator.cli import main
-from orchestrator.config import load_config
+from orchestrator import load_config
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.engine.scenarios import plan_steps
 from orchestrator.engine.upstream import check_replacements, upstream_config
@@ -42,7 +42,7 @@ def tiny(tmp_path, *extra):
 def replaced_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replace")
     cfg = tiny(tmp, *UPSTREAM)
-    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     return cfg, tmp / cfg.name, metrics
 
 
@@ -95,7 +95,7 @@ def test_query_gallery_templates_on_an_unseen_variant(replaced_run):
 
 
 def test_upstream_models_are_trained_once(replaced_run, monkeypatch):
-    from orchestrator.engine import driver as simulation
+    from orchestrator.engine import driver
     from orchestrator.engine import executor
 
     cfg, run_dir, metrics = replaced_run
@@ -104,7 +104,7 @@ def test_upstream_models_are_trained_once(replaced_run, monkeypatch):
         sub = run_dir / "upstream" / upstream_config(cfg, spec, 1).digest()
         assert (sub / "report.md").is_file() and runfiles.step_done(sub, spec.name, 0)
     monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("retrained"))
-    again = simulation.run_experiment(cfg, run_dir, progress=False, echo=lambda s: None)
+    again = driver.run_experiment(cfg, run_dir, progress=False, echo=lambda s: None)
     assert again["methods"] == metrics["methods"]
 
 
@@ -140,7 +140,7 @@ def test_broken_replacement_fails_before_anything_is_written(tmp_path, content, 
         path.write_bytes(content)
     cfg, run_dir = checkpoint_run(tmp_path, path)
     with pytest.raises(CheckpointError, match=message):
-        simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+        driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert not run_dir.exists()
 
 
@@ -151,7 +151,7 @@ def test_ill_fitting_replacement_names_the_tensor(tmp_path, capsys):
     cfg, run_dir = checkpoint_run(tmp_path, tmp_path / "other.pt")
     torch.save(other.build_model(plan_context(cfg)).state_dict(), tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=r"step 1 for method 'stationary'.*head.junction.weight.*shape"):
-        simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+        driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert not run_dir.exists()
     args = ["run", "--output-dir", str(tmp_path), *sum((["--set", o] for o in [
         *TINY, "scenario.replace_at=[1]", f"scenario.replacements=[{{checkpoint: {tmp_path / 'other.pt'}}}]"]), [])]

@@ -8,8 +8,8 @@ import pytest
 from methods.base import register
 from methods.er import ExperienceReplay
 from orchestrator.storage import runfiles
-from orchestrator.engine import driver as simulation
-from orchestrator.config import load_config
+from orchestrator.engine import driver
+from orchestrator import load_config
 from orchestrator.errors import ConfigError
 from orchestrator.engine.replay import balanced_order, memory_count, select_exemplars
 
@@ -82,7 +82,7 @@ def test_replay_inside_a_run(tmp_path):
     ])
     cfg.output_dir = str(tmp_path)
     BatchRecorder.batches.clear()
-    simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     run_dir = tmp_path / cfg.name
     for step, classes in ((0, 2), (1, 4), (2, 6)):
         memory = np.array(json.loads(runfiles.replay_path(run_dir, "test_batch_recorder", step).read_text())["indices"])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from orchestrator.config import load_config
+from orchestrator import load_config
 from orchestrator.engine.scenarios import Resources, class_order, plan_steps, train_indices
 
 

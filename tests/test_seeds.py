@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from orchestrator.tuning import seeds
-from orchestrator.engine import driver as simulation
+from orchestrator.evaluation import seeds
+from orchestrator.engine import driver
 from orchestrator.engine import executor
 from orchestrator.cli import main
-from orchestrator.config import load_config
+from orchestrator import load_config
 
 TINY = [
     "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from orchestrator.config import DataConfig, load_config
+from orchestrator.config import DataConfig
+from orchestrator import load_config
 from orchestrator.data.display_names import display_names
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.engine.scenarios import plan_steps, train_indices

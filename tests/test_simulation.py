@@ -10,7 +10,7 @@ import torch
 from methods.base import register
 from methods.independent import Independent
 from orchestrator.storage import runfiles
-from orchestrator.engine import driver as simulation
+from orchestrator.engine import driver
 from orchestrator.engine import executor
 from orchestrator.cli import main
 from orchestrator.engine.scenarios import class_order
@@ -33,7 +33,7 @@ def tiny(tmp_path, *extra):
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     cfg = tiny(tmp)
-    metrics = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     return cfg, tmp / cfg.name, metrics
 
 
@@ -70,7 +70,7 @@ def test_metrics_json_schema(finished_run):
 def test_rerun_with_the_same_config_redoes_nothing(finished_run, monkeypatch):
     cfg, run_dir, metrics = finished_run
     monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
-    again = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    again = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert again["methods"]["bct"]["matrices"] == metrics["methods"]["bct"]["matrices"]
 
 
@@ -86,7 +86,7 @@ def test_resume_flag_and_report_command(finished_run, monkeypatch, capsys):
 
 def test_same_seed_gives_the_same_numbers(finished_run, tmp_path):
     cfg, _, metrics = finished_run
-    again = simulation.run_experiment(tiny(tmp_path), progress=False, echo=lambda s: None)
+    again = driver.run_experiment(tiny(tmp_path), progress=False, echo=lambda s: None)
     assert again["methods"]["bct"]["matrices"] == metrics["methods"]["bct"]["matrices"]
 
 
@@ -96,7 +96,7 @@ def test_other_config_in_the_same_directory_is_refused(finished_run, tmp_path):
     cfg, run_dir, _ = finished_run
     other = tiny(run_dir.parent, "training.lr=0.01")
     with pytest.raises(RunError, match="different config"):
-        simulation.run_experiment(other, progress=False, echo=lambda s: None)
+        driver.run_experiment(other, progress=False, echo=lambda s: None)
 
 
 @register
@@ -126,10 +126,10 @@ def test_interrupted_step_resumes_from_its_last_epoch(tmp_path, monkeypatch):
 
     monkeypatch.setattr("orchestrator.engine.worker.runfiles.load_epoch_state", spy)
     with pytest.raises(KeyboardInterrupt):
-        simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+        driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert runfiles.step_done(run_dir, "test_interrupted", 0) and not runfiles.step_done(run_dir, "test_interrupted", 1)
     seen_starts.clear()
-    simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert (1, 0) in seen_starts  # step 1 restarted after its finished epoch 0
     assert all(step != 0 for step, _ in seen_starts)  # step 0 was not redone
 
@@ -147,7 +147,7 @@ RECORD_KEYS = {"seconds", "train_seconds", "started_at", "finished_at", "group"}
 def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path):
     _, run_dir, metrics = finished_run
     cfg = tiny(tmp_path, "resources.group_steps=false")
-    ungrouped = simulation.run_experiment(cfg, progress=False, echo=lambda s: None)
+    ungrouped = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     groups = set()
     for key in ["independent", "bct"]:
         assert ungrouped["methods"][key]["matrices"] == metrics["methods"][key]["matrices"]
@@ -178,15 +178,15 @@ def test_rows_are_computed_while_later_steps_train(finished_run):
 
 def test_cells_are_split_by_the_classes_each_version_added(finished_run):
     cfg, run_dir, metrics = finished_run
-    names, block_of_label = simulation.class_blocks(cfg)
+    names, block_of_label = driver.class_blocks(cfg)
     assert names == ["v0", "v1", "v2"] and block_of_label.tolist() == [0, 0, 1, 1, 2, 2]
     blocks = metrics["methods"]["bct"]["cmc1_by_block"]
     assert blocks["blocks"] == names and blocks["cells"][0][1] is None and len(blocks["cells"][2][0]) == 3
     assert "## CMC top-1 by class block" in (run_dir / "report.md").read_text()
-    names, _ = simulation.class_blocks(tiny(run_dir, "scenario.num_steps=2"))
+    names, _ = driver.class_blocks(tiny(run_dir, "scenario.num_steps=2"))
     assert names == ["v0", "v1", "none"]  # classes 4-5 are in the test set, no version trained on them
     seeded = tiny(run_dir, "scenario.class_order=seeded")
-    _, block_of_label = simulation.class_blocks(seeded)
+    _, block_of_label = driver.class_blocks(seeded)
     order = class_order(seeded, 6)
     assert block_of_label[order].tolist() == [0, 0, 1, 1, 2, 2]  # blocks follow the class order
 
@@ -195,7 +195,7 @@ def test_progress_line_shows_every_running_task(tmp_path):
     from orchestrator.engine.graph import plan
 
     graph = plan(tiny(tmp_path))
-    display = simulation.ProgressDisplay(tmp_path, graph, done=4, enabled=False, echo=lambda s: None)
+    display = driver.ProgressDisplay(tmp_path, graph, done=4, enabled=False, echo=lambda s: None)
     line = display.line([("bct/step-001", {"epoch": 1, "epochs": 2, "loss": 0.5}), ("independent/step-002", None)])
     assert line.startswith("  4/6 tasks done | bct step 1 epoch 1/2 loss 0.5000; independent step 2 starting |")
 
@@ -214,11 +214,11 @@ def test_an_identical_first_version_is_trained_once_and_copied(finished_run, tmp
     assert np.array_equal(store.read("bct", 0, "test").embeddings, store.read("independent", 0, "test").embeddings)
     assert runfiles.read_json(run_dir / "versions" / "bct" / "v0" / "meta.json")["method"] == "bct"
 
-    retrained = simulation.run_experiment(tiny(tmp_path, "resources.share_first_version=false"),
+    retrained = driver.run_experiment(tiny(tmp_path, "resources.share_first_version=false"),
                                           progress=False, echo=lambda s: None)
     assert "copied_from" not in runfiles.manifest_entry(tmp_path / cfg.name, "bct", 0)
     for key in ["independent", "bct"]:
         assert retrained["methods"][key]["matrices"] == metrics["methods"][key]["matrices"]
     other_recipe = tiny(tmp_path / "other", "methods=[{name: independent}, {name: bct, training: {lr: 0.01}}]")
-    simulation.run_experiment(other_recipe, progress=False, echo=lambda s: None)
+    driver.run_experiment(other_recipe, progress=False, echo=lambda s: None)
     assert "copied_from" not in runfiles.manifest_entry(tmp_path / "other" / cfg.name, "bct", 0)

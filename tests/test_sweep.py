@@ -10,7 +10,7 @@ import pytest
 import yaml
 from ray import tune
 
-from orchestrator.tuning import seeds
+from orchestrator.engine import driver
 from orchestrator.cli import main
 from orchestrator.config import load_raw
 from orchestrator.errors import ConfigError
@@ -181,11 +181,11 @@ def test_best_config_reproduces_its_trial_with_compat_run(asha_sweep, tmp_path):
 
 @integration
 def test_seeds_of_one_graph_equal_the_trial_run(asha_sweep, tmp_path):
-    from orchestrator.config import load_config
+    from orchestrator import load_config
 
     sweep, results, _, _ = asha_sweep
     cfg = load_config(str(sweep.directory / "best_config.yaml"), ["seeds=[0, 1]"])
-    seeds.run(cfg, tmp_path / "multi", echo=lambda s: None)
+    driver.run_experiment(cfg, tmp_path / "multi", echo=lambda s: None)
     trial_run = json.loads((sweep.directory / "runs" / results.best.trial_id / "metrics.json").read_text())
     seed_zero = json.loads((tmp_path / "multi" / "seed-0" / "metrics.json").read_text())
     assert seed_zero["methods"]["bct"]["matrices"] == trial_run["methods"]["bct"]["matrices"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from orchestrator.config import load_config
+from orchestrator import load_config
 from orchestrator.engine.graph import COPY, TRAIN, plan
 from orchestrator.engine.queue import DONE, WAIT, TaskQueue, shape_of
 

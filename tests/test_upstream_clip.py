@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from methods.nets.clip_models import create_clip
-from orchestrator.config import DataConfig, UpstreamClipConfig, load_config
+from orchestrator.config import DataConfig, UpstreamClipConfig
+from orchestrator import load_config
 from orchestrator.data import load_split
 from orchestrator.data.captions import CAPTION_TEMPLATES, caption_texts, load_captioned, shifted_templates
 from orchestrator.errors import ConfigError, DataError

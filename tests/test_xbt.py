@@ -84,16 +84,18 @@ def test_text_stage_learns_a_known_map_into_a_narrower_space(sigma):
 
 
 def test_params_are_validated_with_their_key():
+    from orchestrator.engine.validate import parse_experiment
+
     with pytest.raises(ConfigError) as err:
-        parse_crossmodal({**TINY, "methods": [{"name": "xbt", "params": {"lora": {"targets": ["x"]}}}]})
+        parse_experiment({**TINY, "methods": [{"name": "xbt", "params": {"lora": {"targets": ["x"]}}}]})
     assert err.value.key == "methods.0.params.lora.targets"
     with pytest.raises(ConfigError, match="unknown cross-modal method"):
-        parse_crossmodal({**TINY, "methods": [{"name": "bct"}]})
+        parse_experiment({**TINY, "methods": [{"name": "bct"}]})
     with pytest.raises(ConfigError) as err:
-        parse_crossmodal({**TINY, "methods": [{"name": "xbt", "training": {"pairs": {"epochs": 0}}}]})
+        parse_experiment({**TINY, "methods": [{"name": "xbt", "training": {"pairs": {"epochs": 0}}}]})
     assert err.value.key == "methods.0.training.pairs.epochs"
     with pytest.raises(ConfigError, match="reserved"):
-        parse_crossmodal({**TINY, "methods": [{"name": "xbt", "label": "old"}]})
+        parse_experiment({**TINY, "methods": [{"name": "xbt", "label": "old"}]})
 
 
 def test_recall_on_a_hand_made_case_with_several_captions_per_image():

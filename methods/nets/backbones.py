@@ -14,33 +14,23 @@ from torch import nn
 from torchvision import models
 
 from orchestrator.config import ModelConfig
-from orchestrator.errors import ConfigError
+from orchestrator.registry import Registry
 
-_BACKBONES: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+BACKBONES: Registry[Callable[[ModelConfig], nn.Module]] = Registry("backbone", "model.backbone")
 
 
 def register_backbone(name: str) -> Callable:
     """Decorator for ``builder(cfg) -> nn.Module``; the module must expose ``out_dim``."""
-
-    def decorate(builder: Callable[[ModelConfig], nn.Module]) -> Callable[[ModelConfig], nn.Module]:
-        _BACKBONES[name] = builder
-        return builder
-
-    return decorate
+    return BACKBONES.register(name)
 
 
 def list_backbones() -> list[str]:
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
 
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
     """The backbone ``cfg.backbone`` with fresh (random) weights; ``.out_dim`` is its feature width."""
-    try:
-        builder = _BACKBONES[cfg.backbone]
-    except KeyError:
-        raise ConfigError("model.backbone",
-                          f"unknown backbone {cfg.backbone!r}; available: {', '.join(list_backbones())}") from None
-    return builder(cfg)
+    return BACKBONES.get(cfg.backbone)(cfg)
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:

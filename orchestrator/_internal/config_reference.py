@@ -259,7 +259,8 @@ def _builtin_method_params() -> tuple[list[tuple[str, type]], list[tuple[str, ty
         return cls.__module__.split(".")[0] == "methods"
 
     image = [(name, method_class(name).Params) for name in list_methods() if builtin(method_class(name))]
-    crossmodal = [(name, cls.Params) for name, cls in sorted(crossmodal_base._REGISTRY.items()) if builtin(cls)]
+    crossmodal = [(name, crossmodal_base.CROSSMODAL_METHODS.get(name).Params)
+                  for name in crossmodal_base.CROSSMODAL_METHODS.names() if builtin(crossmodal_base.CROSSMODAL_METHODS.get(name))]
     return image, crossmodal
 
 

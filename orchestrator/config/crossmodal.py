@@ -144,21 +144,21 @@ class CrossModalExperiment:
 
 
 def parse_crossmodal(data: dict) -> CrossModalExperiment:
-    """Validate a raw mapping: schema, model specs, data files and every method's parameters."""
-    from methods.nets.clip_models import check_clip_spec
-    from methods.crossmodal_base import create_crossmodal
-
+    """A raw mapping as typed sections (schema and in-section checks); the model specs and every method's
+    parameters are checked by :func:`orchestrator.engine.validate.validate`."""
     cfg = from_dict(CrossModalExperiment, data)
     for role in ("old", "new"):
         spec: ClipSpec = getattr(cfg.models, role)
-        check_clip_spec(spec.name, spec.pretrained, f"models.{role}")
         require(spec.upstream is None or cfg.data.source == "synthetic", f"models.{role}.upstream",
                 "pretrains on the synthetic captioned data; use pretrained (a tag or a file) with data.source 'files'")
-    for i, spec in enumerate(cfg.methods):
-        stages = create_crossmodal(spec.name, spec.params, f"methods.{i}").stages()
-        for stage in stages:
-            cfg.stage_training(i, stage)
     return cfg
+
+
+def parse_any(data: dict):
+    """A cross-modal or a class-incremental experiment, by the mapping's ``kind``."""
+    from orchestrator.config.experiment import parse_config
+
+    return parse_crossmodal(data) if is_crossmodal(data) else parse_config(data)
 
 
 def is_crossmodal(data: dict) -> bool:

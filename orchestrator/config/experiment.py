@@ -406,14 +406,13 @@ def load_raw(config: str | None, overrides: list[str] = ()) -> dict:
 
 
 def parse_config(data: dict) -> ExperimentConfig:
-    """Validate a raw mapping: schema, then cross-section checks, then every method's own parameters."""
-    from orchestrator.engine.validate import validate_experiment
-
-    cfg = from_dict(ExperimentConfig, data)
-    validate_experiment(cfg)
-    return cfg
+    """A raw mapping as typed sections: unknown keys, wrong types and impossible values within a section
+    are errors here. Checks that need the datasets, the methods or the scenario (cross-section checks)
+    are :func:`orchestrator.engine.validate.validate`'s, which every run performs before writing anything."""
+    return from_dict(ExperimentConfig, data)
 
 
 def load_config(config: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Load, override and validate an experiment config (``None`` = the built-in quickstart)."""
+    """Load and override an experiment config (``None`` = the built-in quickstart), as typed sections;
+    ``orchestrator.load_config`` also performs the cross-section checks."""
     return parse_config(load_raw(config, overrides))

@@ -20,7 +20,8 @@ from typing import Callable, Literal, Optional, Union
 import numpy as np
 
 from orchestrator.config import DataConfig
-from orchestrator.errors import ConfigError, DataError
+from orchestrator.errors import DataError
+from orchestrator.registry import Registry
 
 Split = Literal["train", "test"]
 PathLike = Union[str, Path]
@@ -65,29 +66,25 @@ class DatasetSource(ABC):
     def load(self, cfg: DataConfig, split: Split, cache_dir: Path) -> LabeledImages: ...
 
 
-_SOURCES: dict[str, DatasetSource] = {}
+DATASETS: Registry[DatasetSource] = Registry("dataset", "data.dataset")
 
 
 def register_dataset(name: str) -> Callable[[type[DatasetSource]], type[DatasetSource]]:
     """Class decorator: make a :class:`DatasetSource` available as ``data.dataset: <name>``."""
 
     def decorate(cls: type[DatasetSource]) -> type[DatasetSource]:
-        _SOURCES[name] = cls()
+        DATASETS.add(name, cls())
         return cls
 
     return decorate
 
 
 def list_datasets() -> list[str]:
-    return sorted(_SOURCES)
+    return DATASETS.names()
 
 
 def _source(cfg: DataConfig) -> DatasetSource:
-    try:
-        return _SOURCES[cfg.dataset]
-    except KeyError:
-        raise ConfigError("data.dataset",
-                          f"unknown dataset {cfg.dataset!r}; available: {', '.join(list_datasets())}") from None
+    return DATASETS.get(cfg.dataset)
 
 
 def class_names_of(cfg: DataConfig) -> list[str]:

@@ -35,17 +35,6 @@ from orchestrator.config.crossmodal import ClipSpec, CrossModalExperiment, parse
 from orchestrator.errors import RunError
 
 SCHEMA_VERSION = 1
-VERSIONS = {"old": 0, "new": 1}  # store versions of the two models; projected queries are version 1 too
-EVAL_SETS = ("images", "captions")
-
-
-# -- run directory -----------------------------------------------------------------------------
-def seed_dir(run_dir: Path, seed: int) -> Path:
-    return Path(run_dir) / f"seed-{seed}"
-
-
-def state_path(run_dir: Path, seed: int, method: str, stage: str) -> Path:
-    return seed_dir(run_dir, seed) / "states" / method / f"{stage}.pt"
 
 
 def load_crossmodal_run(run_dir: Path) -> CrossModalExperiment:
@@ -116,6 +105,9 @@ def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[Path] = None,
     from orchestrator.engine.graph import plan
     from orchestrator.engine.driver import ProgressDisplay
 
+    from orchestrator.engine.validate import validate
+
+    validate(cfg)
     check_data(cfg.data)
     run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name).resolve()
     resuming = _prepare_run_dir(cfg, run_dir)

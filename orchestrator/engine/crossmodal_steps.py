@@ -18,7 +18,8 @@ from methods.nets.clip_models import Tokenizer, clip_input_spec, create_clip, em
 from orchestrator.storage import runfiles
 from orchestrator.config.typed import from_dict
 from orchestrator.config import TrainingConfig
-from orchestrator.engine.crossmodal import VERSIONS, resolve_clip, seed_dir, state_path, train_fn
+from orchestrator.engine.crossmodal import resolve_clip, train_fn
+from orchestrator.storage.runfiles import CROSSMODAL_VERSIONS as VERSIONS, seed_dir, state_path
 from orchestrator.config.crossmodal import ClipSpec, CrossModalDataConfig, parse_crossmodal
 from orchestrator.data.crossmodal import CaptionedArrays, corpus_captions, corpus_draw, eval_set, pair_set
 from orchestrator.data.transforms import BatchTransform

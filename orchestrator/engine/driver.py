@@ -18,6 +18,7 @@ import yaml
 
 from orchestrator.storage import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
+from orchestrator.config.crossmodal import CrossModalExperiment
 from orchestrator.engine.executor import ensure_ray  # noqa: F401  (the benches start the cluster through here)
 from orchestrator.errors import RunError
 from orchestrator.engine.scenarios import plan_steps
@@ -81,6 +82,13 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     from orchestrator.reporting.report import render_report
     from orchestrator.engine.upstream_clip import record_upstream
 
+    from orchestrator.engine.validate import validate
+
+    if isinstance(cfg, CrossModalExperiment):
+        from orchestrator.engine.crossmodal import run_crossmodal
+
+        return run_crossmodal(cfg, run_dir, echo=echo, progress=progress)
+    validate(cfg)
     root = Path(run_dir or default_run_dir(cfg)).resolve()
     resuming = prepare_run_dir(cfg, root)
     graph = plan(cfg)
@@ -112,7 +120,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
         finished[path] = metrics
     if cfg.seeds is None:
         return finished[""]
-    from orchestrator.tuning.seeds import aggregate
+    from orchestrator.evaluation.seeds import aggregate
 
     metrics = aggregate(cfg, [finished[f"seed-{seed}"] for seed in cfg.seeds])
     runfiles.atomic_write_json(root / "metrics.json", metrics)

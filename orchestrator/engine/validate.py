@@ -5,9 +5,42 @@ Runs before anything is written, so an impossible experiment never leaves a run 
 
 from __future__ import annotations
 
+from orchestrator.config import ExperimentConfig, load_raw
+from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
 from orchestrator.config.typed import require
-from orchestrator.config import ExperimentConfig
 from orchestrator.errors import ConfigError
+
+
+def validate(cfg):
+    """Every cross-section check of ``cfg`` (either kind of experiment); returns ``cfg``."""
+    if isinstance(cfg, CrossModalExperiment):
+        validate_crossmodal(cfg)
+    else:
+        validate_experiment(cfg)
+    return cfg
+
+
+def parse_experiment(data: dict):
+    """A raw mapping, parsed and fully checked."""
+    return validate(parse_any(data))
+
+
+def load_experiment(config: str | None = None, overrides: list[str] = ()):
+    """A config file (``None``: the quickstart) with ``--set`` overrides, parsed and fully checked."""
+    return parse_experiment(load_raw(config, overrides))
+
+
+def validate_crossmodal(cfg: CrossModalExperiment) -> None:
+    """Both CLIPs exist (tag or file) and every method's parameters and stage recipes are valid."""
+    from methods.crossmodal_base import create_crossmodal
+    from methods.nets.clip_models import check_clip_spec
+
+    for role in ("old", "new"):
+        spec = getattr(cfg.models, role)
+        check_clip_spec(spec.name, spec.pretrained, f"models.{role}")
+    for i, spec in enumerate(cfg.methods):
+        for stage in create_crossmodal(spec.name, spec.params, f"methods.{i}").stages():
+            cfg.stage_training(i, stage)
 
 
 def validate_experiment(cfg: ExperimentConfig) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from orchestrator.evaluation import metrics as M
 from orchestrator.storage import runfiles
-from orchestrator.engine.crossmodal import VERSIONS, seed_dir
+from orchestrator.storage.runfiles import CROSSMODAL_VERSIONS as VERSIONS, seed_dir
 from orchestrator.config.crossmodal import CrossModalExperiment
 from orchestrator.errors import StoreError
 from orchestrator.evaluation import cross_modal_recall

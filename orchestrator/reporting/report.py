@@ -352,3 +352,20 @@ def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str])
     for key, method in metrics["methods"].items():
         lines += _method_section(key, method, slugs[key], images)
     return "\n".join(lines)
+
+
+def format_seed_table(metrics: dict) -> str:
+    """Plain-text mean ± std of the table names per method (the CLI prints it after a multi-seed run)."""
+    seeds = metrics["seeds"]
+    mean, std = seeds["mean"], seeds["std"]
+    names = list(next(iter(mean.values())))
+    rows = [["method", *names]]
+    rows += [[key, *(f"{_fmt_mean(mean[key].get(n))} ± {_fmt_mean(std[key].get(n))}" for n in names)] for key in mean]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return f"Over seeds {', '.join(map(str, seeds['values']))} (mean ± sample std), on {metrics['primary']}:\n" + "\n".join(lines)
+
+
+def _fmt_mean(value: Optional[float]) -> str:
+    return "–" if value is None or np.isnan(value) else f"{value:.3f}"

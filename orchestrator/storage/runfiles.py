@@ -118,6 +118,19 @@ def relative_to_run(path: Optional[str], run_dir: Path) -> Optional[str]:
         return str(path)
 
 
+# -- cross-modal layout -------------------------------------------------------------------------
+CROSSMODAL_VERSIONS = {"old": 0, "new": 1}  # store versions of the two CLIPs; projected queries are version 1 too
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    """A cross-modal run's per-seed directory (its methods' stage states and projected queries)."""
+    return Path(run_dir) / f"seed-{seed}"
+
+
+def state_path(run_dir: Path, seed: int, method: str, stage: str) -> Path:
+    return seed_dir(run_dir, seed) / "states" / method / f"{stage}.pt"
+
+
 # -- manifest ----------------------------------------------------------------------------------
 def task_done(run_dir: Path, name: str) -> bool:
     return task_manifest_path(run_dir, name).is_file()

@@ -30,8 +30,10 @@ import yaml
 
 from orchestrator.storage import runfiles
 from orchestrator.config.typed import from_dict, require
-from orchestrator.config import ExperimentConfig, load_raw, parse_config, set_key
+from orchestrator.config import ExperimentConfig, load_raw, set_key
+from orchestrator.engine.validate import parse_experiment
 from orchestrator.errors import ConfigError, RunError
+from orchestrator.registry import Registry
 from orchestrator.evaluation.objectives import Objective, parse_constraint, parse_name
 
 if TYPE_CHECKING:
@@ -67,7 +69,7 @@ class SweepConfig:
     space: dict[str, Any]  # config key -> {choice|grid: [values]} or {uniform|loguniform|int: [low, high]}
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     constraints: list[str] = field(default_factory=list)  # e.g. "AC >= 1": ECC on every pair
-    search: Literal["random", "grid", "optuna", "hyperopt"] = "random"  # optuna, hyperopt: pip install -e ".[sweep]"
+    search: str = "random"  # random, grid, optuna or hyperopt (SEARCH_ALGORITHMS); optuna, hyperopt: pip install -e ".[sweep]"
     num_samples: Optional[int] = None  # trials to sample (grid: repeats of the grid); None: 1 for grid, else 8
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_concurrent: Optional[int] = None  # None: the cluster's CPUs / (trial_cpus + CPUs of a worker group)
@@ -160,7 +162,7 @@ def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
         raise ConfigError("sweep", "a sweep config needs a 'sweep:' section (space, objective, ...)")
     config = from_dict(SweepConfig, document["sweep"], "sweep")
     experiment_raw = {k: v for k, v in document.items() if k != "sweep"}
-    experiment = parse_config(experiment_raw)
+    experiment = parse_experiment(experiment_raw)
     num_versions = len(plan_steps(experiment, dataset_num_classes(experiment.data)))
     dimensions = [_parse_dimension(key, spec, config) for key, spec in config.space.items()]
     for dimension in dimensions:
@@ -169,6 +171,7 @@ def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
     if config.scheduler.type == "asha":
         require(config.scheduler.grace_period <= num_versions, "sweep.scheduler.grace_period",
                 f"must be at most the number of steps ({num_versions})")
+    SEARCH_ALGORITHMS.get(config.search, "sweep.search")
     if config.search in ("optuna", "hyperopt") and importlib.util.find_spec(config.search) is None:
         raise ConfigError("sweep.search", f"{config.search} is not installed; pip install 'compat-orchestrator[sweep]'")
     name = config.name or f"{experiment.name}-sweep"
@@ -207,7 +210,7 @@ def _check_values(experiment_raw: dict, dimension: Dimension) -> None:
         raw = copy.deepcopy(experiment_raw)
         try:
             set_key(raw, dimension.key, value)
-            parse_config(raw)
+            parse_experiment(raw)
         except ConfigError as exc:
             raise ConfigError(f"sweep.space.{dimension.key}", f"value {value!r} is rejected: {exc}") from None
 
@@ -246,7 +249,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     """
     from ray import tune
 
-    from orchestrator.tuning.seeds import TaskSetup, cpu_needs
+    from orchestrator.tuning.trial import TaskSetup, cpu_needs
     from orchestrator.engine.driver import ensure_ray
     from orchestrator.tuning.results import collect_results
     from orchestrator.tuning.trial import run_trial
@@ -296,20 +299,34 @@ def trial_id_of(trial) -> str:
     return trial.trial_id
 
 
-def _search_algorithm(sweep: Sweep, at_once: int):
-    """The searcher; Tune limits concurrency through it (the basic generator takes the limit itself)."""
-    seed = sweep.config.seed
-    if sweep.config.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+SEARCH_ALGORITHMS: Registry[Callable[[int, int], Any]] = Registry("search algorithm", "sweep.search")
 
-        return OptunaSearch(seed=seed)
-    if sweep.config.search == "hyperopt":
-        from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(random_state_seed=seed)
+@SEARCH_ALGORITHMS.register("random")
+@SEARCH_ALGORITHMS.register("grid")
+def _basic_variants(seed: int, at_once: int):
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed, max_concurrent=at_once)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=at_once)  # it takes the limit itself
+
+
+@SEARCH_ALGORITHMS.register("optuna")
+def _optuna(seed: int, at_once: int):
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=seed)
+
+
+@SEARCH_ALGORITHMS.register("hyperopt")
+def _hyperopt(seed: int, at_once: int):
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    return HyperOptSearch(random_state_seed=seed)
+
+
+def _search_algorithm(sweep: Sweep, at_once: int):
+    """The searcher; Tune limits concurrency through it."""
+    return SEARCH_ALGORITHMS.get(sweep.config.search, "sweep.search")(sweep.config.seed, at_once)
 
 
 def _scheduler(sweep: Sweep):

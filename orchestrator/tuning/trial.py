@@ -9,15 +9,17 @@ refuses in-process Train runs (``num_workers: 0``) inside a Tune trial.
 from __future__ import annotations
 
 import dataclasses
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from orchestrator.storage import runfiles
 from orchestrator.config import ExperimentConfig, parse_config
+from orchestrator.errors import CompatError
 from orchestrator.evaluation.objectives import Objective, table_values
+from orchestrator.storage import runfiles
 
 if TYPE_CHECKING:
-    from orchestrator.tuning.seeds import TaskSetup
     from orchestrator.tuning.sweep import Sweep
 
 POLL_SECONDS = 0.5
@@ -28,8 +30,6 @@ def run_trial(params: dict[str, Any], sweep: "Sweep", setup: "TaskSetup") -> Non
     """The Tune trainable: one trial's simulation, one Tune result per finished step."""
     import ray
     from ray import tune
-
-    from orchestrator.tuning.seeds import result_of, submit
 
     run_dir = sweep.directory / "runs" / tune.get_context().get_trial_id()
     cfg = parse_config(sweep.trial_raw(params))
@@ -51,7 +51,7 @@ class StepWatcher:
     """One Tune result per step that every seed of a trial has finished, from the run directories."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, objective: Objective, num_versions: int):
-        from orchestrator.tuning.seeds import seed_runs
+        from orchestrator.evaluation.seeds import seed_runs
 
         self.runs = seed_runs(cfg, run_dir)
         self.objective = objective
@@ -84,3 +84,64 @@ def step_result(objective: Objective, entries: list[dict], steps_done: int, step
     return {"steps_done": steps_done, "steps_total": steps_total, "objective": evaluation.value, "score": score,
             "feasible": evaluation.feasible, "violations": "; ".join(evaluation.violations),
             "metrics": table_values(entries, objective.matrix)}
+
+
+def cpu_needs(cfg: ExperimentConfig) -> tuple[float, bool]:
+    """(CPUs of the largest worker group, whether some step trains in-process)."""
+    from orchestrator.data import dataset_num_classes
+    from orchestrator.engine.scenarios import plan_steps
+
+    steps = plan_steps(cfg, dataset_num_classes(cfg.data))
+    worker_cpus = max(s.resources.num_workers * s.resources.cpus_per_worker for s in steps)
+    return worker_cpus, any(s.resources.num_workers == 0 for s in steps)
+
+
+@dataclass(frozen=True)
+class TaskSetup:
+    """What a simulation task takes over from the process that launched the work: its torch thread
+    count, so the task's numbers equal an in-process run there (CPU kernels round differently with other
+    thread counts), and its dataset cache when COMPAT_CACHE_DIR is set."""
+
+    threads: int
+    cache_dir: Optional[str]
+
+    @classmethod
+    def here(cls) -> "TaskSetup":
+        import torch
+
+        return cls(torch.get_num_threads(), os.environ.get("COMPAT_CACHE_DIR"))
+
+
+def submit(cfg: ExperimentConfig, run_dir: Path, num_cpus: float, setup: TaskSetup):
+    """Start :func:`run` of ``cfg`` (one seed, or several one after another) in a Ray task outside any
+    placement group (a Tune trial's included); returns its object ref."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    task = ray.remote(_run_in_task).options(
+        num_cpus=num_cpus, max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    return task.remote(cfg.to_dict(), str(run_dir), setup)
+
+
+def result_of(ref) -> Any:
+    """``ray.get`` that re-raises our own errors (a bad config, missing data) as themselves."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, CompatError):
+            raise exc.cause from None
+        raise
+
+
+def _run_in_task(cfg_dict: dict, run_dir: str, setup: TaskSetup) -> dict:
+    import torch
+
+    torch.set_num_threads(setup.threads)
+    if setup.cache_dir:
+        os.environ["COMPAT_CACHE_DIR"] = setup.cache_dir
+    from orchestrator.engine.driver import run_experiment
+
+    return run_experiment(parse_config(cfg_dict), Path(run_dir), progress=False, echo=lambda line: None)

@@ -1,0 +1,66 @@
+"""Several seeds of one experiment: one complete run per seed, every metric as mean ± std over seeds.
+
+::
+
+    RUN_DIR/config.yaml     the experiment with its ``seeds`` list
+    RUN_DIR/seed-N/         the run of seed N, exactly what ``compat run --set seed=N`` makes
+    RUN_DIR/metrics.json    ``methods``: the mean over seeds of every number of every method entry
+                            (ECC flags: held in every seed); ``methods_std``: the same tree of sample
+                            standard deviations; ``seeds``: the table names of objectives.py per seed,
+                            with their mean and std
+    RUN_DIR/report.md       heatmaps of the mean matrices plus the mean ± std table
+
+A seed's run never depends on the others: its tasks are independent chains of the experiment's task
+graph, trained side by side as far as the cluster holds their worker groups.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.evaluation.objectives import table_values
+
+
+def seed_runs(cfg: ExperimentConfig, run_dir: Path) -> list[tuple[ExperimentConfig, Path]]:
+    """(config, run directory) of every seed; an experiment without ``seeds`` is its own single run."""
+    if cfg.seeds is None:
+        return [(cfg, Path(run_dir))]
+    return [(cfg.with_seed(seed), Path(run_dir) / f"seed-{seed}") for seed in cfg.seeds]
+
+
+def aggregate(cfg: ExperimentConfig, per_seed: Sequence[dict]) -> dict:
+    """metrics.json of a multi-seed run from the metrics.json of each seed (in ``cfg.seeds`` order)."""
+    first = per_seed[0]
+    primary = first["primary"]
+    table = {str(seed): {key: table_values([m["methods"][key]], primary) for key in m["methods"]}
+             for seed, m in zip(cfg.seeds, per_seed)}
+    return {
+        "schema_version": first["schema_version"], "experiment": cfg.name, "seed": None,
+        "config_digest": cfg.digest(), "protocol": first["protocol"], "primary": primary,
+        "methods": {key: _combine([m["methods"][key] for m in per_seed], "mean") for key in first["methods"]},
+        "methods_std": {key: _combine([m["methods"][key] for m in per_seed], "std") for key in first["methods"]},
+        "seeds": {"values": list(cfg.seeds), "runs": {str(s): f"seed-{s}" for s in cfg.seeds}, "per_seed": table,
+                  "mean": _combine(list(table.values()), "mean"), "std": _combine(list(table.values()), "std")},
+    }
+
+
+def _combine(values: list, how: str) -> Any:
+    """Mean (``how="mean"``) or sample std (``"std"``; None for one seed) of every number in equally shaped
+    trees; flags are True only when true in every tree; equal leaves (names, counts) are kept as they are."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _combine([v[k] for v in values], how) for k in first}
+    if isinstance(first, list):
+        return [_combine(list(items), how) for items in zip(*values)]
+    if isinstance(first, bool):
+        return all(values) if how == "mean" else None
+    if isinstance(first, (int, float)) and all(isinstance(v, (int, float)) for v in values):
+        array = np.asarray(values, dtype=np.float64)
+        if how == "mean":
+            return first if all(v == first for v in values) else float(array.mean())
+        return float(array.std(ddof=1)) if len(values) > 1 else None
+    return first
