@@ -244,8 +244,10 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     Returns None when the sweep was interrupted (Ctrl-C): continue it with ``compat sweep --resume``.
     ``callbacks`` are Ray Tune callbacks (e.g. loggers) added to the Tune run.
     """
+    import ray
     from ray import tune
 
+    from orchestrator.engine.executor import driver_resources
     from orchestrator.seeds import TaskSetup, cpu_needs
     from orchestrator.simulation import ensure_ray
     from orchestrator.sweep_report import collect_results
@@ -258,7 +260,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
                        f"`compat sweep --resume {sweep.directory}`, or set sweep.name/sweep.output_dir")
     ensure_ray()
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, setup=TaskSetup.here()),
-                                    {"cpu": sweep.config.trial_cpus})
+                                    {"cpu": sweep.config.trial_cpus, **driver_resources(ray.cluster_resources())})
     if resuming and tune.Tuner.can_restore(str(sweep.directory)):
         echo(f"Resuming sweep {sweep.directory}")
         tuner = tune.Tuner.restore(str(sweep.directory), trainable, resume_unfinished=True, restart_errored=True)
