@@ -256,7 +256,8 @@ def test_a_sweeps_driver_side_work_runs_on_the_driver_node(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_port": free_port()})  # the state API needs it
     try:
-        head, driver_node = cluster.head_node.node_id, cluster.add_node(num_cpus=1, resources={DRIVER_RESOURCE: 1}).node_id
+        head = cluster.head_node.node_id
+        driver_node = cluster.add_node(num_cpus=1, resources={DRIVER_RESOURCE: 1}).node_id
         state_api = "http://" + ray.init(address=cluster.address, log_to_driver=False).dashboard_url
         sweep = parse_sweep(load_raw(None, [*TINY_SWEEP, f"output_dir={tmp_path}"]))
         results = run_sweep(sweep, progress=False, echo=lambda line: None)
