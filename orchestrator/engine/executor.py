@@ -16,12 +16,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from orchestrator.engine.graph import TaskGraph
 from orchestrator.engine.queue import DONE, WAIT, TaskQueue
 from orchestrator.errors import CompatError, RunError
 
+DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"  # declared by the deployment files on the head node only
+DRIVER_SHARE = 0.01  # of one unit: a node declaring N units hosts up to 100 * N drivers
 HEALTH_CHECK_INTERVAL_S = 0.2  # Ray Train's default is 2 s; an environment variable of the same name wins
 POLL_S = 0.2
 _LOCAL_QUEUES: dict[str, TaskQueue] = {}  # in-process groups find their queue here (no Ray actor needed)
@@ -165,6 +167,17 @@ def ensure_ray() -> None:
         ray.init(include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
 
 
+def driver_resources(cluster_resources: Mapping[str, float]) -> dict[str, float]:
+    """The custom resources a driver asks for: a share of TRAIN_DRIVER_RESOURCE when the cluster declares it.
+
+    cluster.yaml, cluster.local.yaml and the KubeRay manifests declare it on the head node only, so a
+    sweep trial, a trial's simulation task and the task queue (and with them Ray Train's controllers,
+    which follow their driver's node) stay off preemptible GPU workers, whose loss would end the run
+    instead of restarting a worker group. A cluster without it (e.g. a local one) gets no extra request.
+    """
+    return {DRIVER_RESOURCE: DRIVER_SHARE} if cluster_resources.get(DRIVER_RESOURCE, 0) > 0 else {}
+
+
 class _Capacity:
     """Whether the cluster holds one more worker group of a shape next to the open ones."""
 
@@ -195,7 +208,8 @@ class _Queue:
         if remote:
             import ray
 
-            self.actor = ray.remote(num_cpus=0, max_concurrency=1)(TaskQueue).remote(tasks, done, reuse_groups)
+            queue = ray.remote(num_cpus=0, max_concurrency=1, resources=driver_resources(ray.cluster_resources()))
+            self.actor = queue(TaskQueue).remote(tasks, done, reuse_groups)
         else:
             self.name = f"queue-{uuid.uuid4().hex}"
             _LOCAL_QUEUES[self.name] = TaskQueue(tasks, done, reuse_groups)

@@ -247,12 +247,13 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     Returns None when the sweep was interrupted (Ctrl-C): continue it with ``compat sweep --resume``.
     ``callbacks`` are Ray Tune callbacks (e.g. loggers) added to the Tune run.
     """
+    import ray
     from ray import tune
 
-    from orchestrator.tuning.trial import TaskSetup, cpu_needs
     from orchestrator.engine.driver import ensure_ray
+    from orchestrator.engine.executor import driver_resources
     from orchestrator.tuning.results import collect_results
-    from orchestrator.tuning.trial import run_trial
+    from orchestrator.tuning.trial import TaskSetup, cpu_needs, run_trial
 
     state = sweep.directory / "sweep.yaml"
     resuming = state.is_file()
@@ -261,7 +262,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
                        f"`compat sweep --resume {sweep.directory}`, or set sweep.name/sweep.output_dir")
     ensure_ray()
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, setup=TaskSetup.here()),
-                                    {"cpu": sweep.config.trial_cpus})
+                                    {"cpu": sweep.config.trial_cpus, **driver_resources(ray.cluster_resources())})
     if resuming and tune.Tuner.can_restore(str(sweep.directory)):
         echo(f"Resuming sweep {sweep.directory}")
         tuner = tune.Tuner.restore(str(sweep.directory), trainable, resume_unfinished=True, restart_errored=True)

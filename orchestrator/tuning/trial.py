@@ -114,12 +114,15 @@ class TaskSetup:
 
 def submit(cfg: ExperimentConfig, run_dir: Path, num_cpus: float, setup: TaskSetup):
     """Start :func:`run` of ``cfg`` (one seed, or several one after another) in a Ray task outside any
-    placement group (a Tune trial's included); returns its object ref."""
+    placement group (a Tune trial's included), on a driver node when the cluster has one; returns its
+    object ref."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from orchestrator.engine.executor import driver_resources
+
     task = ray.remote(_run_in_task).options(
-        num_cpus=num_cpus, max_retries=0,
+        num_cpus=num_cpus, resources=driver_resources(ray.cluster_resources()), max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return task.remote(cfg.to_dict(), str(run_dir), setup)
 
