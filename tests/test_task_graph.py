@@ -150,3 +150,18 @@ def test_the_upstream_clip_is_pretrained_once_for_every_seed():
     assert len(pretrain) == 1 and pretrain[0].run == ""  # at the experiment's root, shared by the seeds
     firsts = [t for t in graph.tasks.values() if t.step == 0]
     assert len(firsts) == 2 * 4 and all(t.deps == (pretrain[0].id,) for t in firsts)  # 2 seeds x 4 methods
+
+
+def test_a_second_group_is_wanted_while_the_shared_version_0_trains():
+    """bct's chain waits for independent's version 0: its group may start meanwhile, but a chain that
+    a group is already on wants no second one."""
+    queue, shape = queue_for()
+    assert queue.demand() == {shape: 1}  # independent/step-000; bct/step-000 needs it, not yet running
+    group = queue.open_group(shape)
+    queue.claim(group, 0)
+    assert queue.demand() == {shape: 1}  # independent's chain has its group; bct's is about to be ready
+    queue.complete("independent/step-000")
+    queue.claim(group, 1)
+    assert queue.demand() == {shape: 1}
+    unshared, shape = queue_for("resources.share_first_version=false", "seeds=[0, 1]")
+    assert unshared.demand() == {shape: 4}  # 2 seeds x 2 methods, all independent

@@ -84,10 +84,10 @@ def execute(graph: TaskGraph, root: Path, *, on_finished: Callable[[str], None] 
 
 
 def _open_groups(graph, root, queue, capacity, threads, errors) -> None:
-    ready = queue.call("unclaimed_ready")
+    demand = queue.call("demand")
     free = queue.call("free_groups")
     open_shapes = queue.call("open_groups")
-    for shape, count in ready.items():
+    for shape, count in demand.items():
         needed = count - free.get(shape, 0)
         while needed > 0:
             in_process = shape[0] == 0

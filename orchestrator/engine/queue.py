@@ -97,6 +97,20 @@ class TaskQueue:
             counts[shape_of(task)] = counts.get(shape_of(task), 0) + 1
         return counts
 
+    def demand(self) -> dict[tuple, int]:
+        """Worker groups worth having, by resource shape: one per chain with a task that is ready or about
+        to be (everything it needs is finished or running), unless a group is on that chain already. A
+        group opened for a task that is about to be ready starts while that task's dependency trains."""
+        running = {g.working for g in self.groups.values() if g.open and g.working is not None}
+        busy_chains = {self.tasks[t].chain for t in running}
+        chains: dict[tuple, set[str]] = {}
+        for t in self.tasks.values():
+            if (t.id in self.done or t.id in self.failed or t.id in self.claimed or t.chain in busy_chains
+                    or not all(d in self.done or d in running for d in t.deps)):
+                continue
+            chains.setdefault(shape_of(t), set()).add(t.chain)
+        return {shape: len(names) for shape, names in chains.items()}
+
     def free_groups(self) -> dict[tuple, int]:
         """Open groups not working on a task (starting, or between tasks), by resource shape."""
         counts: dict[tuple, int] = {}
