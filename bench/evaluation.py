@@ -1,10 +1,12 @@
 """Benchmark leave-one-out CMC + full-ranking mAP: our evaluator vs a naive loop vs the sort floor.
 
-    python bench/evaluation.py [--n 10000 --d 128 --classes 100 --naive-queries 500 --repeat 3]
+    python bench/evaluation.py [--n 10000 --d 128 --classes 100 --naive-queries 500 --repeat 3 --duplicates 0]
 
-The floor is what any exact full-ranking evaluation must at least do: one N x N similarity product and
-one row-wise np.sort. The naive implementation ranks each query with argsort and computes its AP in a
-Python loop (the issue's baseline); a variant with the AP vectorised per query is printed beside it.
+The floor is what any full-ranking evaluation must at least do: one N x N float32 similarity product and
+one row-wise np.sort. Ours computes the product exactly in float64 (so ties and results do not depend on
+blocking) and sorts a float32 copy. The naive implementation ranks each query with argsort and computes
+its AP in a Python loop (the issue's baseline); a variant with the AP vectorised per query is printed
+beside it. ``--duplicates F`` makes a fraction F of the samples exact copies of others (tie-heavy data).
 Both run on a subset of queries and are extrapolated linearly to N (printed as such).
 Ours and the floor report the best of --repeat runs. CPU seconds (all threads) are printed next to wall
 seconds: on a machine shared with other jobs they show the work done, which contention does not inflate.
@@ -21,16 +23,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from orchestrator import metrics  # noqa: E402
-from orchestrator.evaluation import per_query_scores, truncate_and_normalize  # noqa: E402
+from orchestrator.evaluation import metrics  # noqa: E402
+from orchestrator.evaluation import per_query_scores, ranking_vectors, truncate_and_normalize  # noqa: E402
 
 
-def clustered(n: int, d: int, classes: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian class centres plus isotropic noise; the default noise gives mAP ~0.55, as real self-tests."""
+def clustered(n: int, d: int, classes: int, noise: float, duplicates: float = 0.0,
+              seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian class centres plus isotropic noise; the default noise gives mAP ~0.55, as real self-tests.
+    A fraction ``duplicates`` of the samples are exact copies (vector and label) of non-copied samples."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % classes)
     centres = rng.standard_normal((classes, d)).astype(np.float32)
-    return centres[labels] + noise * rng.standard_normal((n, d)).astype(np.float32), labels.astype(np.int64)
+    x = centres[labels] + noise * rng.standard_normal((n, d)).astype(np.float32)
+    order = rng.permutation(n)
+    copies, originals = order[: int(duplicates * n)], order[int(duplicates * n):]
+    sources = rng.choice(originals, size=len(copies))
+    x[copies], labels[copies] = x[sources], labels[sources]
+    return x, labels.astype(np.int64)
 
 
 def naive(x: np.ndarray, labels: np.ndarray, queries: np.ndarray, python_ap: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -38,10 +47,9 @@ def naive(x: np.ndarray, labels: np.ndarray, queries: np.ndarray, python_ap: boo
 
     AP is computed as the issue describes it, in a Python loop down the ranking; ``python_ap=False``
     computes it with numpy instead (a stronger baseline, printed beside it). Its similarities come from
-    one product over the subset, so both sides rank the same float32 values (a per-query
-    matrix-vector product would only be slower and round differently).
+    one product over the subset of the same exact vectors as ours, so both sides rank the same values.
     """
-    unit, _ = truncate_and_normalize(x, x)
+    unit, _ = ranking_vectors(x, x)
     sims = unit[queries] @ unit.T
     first, ap = np.empty(len(queries)), np.empty(len(queries))
     for row, n in enumerate(queries):
@@ -88,8 +96,10 @@ def main() -> int:
     parser.add_argument("--noise", type=float, default=1.8, help="within-class noise (higher = harder)")
     parser.add_argument("--naive-queries", type=int, default=500, help="queries the naive loop runs on")
     parser.add_argument("--repeat", type=int, default=3, help="runs of ours and of the floor; the best counts")
+    parser.add_argument("--duplicates", type=float, default=0.0,
+                        help="fraction of samples that are exact copies of others (ties)")
     args = parser.parse_args()
-    x, labels = clustered(args.n, args.d, args.classes, args.noise)
+    x, labels = clustered(args.n, args.d, args.classes, args.noise, args.duplicates)
 
     def evaluate() -> dict[str, np.ndarray]:
         return per_query_scores(x, labels, x, labels, leave_one_out=True)
@@ -111,14 +121,14 @@ def main() -> int:
 
     rank_diff = max(np.max(np.abs(ours["first_rank"][subset] - f)) for f in (naive_first, numpy_first))
     ap_diff = max(np.max(np.abs(ours["ap"][subset] - a)) for a in (naive_ap, numpy_ap))
-    print(f"leave-one-out, N={args.n}, d={args.d}, classes={args.classes}: "
+    print(f"leave-one-out, N={args.n}, d={args.d}, classes={args.classes}, duplicates {args.duplicates:.0%}: "
           f"CMC top-1 {ours_cmc1:.4f}, top-5 {ours_cmc5:.4f}, mAP {ours_map:.4f}")
     print(f"{'':7}{'wall s':>8}{'CPU s':>8}")
     print(f"ours   {t_ours[0]:8.2f}{t_ours[1]:8.2f}  (best of {args.repeat})")
     print(f"naive  {t_naive[0]:8.2f}{t_naive[1]:8.2f}  (argsort + AP in a Python loop; measured on {len(subset)} "
           f"queries, extrapolated linearly to {args.n})")
     print(f"numpy  {t_numpy[0]:8.2f}{t_numpy[1]:8.2f}  (the same with AP vectorised per query, same extrapolation)")
-    print(f"floor  {t_floor[0]:8.2f}{t_floor[1]:8.2f}  (one {args.n}x{args.n} product + one row-wise np.sort, "
+    print(f"floor  {t_floor[0]:8.2f}{t_floor[1]:8.2f}  (one {args.n}x{args.n} float32 product + one row-wise np.sort, "
           f"best of {args.repeat})")
     for kind, i in (("wall", 0), ("CPU", 1)):
         print(f"{kind:>4}: speed-up vs naive {t_naive[i] / t_ours[i]:.1f}x (target >= 10x), "

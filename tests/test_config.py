@@ -130,3 +130,16 @@ def test_digest_depends_on_seed():
 def test_missing_config_file_lists_builtins():
     with pytest.raises(ConfigError, match="quickstart"):
         load_config("does-not-exist")
+
+
+def test_map_ties_needs_a_map():
+    data = base()
+    data["evaluation"].update(protocol="query-gallery", gallery="test", templates=True, primary="cmc1",
+                              map_ties="shared")
+    with pytest.raises(ConfigError) as err:
+        parse_experiment(data)
+    assert err.value.key == "evaluation.map_ties" and "templates" in str(err.value)
+    data["evaluation"]["map_ties"] = "average"
+    with pytest.raises(ConfigError) as err:
+        parse_experiment(data)
+    assert err.value.key == "evaluation.map_ties" and "'shared'" in str(err.value)

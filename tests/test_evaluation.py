@@ -1,9 +1,12 @@
-"""Protocols of orchestrator.evaluation against hand-computed cases and a per-query reference."""
+"""Protocols of orchestrator.evaluation against hand-computed cases, an independent float64 reference
+and scikit-learn's average precision."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from sklearn.metrics import average_precision_score
 
 from orchestrator.config import EvalSetConfig, EvaluationConfig
 from orchestrator.errors import DataError, StoreError
@@ -11,20 +14,63 @@ from orchestrator.evaluation import (BY_BLOCK, CompatibilityMatrix, class_block_
                                      per_query_scores, retrieval_scores, template_top1, truncate_and_normalize)
 
 
+def reference_scores(query, gallery):
+    """Cosine similarities computed independently of the code under test, in float64: truncate both
+    sides, normalise, and add each pair's products with math.fsum (correctly rounded, so a score depends
+    on the two vectors only, never on the position of a row or on a BLAS: identical rows tie exactly)."""
+    dim = min(query.shape[1], gallery.shape[1])
+    q, g = (np.asarray(x, dtype=np.float64)[:, :dim] for x in (query, gallery))
+    q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+    return np.array([[math.fsum(a * b) for b in g] for a in q])
+
+
 def reference(query, query_labels, gallery, gallery_labels, leave_one_out):
-    """Straightforward per-query evaluation: stable argsort of each row (lower index first on ties)."""
-    query, gallery = truncate_and_normalize(query, gallery)
-    sims = query @ gallery.T  # one product, so both sides rank the same float32 values
+    """Per-query evaluation on :func:`reference_scores`: stable argsort of each row (lower index first on
+    ties), AP as the mean of precision at each relevant item's rank."""
+    scores = reference_scores(query, gallery)
     first, ap = [], []
     for n in range(len(query)):
         candidates = np.arange(len(gallery))
         if leave_one_out:
             candidates = np.delete(candidates, n)
-        ranked = candidates[np.argsort(-sims[n, candidates], kind="stable")]
+        ranked = candidates[np.argsort(-scores[n, candidates], kind="stable")]
         hits = np.flatnonzero(gallery_labels[ranked] == query_labels[n]) + 1
         first.append(hits[0] if hits.size else np.nan)
         ap.append(np.mean(np.arange(1, hits.size + 1) / hits) if hits.size else np.nan)
     return np.array(first, dtype=float), np.array(ap)
+
+
+def sklearn_ap(query, query_labels, gallery, gallery_labels, leave_one_out):
+    """Per-query AP by scikit-learn on :func:`reference_scores` (tied scores share one threshold)."""
+    scores = reference_scores(query, gallery)
+    out = []
+    for n in range(len(query)):
+        keep = np.arange(len(gallery)) != n if leave_one_out else np.ones(len(gallery), dtype=bool)
+        relevant = gallery_labels[keep] == query_labels[n]
+        out.append(average_precision_score(relevant, scores[n, keep]) if relevant.any() else np.nan)
+    return np.array(out)
+
+
+def well_separated(query, gallery, gap=1e-6):
+    """Whether two scores of a row are either equal or more than ``gap`` apart: the code and the reference
+    round differently (by less than 1e-7), so only a closer pair could rank differently on the two sides."""
+    rows = [np.unique(row) for row in reference_scores(query, gallery)]
+    return all(row.size < 2 or np.diff(row).min() > gap for row in rows)
+
+
+def with_duplicates(rng, n, classes, dims=(16, 24), share=0.4):
+    """Labels and one float32 embedding set per dimension in ``dims`` (one per model), where ``share`` of
+    the samples repeat an earlier sample exactly (same label, same vector in every model), as duplicated
+    images in a real test set do: bit-identical gallery vectors, whose ties the rule must break."""
+    labels = rng.integers(0, classes, n)
+    models = [(rng.standard_normal((n, d)) + labels[:, None] % 3).astype(np.float32) for d in dims]
+    copies = rng.choice(np.arange(1, n), size=int(share * n), replace=False)
+    originals = [rng.integers(0, c) for c in copies]  # an earlier sample, perhaps itself a copy
+    for c, o in sorted(zip(copies, originals)):  # in index order: an original holds its final value
+        labels[c] = labels[o]
+        for x in models:
+            x[c] = x[o]
+    return labels, models
 
 
 def unit(*degrees):
@@ -88,6 +134,23 @@ def test_ties_go_to_the_lower_gallery_index(gallery_labels, rank):
     counted_path = per_query_scores(*args, leave_one_out=False, with_ap=False)
     assert sorted_path["first_rank"][0] == counted_path["first_rank"][0] == rank
     assert sorted_path["ap"][0] == pytest.approx(1 / rank)
+    # shared: the tie (ranks 2-3) is one threshold, so the relevant item gets precision 1/3 either way
+    shared = per_query_scores(*args, leave_one_out=False, map_ties="shared")
+    assert shared["first_rank"][0] == rank and shared["ap"][0] == pytest.approx(1 / 3)
+
+
+def test_shared_ties_map_by_hand():
+    # Similarities to the query (1, 0): items 0-2 are (.6, .8) (0.6, tied), item 3 is (1, 0) (1.0),
+    # item 4 is (0, 1) (0.0). Relevant (label 0): items 0, 1 and 4.
+    gallery = np.array([[0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [1.0, 0.0], [0.0, 1.0]])
+    args = (np.array([[1.0, 0.0]]), np.array([0]), gallery, np.array([0, 0, 1, 1, 0]))
+    # lower-index: ranking 3, 0, 1, 2, 4 -> relevant at ranks 2, 3, 5: AP = (1/2 + 2/3 + 3/5) / 3
+    assert retrieval_scores(*args, leave_one_out=False)["map"] == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / 3)
+    # shared: the tie {0, 1, 2} ends at rank 4 holding 2 relevant -> 2/4 each; item 4 at rank 5 -> 3/5
+    shared = retrieval_scores(*args, leave_one_out=False, map_ties="shared")
+    assert shared == pytest.approx({"cmc1": 0.0, "cmc5": 1.0, "map": (2 / 4 + 2 / 4 + 3 / 5) / 3})
+    with pytest.raises(ValueError, match="map_ties"):
+        retrieval_scores(*args, leave_one_out=False, map_ties="average")
 
 
 def test_queries_without_relevant_items_are_left_out():
@@ -101,20 +164,28 @@ def test_queries_without_relevant_items_are_left_out():
         retrieval_scores(query, np.full(4, 9), gallery, np.zeros(5), leave_one_out=False)
 
 
-# ---- ranking: against the per-query reference ---------------------------------------------------------------
+# ---- ranking: against the independent float64 reference and scikit-learn ----------------------------------
 
-@pytest.mark.parametrize("seed", range(6))
-def test_matches_reference_on_random_data(seed):
+def reference_cases(seed):
+    """(query, query labels, gallery, gallery labels, leave_one_out) on data with many exact duplicates:
+    self-test, cross-model test (another dimension, so truncation), and query-gallery with labels on
+    either side that the other lacks."""
     rng = np.random.default_rng(seed)
-    n, classes = int(rng.integers(20, 200)), int(rng.integers(2, 12))
-    labels = rng.integers(0, classes, n)
-    old = rng.standard_normal((n, 16)).astype(np.float32) + labels[:, None] % 3
-    new = rng.standard_normal((n, 24)).astype(np.float32)  # another model, another dimension -> truncation
-    if seed % 2:  # coarse values make exact ties common
-        old, new = np.round(old), np.round(new)
-    cases = [(old, labels, old, labels, True), (new, labels, old, labels, True),
-             (new[: n // 2], labels[: n // 2], old, rng.integers(0, classes + 2, n), False)]
-    for query, query_labels, gallery, gallery_labels, leave_one_out in cases:
+    for _ in range(20):  # a draw with two distinct scores closer than the rounding could tell apart is redrawn
+        n, classes = int(rng.integers(40, 120)), int(rng.integers(2, 8))
+        labels, (old, new) = with_duplicates(rng, n, classes)
+        if well_separated(old, old) and well_separated(new, old):
+            break
+    else:
+        pytest.fail("no well-separated draw in 20 tries")
+    gallery_labels = rng.integers(0, classes + 2, n)
+    return [(old, labels, old, labels, True), (new, labels, old, labels, True),
+            (new[: n // 2], labels[: n // 2], old, gallery_labels, False)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matches_the_float64_reference_on_data_with_duplicates(seed):
+    for query, query_labels, gallery, gallery_labels, leave_one_out in reference_cases(seed):
         first, ap = reference(query, query_labels, gallery, gallery_labels, leave_one_out)
         scores = per_query_scores(query, query_labels, gallery, gallery_labels, leave_one_out=leave_one_out)
         np.testing.assert_array_equal(scores["first_rank"], first)
@@ -125,14 +196,32 @@ def test_matches_reference_on_random_data(seed):
         assert set(counted) == {"first_rank"}
 
 
-def test_small_blocks_give_the_same_answer(monkeypatch):
-    import orchestrator.evaluation as evaluation
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_ties_map_matches_scikit_learn(seed):
+    for query, query_labels, gallery, gallery_labels, leave_one_out in reference_cases(seed):
+        expected = sklearn_ap(query, query_labels, gallery, gallery_labels, leave_one_out)
+        scores = per_query_scores(query, query_labels, gallery, gallery_labels, leave_one_out=leave_one_out,
+                                  map_ties="shared")
+        np.testing.assert_allclose(scores["ap"], expected, rtol=0, atol=1e-12)
+        first, _ = reference(query, query_labels, gallery, gallery_labels, leave_one_out)
+        np.testing.assert_array_equal(scores["first_rank"], first)  # CMC keeps the lower-index rule
+        lower_index = per_query_scores(query, query_labels, gallery, gallery_labels, leave_one_out=leave_one_out)
+        assert not np.allclose(lower_index["ap"], expected, equal_nan=True)  # the duplicates make them differ
 
-    rng = np.random.default_rng(7)
-    x, labels = rng.standard_normal((97, 8)), rng.integers(0, 5, 97)
-    whole = retrieval_scores(x, labels, x, labels, leave_one_out=True)
-    monkeypatch.setattr("orchestrator.evaluation.retrieval._BLOCK_ELEMENTS", 97 * 4)  # 4 rows per block, 25 blocks
-    assert retrieval_scores(x, labels, x, labels, leave_one_out=True) == pytest.approx(whole, abs=1e-12)
+
+@pytest.mark.parametrize("map_ties", ["lower-index", "shared"])
+def test_results_do_not_depend_on_the_query_block_size(monkeypatch, map_ties):
+    rng = np.random.default_rng(11)
+    labels, (x,) = with_duplicates(rng, 400, 12, dims=(96,), share=0.25)
+    results = []
+    for rows_per_block in (400, 37, 4, 1):  # one block; blocks of 37 rows; ...; one query at a time
+        monkeypatch.setattr("orchestrator.evaluation.retrieval._BLOCK_ELEMENTS", 400 * rows_per_block)
+        results.append((per_query_scores(x, labels, x, labels, leave_one_out=True, map_ties=map_ties),
+                        per_query_scores(x, labels, x, labels, leave_one_out=True, with_ap=False)))
+    for scores, counted in results[1:]:
+        np.testing.assert_array_equal(scores["first_rank"], results[0][0]["first_rank"])
+        np.testing.assert_array_equal(scores["ap"], results[0][0]["ap"])
+        np.testing.assert_array_equal(counted["first_rank"], results[0][0]["first_rank"])
 
 
 def test_leave_one_out_needs_the_same_samples():

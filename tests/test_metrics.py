@@ -29,6 +29,21 @@ def test_ecc_matrix_marks_only_cross_tests_that_beat_the_gallery_self_test():
     np.testing.assert_array_equal(metrics.ecc_matrix(M3, ties="pass"), expected)
 
 
+def test_ecc_holds_is_the_pair_rule_for_scalars_and_arrays():
+    assert metrics.ecc_holds(0.6, 0.5) and not metrics.ecc_holds(0.5, 0.5) and not metrics.ecc_holds(0.4, 0.5)
+    assert metrics.ecc_holds(0.5, 0.5, ties="pass") and not metrics.ecc_holds(0.4, 0.5, ties="pass")
+    np.testing.assert_array_equal(metrics.ecc_holds(np.array([0.4, 0.5, 0.6]), 0.5), [False, False, True])
+    with pytest.raises(ValueError, match="ties"):
+        metrics.ecc_holds(0.6, 0.5, ties="strict")
+
+
+def test_ecc_every_pair():
+    assert metrics.ecc_every_pair(M3) is False and metrics.ecc_every_pair(M3, ties="pass") is False  # (2,1)
+    tied = np.array([[0.5, NAN], [0.5, 0.9]])
+    assert metrics.ecc_every_pair(tied) is False and metrics.ecc_every_pair(tied, ties="pass") is True
+    assert metrics.ecc_every_pair(np.array([[0.7]])) is None  # no pair to judge
+
+
 def test_average_compatibility_counts_ties_as_violations_by_default():
     assert metrics.average_compatibility(M3) == pytest.approx(1 / 3)  # only (1,0) of 3 cross-tests
     assert metrics.average_compatibility(M3, ties="pass") == pytest.approx(2 / 3)  # (1,0) and the tie (2,0)
@@ -104,6 +119,29 @@ def test_average_precision_from_ranks_by_hand():
     np.testing.assert_allclose(ap, [5 / 6, NAN, 0.5])
     with pytest.raises(ValueError):
         metrics.average_precision_from_ranks(np.array([1, 2]), np.array([1]))
+    with pytest.raises(ValueError, match="ascending"):
+        metrics.average_precision_from_ranks(np.array([3, 1]), np.array([2]))
+
+
+def test_average_precision_with_shared_ranks_by_hand():
+    # A tie that ends at rank 4 holds 2 relevant items (each ranked 4), one more relevant item at rank 6:
+    # precision after the tie 2/4 for both, then 3/6 -> (2/4 + 2/4 + 3/6) / 3 = 1/2.
+    # Second query: a tie of 3 relevant items at the top (ranked 3) -> precision 3/3 each -> 1.
+    ap = metrics.average_precision_from_ranks(np.array([4, 4, 6, 3, 3, 3]), np.array([3, 3]))
+    np.testing.assert_allclose(ap, [0.5, 1.0])
+
+
+def test_average_precision_with_shared_ranks_matches_scikit_learn():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 6, 30).astype(float)  # coarse scores: many ties
+        relevant = rng.random(30) < 0.3
+        relevant[0] = True
+        tie_ends = np.array([(scores >= s).sum() for s in scores[relevant]])  # items scored at least as high
+        ap = metrics.average_precision_from_ranks(np.sort(tie_ends), np.array([relevant.sum()]))
+        assert ap[0] == pytest.approx(average_precision_score(relevant, scores), abs=1e-12)
 
 
 def test_recall_at_k_skips_unanswerable_queries():

@@ -9,10 +9,10 @@ from orchestrator.reporting.report import format_summary_table, render_report
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def method_entry(name, matrix, ecc, summary, accuracy=None):
+def method_entry(name, matrix, ecc, summary, accuracy=None, map_summary=None):
     return {"method": name, "params": {"alpha": 1.0}, "num_versions": len(matrix),
             "matrices": {"cmc1": matrix, "map": [[None if v is None else v / 2 for v in row] for row in matrix]},
-            "summary": summary, "summary_by_metric": {"cmc1": summary},
+            "summary": summary, "summary_by_metric": {"cmc1": summary, "map": map_summary or summary},
             "ecc": {"cmc1": ecc, "map": ecc}, "accuracy": accuracy}
 
 
@@ -25,8 +25,10 @@ METRICS = {
     "schema_version": 1, "experiment": "unit-test", "seed": 3, "config_digest": "abc123",
     "protocol": "leave-one-out", "primary": "cmc1",
     "methods": {
-        "bct": method_entry("bct", COMPATIBLE, COMPATIBLE_ECC, {"AC": 1.0, "AM": 64.667, "BC": 0.1, "FC": 0.2},
-                            accuracy=[0.9, 0.8, 0.7]),
+        "bct": method_entry("bct", COMPATIBLE, COMPATIBLE_ECC,
+                            {"AC": 1.0, "AM": 64.667, "BC": 0.1, "FC": 0.2, "ECC_every_pair": True},
+                            accuracy=[0.9, 0.8, 0.7],
+                            map_summary={"AC": 2 / 3, "AM": 32.333, "BC": 0.05, "FC": 0.1, "ECC_every_pair": False}),
         "independent": method_entry("independent", BROKEN, BROKEN_ECC,
                                     {"AC": 0.0, "AM": 56.0, "BC": -0.2, "FC": -0.1}),
         "hoc d/simplex": method_entry("stationary", COMPATIBLE, COMPATIBLE_ECC,
@@ -58,8 +60,10 @@ def test_report_mentions_every_method_summary_pairs_and_seeds(run_dir):
     text = render_report(run_dir).read_text()
     for key in METRICS["methods"]:
         assert f"## {key}" in text
-    assert "| bct | 1.000 | 64.667 | 0.100 | 0.200 | 0.800 | yes |" in text
-    assert "| independent | 0.000 | 56.000 | -0.200 | -0.100 | 0.750 | no |" in text
+    # verdicts on every metric, side by side: AC, AM, ECC on every pair of cmc1 (primary) then map
+    assert "| method | CMC top-1 (primary) AC | CMC top-1 (primary) AM | CMC top-1 (primary) ECC | mAP AC |" in text
+    assert "| bct | 1.000 | 64.667 | yes | 0.667 | 32.333 | no |" in text
+    assert "| independent | 0.000 | 56.000 | no | 0.000 | 56.000 | no |" in text  # flags of a file without the key
     assert "| 1 vs 0 | cmc1 | 0.500 | 0.400 | 0.660 | no |" in text  # old/old, new/old, new/new, ECC
     assert "| 2 vs 0 | cmc1 | 0.510 | 0.600 | 0.800 | yes |" in text  # (last, first)
     assert "0.900 ± 0.050" in text and "leave-one-out" in text
@@ -78,19 +82,58 @@ def test_matrix_csv_round_trip(run_dir):
 def test_minimal_metrics_render_without_optional_keys(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"methods": {"m": {"matrices": {"cmc1": [[0.5]]}}}}))
     text = render_report(tmp_path).read_text()
-    assert "| m | – | – | – | – | 0.500 | n/a |" in text
+    assert "| m | – | – | n/a |" in text
     assert not (tmp_path / "accuracy.png").exists()
 
 
-def test_summary_table_for_the_cli():
-    table = format_summary_table(METRICS)
-    lines = table.splitlines()
-    assert "ECC held on every pair" in lines[1]
-    assert lines[2].split() == ["bct", "1.000", "64.667", "0.100", "0.200", "0.800", "yes"]
-    assert lines[3].split()[-1] == "no"
-    assert len({len(line) for line in lines[1:]}) == 1  # aligned
+def test_summary_table_for_the_cli_shows_every_metric_primary_first():
+    lines = format_summary_table(METRICS).splitlines()
+    assert "new/old > old/old (ties fail)" in lines[1]
+    assert lines[2].split() == ["CMC", "top-1", "(primary)", "mAP"]
+    assert lines[3].split() == ["method", "AC", "AM", "ECC", "AC", "AM", "ECC"]
+    assert lines[4].split() == ["bct", "1.000", "64.667", "yes", "0.667", "32.333", "no"]
+    assert lines[5].split() == ["independent", "0.000", "56.000", "no", "0.000", "56.000", "no"]
+    assert len({len(line) for line in lines[3:]}) == 1  # aligned
+    assert lines[2].index("mAP") == lines[3].index("ECC") + len("ECC") + 4  # each title above its own group
+    reordered = {**METRICS, "primary": "map", "ties": "pass"}
+    lines = format_summary_table(reordered).splitlines()
+    assert "new/old ≥ old/old (ties pass)" in lines[1]
+    assert lines[2].split() == ["mAP", "(primary)", "CMC", "top-1"]
+    assert lines[4].split() == ["bct", "0.667", "32.333", "no", "1.000", "64.667", "yes"]
 
 
 def test_missing_metrics_is_a_run_error(tmp_path):
     with pytest.raises(RunError, match="does not exist"):
         render_report(tmp_path)
+
+
+@pytest.mark.parametrize("ties", ["fail", "pass"])
+def test_ties_decide_every_verdict_of_metrics_json_and_the_report(tmp_path, ties):
+    from helpers import config_under
+    from orchestrator.storage import runfiles
+    from orchestrator.engine.driver import assemble_metrics
+
+    # cmc1: (1,0) ties with the self-test 0.5, (2,0) and (2,1) beat theirs; map: every cross-test beats.
+    # By hand: ties fail -> AC(cmc1) = 2/3, ECC not on every pair; ties pass -> AC = 1, on every pair.
+    rows = [{"cmc1": [0.5], "map": [0.3]}, {"cmc1": [0.5, 0.7], "map": [0.35, 0.4]},
+            {"cmc1": [0.6, 0.8, 0.9], "map": [0.4, 0.5, 0.6]}]
+    cfg = config_under(tmp_path, f"evaluation.ties={ties}", "evaluation.primary=map", "methods=[{name: independent}]")
+    run_dir = tmp_path / "run"
+    for version, row in enumerate(rows):
+        runfiles.atomic_write_json(runfiles.row_path(run_dir, "independent", version), row)
+    runfiles.atomic_write_json(runfiles.versions_dir(run_dir, "independent") / "v0" / "meta.json", {"params": {}})
+    metrics = assemble_metrics(cfg, run_dir, 3)
+    entry = metrics["methods"]["independent"]
+    tied = ties == "pass"
+    assert metrics["ties"] == ties and entry["ecc"]["cmc1"][1][0] is tied
+    assert entry["summary_by_metric"]["cmc1"]["AC"] == pytest.approx(1.0 if tied else 2 / 3)
+    assert entry["summary_by_metric"]["cmc1"]["ECC_every_pair"] is tied
+    assert entry["summary_by_metric"]["map"]["ECC_every_pair"] is True
+    assert set(entry["summary"]) == {"AC", "AM", "BC", "FC"} and entry["summary"]["AC"] == 1.0  # primary: map
+    runfiles.atomic_write_json(run_dir / "metrics.json", metrics)
+    text = render_report(run_dir).read_text()
+    rule = "new/old ≥ old/old" if tied else "new/old > old/old"
+    assert f"ECC: {rule}" in text
+    assert f"| 1 vs 0 | cmc1 | 0.500 | 0.500 | 0.700 | {'yes' if tied else 'no'} |" in text
+    # AM: map (.3 + .35 + .4 + .4 + .5 + .6) / 6 = 42.5 %, cmc1 (.5 + .5 + .7 + .6 + .8 + .9) / 6 = 66.667 %
+    assert f"| independent | 1.000 | 42.500 | yes | {'1.000' if tied else '0.667'} | 66.667 | {'yes' if tied else 'no'} |" in text

@@ -9,6 +9,7 @@ from orchestrator.evaluation import seeds
 from orchestrator.engine import driver
 from orchestrator.engine import executor
 from orchestrator.cli import main
+from orchestrator.reporting.report import format_seed_table
 from orchestrator import load_config
 
 TINY = [
@@ -98,3 +99,29 @@ def test_bad_seeds_fail_before_anything_is_written(tmp_path, capsys, value):
     assert cli_run("--seeds", value, "--output-dir", str(tmp_path)) == 2
     assert "'seeds" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_seed_verdicts_on_every_metric():
+    cfg = load_config(None, [*TINY, "seeds=[3, 4, 5]"])
+
+    def run(ac_cmc1, held_cmc1, ac_map):
+        by_metric = {"cmc1": {"AC": ac_cmc1, "AM": 60.0, "BC": 0.0, "FC": 0.0, "ECC_every_pair": held_cmc1},
+                     "map": {"AC": ac_map, "AM": 40.0, "BC": 0.0, "FC": 0.0, "ECC_every_pair": ac_map == 1.0}}
+        entry = {"method": "bct", "num_versions": 2, "matrices": {"cmc1": [[0.5, None], [0.6, 0.7]],
+                                                                   "map": [[0.3, None], [0.4, 0.5]]},
+                 "summary": by_metric["map"], "summary_by_metric": by_metric, "accuracy": None,
+                 "ecc": {"cmc1": [[None, None], [held_cmc1, None]], "map": [[None, None], [ac_map == 1.0, None]]}}
+        return {"schema_version": 1, "protocol": "leave-one-out", "primary": "map", "methods": {"bct": entry}}
+
+    out = seeds.aggregate(cfg, [run(1.0, True, 1.0), run(0.0, False, 1.0), run(1.0, True, 0.0)])
+    verdicts = out["seeds"]["verdicts"]["bct"]
+    # cmc1: AC 1, 0, 1 -> mean 2/3, sample std sqrt(1/3); ECC on every pair in 2 of 3 seeds; map likewise
+    assert verdicts["cmc1"]["AC"] == pytest.approx(2 / 3) and verdicts["cmc1"]["AC_std"] == pytest.approx(np.sqrt(1 / 3))
+    assert verdicts["cmc1"]["ECC_every_pair_seeds"] == 2 and verdicts["map"]["ECC_every_pair_seeds"] == 2
+    assert verdicts["cmc1"]["AM"] == 60.0 and verdicts["cmc1"]["AM_std"] == 0.0
+    text = format_seed_table(out)
+    lines = text.splitlines()
+    assert lines[1].split() == ["method", "metric", "AC", "AM", "ECC"]
+    assert lines[2].split() == ["bct", "mAP", "(primary)", "0.667", "±", "0.577", "40.000", "±", "0.000", "2/3"]
+    assert lines[3].split() == ["bct", "CMC", "top-1", "0.667", "±", "0.577", "60.000", "±", "0.000", "2/3"]
+    assert "on map" in text and " AC " not in text.split("on map")[1]  # the rest, without repeating AC/AM

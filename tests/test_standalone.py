@@ -181,3 +181,31 @@ def test_compare_leave_one_out_needs_the_same_rows(tmp_path, capsys):
     new = write_parquet(tmp_path / "new.parquet", x[:-1], labels[:-1])
     with pytest.raises(DataError, match="same samples in the same order"):
         run(["compare", "--old", old, "--new", new], capsys)
+
+
+def test_compare_ties_option_decides_a_tied_cross_test(tmp_path, capsys):
+    # The same embeddings as old and new: every new/old cell equals old/old, a tie in every metric.
+    path = write_parquet(tmp_path / "same.parquet", *data())
+    strict = json.loads(run(["compare", "--old", path, "--new", path, "--json"], capsys)[1])
+    assert strict["ecc"] == {"cmc1": False, "cmc5": False, "map": False}
+    lenient = json.loads(run(["compare", "--old", path, "--new", path, "--ties", "pass", "--json"], capsys)[1])
+    assert lenient["ecc"] == {"cmc1": True, "cmc5": True, "map": True}
+    assert "cmc1 holds, cmc5 holds, map holds" in run(["compare", "--old", path, "--new", path, "--ties", "pass"],
+                                                        capsys)[1]
+
+
+def test_compare_map_ties_shared_is_scikit_learns_average_precision(tmp_path, capsys):
+    from sklearn.metrics import average_precision_score
+
+    # Exact duplicates (rows 0-1, 2-3, 4-5) make ties; other similarities are far apart (0, 0.6, 0.8, 1).
+    x = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0.6, 0.8], [0.6, 0.8], [0.8, 0.6]], dtype=np.float32)
+    labels = np.array([0, 1, 0, 1, 1, 0, 0])
+    path = write_parquet(tmp_path / "x.parquet", x, labels)
+    expected = []
+    for n in range(len(x)):
+        others = np.arange(len(x)) != n
+        expected.append(average_precision_score(labels[others] == labels[n], x[others] @ x[n].astype(np.float64)))
+    shared = json.loads(run(["compare", "--old", path, "--new", path, "--map-ties", "shared", "--json"], capsys)[1])
+    assert shared["old_old"]["map"] == pytest.approx(np.mean(expected), abs=1e-12)
+    by_index = json.loads(run(["compare", "--old", path, "--new", path, "--json"], capsys)[1])
+    assert by_index["old_old"]["map"] != pytest.approx(np.mean(expected), abs=1e-6)

@@ -65,8 +65,15 @@ class EvaluationConfig:
     query: str = "test"  # name of the evaluation set whose images are the queries
     gallery: Optional[str] = None  # query-gallery only
     templates: bool = False  # query-gallery: reduce the gallery to L2-normalised class means
-    primary: Literal["cmc1", "cmc5", "map"] = "cmc1"  # metric used for AC/AM and the summary table
-    ties: Literal["fail", "pass"] = "fail"  # AC: whether M[i][j] == M[j][j] counts as compatible
+    # the metric listed first in summaries and drawn in the heatmaps; verdicts are reported on every metric
+    primary: Literal["cmc1", "cmc5", "map"] = "cmc1"
+    # ECC everywhere (AC, per-pair flags, reports, compat compare): whether M[i][j] == M[j][j] counts as
+    # compatible; fail (default): the strict criterion, as iamcl2r's published AC; pass: CL2R's convention
+    ties: Literal["fail", "pass"] = "fail"
+    # mAP only, for gallery items with equal similarity; lower-index (default): the lower gallery index
+    # ranks first, as in CMC; shared: a tie is one threshold and all its items get the precision after
+    # the whole tie (as scikit-learn's average_precision_score counts ties)
+    map_ties: Literal["lower-index", "shared"] = "lower-index"
     batch_size: int = 256  # images per embedding batch
 
     def __post_init__(self):
@@ -77,6 +84,8 @@ class EvaluationConfig:
             require(self.gallery in self.sets, "gallery", f"{self.gallery!r} is not one of sets: {', '.join(self.sets)}")
             require(not self.templates or self.primary == "cmc1", "primary",
                     "class-mean templates give top-1 only; use primary: cmc1")
+            require(not self.templates or self.map_ties == "lower-index", "map_ties",
+                    "class-mean templates give top-1 only, there is no mAP; leave map_ties unset")
         else:
             require(self.gallery in (None, self.query), "gallery",
                     "leave-one-out uses the query set as gallery; leave it unset")

@@ -177,15 +177,20 @@ def class_blocks(cfg: ExperimentConfig) -> Optional[tuple[list[str], "np.ndarray
 
 
 def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) -> dict:
-    """metrics.json: per method every matrix by metric name and the summary metrics (stable schema)."""
+    """metrics.json: per method every matrix by metric name and the summary metrics (stable schema).
+
+    Every verdict (AC, the per-pair ECC flags, ECC on every pair) is decided on every metric with the
+    configured ``evaluation.ties``; ``primary`` only picks which metric's summary is ``summary``."""
     from orchestrator.evaluation import metrics as M
     from orchestrator.evaluation import BY_BLOCK, CompatibilityMatrix
 
     blocks = class_blocks(cfg)
+    ties = cfg.evaluation.ties
 
     out: dict = {"schema_version": SCHEMA_VERSION, "experiment": cfg.name, "seed": cfg.seed,
                  "config_digest": cfg.digest(), "protocol": cfg.evaluation.protocol,
-                 "primary": cfg.evaluation.primary, "methods": {}}
+                 "primary": cfg.evaluation.primary, "ties": ties, "map_ties": cfg.evaluation.map_ties,
+                 "methods": {}}
     for spec in cfg.methods:
         rows = [runfiles.read_json(runfiles.row_path(run_dir, spec.key, v)) for v in range(num_versions)]
         matrices, summaries, ecc = {}, {}, {}
@@ -197,19 +202,20 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
             values = matrix.values
             matrices[name] = matrix.to_list()
             summaries[name] = {
-                "AC": M.average_compatibility(values, ties=cfg.evaluation.ties),
+                "AC": M.average_compatibility(values, ties=ties),
                 "AM": M.average_multimodel_accuracy(values),
                 "BC": M.backward_compatibility(values),
                 "FC": M.forward_compatibility(values),
+                "ECC_every_pair": M.ecc_every_pair(values, ties=ties),
             }
-            flags = M.ecc_matrix(values)
+            flags = M.ecc_matrix(values, ties=ties)
             ecc[name] = [[bool(flags[i][j]) if j < i else None for j in range(num_versions)] for i in range(num_versions)]
         entries = [runfiles.manifest_entry(run_dir, spec.key, v) or {} for v in range(num_versions)]
         accuracy = [e.get("accuracy") for e in entries]
         method_params = runfiles.read_json(runfiles.versions_dir(run_dir, spec.key) / "v0" / "meta.json").get("params", {})
         out["methods"][spec.key] = {
             "method": spec.name, "params": method_params, "num_versions": num_versions,
-            "matrices": matrices, "summary": summaries.get(cfg.evaluation.primary, next(iter(summaries.values()))),
+            "matrices": matrices, "summary": _primary_summary(summaries, cfg.evaluation.primary),
             "summary_by_metric": summaries, "ecc": ecc,
             "accuracy": accuracy if any(a is not None for a in accuracy) else None,
             "accuracy_summary": accuracy_summary(entries),
@@ -224,6 +230,13 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
             }
     add_update_gain(out)
     return out
+
+
+def _primary_summary(summaries: dict[str, dict], primary: str) -> dict:
+    """metrics.json's ``summary`` as it has always been: AC, AM, BC and FC of the primary metric (of the
+    first metric when the protocol lacks it); ``summary_by_metric`` holds every metric and the verdicts."""
+    chosen = summaries.get(primary, next(iter(summaries.values())))
+    return {key: chosen[key] for key in ("AC", "AM", "BC", "FC")}
 
 
 def accuracy_summary(entries: list[dict]) -> Optional[dict]:

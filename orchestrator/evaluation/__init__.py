@@ -2,6 +2,9 @@
 
 from orchestrator.evaluation.retrieval import (  # noqa: F401
     truncate_and_normalize,
+    ranking_vectors,
+    MAP_TIES,
+    MapTies,
     per_query_scores,
     retrieval_scores,
     template_top1,

@@ -8,11 +8,13 @@ says otherwise.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
 Ties = Literal["fail", "pass"]
+TIES = ("fail", "pass")
+ECC_COMPARISON = {"fail": ">", "pass": "≥"}  # how each ties rule compares new/old with old/old, for messages
 
 
 def lower_triangle_mask(size: int) -> np.ndarray:
@@ -35,19 +37,37 @@ def _checked(M: np.ndarray) -> np.ndarray:
     return M
 
 
+def ecc_holds(new_old, old_old, ties: Ties = "fail"):
+    """The empirical compatibility criterion for one pair (or elementwise for arrays): the new model's
+    queries against the old gallery score above the old model's self-test, ``new_old > old_old``.
+
+    The one place that decides "version i is compatible with version j": every verdict (AC, the ECC
+    flags, reports, ``compat compare``) goes through it. ``ties="pass"`` lets ``new_old == old_old``
+    pass (CL2R counts a violation only for strict ``<``); the default follows the strict inequality of
+    the criterion (iamcl2r, which produced the published AC values).
+    """
+    if ties not in TIES:
+        raise ValueError(f"ties must be 'fail' or 'pass', got {ties!r}")
+    return np.greater(new_old, old_old) if ties == "fail" else np.greater_equal(new_old, old_old)
+
+
 def ecc_matrix(M: np.ndarray, ties: Ties = "fail") -> np.ndarray:
-    """Empirical compatibility criterion per cell: ``M[i][j] > M[j][j]`` for ``j < i``.
+    """:func:`ecc_holds` per cell: ``M[i][j]`` against the gallery version's self-test ``M[j][j]``, j < i.
 
     The diagonal and the upper triangle are False: a model is not "compatible with itself" and
-    new-gallery/old-query is never measured. ``ties="pass"`` uses ``>=`` (CL2R counts a violation only
-    for strict ``<``); the default follows the strict inequality of the criterion.
+    new-gallery/old-query is never measured.
     """
-    if ties not in ("fail", "pass"):
-        raise ValueError(f"ties must be 'fail' or 'pass', got {ties!r}")
     M = _checked(M)
-    self_tests = np.diag(M)[None, :]  # compared with the gallery model's own self-test
-    holds = M > self_tests if ties == "fail" else M >= self_tests
+    holds = ecc_holds(M, np.diag(M)[None, :], ties)
     return holds & np.tri(len(M), k=-1, dtype=bool)
+
+
+def ecc_every_pair(M: np.ndarray, ties: Ties = "fail") -> Optional[bool]:
+    """Whether ECC holds on every pair j < i (AC = 1); None for a single version, which has no pair."""
+    holds = ecc_matrix(M, ties)
+    if len(holds) == 1:
+        return None
+    return bool(holds[np.tri(len(holds), k=-1, dtype=bool)].all())
 
 
 def average_compatibility(M: np.ndarray, ties: Ties = "fail") -> float:
@@ -121,11 +141,14 @@ def update_gain(new_old: float, old_old: float, newstar_newstar: float) -> float
 
 
 def average_precision_from_ranks(ranks: np.ndarray, num_relevant: np.ndarray) -> np.ndarray:
-    """Non-interpolated AP per query over the entire ranking: AP = (1/R) sum_k k / rank_k.
+    """Non-interpolated AP per query over the entire ranking: AP = (1/R) sum_r Precision@rank_r.
 
     ``ranks`` concatenates, query after query, the 1-based ranks of each query's R relevant items in
-    ascending order (``num_relevant[q]`` of them for query q); the k-th relevant item at rank r_k has
-    Precision@r_k = k / r_k. Queries with R = 0 get NaN: AP is undefined without a relevant item.
+    ascending order (``num_relevant[q]`` of them for query q). Precision@n = (relevant items ranked
+    <= n) / n, so with distinct ranks the k-th relevant item adds k / rank_k. Equal ranks stand for tied
+    scores counted at one threshold: give each item of a tie the last rank of the tie (the number of
+    items scored at least as high) and each gets the precision after the whole tie, which is scikit-learn's
+    ``average_precision_score``. Queries with R = 0 get NaN: AP is undefined without a relevant item.
     """
     ranks = np.asarray(ranks, dtype=np.float64)
     num_relevant = np.asarray(num_relevant, dtype=np.int64)
@@ -133,7 +156,12 @@ def average_precision_from_ranks(ranks: np.ndarray, num_relevant: np.ndarray) ->
         raise ValueError(f"{ranks.size} ranks given for {int(num_relevant.sum())} relevant items")
     query = np.repeat(np.arange(len(num_relevant)), num_relevant)
     starts = np.cumsum(num_relevant) - num_relevant
-    position = np.arange(len(ranks)) - starts[query] + 1  # k: 1 for each query's best-ranked relevant item
+    same_query = query[1:] == query[:-1]
+    if (ranks[1:][same_query] < ranks[:-1][same_query]).any():
+        raise ValueError("each query's ranks must be in ascending order")
+    # The relevant items ranked <= rank_r: up to the last item of r's query with the same rank.
+    last = np.flatnonzero(np.append(~same_query | (ranks[1:] != ranks[:-1]), True))
+    position = last[np.searchsorted(last, np.arange(len(ranks)))] - starts[query] + 1
     total = np.bincount(query, weights=position / ranks, minlength=len(num_relevant))
     with np.errstate(invalid="ignore", divide="ignore"):
         return total / num_relevant

@@ -6,7 +6,8 @@ only, while a run is in progress), on one of its matrices:
 =================  =======================================================================================
 ``AC AM BC FC``    the matrix's summary metrics (:mod:`orchestrator.evaluation.metrics`)
 ``M[i][j]``        a cell: queries of version i against the gallery of version j <= i
-``margin[i][j]``   compatibility margin M[i][j] − M[j][j] of version i over version j < i (> 0: ECC holds)
+``margin[i][j]``   compatibility margin M[i][j] − M[j][j] of version i over version j < i (> 0: ECC holds;
+                   = 0 is a tie, which holds only under ``evaluation.ties: pass``)
 ``min_margin``     the smallest margin over every pair j < i (> 0: ECC holds on every pair)
 ``accuracy``       classification accuracy of the newest version; ``accuracy[i]`` of version i
 ``Avg`` ``PD``     session average and performance drop of the accuracies (FSCIL)
@@ -15,7 +16,7 @@ only, while a run is in progress), on one of its matrices:
 Negative indexes count from the newest version (``M[-1][0]``: newest queries against the first
 gallery), so a name keeps its meaning while a run grows. A name that a run does not define (yet) reads
 as NaN. A constraint is ``"<name> <op> <number>"`` with op one of ``> >= < <=``; "ECC on every pair"
-is ``"AC >= 1"`` (or ``"min_margin > 0"``).
+is ``"AC >= 1"`` (AC follows ``evaluation.ties``; ``"min_margin > 0"`` is the strict rule whatever it is).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ Mode = Literal["max", "min"]
 
 def compatibility_margin(matrix: np.ndarray, new: int, old: int) -> float:
     """M[new][old] − M[old][old]: how much better version ``new`` serves ``old``'s gallery than ``old``
-    itself does. ECC holds for the pair exactly when it is > 0."""
+    itself does. ECC holds for the pair when it is > 0 (and at 0 only with ties passing)."""
     matrix = np.asarray(matrix, dtype=np.float64)
     return float(matrix[new, old] - matrix[old, old])
 

@@ -4,6 +4,11 @@ Every protocol reduces to one question per query: at which 1-based ranks do its 
 appear when the gallery is sorted by cosine similarity (descending, ties broken by the lower gallery
 index)? The ranks come from one vectorised, row-blocked engine; the formulas that turn ranks into
 scores live in :mod:`orchestrator.evaluation.metrics`.
+
+Similarities are exact (see :func:`ranking_vectors`), so "tie" means equal similarity, not "within
+rounding noise": identical gallery vectors always tie, and no result depends on how queries are
+blocked or on the BLAS. mAP can instead count tied scores at one shared threshold (``map_ties="shared"``,
+as scikit-learn's ``average_precision_score`` does).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -24,11 +29,15 @@ from orchestrator.errors import DataError, StoreError
 if TYPE_CHECKING:
     from orchestrator.storage.store import EmbeddingStore, EmbeddingTable
 
-# Elements of one similarity block (rows x gallery size). With its sorted float32 and float64 copies a
-# block takes ~16 bytes per element, so ~64 MiB per worker whatever the gallery size.
+# Elements of one similarity block (rows x gallery size). The exact float64 block with its float32 copy
+# and that copy sorted takes ~16 bytes per element, so ~64 MiB per worker whatever the gallery size.
 _BLOCK_ELEMENTS = 1 << 22
 # Below every cosine (which lies in [-1, 1] up to rounding): marks the left-out item in a query's row.
-_LEFT_OUT = np.float32(-2.0)
+_LEFT_OUT = -2.0
+# Unit-vector coordinates are rounded to multiples of 2**-_GRID_BITS before ranking (ranking_vectors).
+_GRID_BITS = 26
+MapTies = Literal["lower-index", "shared"]
+MAP_TIES = ("lower-index", "shared")
 
 
 def truncate_and_normalize(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +53,25 @@ def truncate_and_normalize(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np
     return _normalized(a[:, :dim]), _normalized(b[:, :dim])
 
 
+def ranking_vectors(query: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 vectors whose inner products rank the gallery: :func:`truncate_and_normalize`, then
+    every coordinate rounded to a multiple of 2^-26.
+
+    Why: on that grid a product of two coordinates is a multiple of 2^-52, and every partial sum of one
+    query-item pair's products stays below 2 in magnitude (Cauchy-Schwarz on unit vectors), so float64
+    holds each of them exactly. A similarity is then the exact inner product, whatever order the BLAS
+    adds in and however queries are blocked; bit-identical items get equal similarities, and the tie
+    rule (lower gallery index first) is what decides between them. The rounding moves a similarity by
+    at most 2·√d·2^-27 (3e-7 at d = 512, typically ~1e-8): the scale of float32's own rounding.
+    """
+    return tuple(_on_grid(x) for x in truncate_and_normalize(query, gallery))
+
+
+def _on_grid(x: np.ndarray) -> np.ndarray:
+    scale = float(2 ** _GRID_BITS)  # a power of two: the scaling is exact, only np.rint rounds
+    return np.rint(x.astype(np.float64) * scale) / scale
+
+
 def _normalized(x: np.ndarray) -> np.ndarray:
     out = np.array(x, dtype=np.float32, copy=True, order="C")
     if not np.isfinite(out).all():
@@ -54,21 +82,27 @@ def _normalized(x: np.ndarray) -> np.ndarray:
 
 
 def per_query_scores(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
-                     gallery_labels: np.ndarray, *, leave_one_out: bool,
-                     with_ap: bool = True) -> dict[str, np.ndarray]:
+                     gallery_labels: np.ndarray, *, leave_one_out: bool, with_ap: bool = True,
+                     map_ties: MapTies = "lower-index") -> dict[str, np.ndarray]:
     """Per-query ``first_rank`` (rank of the best-ranked relevant item) and, with ``with_ap``, ``ap``.
 
     Relevant = same label. With ``leave_one_out`` query n and gallery item n are the same sample (also
     when two models encoded them), so item n is removed from query n's ranking. Queries without any
     relevant item get NaN in both arrays. Per-query values serve paired comparisons between models and
     checks against a reference; :func:`retrieval_scores` averages them.
+
+    ``map_ties`` only changes AP: ``"lower-index"`` ranks tied items by gallery index, as the CMC ranks
+    always are; ``"shared"`` gives every item of a tie the precision after the whole tie (one threshold
+    per distinct score, scikit-learn's ``average_precision_score``).
     """
+    if map_ties not in MAP_TIES:
+        raise ValueError(f"map_ties must be one of {', '.join(MAP_TIES)}, got {map_ties!r}")
     query_labels = np.asarray(query_labels, dtype=np.int64)
     gallery_labels = np.asarray(gallery_labels, dtype=np.int64)
     _check_sides(query, query_labels, gallery, gallery_labels)
     if leave_one_out and not np.array_equal(query_labels, gallery_labels):
         raise DataError("leave-one-out needs the same samples, in the same order, as queries and gallery")
-    query, gallery = truncate_and_normalize(query, gallery)
+    query, gallery = ranking_vectors(query, gallery)
     relevant = _RelevantItems(query_labels, gallery_labels)
     rows = max(1, _BLOCK_ELEMENTS // len(gallery))
     starts = range(0, len(query), rows)
@@ -76,7 +110,7 @@ def per_query_scores(query: np.ndarray, query_labels: np.ndarray, gallery: np.nd
     def block(start: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
         stop = min(start + rows, len(query))
         return _score_block(query[start:stop], gallery, relevant, start, stop,
-                            leave_one_out=leave_one_out, with_ap=with_ap)
+                            leave_one_out=leave_one_out, with_ap=with_ap, shared_ties=map_ties == "shared")
 
     # numpy releases the GIL in matmul, sort and searchsorted, so threads use every core.
     with ThreadPoolExecutor(max_workers=_worker_count()) as pool:
@@ -89,15 +123,15 @@ def per_query_scores(query: np.ndarray, query_labels: np.ndarray, gallery: np.nd
 
 def retrieval_scores(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
                      gallery_labels: np.ndarray, *, leave_one_out: bool, topk: Sequence[int] = (1, 5),
-                     with_map: bool = True) -> dict[str, float]:
+                     with_map: bool = True, map_ties: MapTies = "lower-index") -> dict[str, float]:
     """CMC top-k (``cmc1``, ``cmc5``, ...) and mAP over the entire ranking (``map``), as fractions.
 
     The leave-one-out protocol with ``leave_one_out=True``; the all-vectors query-gallery protocol with
     ``False``. Queries whose class has no gallery item cannot be answered and are left out of every
-    average (an error if that leaves none).
+    average (an error if that leaves none). ``map_ties``: see :func:`per_query_scores`.
     """
     scores = per_query_scores(query, query_labels, gallery, gallery_labels,
-                              leave_one_out=leave_one_out, with_ap=with_map)
+                              leave_one_out=leave_one_out, with_ap=with_map, map_ties=map_ties)
     return _summarize(scores, topk, with_map)
 
 
@@ -198,10 +232,10 @@ class _RelevantItems:
 
 
 def _score_block(query: np.ndarray, gallery: np.ndarray, relevant: _RelevantItems, start: int, stop: int,
-                 *, leave_one_out: bool, with_ap: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+                 *, leave_one_out: bool, with_ap: bool, shared_ties: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """First relevant rank (and AP) of queries start..stop-1 from one similarity block."""
     num_rows = stop - start
-    sims = query @ gallery.T
+    sims = query @ gallery.T  # exact: see ranking_vectors
     rows, cols = relevant.pairs(start, stop)
     if leave_one_out:
         own = np.arange(num_rows)
@@ -220,48 +254,70 @@ def _score_block(query: np.ndarray, gallery: np.ndarray, relevant: _RelevantItem
         best = np.maximum.reduceat(values, group_start[answerable])
         is_best = values == np.repeat(best, count[answerable])
         best_col = np.minimum.reduceat(np.where(is_best, cols, len(gallery)), group_start[answerable])
-        first_rank[answerable] = _exact_ranks(sims, np.flatnonzero(answerable), best, best_col)
+        first_rank[answerable] = _counted_ranks(sims, np.flatnonzero(answerable), best, best_col)[0]
         return first_rank, None
-    ranks = _relevant_ranks(sims, rows, cols, values)
-    ranks = np.sort(rows * (len(gallery) + 1) + ranks) - rows * (len(gallery) + 1)  # ascending per query
+    ranks, tie_ends = _relevant_ranks(sims, rows, cols, values, tie_ends=shared_ties)
+    ranks = _ascending_per_row(ranks, rows, len(gallery))
     first_rank[answerable] = ranks[group_start[answerable]]
-    return first_rank, metrics.average_precision_from_ranks(ranks, count)
+    ap_ranks = ranks if tie_ends is None else _ascending_per_row(tie_ends, rows, len(gallery))
+    return first_rank, metrics.average_precision_from_ranks(ap_ranks, count)
 
 
-def _relevant_ranks(sims: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """1-based rank of each (row, col) pair in its row sorted by descending similarity.
+def _ascending_per_row(ranks: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
+    """``ranks`` (grouped by ``rows``, row-major) sorted ascending within each row, in one sort."""
+    offset = rows * (width + 1)
+    return np.sort(offset + ranks) - offset
 
-    Each row is sorted once (the unavoidable cost); then each row's relevant values are looked up in
-    it (``rows`` is row-major), which counts the items above them. Where a value is not alone in the
-    row (a tie) the rank is recomputed exactly from the unsorted row.
+
+def _relevant_ranks(sims: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
+                    *, tie_ends: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """For each (row, col) pair: its 1-based rank in the row sorted by descending similarity, ties to the
+    lower gallery index, and with ``tie_ends`` where its tie ends (the number of items at least as similar).
+
+    Each row is sorted once (the unavoidable cost), as a float32 copy (cheaper than float64): rounding
+    never swaps two similarities, it can only merge close ones into one float32 value. The row's relevant
+    values are looked up in it (``rows`` is row-major): a value alone in its float32 bucket has exactly
+    the items above it that the sorted copy shows and ends its own tie; where the bucket holds other
+    items too (a tie, or values closer than float32 resolves) both are counted in the exact row.
     """
     width = sims.shape[1]
-    ordered = np.sort(sims, axis=1)
+    ordered = np.sort(sims.astype(np.float32), axis=1)
+    keys = values.astype(np.float32)
     bounds = np.searchsorted(rows, np.arange(len(sims) + 1))
-    end = np.empty(len(values), dtype=np.int64)  # one past the value's last equal in its sorted row
+    end = np.empty(len(values), dtype=np.int64)  # one past the key's last equal in its sorted row
     for row in np.flatnonzero(bounds[1:] > bounds[:-1]):
         lo, hi = bounds[row], bounds[row + 1]
-        end[lo:hi] = np.searchsorted(ordered[row], values[lo:hi], side="right")
+        end[lo:hi] = np.searchsorted(ordered[row], keys[lo:hi], side="right")
     ranks = width - end + 1
-    shared = (end >= 2) & (ordered[rows, np.maximum(end - 2, 0)] == values)
-    if shared.any():
-        ranks[shared] = _exact_ranks(sims, rows[shared], values[shared], cols[shared])
-    return ranks
+    ends = ranks.copy() if tie_ends else None
+    crowded = np.flatnonzero((end >= 2) & (ordered[rows, np.maximum(end - 2, 0)] == keys))
+    if crowded.size:
+        ranks[crowded], counted_ends = _counted_ranks(sims, rows[crowded], values[crowded], cols[crowded],
+                                                      tie_ends=tie_ends)
+        if tie_ends:
+            ends[crowded] = counted_ends
+    return ranks, ends
 
 
-def _exact_ranks(sims: np.ndarray, rows: np.ndarray, values: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Rank of the item at (row, col) with similarity value: 1 + #higher + #equal at a lower index."""
+def _counted_ranks(sims: np.ndarray, rows: np.ndarray, values: np.ndarray, cols: np.ndarray,
+                   *, tie_ends: bool = False) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Rank of the item at (row, col) with similarity ``value`` (1 + #higher + #equal at a lower index),
+    counted in the exact row; with ``tie_ends`` also where its tie ends (#higher + #equal, itself included)."""
     width = sims.shape[1]
     index = np.arange(width)
-    out = np.empty(len(rows), dtype=np.int64)
+    ranks = np.empty(len(rows), dtype=np.int64)
+    ends = np.empty(len(rows), dtype=np.int64) if tie_ends else None
     step = max(1, _BLOCK_ELEMENTS // width)
     for lo in range(0, len(rows), step):  # chunks of pairs, to bound memory
         part = slice(lo, lo + step)
         row_sims = sims[rows[part]]
         value = values[part, None]
-        ahead = (row_sims > value) | ((row_sims == value) & (index < cols[part, None]))
-        out[part] = ahead.sum(axis=1) + 1
-    return out
+        higher = np.count_nonzero(row_sims > value, axis=1)
+        equal = row_sims == value
+        ranks[part] = higher + np.count_nonzero(equal & (index < cols[part, None]), axis=1) + 1
+        if tie_ends:
+            ends[part] = higher + np.count_nonzero(equal, axis=1)
+    return ranks, ends
 
 
 class CompatibilityMatrix:
@@ -378,7 +434,8 @@ def _pair_scores(query_table: "EmbeddingTable", gallery_table: "EmbeddingTable",
         return template_top1(query_table.embeddings, query_table.labels, gallery_table.embeddings,
                              gallery_table.labels)
     scores = per_query_scores(query_table.embeddings, query_table.labels, gallery_table.embeddings,
-                              gallery_table.labels, leave_one_out=eval_cfg.protocol == "leave-one-out")
+                              gallery_table.labels, leave_one_out=eval_cfg.protocol == "leave-one-out",
+                              map_ties=eval_cfg.map_ties)
     out: dict = _summarize(scores, (1, 5), with_map=True)
     if block_of_label is not None:
         out[BY_BLOCK] = class_block_top1(scores["first_rank"], block_of_label[query_table.labels],

@@ -6,8 +6,9 @@
     RUN_DIR/seed-N/         the run of seed N, exactly what ``compat run --set seed=N`` makes
     RUN_DIR/metrics.json    ``methods``: the mean over seeds of every number of every method entry
                             (ECC flags: held in every seed); ``methods_std``: the same tree of sample
-                            standard deviations; ``seeds``: the table names of objectives.py per seed,
-                            with their mean and std
+                            standard deviations; ``seeds``: the table names of objectives.py per seed
+                            on the primary metric, with their mean and std, and ``verdicts``: AC and AM
+                            (mean, std) and the seeds where ECC held on every pair, on every metric
     RUN_DIR/report.md       heatmaps of the mean matrices plus the mean ± std table
 
 A seed's run never depends on the others: its tasks are independent chains of the experiment's task
@@ -44,8 +45,22 @@ def aggregate(cfg: ExperimentConfig, per_seed: Sequence[dict]) -> dict:
         "methods": {key: _combine([m["methods"][key] for m in per_seed], "mean") for key in first["methods"]},
         "methods_std": {key: _combine([m["methods"][key] for m in per_seed], "std") for key in first["methods"]},
         "seeds": {"values": list(cfg.seeds), "runs": {str(s): f"seed-{s}" for s in cfg.seeds}, "per_seed": table,
-                  "mean": _combine(list(table.values()), "mean"), "std": _combine(list(table.values()), "std")},
+                  "mean": _combine(list(table.values()), "mean"), "std": _combine(list(table.values()), "std"),
+                  "verdicts": {key: verdicts([m["methods"][key] for m in per_seed]) for key in first["methods"]}},
     }
+
+
+def verdicts(entries: Sequence[dict]) -> dict[str, dict]:
+    """Per metric, from one method's metrics.json entry of each seed: AC and AM (mean, sample std; std
+    None for one seed) and in how many seeds ECC held on every pair (None without a pair to judge)."""
+    out = {}
+    for name in entries[0]["summary_by_metric"]:
+        summaries = [e["summary_by_metric"][name] for e in entries]
+        held = [s.get("ECC_every_pair") for s in summaries]
+        out[name] = {**{f"{k}{suffix}": _combine([s[k] for s in summaries], how)
+                        for k in ("AC", "AM") for suffix, how in (("", "mean"), ("_std", "std"))},
+                     "ECC_every_pair_seeds": None if None in held else sum(held)}
+    return out
 
 
 def _combine(values: list, how: str) -> Any:

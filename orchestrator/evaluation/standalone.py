@@ -22,10 +22,12 @@ import pyarrow.parquet as pq
 
 from orchestrator.evaluation import metrics
 from orchestrator.errors import DataError, StoreError
-from orchestrator.evaluation import CompatibilityMatrix, retrieval_scores
+from orchestrator.evaluation import MAP_TIES, CompatibilityMatrix, retrieval_scores
 
 SPLITS = ("query", "gallery")
 _RETRIEVAL_METRICS = ("cmc1", "cmc5", "map")
+_TIES_HELP = ("whether a cross-test equal to the old self-test counts as compatible "
+              "(default fail, as iamcl2r; pass = CL2R)")
 
 
 def add_metrics_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -36,9 +38,7 @@ def add_metrics_parser(subparsers: "argparse._SubParsersAction") -> argparse.Arg
                     "column are optional. Values are taken as given: AM is 100x their mean, so fractions "
                     "give AM in percent; BC and FC are in the units of the values.")
     parser.add_argument("matrix", type=Path, help="CSV file of scores")
-    parser.add_argument("--ties", choices=("fail", "pass"), default="fail",
-                        help="AC: whether a cross-test equal to the old self-test counts as compatible "
-                             "(default fail, as iamcl2r; pass = CL2R)")
+    parser.add_argument("--ties", choices=metrics.TIES, default="fail", help="AC: " + _TIES_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object with AC, AM, BC, FC")
     parser.set_defaults(func=run_metrics)
     return parser
@@ -57,6 +57,11 @@ def add_compare_parser(subparsers: "argparse._SubParsersAction") -> argparse.Arg
                         help="leave-one-out: every row is a query against all other rows (both files hold "
                              "the same samples in the same order; split is ignored); query-gallery: the "
                              "split column separates queries from the gallery")
+    parser.add_argument("--ties", choices=metrics.TIES, default="fail", help="ECC: " + _TIES_HELP)
+    parser.add_argument("--map-ties", choices=MAP_TIES, default="lower-index",
+                        help="mAP for gallery items with equal similarity: lower-index (default) ranks the "
+                             "lower row first, as CMC does; shared counts a tie as one threshold "
+                             "(scikit-learn's average_precision_score)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: old_old, new_old, new_new, ecc")
     parser.set_defaults(func=run_compare)
@@ -96,15 +101,15 @@ def run_compare(args: argparse.Namespace) -> int:
         if not np.array_equal(old[1], new[1]):
             raise DataError(f"{args.old} ({len(old[1])} rows) and {args.new} ({len(new[1])} rows) list different "
                             "labels row by row; leave-one-out needs the same samples in the same order in both")
-        cells = {name: retrieval_scores(q[0], q[1], g[0], g[1], leave_one_out=True)
+        cells = {name: retrieval_scores(q[0], q[1], g[0], g[1], leave_one_out=True, map_ties=args.map_ties)
                  for name, q, g in (("old_old", old, old), ("new_old", new, old), ("new_new", new, new))}
     else:
         old_sides, new_sides = _split_sides(args.old, old), _split_sides(args.new, new)
-        cells = {name: retrieval_scores(*q["query"], *g["gallery"], leave_one_out=False)
+        cells = {name: retrieval_scores(*q["query"], *g["gallery"], leave_one_out=False, map_ties=args.map_ties)
                  for name, q, g in (("old_old", old_sides, old_sides), ("new_old", new_sides, old_sides),
                                     ("new_new", new_sides, new_sides))}
-    # ECC: the cross-test must strictly beat the old model's self-test, per metric.
-    report = {**cells, "ecc": {m: bool(cells["new_old"][m] > cells["old_old"][m]) for m in _RETRIEVAL_METRICS}}
+    report = {**cells, "ecc": {m: bool(metrics.ecc_holds(cells["new_old"][m], cells["old_old"][m], args.ties))
+                               for m in _RETRIEVAL_METRICS}}
     if args.json:
         print(json.dumps(report))
         return 0
@@ -112,7 +117,7 @@ def run_compare(args: argparse.Namespace) -> int:
     for name, label in (("old_old", "old/old"), ("new_old", "new/old"), ("new_new", "new/new")):
         print(f"{label:10}" + "".join(f"{cells[name][m]:>{w}.4f}" for m, w in zip(_RETRIEVAL_METRICS, (11, 11, 9))))
     verdict = ", ".join(f"{m} {'holds' if ok else 'fails'}" for m, ok in report["ecc"].items())
-    print(f"ECC (new/old > old/old, {args.protocol}): {verdict}")
+    print(f"ECC (new/old {metrics.ECC_COMPARISON[args.ties]} old/old, ties {args.ties}, {args.protocol}): {verdict}")
     return 0
 
 

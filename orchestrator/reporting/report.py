@@ -22,9 +22,11 @@ from matplotlib.patches import Rectangle
 
 from orchestrator.errors import RunError
 from orchestrator.evaluation import BY_BLOCK
+from orchestrator.evaluation.metrics import ECC_COMPARISON
 
 _SUMMARY_KEYS = ("AC", "AM", "BC", "FC")
-_SUMMARY_HEADER = ("method", *_SUMMARY_KEYS, "final self-test", "ECC held on every pair")
+_VERDICT_KEYS = ("AC", "AM", "ECC")  # per metric; ECC: whether it held on every pair
+_METRIC_TITLES = {"cmc1": "CMC top-1", "cmc5": "CMC top-5", "map": "mAP"}
 _ANNOTATE_MAX = 12  # versions; beyond this cell numbers are unreadable (the CSVs carry them)
 _CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="white")
 
@@ -46,12 +48,23 @@ def render_report(run_dir: Union[str, Path]) -> Path:
 
 
 def format_summary_table(metrics: dict[str, Any]) -> str:
-    """The plain-text summary the CLI prints at the end of a run (columns aligned, numbers right-aligned)."""
-    rows = [list(_SUMMARY_HEADER), *_summary_rows(metrics)]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(_SUMMARY_HEADER))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    return f"Summary on {_primary(metrics)}:\n" + "\n".join(lines)
+    """The plain-text summary the CLI prints at the end of a run: AC, AM and whether ECC held on every
+    pair, on every metric side by side (the primary metric first), columns aligned under each metric."""
+    names = _metric_order(metrics)
+    rows = [["method", *(_VERDICT_KEYS * len(names))], *_verdict_rows(metrics, names)]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    groups = [slice(1 + 3 * m, 4 + 3 * m) for m in range(len(names))]
+    for name, group in zip(names, groups):  # widen a group's first column until its title fits above it
+        widths[group.start] += max(0, len(_metric_title(metrics, name)) - sum(widths[group]) - 4)
+
+    def line(cells: list[str]) -> str:
+        parts = [cells[0].ljust(widths[0])]
+        parts += ["  ".join(cell.rjust(w) for cell, w in zip(cells[group], widths[group])) for group in groups]
+        return "    ".join(parts).rstrip()
+
+    titles = [" " * widths[0]] + [_metric_title(metrics, name).ljust(sum(widths[group]) + 4)
+                                  for name, group in zip(names, groups)]
+    return "\n".join([*_verdict_caption(metrics), "    ".join(titles).rstrip(), *map(line, rows)])
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -69,6 +82,27 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _primary(metrics: dict[str, Any]) -> str:
     return metrics.get("primary") or "cmc1"
+
+
+def _ties(metrics: dict[str, Any]) -> str:
+    return metrics.get("ties") or "fail"
+
+
+def _ecc_rule(metrics: dict[str, Any]) -> str:
+    """The criterion the run's ECC flags were decided with, e.g. ``new/old > old/old``."""
+    return f"new/old {ECC_COMPARISON[_ties(metrics)]} old/old"
+
+
+def _metric_order(metrics: dict[str, Any]) -> list[str]:
+    """Every matrix name of the run, the primary metric first: ``primary`` orders, it never selects."""
+    names = list(dict.fromkeys(n for m in metrics["methods"].values() for n in (m.get("matrices") or {})))
+    primary = _primary(metrics)
+    return sorted(names, key=lambda name: name != primary)
+
+
+def _metric_title(metrics: dict[str, Any], name: str) -> str:
+    title = _METRIC_TITLES.get(name, name)
+    return f"{title} (primary)" if name == _primary(metrics) else title
 
 
 def _slugs(methods: dict[str, Any]) -> dict[str, str]:
@@ -103,21 +137,34 @@ def _violations(ecc: Optional[list]) -> list[tuple[int, int]]:
     return [(i, j) for i, row in enumerate(ecc or []) for j, holds in enumerate(row) if holds is False]
 
 
-def _ecc_everywhere(method: dict[str, Any], metric: str) -> str:
-    flags = [v for row in (method.get("ecc") or {}).get(metric) or [] for v in row if v is not None]
-    return "n/a" if not flags else _fmt(all(flags))
+def _ecc_every_pair(method: dict[str, Any], metric: str) -> str:
+    """metrics.json's ``ECC_every_pair`` of the metric; files written before it existed derive it from
+    the per-pair flags. ``n/a`` for a single version (no pair)."""
+    summary = (method.get("summary_by_metric") or {}).get(metric) or {}
+    if "ECC_every_pair" in summary:
+        held = summary["ECC_every_pair"]
+    else:
+        flags = [v for row in (method.get("ecc") or {}).get(metric) or [] for v in row if v is not None]
+        held = all(flags) if flags else None
+    return "n/a" if held is None else _fmt(held)
 
 
-def _summary_rows(metrics: dict[str, Any]) -> list[list[str]]:
-    primary = _primary(metrics)
+def _verdict_rows(metrics: dict[str, Any], names: list[str]) -> list[list[str]]:
     rows = []
     for key, method in metrics["methods"].items():
-        summary = method.get("summary") or {}
-        matrix = (method.get("matrices") or {}).get(primary)
-        final = _cell(matrix, len(matrix) - 1, len(matrix) - 1) if matrix else None
-        rows.append([key, *(_fmt(summary.get(k)) for k in _SUMMARY_KEYS), _fmt(final),
-                     _ecc_everywhere(method, primary)])
+        row = [key]
+        for name in names:
+            summary = (method.get("summary_by_metric") or {}).get(name) or {}
+            row += [_fmt(summary.get("AC")), _fmt(summary.get("AM")), _ecc_every_pair(method, name)]
+        rows.append(row)
     return rows
+
+
+def _verdict_caption(metrics: dict[str, Any]) -> list[str]:
+    over = " (means over seeds; ECC: held in every seed)" if metrics.get("seeds") else ""
+    return [f"Verdicts on every metric{over}:",
+            f"AC: share of pairs where {_ecc_rule(metrics)} (ties {_ties(metrics)}); AM: mean score in %; "
+            "ECC: held on every pair."]
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -167,7 +214,7 @@ def _heatmaps(run_dir: Path, metrics: dict[str, Any], slugs: dict[str, str]) -> 
         return []
     vmin, vmax = min(values), max(values)
     vmax = vmax if vmax > vmin else vmin + 1e-6
-    note = " (red: ECC violated)"
+    note = f" (red: ECC violated, ties {_ties(metrics)})"
     written = []
     for key, matrix, ecc in panels:
         side = _side(len(matrix))
@@ -214,7 +261,7 @@ def _pairs(size: int) -> list[tuple[int, int]]:
     return pairs + [(size - 1, 0)] if size > 2 else pairs
 
 
-def _method_section(key: str, method: dict[str, Any], slug: str, images: list[str]) -> list[str]:
+def _method_section(key: str, method: dict[str, Any], slug: str, images: list[str], rule: str) -> list[str]:
     matrices = method.get("matrices") or {}
     lines = [f"## {key}", "", f"- method: `{method.get('method', key)}`",
              f"- params: `{json.dumps(method.get('params') or {}, sort_keys=True)}`"]
@@ -233,23 +280,50 @@ def _method_section(key: str, method: dict[str, Any], slug: str, images: list[st
             rows.append([f"{new} vs {old}", metric, _fmt(_cell(matrix, old, old)), _fmt(_cell(matrix, new, old)),
                          _fmt(_cell(matrix, new, new)), _fmt(_cell(ecc, new, old))])
     if rows:
-        lines += ["Two-model comparisons (new model vs old model; ECC: new/old beats old/old):", ""]
+        lines += [f"Two-model comparisons (new model vs old model; ECC: {rule}):", ""]
         lines += _md_table(("new vs old", "metric", "old/old", "new/old", "new/new", "ECC"), rows)
     return lines
 
 
-def _seeds_section(seeds: dict[str, Any]) -> list[str]:
-    """Mean ± std over seeds, from ``mean``/``std`` mapping method -> summary key -> number."""
+def seed_verdict_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """Header and rows of a multi-seed run's ``seeds.verdicts``, one per method and metric (the primary
+    first): AC and AM as mean ± std, ECC as the seeds where it held on every pair (k/n); [] without."""
+    seeds = metrics.get("seeds") or {}
+    table = seeds.get("verdicts") or {}
+    if not table:
+        return []
+    count = len(seeds.get("values") or [])
+    rows = [["method", "metric", "AC", "AM", "ECC"]]
+    for key, by_metric in table.items():
+        for name in sorted(by_metric, key=lambda name: name != _primary(metrics)):
+            v = by_metric[name]
+            held = v.get("ECC_every_pair_seeds")
+            rows.append([key, _metric_title(metrics, name), f"{_fmt(v.get('AC'))} ± {_fmt(v.get('AC_std'))}",
+                         f"{_fmt(v.get('AM'))} ± {_fmt(v.get('AM_std'))}", "n/a" if held is None else f"{held}/{count}"])
+    return rows
+
+
+def _seeds_section(metrics: dict[str, Any]) -> list[str]:
+    """The verdicts over seeds (:func:`seed_verdict_rows`), then mean ± std of the other numbers, from
+    ``mean``/``std`` mapping method -> summary key -> number."""
+    seeds = metrics["seeds"]
     mean, std = seeds.get("mean") or {}, seeds.get("std") or {}
     title = "## Over seeds " + ", ".join(str(s) for s in seeds.get("values", [])) + " (mean ± std)"
+    lines = [title, ""]
+    verdict_rows = seed_verdict_rows(metrics)
+    if verdict_rows:
+        lines += ["Verdicts on every metric; ECC: the seeds where it held on every pair.", "",
+                  *_md_table(verdict_rows[0], verdict_rows[1:]), f"On `{_primary(metrics)}`:", ""]
     per_method = {key: values for key, values in mean.items() if isinstance(values, dict)}
     if not per_method:  # an unexpected shape: show it rather than guess
-        return [title, "", "```json", json.dumps({"mean": mean, "std": std}, indent=1, sort_keys=True), "```", ""]
+        return lines + ["```json", json.dumps({"mean": mean, "std": std}, indent=1, sort_keys=True), "```", ""]
     columns = [k for k in _SUMMARY_KEYS if any(k in v for v in per_method.values())]
     columns += sorted({k for v in per_method.values() for k in v} - set(columns))
+    if verdict_rows:
+        columns = [c for c in columns if c not in ("AC", "AM")]
     rows = [[key, *(f"{_fmt(values.get(c))} ± {_fmt((std.get(key) or {}).get(c))}" for c in columns)]
             for key, values in per_method.items()]
-    return [title, "", *_md_table(("method", *columns), rows)]
+    return lines + _md_table(("method", *columns), rows)
 
 
 def _update_section(metrics: dict[str, Any]) -> list[str]:
@@ -269,7 +343,7 @@ def _update_section(metrics: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     return ["## Update: first version (old) vs last version (new)", "",
-            "ECC: new/old > old/old. Update gain: (new/old − old/old) / (new*/new* − old/old), "
+            f"ECC: {_ecc_rule(metrics)}. Update gain: (new/old − old/old) / (new*/new* − old/old), "
             "new* = the `independent` method's last version (– without one).", "",
             *_md_table(("method", "metric", "old/old", "new/old", "new/new", "ECC", "update gain"), rows)]
 
@@ -341,30 +415,44 @@ def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str])
     for label, key in (("seed", "seed"), ("protocol", "protocol"), ("config digest", "config_digest")):
         if metrics.get(key) is not None:
             lines.append(f"- {label}: `{metrics[key]}`")
-    lines += [f"- primary metric: `{_primary(metrics)}`", "", "## Summary", ""]
-    lines += _md_table(_SUMMARY_HEADER, _summary_rows(metrics))
+    lines += [f"- primary metric (orders the tables, draws the heatmaps): `{_primary(metrics)}`",
+              f"- ECC: {_ecc_rule(metrics)} (ties {_ties(metrics)}); mAP ties: `{metrics.get('map_ties') or 'lower-index'}`",
+              "", "## Verdicts on every metric", ""]
+    names = _metric_order(metrics)
+    over = " Over seeds: the means, and ECC where it held in every seed." if metrics.get("seeds") else ""
+    lines += [f"AC: share of pairs where ECC holds; AM in %; ECC: held on every pair.{over}", ""]
+    lines += _md_table(["method", *(f"{_metric_title(metrics, n)} {k}" for n in names for k in _VERDICT_KEYS)],
+                       _verdict_rows(metrics, names))
     lines += [f"![{name}]({name})\n" for name in ("heatmaps.png", "accuracy.png") if name in images]
     if metrics.get("seeds"):
-        lines += _seeds_section(metrics["seeds"])
+        lines += _seeds_section(metrics)
     lines += _update_section(metrics)
     lines += _block_section(metrics)
     lines += _session_accuracy_section(metrics)
     for key, method in metrics["methods"].items():
-        lines += _method_section(key, method, slugs[key], images)
+        lines += _method_section(key, method, slugs[key], images, _ecc_rule(metrics))
     return "\n".join(lines)
 
 
 def format_seed_table(metrics: dict) -> str:
-    """Plain-text mean ± std of the table names per method (the CLI prints it after a multi-seed run)."""
+    """Plain-text tables the CLI prints after a multi-seed run: the verdicts on every metric (AC and AM
+    mean ± std, seeds with ECC on every pair), then mean ± std of the other table names on the primary."""
     seeds = metrics["seeds"]
+    over = f"Over seeds {', '.join(map(str, seeds['values']))} (mean ± sample std)"
+    verdict_rows = seed_verdict_rows(metrics)
+    text = f"{over}; ECC: seeds where it held on every pair:\n{_aligned(verdict_rows, 2)}\n\n" if verdict_rows else ""
     mean, std = seeds["mean"], seeds["std"]
-    names = list(next(iter(mean.values())))
+    names = [n for n in next(iter(mean.values())) if not (verdict_rows and n in ("AC", "AM"))]
     rows = [["method", *names]]
     rows += [[key, *(f"{_fmt_mean(mean[key].get(n))} ± {_fmt_mean(std[key].get(n))}" for n in names)] for key in mean]
+    return text + f"{over}, on {metrics['primary']}:\n" + _aligned(rows)
+
+
+def _aligned(rows: list[list[str]], text_columns: int = 1) -> str:
+    """Rows as aligned lines: the first ``text_columns`` columns left-aligned, the numbers right-aligned."""
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    return f"Over seeds {', '.join(map(str, seeds['values']))} (mean ± sample std), on {metrics['primary']}:\n" + "\n".join(lines)
+    return "\n".join("  ".join(cell.ljust(w) if c < text_columns else cell.rjust(w)
+                               for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows)
 
 
 def _fmt_mean(value: Optional[float]) -> str:
