@@ -153,7 +153,7 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
     DDP across workers, one ``ray.train.report`` (and progress line) per epoch."""
     import ray.train
 
-    from orchestrator.engine.loop import ProgressFile, build_optimizer, distributed, lr_at, train_epochs
+    from orchestrator.engine.loop import ProgressFile, build_optimizer, distributed, lr_at, report, train_epochs
 
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -164,7 +164,7 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
         module, optimizer, training.epochs, lr=partial(lr_at, training=training), hooks=[ProgressFile(run_dir, label, label, training.epochs)] if worker.is_chief else [],
         batches=lambda epoch: epoch_batches(num_items, training.batch_size, seed, epoch, worker.rank, worker.world_size),
         loss=lambda idx, epoch: loss_fn(wrapped, torch.from_numpy(idx).to(worker.device), epoch))
-    ray.train.report({"step": label, **means})  # once per stage: each report waits for the controller's poll
+    report({"step": label, **means})
     module.eval()
 
 

@@ -16,7 +16,14 @@ import torch
 
 
 class Hook:
-    """Named points of the loop; a hook overrides the ones it needs."""
+    """Named points of the loop; a hook overrides the ones it needs. A *step* is one call of
+    :func:`train_epochs` (one training episode); ``after_report`` follows the task's one Ray Train report."""
+
+    def before_step(self) -> None: ...
+
+    def after_step(self, means: dict[str, float]) -> None: ...
+
+    def after_report(self, result: dict) -> None: ...
 
     def before_epoch(self, epoch: int) -> None: ...
 
@@ -52,6 +59,8 @@ def train_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, epoc
     the epoch's batches, ``loss(batch, epoch)`` returns (loss, named parts) of one batch, forward
     included; ``module`` is put in train mode at every epoch."""
     means: dict[str, float] = {}
+    for hook in hooks:
+        hook.before_step()
     for epoch in range(start_epoch, epochs):
         if lr is not None:
             set_lr(optimizer, lr(epoch))
@@ -75,7 +84,19 @@ def train_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, epoc
         means = {k: v / max(count, 1) for k, v in totals.items()}
         for hook in hooks:
             hook.after_epoch(epoch, means)
+    for hook in hooks:
+        hook.after_step(means)
     return means
+
+
+def report(result: dict, hooks: Sequence[Hook] = ()) -> None:
+    """The task's one Ray Train report (every report waits for the controller's next poll, so once per
+    task, not per epoch), then the ``after_report`` hooks."""
+    import ray.train
+
+    ray.train.report(result)
+    for hook in hooks:
+        hook.after_report(result)
 
 
 def build_optimizer(params, training) -> torch.optim.Optimizer:

@@ -26,7 +26,7 @@ from orchestrator.data import LabeledImages, load_split
 from orchestrator.data.display_names import display_names
 from orchestrator.data.transforms import BatchTransform, make_transform
 from orchestrator.engine.graph import COPY, PRETRAIN, step_name
-from orchestrator.engine.loop import Hook, ProgressFile, build_optimizer, distributed, lr_at, train_epochs
+from orchestrator.engine.loop import Hook, ProgressFile, build_optimizer, distributed, lr_at, report, train_epochs
 from orchestrator.engine.replay import ReplayMemory, balanced_order
 from orchestrator.engine.scenarios import Step, class_order, plan_steps, train_indices
 from orchestrator.engine.session_files import session_plan
@@ -219,8 +219,7 @@ class Session:
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()
-        # once per step, not per epoch: every report waits for the Train controller's next poll
-        ray.train.report({"method": self.spec.key, "step": step.index, **means, **accuracy})
+        report({"method": self.spec.key, "step": step.index, **means, **accuracy}, [hooks, *progress])
 
     # -- a version 0 shared between methods ---------------------------------------------------
     def copy_first_version(self, twin: str, group: str = "") -> None:
