@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,7 @@ def run_dir(tmp_path):
 
 def test_render_writes_every_file(run_dir):
     report = render_report(run_dir)
-    assert report == run_dir / "report.md"
+    assert report == str(run_dir / "report.md")
     pngs = ["heatmaps.png", "accuracy.png", "heatmap_bct.png", "heatmap_independent.png", "heatmap_hoc_d_simplex.png"]
     for name in pngs:
         assert (run_dir / name).read_bytes().startswith(PNG_SIGNATURE), name
@@ -55,7 +56,7 @@ def test_render_writes_every_file(run_dir):
 
 
 def test_report_mentions_every_method_summary_pairs_and_seeds(run_dir):
-    text = render_report(run_dir).read_text()
+    text = Path(render_report(run_dir)).read_text()
     for key in METRICS["methods"]:
         assert f"## {key}" in text
     assert "| bct | 1.000 | 64.667 | 0.100 | 0.200 | 0.800 | yes |" in text
@@ -77,7 +78,7 @@ def test_matrix_csv_round_trip(run_dir):
 
 def test_minimal_metrics_render_without_optional_keys(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"methods": {"m": {"matrices": {"cmc1": [[0.5]]}}}}))
-    text = render_report(tmp_path).read_text()
+    text = Path(render_report(tmp_path)).read_text()
     assert "| m | – | – | – | – | 0.500 | n/a |" in text
     assert not (tmp_path / "accuracy.png").exists()
 
