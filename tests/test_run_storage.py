@@ -1,6 +1,7 @@
 """RunStorage on the local filesystem and on a filesystem that is not a POSIX tree (fsspec's in-memory one)."""
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -112,3 +113,26 @@ def test_locations(tmp_path):
         memory_storage().local_path()
     with pytest.raises(ValueError):
         local.path("../escape")
+
+
+def test_a_one_step_run_lives_entirely_on_a_non_local_filesystem():
+    """Config, weights, store, manifest, rows, metrics and report all go through RunStorage: a run whose
+    location is an in-memory filesystem finishes and leaves nothing on local disk. (Steps after the
+    first still need a local run: methods read earlier versions' weights from a local path.)"""
+    from helpers import config_under
+
+    from orchestrator.engine.driver import run_experiment
+
+    run = memory_storage()
+    cfg = config_under("/nonexistent-output-dir", "data.num_classes=4", "data.train_per_class=8",
+                       "data.test_per_class=4", "scenario.initial_classes=4", "scenario.num_steps=1",
+                       "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.batch_size=16",
+                       "resources.num_workers=0", "methods=[{name: independent}]")
+    metrics = run_experiment(cfg, run, progress=False, echo=lambda line: None)
+    assert list(metrics["methods"]) == ["independent"]
+    stored = set(run.list())
+    assert {"config.yaml", "run.json", "manifest/independent/step-000.json", "versions/independent/v0/model.pt",
+            "store/method=independent/version=0/eval_set=test/_COMPLETE.json", "rows/independent/row-000.json",
+            "metrics.json", "report.md", "heatmaps.png", "matrix_independent_cmc1.csv"} <= stored
+    assert run.read_json("metrics.json")["methods"]["independent"]["matrices"]["cmc1"] == [[pytest.approx(metrics["methods"]["independent"]["matrices"]["cmc1"][0][0])]]
+    assert not Path("/nonexistent-output-dir").exists()
