@@ -12,7 +12,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
+from typing import Any, Callable, ClassVar, Iterable, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -164,11 +164,12 @@ class Method(ABC):
         (``resources.share_first_version``). ``None``, the default, never shares."""
         return None
 
-    def anchor_checkpoint(self, ctx: StepContext) -> Optional[str]:
-        """The model :meth:`prepare` receives, frozen, as ``previous`` (when ``needs_previous``): the
-        previous version by default; a method may anchor to the model training starts from instead
-        (``ctx.init_checkpoint``, e.g. a replacement)."""
-        return ctx.previous_checkpoint
+    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, str]]:
+        """The model :meth:`prepare` receives, frozen, as ``previous`` (when ``needs_previous``): an int
+        is one of this method's own earlier versions (the engine loads it, as ``ctx.load_version`` does),
+        a string a checkpoint from elsewhere (``ctx.init_checkpoint``, e.g. a replacement). The previous
+        version by default."""
+        return ctx.index - 1 if ctx.index > 0 else None
 
     @classmethod
     def upstream_params(cls, params: dict[str, Any]) -> dict[str, Any]:

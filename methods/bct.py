@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +69,12 @@ class BCT(Independent):
     Params = BCTParams
     needs_previous = True
 
-    def anchor_checkpoint(self, ctx: StepContext) -> Optional[str]:
+    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, str]]:
         """``first``: every version is aligned to version 0, the model that embedded the oldest gallery,
         instead of through its predecessor (compatibility with v0 is then not left to transitivity)."""
-        if self.params.anchor == "first" and ctx.previous_checkpoint is not None:
-            return str(Path(ctx.previous_checkpoint).with_name("v0"))
-        return ctx.previous_checkpoint
+        if ctx.index == 0:
+            return None
+        return 0 if self.params.anchor == "first" else ctx.index - 1
 
     def prepare(self, ctx: StepContext, model, previous, loader) -> dict:
         if previous is None:  # the first version has nothing to be compatible with

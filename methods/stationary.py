@@ -14,7 +14,7 @@ starting checkpoint, or an upstream model) trains with cross-entropy alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -91,10 +91,10 @@ class Stationary(Method):
     def growable_prefixes(self) -> tuple[str, ...]:
         return ()  # the classifier is fixed and shared: nothing grows, nothing is re-initialised
 
-    def anchor_checkpoint(self, ctx: StepContext) -> Optional[str]:
-        if ctx.previous_checkpoint is None or (ctx.event == "replace" and self.params.anchor == "replacement"):
+    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, str]]:
+        if ctx.index == 0 or (ctx.event == "replace" and self.params.anchor == "replacement"):
             return ctx.init_checkpoint
-        return ctx.previous_checkpoint
+        return ctx.index - 1
 
     @classmethod
     def upstream_params(cls, params: dict[str, Any]) -> dict[str, Any]:

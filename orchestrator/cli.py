@@ -28,7 +28,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.set or args.seeds:
             raise CompatError("--resume continues a run with the config stored in it; drop CONFIG, --set and --seeds")
-        cfg, run_dir = load_run_config(Path(args.resume)), Path(args.resume)
+        cfg, run_dir = load_run_config(args.resume), args.resume
     else:
         seed_list = [f"seeds=[{args.seeds}]"] if args.seeds else []
         cfg, run_dir = load_config(args.config, [*args.set, *seed_list]), None
@@ -69,13 +69,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.engine import crossmodal
     from orchestrator.reporting.report import format_summary_table, render_report
-    from orchestrator.storage.runfiles import read_json
+    from orchestrator.storage.runfiles import read_metrics
 
-    handled = crossmodal.cli_report(Path(args.run_dir))
+    handled = crossmodal.cli_report(args.run_dir)
     if handled is not None:
         return handled
-    path = render_report(Path(args.run_dir))
-    print(format_summary_table(read_json(Path(args.run_dir) / "metrics.json")))
+    path = render_report(args.run_dir)
+    print(format_summary_table(read_metrics(args.run_dir)))
     print(f"\nReport written to {path}")
     return 0
 

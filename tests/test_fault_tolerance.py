@@ -58,7 +58,7 @@ class FlakyIndependent(Independent):
 
         record = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         log = Path(self.params.log_dir) / f"prepare-step{ctx.index}-rank{ctx.rank}-attempt{self._attempt()}.json"
-        runfiles.atomic_write_json(log, record)
+        log.write_text(json.dumps(record))
         return {"batches": 0}
 
     def loss(self, outputs, images, labels, state, ctx):
@@ -115,8 +115,8 @@ def test_worker_failure_restarts_the_group_which_skips_finished_steps_and_resume
         [f"prepare-step0-rank{r}-attempt1" for r in (0, 1)]
         + [f"prepare-step1-rank{r}-attempt{a}" for r in (0, 1) for a in (1, 2)])
     assert records["prepare-step1-rank1-attempt1"]["pid"] != records["prepare-step1-rank1-attempt2"]["pid"]
-    for artefact in [runfiles.manifest_path(run_dir, METHOD, 0),
-                     runfiles.versions_dir(run_dir, METHOD) / "v0" / "model.pt"]:
+    for artefact in [run_dir / runfiles.manifest_key(METHOD, 0),
+                     run_dir / runfiles.version_key(METHOD, 0) / "model.pt"]:
         assert artefact.stat().st_mtime_ns < marker.stat().st_mtime_ns, f"{artefact} was rewritten after the failure"
 
     # multi-node: on both attempts the two ranks ran on the two logical nodes of the cluster
@@ -131,7 +131,7 @@ def test_worker_failure_restarts_the_group_which_skips_finished_steps_and_resume
     # step 1 resumed after its first epoch's checkpoint: the second attempt trained epochs 1 and 2 only
     step1 = runfiles.manifest_entry(run_dir, METHOD, 1)
     assert step1["trained_images_per_worker"] == (EPOCHS - 1) * IMAGES_PER_RANK_EPOCH_STEP1
-    assert not runfiles.epoch_state_path(run_dir, METHOD, 1).exists()  # cleared once the step is done
+    assert not runfiles.storage(run_dir).exists(runfiles.epoch_state_key(METHOD, 1))  # cleared once the step is done
     group = step1["group"]  # one worker group (one Train run) for both steps, restarted in place
     assert runfiles.manifest_entry(run_dir, METHOD, 0)["group"] == group
     assert [p.name for p in (run_dir / "ray").iterdir() if p.is_dir()] == [f"{cfg.name}-{group}"]

@@ -1,6 +1,7 @@
 """An offline FSCIL experiment end to end, in-process: upstream CLIP, zero-shot baseline, CPE-CLIP sessions."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,5 +69,5 @@ def test_report_table_shows_avg_and_pd_with_their_spread_over_seeds(tmp_path):
         "experiment": "x", "methods": {"cpe": {"accuracy": [0.8, 0.6], "accuracy_summary": summary,
                                                "trainable_parameters": 406272}},
         "methods_std": {"cpe": {"accuracy_summary": {"avg": 0.01, "pd": 0.02}}}, "seeds": {"values": [0, 1]}}))
-    report = render_report(tmp_path).read_text()
+    report = Path(render_report(tmp_path)).read_text()
     assert "| cpe | 80.00 | 60.00 | 70.00 ± 1.00 | 20.00 ± 2.00 | 70.00 | 50.00 | 406,272 |" in report

@@ -67,8 +67,8 @@ def test_the_version_at_a_replacement_step_is_the_replacement_fine_tuned(replace
     cfg, run_dir, _ = replaced_run
     for spec in cfg.methods:
         upstream_dir = runfiles.upstream_dir(run_dir, upstream_config(cfg, spec, 1).digest())
-        upstream = runfiles.versions_dir(upstream_dir, spec.name) / "v0"
-        versions = [runfiles.versions_dir(run_dir, spec.key) / f"v{v}" for v in range(3)]
+        upstream = runfiles.version_checkpoint(upstream_dir, spec.name, 0)
+        versions = [runfiles.version_checkpoint(run_dir, spec.key, v) for v in range(3)]
         entries = [runfiles.manifest_entry(run_dir, spec.key, v) for v in range(3)]
         expected = [None, versions[0], upstream]  # recorded relative to the run directory
         assert [e["init_checkpoint"] for e in entries] == [

@@ -1,6 +1,5 @@
 """Replay memory: per-class exemplar counts, balanced ½/½ batches, and both inside a real (in-process) run."""
 
-import json
 
 import numpy as np
 import pytest
@@ -85,7 +84,7 @@ def test_replay_inside_a_run(tmp_path):
     driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     run_dir = tmp_path / cfg.name
     for step, classes in ((0, 2), (1, 4), (2, 6)):
-        memory = np.array(json.loads(runfiles.replay_path(run_dir, "test_batch_recorder", step).read_text())["indices"])
+        memory = np.array(runfiles.storage(run_dir).read_json(runfiles.replay_key("test_batch_recorder", step))["indices"])
         labels = np.repeat(np.arange(6), 30)[memory]  # natural class order: position = label
         assert np.bincount(labels, minlength=6).tolist() == [10] * classes + [0] * (6 - classes)
     step0 = [b for b in BatchRecorder.batches if b[0] == 0]

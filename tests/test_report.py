@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +48,7 @@ def run_dir(tmp_path):
 
 def test_render_writes_every_file(run_dir):
     report = render_report(run_dir)
-    assert report == run_dir / "report.md"
+    assert report == str(run_dir / "report.md")
     pngs = ["heatmaps.png", "accuracy.png", "heatmap_bct.png", "heatmap_independent.png", "heatmap_hoc_d_simplex.png"]
     for name in pngs:
         assert (run_dir / name).read_bytes().startswith(PNG_SIGNATURE), name
@@ -57,7 +58,7 @@ def test_render_writes_every_file(run_dir):
 
 
 def test_report_mentions_every_method_summary_pairs_and_seeds(run_dir):
-    text = render_report(run_dir).read_text()
+    text = Path(render_report(run_dir)).read_text()
     for key in METRICS["methods"]:
         assert f"## {key}" in text
     # verdicts on every metric, side by side: AC, AM, ECC on every pair of cmc1 (primary) then map
@@ -81,7 +82,7 @@ def test_matrix_csv_round_trip(run_dir):
 
 def test_minimal_metrics_render_without_optional_keys(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"methods": {"m": {"matrices": {"cmc1": [[0.5]]}}}}))
-    text = render_report(tmp_path).read_text()
+    text = Path(render_report(tmp_path)).read_text()
     assert "| m | – | – | n/a |" in text
     assert not (tmp_path / "accuracy.png").exists()
 
@@ -120,8 +121,8 @@ def test_ties_decide_every_verdict_of_metrics_json_and_the_report(tmp_path, ties
     cfg = config_under(tmp_path, f"evaluation.ties={ties}", "evaluation.primary=map", "methods=[{name: independent}]")
     run_dir = tmp_path / "run"
     for version, row in enumerate(rows):
-        runfiles.atomic_write_json(runfiles.row_path(run_dir, "independent", version), row)
-    runfiles.atomic_write_json(runfiles.versions_dir(run_dir, "independent") / "v0" / "meta.json", {"params": {}})
+        runfiles.write_row(run_dir, "independent", version, row)
+    runfiles.storage(run_dir).write_json(f"{runfiles.version_key('independent', 0)}/meta.json", {"params": {}})
     metrics = assemble_metrics(cfg, run_dir, 3)
     entry = metrics["methods"]["independent"]
     tied = ties == "pass"
@@ -130,8 +131,8 @@ def test_ties_decide_every_verdict_of_metrics_json_and_the_report(tmp_path, ties
     assert entry["summary_by_metric"]["cmc1"]["ECC_every_pair"] is tied
     assert entry["summary_by_metric"]["map"]["ECC_every_pair"] is True
     assert set(entry["summary"]) == {"AC", "AM", "BC", "FC"} and entry["summary"]["AC"] == 1.0  # primary: map
-    runfiles.atomic_write_json(run_dir / "metrics.json", metrics)
-    text = render_report(run_dir).read_text()
+    runfiles.storage(run_dir).write_json("metrics.json", metrics)
+    text = Path(render_report(run_dir)).read_text()
     rule = "new/old ≥ old/old" if tied else "new/old > old/old"
     assert f"ECC: {rule}" in text
     assert f"| 1 vs 0 | cmc1 | 0.500 | 0.500 | 0.700 | {'yes' if tied else 'no'} |" in text

@@ -173,7 +173,7 @@ def test_rows_are_computed_while_later_steps_train(finished_run):
     """Each version's matrix row is computed as soon as it is committed, while the group trains on."""
     _, run_dir, _ = finished_run
     last = runfiles.manifest_entry(run_dir, "independent", 2)
-    assert runfiles.row_path(run_dir, "independent", 0).stat().st_mtime < last["finished_at"]
+    assert (run_dir / runfiles.row_key("independent", 0)).stat().st_mtime < last["finished_at"]
 
 
 def test_cells_are_split_by_the_classes_each_version_added(finished_run):
@@ -212,7 +212,7 @@ def test_an_identical_first_version_is_trained_once_and_copied(finished_run, tmp
     assert "copied_from" not in runfiles.manifest_entry(run_dir, "bct", 1)
     store = EmbeddingStore(run_dir / "store")
     assert np.array_equal(store.read("bct", 0, "test").embeddings, store.read("independent", 0, "test").embeddings)
-    assert runfiles.read_json(run_dir / "versions" / "bct" / "v0" / "meta.json")["method"] == "bct"
+    assert runfiles.version_meta(run_dir, "bct", 0)["method"] == "bct"
 
     retrained = driver.run_experiment(tiny(tmp_path, "resources.share_first_version=false"),
                                           progress=False, echo=lambda s: None)

@@ -101,10 +101,10 @@ def test_which_model_is_the_anchor():
     m = method()
     assert m.anchor_checkpoint(ctx(index=0, event="train")) is None
     assert m.anchor_checkpoint(ctx(index=0, event="replace", init_checkpoint="up0")) == "up0"
-    assert m.anchor_checkpoint(ctx(previous_checkpoint="v0", init_checkpoint="v0")) == "v0"
-    at_replacement = ctx(event="replace", previous_checkpoint="v1", init_checkpoint="up1")
+    assert m.anchor_checkpoint(ctx(previous_checkpoint="v0", init_checkpoint="v0")) == 0  # own version 0
+    at_replacement = ctx(index=2, event="replace", previous_checkpoint="v1", init_checkpoint="up1")
     assert m.anchor_checkpoint(at_replacement) == "up1"  # reference: the replacement itself
-    assert method(anchor="replaced").anchor_checkpoint(at_replacement) == "v1"
+    assert method(anchor="replaced").anchor_checkpoint(at_replacement) == 1  # own version 1
     assert method(anchor="replaced").anchor_checkpoint(ctx(index=0, event="replace", init_checkpoint="up0")) == "up0"
 
 

@@ -96,7 +96,7 @@ def test_crash_mid_write_leaves_no_readable_partial_partition(tmp_path, monkeypa
         store.read("m", 0, "test")
 
 
-def test_leftover_temp_file_is_ignored_by_readers_and_cleaned_on_next_write(tmp_path):
+def test_leftover_temp_file_is_ignored_by_readers_and_listing(tmp_path):
     store = EmbeddingStore(tmp_path)
     store.write("m", 0, "test", unit_rows(3), np.zeros(3), np.arange(3))
     leftover = partition_dir(tmp_path) / ".part-0.arrow.shard0.killed.tmp"  # what a killed writer leaves
@@ -104,7 +104,26 @@ def test_leftover_temp_file_is_ignored_by_readers_and_cleaned_on_next_write(tmp_
     assert store.read("m", 0, "test").sample_ids.tolist() == [0, 1, 2]
     assert ds.dataset(tmp_path, format="arrow", partitioning="hive").count_rows() == 3
     store.write("m", 0, "test", unit_rows(3), np.zeros(3), np.arange(3))
-    assert not leftover.exists()
+    assert store.read("m", 0, "test").sample_ids.tolist() == [0, 1, 2] and store.versions("m") == [0]
+
+
+def test_store_on_a_filesystem_without_rename_or_memory_maps():
+    """The same store on an in-memory object-store-like filesystem: shards and marker are whole objects."""
+    from tests.test_run_storage import memory_storage
+
+    run = memory_storage()
+    store = EmbeddingStore(run.child("store"))
+    store.write("m/a", 1, "test", unit_rows(4), np.arange(4), np.arange(4), shard=1, num_shards=2)
+    assert not store.has("m/a", 1, "test") and store.methods() == []
+    with pytest.raises(StoreError, match="incomplete"):
+        store.read("m/a", 1, "test")
+    store.write("m/a", 1, "test", unit_rows(4), np.arange(4), np.arange(4, 8), shard=0, num_shards=2)
+    table = store.read("m/a", 1, "test")
+    assert table.sample_ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7] and table.embeddings.dtype == np.float32
+    assert store.methods() == ["m/a"] and store.versions("m/a") == [1] and store.eval_sets("m/a", 1) == ["test"]
+    exported = store.export_parquet(run.child("export"))
+    assert sorted(exported.list()) == ["method=m%2Fa/version=1/eval_set=test/part-0.parquet",
+                                       "method=m%2Fa/version=1/eval_set=test/part-1.parquet"]
 
 
 def test_truncated_or_garbled_file_raises_store_error(tmp_path):
@@ -153,7 +172,7 @@ def test_export_parquet_readable_by_pyarrow_and_pandas(tmp_path):
     emb = unit_rows(5)
     store.write(METHOD, 0, "test", emb, np.arange(5), np.arange(5), caption_of=[-1, 0, -1, 1, -1])
     store.write("other", 0, "test", unit_rows(2), [0, 0], [0, 1])
-    dest = store.export_parquet(tmp_path / "export", method=METHOD)
+    dest = store.export_parquet(tmp_path / "export", method=METHOD).local_path()
     files = list(dest.rglob("*.parquet"))
     assert len(files) == 1
     assert "BYTE_STREAM_SPLIT" in pq.ParquetFile(files[0]).metadata.row_group(0).column(0).encodings

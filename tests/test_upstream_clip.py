@@ -10,7 +10,7 @@ from orchestrator import load_config
 from orchestrator.data import load_split
 from orchestrator.data.captions import CAPTION_TEMPLATES, caption_texts, load_captioned, shifted_templates
 from orchestrator.errors import ConfigError, DataError
-from orchestrator.engine.upstream_clip import multi_positive_clip_loss, pretrain_clip, read_upstream_meta, recipe_key
+from orchestrator.engine.upstream_clip import multi_positive_clip_loss, pretrain_clip, recipe_key
 
 DATA = DataConfig(num_classes=4, train_per_class=10, test_per_class=5)
 
@@ -61,13 +61,14 @@ def test_upstream_clip_is_deterministic_cached_and_loadable(tmp_path):
     recipe = UpstreamClipConfig(images_per_class=8, epochs=2, batch_size=16)
     first = pretrain_clip("tiny-vit-w32", recipe, DATA, tmp_path / "a")
     second = pretrain_clip("tiny-vit-w32", recipe, DATA, tmp_path / "b")
-    a, b = torch.load(first, weights_only=True), torch.load(second, weights_only=True)
+    a, b = first.load_torch("model.pt"), second.load_torch("model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    stamp = first.stat().st_mtime_ns
-    assert pretrain_clip("tiny-vit-w32", recipe, DATA, tmp_path / "a") == first and first.stat().st_mtime_ns == stamp
-    meta = read_upstream_meta(first)
+    stamp = first.local_path("model.pt").stat().st_mtime_ns
+    assert pretrain_clip("tiny-vit-w32", recipe, DATA, tmp_path / "a") == first
+    assert first.local_path("model.pt").stat().st_mtime_ns == stamp  # cached, not retrained
+    meta = first.read_json("meta.json")
     assert meta["model"] == "tiny-vit-w32" and len(meta["zero_shot_per_class"]) == 4
-    model, _ = create_clip("tiny-vit-w32", str(first))
+    model, _ = create_clip("tiny-vit-w32", str(first.local_path("model.pt")))
     assert torch.equal(model.state_dict()["visual.proj"], a["visual.proj"])
     assert recipe_key("tiny-vit-w32", recipe, DATA) != recipe_key("tiny-vit-w32", UpstreamClipConfig(epochs=3), DATA)
 

@@ -249,7 +249,7 @@ def test_upstream_pretraining_on_instance_captions(tmp_path):
     data = DataConfig(num_classes=4, train_per_class=4, test_per_class=2)
     checkpoint = pretrain_clip("tiny-vit-w32", recipe, data, tmp_path)
     assert pretrain_clip("tiny-vit-w32", recipe, data, tmp_path) == checkpoint  # cached
-    create_clip("tiny-vit-w32", str(checkpoint))  # loads strictly
+    create_clip("tiny-vit-w32", str(checkpoint.local_path("model.pt")))  # loads strictly
 
 
 def test_new_to_new_uses_the_untouched_base_model(finished_run):

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import RunStorage
 from orchestrator.config.typed import to_dict
 from orchestrator.config.crossmodal import ClipSpec, CrossModalExperiment, parse_crossmodal
 from orchestrator.errors import RunError
@@ -37,21 +38,21 @@ from orchestrator.errors import RunError
 SCHEMA_VERSION = 1
 
 
-def load_crossmodal_run(run_dir: Path) -> CrossModalExperiment:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise RunError(f"{run_dir} is not a run directory (no config.yaml); pass the directory `compat run` created")
-    return parse_crossmodal(yaml.safe_load(path.read_text()))
+def load_crossmodal_run(run: runfiles.Run) -> CrossModalExperiment:
+    document = runfiles.read_config(run)
+    if document is None:
+        raise RunError(f"{runfiles.storage(run).location} is not a run directory (no config.yaml); pass the "
+                       "directory `compat run` created")
+    return parse_crossmodal(document)
 
 
-def _prepare_run_dir(cfg: CrossModalExperiment, run_dir: Path) -> bool:
-    """Create ``run_dir`` for ``cfg`` or check it belongs to ``cfg``; True when resuming."""
-    config_file = run_dir / "config.yaml"
-    if config_file.is_file():
-        existing = load_crossmodal_run(run_dir)
+def _prepare_run_dir(cfg: CrossModalExperiment, run: RunStorage) -> bool:
+    """Start the run of ``cfg`` at ``run`` or check it belongs to ``cfg``; True when resuming."""
+    if run.exists(runfiles.CONFIG):
+        existing = load_crossmodal_run(run)
         if existing.digest() != cfg.digest():
-            raise RunError(f"{run_dir} already holds a run of a different config (digest {existing.digest()} != "
-                           f"{cfg.digest()}); resume it with `compat run --resume {run_dir}`, or set another "
+            raise RunError(f"{run.location} already holds a run of a different config (digest {existing.digest()} != "
+                           f"{cfg.digest()}); resume it with `compat run --resume {run.location}`, or set another "
                            f"`name`/`output_dir`, or delete it")
         return True
     import ray
@@ -61,9 +62,8 @@ def _prepare_run_dir(cfg: CrossModalExperiment, run_dir: Path) -> bool:
                                   cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         revision = None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runfiles.atomic_write_bytes(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    runfiles.atomic_write_json(run_dir / "run.json", {
+    runfiles.write_config(run, cfg.to_dict())
+    run.write_json(runfiles.PROVENANCE, {
         "experiment": cfg.name, "kind": cfg.kind, "seeds": cfg.seeds, "config_digest": cfg.digest(),
         "code_revision": revision, "python": platform.python_version(), "torch": torch.__version__,
         "ray": ray.__version__})
@@ -95,7 +95,7 @@ def stage_payloads(cfg: CrossModalExperiment) -> list[tuple[str, dict, tuple[str
     return out
 
 
-def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[Path] = None,
+def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[runfiles.Run] = None,
                    echo: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Run (or resume) every task on the engine's executor, then write metrics.json and report.md."""
     from orchestrator.data.crossmodal import check_data
@@ -109,23 +109,23 @@ def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[Path] = None,
 
     validate(cfg)
     check_data(cfg.data)
-    run_dir = Path(run_dir or Path(cfg.output_dir) / cfg.name).resolve()
+    run_dir = runfiles.storage(run_dir or Path(cfg.output_dir) / cfg.name)
     resuming = _prepare_run_dir(cfg, run_dir)
     graph = plan(cfg)
     done = sum(runfiles.task_done(run_dir, t.name) for t in graph.tasks.values())
-    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir}: {len(graph.tasks)} tasks "
+    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir.location}: {len(graph.tasks)} tasks "
          f"({len(cfg.seeds)} seed(s) x {len(cfg.methods)} method(s)), {done} already done")
     display = ProgressDisplay(run_dir, graph, done, enabled=progress, echo=echo)
     execute(graph, run_dir, display=display)
     display.close()
     metrics = evaluate_run(cfg, run_dir)
-    runfiles.atomic_write_json(run_dir / "metrics.json", metrics)
+    run_dir.write_json(runfiles.METRICS, metrics)
     render_crossmodal_report(run_dir)
     return metrics
 
 
 # -- workers -----------------------------------------------------------------------------------
-def run_task(name: str, payload: dict, run_dir: Path, worker, group: str) -> None:
+def run_task(name: str, payload: dict, run_dir: RunStorage, worker, group: str) -> None:
     """A worker's part of one cross-modal task; the chief commits its manifest entry."""
     from orchestrator.engine.crossmodal_steps import encode_step, stage_step
 
@@ -133,12 +133,12 @@ def run_task(name: str, payload: dict, run_dir: Path, worker, group: str) -> Non
     entry = (encode_step if payload["kind"] == "encode" else stage_step)(payload, run_dir, worker)
     worker.barrier()
     if worker.is_chief:
-        runfiles.atomic_write_json(runfiles.task_manifest_path(run_dir, name), {
+        runfiles.mark_task_done(run_dir, name, {
             "step": name, "seconds": round(time.time() - started, 3), "world_size": worker.world_size,
             "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group, **entry})
 
 
-def resolve_clip(spec: ClipSpec, synthetic, run_dir: Path) -> tuple[str, Optional[str]]:
+def resolve_clip(spec: ClipSpec, synthetic, run_dir: runfiles.Run) -> tuple[str, Optional[str]]:
     """(architecture, weights) of a model spec; an ``upstream`` spec's weights were pretrained by its task."""
     if spec.upstream is None:
         return spec.name, spec.pretrained
@@ -148,11 +148,9 @@ def resolve_clip(spec: ClipSpec, synthetic, run_dir: Path) -> tuple[str, Optiona
 
 
 def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, worker, seed: int,
-                 label: str, run_dir: Path) -> None:
+                 label: str, run_dir: runfiles.Run) -> None:
     """The engine's loop for every stage: seeded sharded batches, the step's optimiser and schedule,
-    DDP across workers, one ``ray.train.report`` (and progress line) per epoch."""
-    import ray.train
-
+    DDP across workers, a progress line per epoch and one report per stage."""
     from orchestrator.engine.loop import ProgressFile, build_optimizer, distributed, lr_at, report, train_epochs
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -179,7 +177,7 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def train_fn(training, worker, seed: int, label: str, run_dir: Path) -> Callable:
+def train_fn(training, worker, seed: int, label: str, run_dir: runfiles.Run) -> Callable:
     """``StageContext.train`` bound to this step."""
     return partial(train_module, training=training, worker=worker, seed=seed, label=label, run_dir=run_dir)
 
@@ -194,12 +192,12 @@ def cli_run(args) -> Optional[int]:
 
     seeds = getattr(args, "seeds", None)
     if args.resume:
-        path = Path(args.resume) / "config.yaml"
-        if not (path.is_file() and is_crossmodal(yaml.safe_load(path.read_text()))):
+        document = runfiles.read_config(args.resume)
+        if not (document is not None and is_crossmodal(document)):
             return None
         if args.config or args.set or seeds:
             raise CompatError("--resume continues a run with the config stored in it; drop CONFIG, --set and --seeds")
-        cfg, run_dir = load_crossmodal_run(Path(args.resume)), Path(args.resume)
+        cfg, run_dir = load_crossmodal_run(args.resume), args.resume
     else:
         raw = load_raw(args.config, args.set)
         if not is_crossmodal(raw):
@@ -215,15 +213,15 @@ def cli_run(args) -> Optional[int]:
     return 0
 
 
-def cli_report(run_dir: Path) -> Optional[int]:
+def cli_report(run_dir: runfiles.Run) -> Optional[int]:
     """``compat report`` for a cross-modal run directory; None for any other."""
     from orchestrator.config.crossmodal import is_crossmodal
     from orchestrator.reporting.crossmodal import format_crossmodal_table, render_crossmodal_report
 
-    path = Path(run_dir) / "config.yaml"
-    if not (path.is_file() and is_crossmodal(yaml.safe_load(path.read_text()))):
+    document = runfiles.read_config(run_dir)
+    if not (document is not None and is_crossmodal(document)):
         return None
     report = render_crossmodal_report(run_dir)
-    print(format_crossmodal_table(runfiles.read_json(Path(run_dir) / "metrics.json")))
+    print(format_crossmodal_table(runfiles.read_metrics(run_dir)))
     print(f"\nReport written to {report}")
     return 0

@@ -8,7 +8,6 @@ are there. A stage step is given the new model only: its payload does not name t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +18,7 @@ from orchestrator.storage import runfiles
 from orchestrator.config.typed import from_dict
 from orchestrator.config import TrainingConfig
 from orchestrator.engine.crossmodal import resolve_clip, train_fn
-from orchestrator.storage.runfiles import CROSSMODAL_VERSIONS as VERSIONS, seed_dir, state_path
+from orchestrator.storage.runfiles import CROSSMODAL_VERSIONS as VERSIONS, seed_dir, state_key
 from orchestrator.config.crossmodal import ClipSpec, CrossModalDataConfig, parse_crossmodal
 from orchestrator.data.crossmodal import CaptionedArrays, corpus_captions, corpus_draw, eval_set, pair_set
 from orchestrator.data.transforms import BatchTransform
@@ -28,7 +27,7 @@ from orchestrator.storage.store import EmbeddingStore
 
 
 def _load(spec: ClipSpec, data: CrossModalDataConfig, device: torch.device,
-          run_dir: Path) -> tuple[torch.nn.Module, Tokenizer, BatchTransform]:
+          run_dir: runfiles.Run) -> tuple[torch.nn.Module, Tokenizer, BatchTransform]:
     """The model, its tokenizer and its test-time transform. Random weights (no ``pretrained``, no
     ``upstream``) come from a fixed seed, so every step of a run sees the same model."""
     name, weights = resolve_clip(spec, data.synthetic, run_dir)
@@ -66,7 +65,7 @@ def _write_eval_set(store: EmbeddingStore, key: str, data: CaptionedArrays, enco
                 data.caption_of[captions], captions, modality="text", caption_of=data.caption_of[captions], **shard)
 
 
-def encode_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
+def encode_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> dict:
     """The ``old`` or ``new`` model embeds the evaluation set and the corpus into RUN_DIR/store."""
     cfg = parse_crossmodal(loop["config"])
     role = loop["role"]
@@ -118,7 +117,7 @@ class PairBatches:
         return images, self.tokens[torch.from_numpy(self._choice[idx.numpy()])].to(self.device)
 
 
-def stage_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
+def stage_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> dict:
     """One stage of one method for one seed; the last stage also embeds the queries."""
     from methods.crossmodal_base import StageContext, TextPairs, create_crossmodal
 
@@ -129,7 +128,7 @@ def stage_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
     training = from_dict(TrainingConfig, loop["training"], f"methods.{loop['method_index']}.training.{stage}")
     state: dict[str, torch.Tensor] = {}
     for earlier in loop["earlier"]:
-        state.update(torch.load(state_path(run_dir, seed, spec["key"], earlier), map_location="cpu", weights_only=True))
+        state.update(seed_dir(run_dir, seed).load_torch(state_key(spec["key"], earlier)))
     dims = {"new_dim": embedding_dim(new_spec.name), "old_dim": loop["old_dim"]}
     torch.manual_seed(seed)
     ctx = StageContext(stage=stage, seed=seed, device=worker.device, training=training,
@@ -147,11 +146,11 @@ def stage_step(loop: dict, run_dir: Path, worker: Worker) -> dict:
         size = len(stage_data)
     kept = method.stages()[stage](stage_data, state, ctx)
     if worker.is_chief:
-        runfiles.atomic_torch_save(state_path(run_dir, seed, spec["key"], stage), kept)
+        seed_dir(run_dir, seed).save_torch(state_key(spec["key"], stage), kept)
     if loop["last"]:
         clip, tokenizer, transform = _load(new_spec, data, worker.device, run_dir)
         encoder = method.query_encoder(clip, {**state, **kept}, **dims).to(worker.device).eval()
-        _write_eval_set(EmbeddingStore(seed_dir(run_dir, seed) / "store"), spec["key"],
+        _write_eval_set(EmbeddingStore(runfiles.store_dir(seed_dir(run_dir, seed))), spec["key"],
                         eval_set(data, _image_size(new_spec, data)), encoder.encode_image, encoder.encode_text,
                         tokenizer, transform, loop["batch_size"], worker,
                         {"method": spec["name"], "seed": seed, "model": new_spec.name})

@@ -12,11 +12,11 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
-import yaml
 
 from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import Location, RunStorage
 from orchestrator.config import ExperimentConfig, parse_config
 from orchestrator.config.crossmodal import CrossModalExperiment
 from orchestrator.engine.executor import ensure_ray  # noqa: F401  (the benches start the cluster through here)
@@ -30,31 +30,34 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name
 
 
-def load_run_config(run_dir: Path) -> ExperimentConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise RunError(f"{run_dir} is not a run directory (no config.yaml); pass the directory `compat run` created")
-    return parse_config(yaml.safe_load(path.read_text()))
+def load_run_config(run: runfiles.Run) -> ExperimentConfig:
+    document = runfiles.read_config(run)
+    if document is None:
+        raise RunError(f"{RunStorage.of(run).location} is not a run directory (no config.yaml); pass the "
+                       "directory `compat run` created")
+    return parse_config(document)
 
 
-def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> bool:
-    """Create ``run_dir`` for ``cfg``, or check that it already belongs to ``cfg``. Returns True when resuming.
-    A replacement checkpoint that is missing, unsafe or does not fit fails here, before anything is written."""
+def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
+    """Start the run of ``cfg`` at ``run``, or check that it already belongs to ``cfg``. Returns True when
+    resuming. A replacement checkpoint that is missing, unsafe or does not fit fails here, before anything
+    is written."""
     from orchestrator.engine.upstream import check_replacements
 
     check_replacements(cfg)
-    config_file = run_dir / "config.yaml"
-    if config_file.is_file():
-        existing = parse_config(yaml.safe_load(config_file.read_text()))
+    run = RunStorage.of(run)
+    document = runfiles.read_config(run)
+    if document is not None:
+        existing = parse_config(document)
         if existing.digest() != cfg.digest():
             raise RunError(
-                f"{run_dir} already holds a run of a different config (digest {existing.digest()} != {cfg.digest()}); "
-                f"resume it with `compat run --resume {run_dir}`, or set another `name`/`output_dir`, or delete it"
+                f"{run.location} already holds a run of a different config (digest {existing.digest()} != "
+                f"{cfg.digest()}); resume it with `compat run --resume {run.location}`, or set another "
+                "`name`/`output_dir`, or delete it"
             )
         return True
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runfiles.atomic_write_bytes(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    runfiles.atomic_write_json(run_dir / "run.json", run_provenance(cfg))
+    runfiles.write_config(run, cfg.to_dict())
+    run.write_json(runfiles.PROVENANCE, run_provenance(cfg))
     return False
 
 
@@ -71,7 +74,7 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, progress: bool = True,
+def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Location]] = None, *, progress: bool = True,
                    echo: Callable[[str], None] = print, max_groups: Optional[int] = None) -> dict:
     """Run (or resume) the experiment: plan its task graph (every method, seed and upstream model),
     execute it, then write each run's metrics.json, CSVs, plots and report.md.
@@ -89,14 +92,14 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
 
         return run_crossmodal(cfg, run_dir, echo=echo, progress=progress)
     validate(cfg)
-    root = Path(run_dir or default_run_dir(cfg)).resolve()
+    root = RunStorage.of(run_dir or default_run_dir(cfg))
     resuming = prepare_run_dir(cfg, root)
     graph = plan(cfg)
     for path, run in graph.runs.items():
         if path:
-            prepare_run_dir(run.config, root / path)
-    done = sum(runfiles.task_done(root / t.run, t.name) for t in graph.tasks.values())
-    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {root}: {describe_graph(graph)}, "
+            prepare_run_dir(run.config, root.child(path))
+    done = sum(runfiles.task_done(root.child(t.run), t.name) for t in graph.tasks.values())
+    echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {root.location}: {describe_graph(graph)}, "
          f"{done}/{len(graph.tasks)} already done")
     display = ProgressDisplay(root, graph, done, enabled=progress, echo=echo)
 
@@ -105,7 +108,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
         if task.method is None:
             return  # the upstream CLIP: no version of a method
         run = graph.runs[task.run]
-        ensure_row(run.config, root / task.run, run.config.methods[task.method].key, task.step)
+        ensure_row(run.config, root.child(task.run), run.config.methods[task.method].key, task.step)
 
     execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups)
     display.close()
@@ -113,17 +116,17 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Path] = None, *, pro
     for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):
         for task in graph.tasks_of(path):
             row_of(task.id)
-        record_upstream(run.config, root / path, root)
-        metrics = assemble_metrics(run.config, root / path, len(run.steps))
-        runfiles.atomic_write_json(root / path / "metrics.json", metrics)
-        render_report(root / path)
+        record_upstream(run.config, root.child(path), root)
+        metrics = assemble_metrics(run.config, root.child(path), len(run.steps))
+        root.child(path).write_json(runfiles.METRICS, metrics)
+        render_report(root.child(path))
         finished[path] = metrics
     if cfg.seeds is None:
         return finished[""]
     from orchestrator.evaluation.seeds import aggregate
 
     metrics = aggregate(cfg, [finished[f"seed-{seed}"] for seed in cfg.seeds])
-    runfiles.atomic_write_json(root / "metrics.json", metrics)
+    root.write_json(runfiles.METRICS, metrics)
     render_report(root)
     return metrics
 
@@ -138,18 +141,18 @@ def describe_graph(graph) -> str:
     return f"{text} = {len(graph.tasks)} tasks"
 
 
-def ensure_row(cfg: ExperimentConfig, run_dir: Path, method: str, version: int) -> dict:
+def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: int) -> dict:
     """Row ``version`` of every compatibility matrix, computed once from the store and cached."""
     from orchestrator.evaluation import compatibility_row
     from orchestrator.storage.store import EmbeddingStore
 
-    path = runfiles.row_path(run_dir, method, version)
-    if path.is_file():
-        return runfiles.read_json(path)
+    row = runfiles.read_row(run, method, version)
+    if row is not None:
+        return row
     blocks = class_blocks(cfg)
-    row = compatibility_row(EmbeddingStore(runfiles.store_dir(run_dir)), method, version, cfg.evaluation,
+    row = compatibility_row(EmbeddingStore(runfiles.store_dir(run)), method, version, cfg.evaluation,
                             None if blocks is None else blocks[1])
-    runfiles.atomic_write_json(path, row)
+    runfiles.write_row(run, method, version, row)
     return row
 
 
@@ -176,7 +179,7 @@ def class_blocks(cfg: ExperimentConfig) -> Optional[tuple[list[str], "np.ndarray
     return names, block_of_label
 
 
-def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) -> dict:
+def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int) -> dict:
     """metrics.json: per method every matrix by metric name and the summary metrics (stable schema).
 
     Every verdict (AC, the per-pair ECC flags, ECC on every pair) is decided on every metric with the
@@ -192,7 +195,7 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
                  "primary": cfg.evaluation.primary, "ties": ties, "map_ties": cfg.evaluation.map_ties,
                  "methods": {}}
     for spec in cfg.methods:
-        rows = [runfiles.read_json(runfiles.row_path(run_dir, spec.key, v)) for v in range(num_versions)]
+        rows = [runfiles.read_row(run, spec.key, v) for v in range(num_versions)]
         matrices, summaries, ecc = {}, {}, {}
         for name in [n for n in rows[0] if n != BY_BLOCK]:
             matrix = CompatibilityMatrix(num_versions)
@@ -210,9 +213,9 @@ def assemble_metrics(cfg: ExperimentConfig, run_dir: Path, num_versions: int) ->
             }
             flags = M.ecc_matrix(values, ties=ties)
             ecc[name] = [[bool(flags[i][j]) if j < i else None for j in range(num_versions)] for i in range(num_versions)]
-        entries = [runfiles.manifest_entry(run_dir, spec.key, v) or {} for v in range(num_versions)]
+        entries = [runfiles.manifest_entry(run, spec.key, v) or {} for v in range(num_versions)]
         accuracy = [e.get("accuracy") for e in entries]
-        method_params = runfiles.read_json(runfiles.versions_dir(run_dir, spec.key) / "v0" / "meta.json").get("params", {})
+        method_params = runfiles.version_meta(run, spec.key, 0).get("params", {})
         out["methods"][spec.key] = {
             "method": spec.name, "params": method_params, "num_versions": num_versions,
             "matrices": matrices, "summary": _primary_summary(summaries, cfg.evaluation.primary),
@@ -274,7 +277,7 @@ class ProgressDisplay:
     """Tasks done/total, each running task's epoch and loss, and an ETA, from the executor's events and
     the progress files the workers write (the driver never sees their tensors)."""
 
-    def __init__(self, root: Path, graph, done: int, enabled: bool, echo: Callable[[str], None]):
+    def __init__(self, root: RunStorage, graph, done: int, enabled: bool, echo: Callable[[str], None]):
         self.root, self.graph, self.enabled, self.echo = root, graph, enabled, echo
         self.total, self.done, self.finished_here = len(graph.tasks), done, 0
         self.started = time.time()
@@ -316,7 +319,7 @@ class ProgressDisplay:
 
     def _progress(self, task_id: str) -> Optional[dict]:
         task = self.graph.tasks[task_id]
-        return runfiles.read_progress(self.root / task.run, task.name)
+        return runfiles.read_progress(self.root.child(task.run), task.name)
 
     def _print(self, text: str, newline: bool) -> None:
         if self._tty and not newline:

@@ -15,12 +15,12 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from orchestrator.engine.graph import TaskGraph
 from orchestrator.engine.queue import DONE, WAIT, TaskQueue
 from orchestrator.errors import CompatError, RunError
+from orchestrator.storage.run_storage import RunStorage
 
 DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"  # declared by the deployment files on the head node only
 DRIVER_SHARE = 0.01  # of one unit: a node declaring N units hosts up to 100 * N drivers
@@ -29,13 +29,13 @@ POLL_S = 0.2
 _LOCAL_QUEUES: dict[str, TaskQueue] = {}  # in-process groups find their queue here (no Ray actor needed)
 
 
-def execute(graph: TaskGraph, root: Path, *, on_finished: Callable[[str], None] = lambda task_id: None,
+def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], None] = lambda task_id: None,
             display=None, max_groups: Optional[int] = None) -> None:
     """Run every unfinished task of ``graph`` (run state under ``root``); raise the first failure once
     everything that did not depend on it has finished."""
     from orchestrator.storage import runfiles
 
-    done = {t.id for t in graph.tasks.values() if runfiles.task_done(root / t.run, t.name)}
+    done = {t.id for t in graph.tasks.values() if runfiles.task_done(root.child(t.run), t.name)}
     todo = [t for t in graph.tasks.values() if t.id not in done]
     if not todo:
         return
@@ -104,7 +104,7 @@ def _open_groups(graph, root, queue, capacity, threads, errors) -> None:
             needed -= 1
 
 
-def _run_group(graph: TaskGraph, root: Path, queue: "_Queue", group: str, shape: tuple,
+def _run_group(graph: TaskGraph, root: RunStorage, queue: "_Queue", group: str, shape: tuple,
                errors: dict[str, BaseException]) -> None:
     """One worker group: a Ray Train run whose workers pull tasks until the queue has none for them."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -117,14 +117,14 @@ def _run_group(graph: TaskGraph, root: Path, queue: "_Queue", group: str, shape:
     trainer = TorchTrainer(
         work,
         train_loop_config={
-            "root": str(root), "group": group, "queue": queue.handle(group), "use_gpu": use_gpu,
+            "root": root, "group": group, "queue": queue.handle(group), "use_gpu": use_gpu,
             "runs": {path: run.config.to_dict() for path, run in graph.runs.items()},
             "tasks": {t.id: {"run": t.run, "name": t.name, "method": t.method, "step": t.step, "action": t.action,
                              "copy_from": t.copy_from, "payload": t.payload} for t in graph.tasks.values()},
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus} if num_workers else None),
-        run_config=RunConfig(name=f"{first_cfg.name}-{group}", storage_path=str(root / "ray"),
+        run_config=RunConfig(name=f"{first_cfg.name}-{group}", **ray_storage(root),
                              failure_config=FailureConfig(max_failures=first_cfg.resources.max_failures)),
     )
     error = None
@@ -135,6 +135,13 @@ def _run_group(graph: TaskGraph, root: Path, queue: "_Queue", group: str, shape:
         error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"
     finally:
         queue.call("close_group", group, error)
+
+
+def ray_storage(root: RunStorage) -> dict:
+    """Where Ray Train keeps its own run state: the run's ``ray/``, on the run's filesystem."""
+    if root.is_local:
+        return {"storage_path": str(root.local_path("ray"))}
+    return {"storage_path": root.path("ray"), "storage_filesystem": root.filesystem}
 
 
 def explain_failure(exc: BaseException, tasks: str) -> Exception:

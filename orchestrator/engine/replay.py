@@ -8,7 +8,6 @@ indices saved in the run directory after each step, so a resumed run replays exa
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -60,19 +59,19 @@ def memory_count(batch_size: int, memory_share: float) -> int:
 class ReplayMemory:
     """The memory of one method's run: read before a step, extended and saved after it."""
 
-    def __init__(self, cfg: ReplayConfig, run_dir: Path, method_key: str, seed: int, positions: np.ndarray):
-        self.cfg, self.run_dir, self.method_key, self.seed = cfg, Path(run_dir), method_key, seed
+    def __init__(self, cfg: ReplayConfig, run: runfiles.Run, method_key: str, seed: int, positions: np.ndarray):
+        self.cfg, self.run, self.method_key, self.seed = cfg, runfiles.storage(run), method_key, seed
         self.positions = positions  # class position of every training-split sample
 
     def before(self, step: Step) -> np.ndarray:
         """Training indices in the memory when ``step`` starts (empty for the first step)."""
         if step.index == 0:
             return np.zeros(0, dtype=np.int64)
-        path = runfiles.replay_path(self.run_dir, self.method_key, step.index - 1)
-        if not path.is_file():
-            raise RunError(f"replay memory {path} is missing although step {step.index - 1} is done; "
+        key = runfiles.replay_key(self.method_key, step.index - 1)
+        if not self.run.exists(key):
+            raise RunError(f"replay memory {self.run.path(key)} is missing although step {step.index - 1} is done; "
                            f"delete the run directory's steps from {step.index - 1} on and resume")
-        return np.asarray(runfiles.read_json(path)["indices"], dtype=np.int64)
+        return np.asarray(self.run.read_json(key)["indices"], dtype=np.int64)
 
     def after(self, step: Step, trained: np.ndarray) -> np.ndarray:
         """Add exemplars of ``step``'s new classes from the samples it ``trained`` on, save, return the memory."""
@@ -80,7 +79,7 @@ class ReplayMemory:
         added = select_exemplars(trained, self.positions, range(step.num_previous, step.num_seen),
                                  self.cfg.per_class, rng)
         memory = np.concatenate([self.before(step), added])
-        runfiles.atomic_write_json(runfiles.replay_path(self.run_dir, self.method_key, step.index), {
+        self.run.write_json(runfiles.replay_key(self.method_key, step.index), {
             "indices": memory.tolist(), "per_class": self.cfg.per_class,
             "classes": int(len(np.unique(self.positions[memory]))),
         })

@@ -83,15 +83,7 @@ def upstream_seed(seed: int, index: int) -> int:
     return seed + 1000 * (index + 1)
 
 
-def _upstream_version(cfg: ExperimentConfig, run_dir: Path, spec: MethodSpec, index: int) -> tuple[Path, str, Path]:
-    """(run directory, method key, version directory) of upstream model ``index`` for ``spec``."""
-    sub = upstream_config(cfg, spec, index)
-    sub_dir = runfiles.upstream_dir(run_dir, sub.digest())
-    key = sub.methods[0].key
-    return sub_dir, key, runfiles.versions_dir(sub_dir, key) / "v0"
-
-
-def replacement_checkpoint(cfg: ExperimentConfig, run_dir: Path, spec: MethodSpec, step: int) -> Optional[str]:
+def replacement_checkpoint(cfg: ExperimentConfig, run: runfiles.Run, spec: MethodSpec, step: int) -> Optional[str]:
     """The model swapped in at ``step`` for ``spec``'s method, or None when ``step`` is no replacement."""
     sc = cfg.scenario
     if step not in sc.replace_at:
@@ -99,7 +91,8 @@ def replacement_checkpoint(cfg: ExperimentConfig, run_dir: Path, spec: MethodSpe
     source = sc.replacements[sc.replace_at.index(step)]
     if source.checkpoint is not None:
         return source.checkpoint
-    return str(_upstream_version(cfg, run_dir, spec, source.upstream)[2])
+    sub = upstream_config(cfg, spec, source.upstream)
+    return runfiles.version_checkpoint(runfiles.upstream_dir(run, sub.digest()), sub.methods[0].key, 0)
 
 
 def check_replacements(cfg: ExperimentConfig) -> None:

@@ -9,11 +9,11 @@ but imperfect and prompts have a domain gap to close.
 The upstream CLIP is a task of the experiment's graph (``clip_task``), trained by a worker group with
 the engine's training loop and stored in the run, under a digest of everything that determines it:
 
-- ``pretrain_clip(model_name, recipe, data, root) -> Path``: the checkpoint file (a state dict of
-  tensors, loadable with ``create_clip(model_name, str(path))``), built once in
-  ``root/upstream-clip/<digest>/``; ``meta.json`` beside it records the recipe and the zero-shot
+- ``pretrain_clip(model_name, recipe, data, root) -> RunStorage``: the entry ``upstream-clip/<digest>/``
+  of the run at ``root``, built once: ``model.pt`` (a state dict of tensors, loadable with
+  ``create_clip(model_name, path)``), then ``meta.json``, which records the recipe and the zero-shot
   accuracy per class on the dataset's test split, and marks the entry finished.
-- ``clip_checkpoint(model_name, recipe, data, root) -> Path``: that file, which its task has built.
+- ``clip_checkpoint(model_name, recipe, data, root) -> Path``: the weights file, which its task has built.
 - ``zero_shot_per_class(model, tokenizer, images, labels, class_names, template, batch_size)``.
 """
 
@@ -37,7 +37,8 @@ from orchestrator.data.instance_captions import load_described
 from orchestrator.data.transforms import BatchTransform
 from orchestrator.engine.loop import Hook, train_epochs
 from orchestrator.errors import ConfigError, RunError
-from orchestrator.storage.runfiles import atomic_torch_save, atomic_write_json
+from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import RunStorage
 
 RECIPE_VERSION = 1  # part of the cache key: bump whenever the training procedure changes
 ZERO_SHOT_TEMPLATE = "{}."
@@ -54,9 +55,10 @@ def upstream_digest(model_name: str, recipe: UpstreamClipConfig, data: DataConfi
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def upstream_entry(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: Path) -> Path:
-    """The directory of the upstream CLIP ``(model_name, recipe, data)`` in the run at ``root``."""
-    return Path(root) / "upstream-clip" / upstream_digest(model_name, recipe, data)
+def upstream_entry(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: runfiles.Run) -> RunStorage:
+    """Where the upstream CLIP ``(model_name, recipe, data)`` lives in the run at ``root``: ``model.pt``, then
+    ``meta.json`` (its completion record, written last)."""
+    return RunStorage.of(root).child(f"upstream-clip/{upstream_digest(model_name, recipe, data)}")
 
 
 def clip_task(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> tuple[str, dict]:
@@ -66,41 +68,38 @@ def clip_task(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> 
              "data": dataclasses.asdict(data)})
 
 
-def clip_checkpoint(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: Path) -> Path:
-    """The upstream CLIP's weights, which its task built before any task that needs them started."""
+def clip_checkpoint(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: runfiles.Run) -> Path:
+    """The upstream CLIP's weights file (open_clip reads a local path), which its task built before any task
+    that needs them started."""
     entry = upstream_entry(model_name, recipe, data, root)
-    if not (entry / "meta.json").is_file():
-        raise RunError(f"the upstream CLIP {model_name} is missing from {entry}; its task "
+    if not entry.exists("meta.json"):
+        raise RunError(f"the upstream CLIP {model_name} is missing from {entry.location}; its task "
                        f"{clip_task(model_name, recipe, data)[0]} must finish first (rerun with --resume)")
-    return entry / "model.pt"
+    return entry.local_path("model.pt")
 
 
-def pretrain_clip(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: Path,
-                  worker=None) -> Path:
-    """The upstream CLIP checkpoint for ``(model_name, recipe, data)`` in ``root``; trained here if missing.
+def pretrain_clip(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: runfiles.Run,
+                  worker=None) -> RunStorage:
+    """The upstream CLIP entry for ``(model_name, recipe, data)`` in ``root``; trained here if missing.
 
-    ``meta.json`` is written (atomically) after the weights, so its presence marks a finished entry.
+    ``meta.json`` is written after the weights, so its presence marks a finished entry.
     """
     if data.dataset != "synthetic":
         raise ConfigError("upstream_clip", f"pretrains on the captioned synthetic dataset; data.dataset is "
                                            f"{data.dataset!r} (use model.pretrained for real data)")
     entry = upstream_entry(model_name, recipe, data, root)
-    if not (entry / "meta.json").is_file():
+    if not entry.exists("meta.json"):
         state, zero_shot = _train(model_name, recipe, data)
         if worker is not None and not worker.is_chief:
-            return entry / "model.pt"
-        atomic_torch_save(entry / "model.pt", state)
-        atomic_write_json(entry / "meta.json", {**recipe_key(model_name, recipe, data), "entry": entry.name,
-                                                "zero_shot_template": ZERO_SHOT_TEMPLATE,
-                                                "zero_shot_per_class": zero_shot})
-    return entry / "model.pt"
+            return entry
+        entry.save_torch("model.pt", state)
+        entry.write_json("meta.json", {**recipe_key(model_name, recipe, data),
+                                       "entry": upstream_digest(model_name, recipe, data),
+                                       "zero_shot_template": ZERO_SHOT_TEMPLATE, "zero_shot_per_class": zero_shot})
+    return entry
 
 
-def read_upstream_meta(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint).parent / "meta.json").read_text())
-
-
-def run_clip_task(name: str, payload: dict, root: Path, worker, group: str) -> None:
+def run_clip_task(name: str, payload: dict, root: RunStorage, worker, group: str) -> None:
     """A worker's part of the upstream-CLIP task (every rank trains the same model; the chief keeps it)."""
     import time
 
@@ -109,11 +108,11 @@ def run_clip_task(name: str, payload: dict, root: Path, worker, group: str) -> N
     started = time.time()
     recipe = from_dict(UpstreamClipConfig, payload["recipe"], "upstream_clip")
     data = from_dict(DataConfig, payload["data"], "data")
-    checkpoint = pretrain_clip(payload["model"], recipe, data, root, worker)
+    pretrain_clip(payload["model"], recipe, data, root, worker)
     worker.barrier()
     if worker.is_chief:
-        atomic_write_json(Path(root) / "manifest" / f"{name}.json", {
-            "step": name, "checkpoint": str(Path(checkpoint).relative_to(root)), "seconds": round(time.time() - started, 3),
+        runfiles.mark_task_done(root, name, {
+            "step": name, "checkpoint": f"{name}/model.pt", "seconds": round(time.time() - started, 3),
             "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group})
 
 
@@ -188,7 +187,7 @@ class StepScheduler(Hook):
         self.schedule.step()
 
 
-def resolved_model_config(cfg: ExperimentConfig, root: Path) -> ModelConfig:
+def resolved_model_config(cfg: ExperimentConfig, root: runfiles.Run) -> ModelConfig:
     """``cfg.model``, with ``pretrained`` pointing at the upstream CLIP when the experiment has one."""
     if cfg.upstream_clip is None:
         return cfg.model
@@ -196,11 +195,14 @@ def resolved_model_config(cfg: ExperimentConfig, root: Path) -> ModelConfig:
     return dataclasses.replace(cfg.model, pretrained=str(checkpoint))
 
 
-def record_upstream(cfg: ExperimentConfig, run_dir: Path, root: Path) -> None:
-    """Record the upstream CLIP's recipe, digest and zero-shot accuracy per class in
-    ``run_dir/upstream_clip.json`` (once its task has built it)."""
+def record_upstream(cfg: ExperimentConfig, run: runfiles.Run, root: runfiles.Run) -> None:
+    """Record the upstream CLIP's recipe, digest and zero-shot accuracy per class in ``upstream_clip.json``
+    of ``run`` (once its task has built it)."""
     if cfg.upstream_clip is None:
         return
-    checkpoint = clip_checkpoint(cfg.model.name, cfg.upstream_clip, cfg.data, root)
-    atomic_write_json(Path(run_dir) / "upstream_clip.json", {**read_upstream_meta(checkpoint),
-                                                            "checkpoint": str(Path(checkpoint).relative_to(root))})
+    name = clip_task(cfg.model.name, cfg.upstream_clip, cfg.data)[0]
+    entry = upstream_entry(cfg.model.name, cfg.upstream_clip, cfg.data, root)
+    if not entry.exists("meta.json"):
+        clip_checkpoint(cfg.model.name, cfg.upstream_clip, cfg.data, root)  # raises the missing-CLIP error
+    RunStorage.of(run).write_json("upstream_clip.json", {**entry.read_json("meta.json"),
+                                                          "checkpoint": f"{name}/model.pt"})

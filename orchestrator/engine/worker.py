@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import itertools
 from functools import partial
-import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch.distributed as dist
 
 from methods.base import Method, StepContext, create_method
 from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import RunStorage
 from orchestrator.config import ExperimentConfig, MethodSpec, parse_config
 from orchestrator.data import LabeledImages, load_split
 from orchestrator.data.display_names import display_names
@@ -72,7 +71,7 @@ def work(loop_config: dict) -> None:
     the group) is skipped; a chain's consecutive tasks reuse one :class:`Session`."""
     from orchestrator.engine.executor import QueueClient
 
-    root, group = Path(loop_config["root"]), loop_config["group"]
+    root, group = loop_config["root"], loop_config["group"]
     queue = QueueClient(loop_config["queue"])
     worker = current_worker(loop_config["use_gpu"])
     configs: dict[str, ExperimentConfig] = {}
@@ -82,7 +81,7 @@ def work(loop_config: dict) -> None:
         if task_id is None:
             return
         task = loop_config["tasks"][task_id]
-        run_dir = root / task["run"]
+        run_dir = root.child(task["run"])
         if not runfiles.task_done(run_dir, task["name"]):
             if task["action"] == PRETRAIN:
                 from orchestrator.engine.upstream_clip import run_clip_task
@@ -113,7 +112,7 @@ def work(loop_config: dict) -> None:
 class Session:
     """Trains steps of one method; holds the datasets and the method across steps of a group."""
 
-    def __init__(self, cfg: ExperimentConfig, spec: MethodSpec, run_dir: Path, worker: Worker, root: Path):
+    def __init__(self, cfg: ExperimentConfig, spec: MethodSpec, run_dir: RunStorage, worker: Worker, root: RunStorage):
         from orchestrator.data import dataset_num_classes
 
         self.cfg, self.spec, self.run_dir, self.worker = cfg, spec, run_dir, worker
@@ -142,8 +141,7 @@ class Session:
 
     # -- contexts ------------------------------------------------------------------------------
     def context(self, step: Step) -> StepContext:
-        versions = runfiles.versions_dir(self.run_dir, self.spec.key)
-        previous = str(versions / f"v{step.index - 1}") if step.index > 0 else None
+        previous = runfiles.version_checkpoint(self.run_dir, self.spec.key, step.index - 1) if step.index > 0 else None
         init = previous if step.event == "finetune" else None
         if step.event == "replace":
             init = replacement_checkpoint(self.cfg, self.run_dir, self.spec, step.index)
@@ -158,8 +156,6 @@ class Session:
 
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, step: Step, group: str = "") -> None:
-        import ray.train
-
         started = time.time()
         ctx = self.context(step)
         self.training = ctx.training  # the step's own recipe (incremental steps may override it)
@@ -167,9 +163,8 @@ class Session:
         model = self.method.init_model(ctx).to(device)
         previous = None
         anchor = self.method.anchor_checkpoint(ctx) if self.method.needs_previous else None
-        own = self._own_version(anchor)
-        if own is not None:  # one of this method's earlier versions, loaded into that version's network
-            previous = self._load_own_version(own)
+        if isinstance(anchor, int):  # one of this method's earlier versions, loaded into that version's network
+            previous = self._load_own_version(anchor)
         elif anchor is not None:  # a model trained elsewhere (a replacement), loaded into this step's network
             previous = self.method.load_version(ctx, anchor, strict=False).to(device)
         indices = (self.sessions.indices[step.index] if self.sessions is not None
@@ -230,9 +225,8 @@ class Session:
 
         started = time.time()
         if self.worker.is_chief:
-            source = runfiles.versions_dir(self.run_dir, twin) / "v0"
-            state = torch.load(source / "model.pt", map_location="cpu", weights_only=True)
-            meta = runfiles.read_json(source / "meta.json")
+            state = runfiles.version_weights(self.run_dir, twin, 0)
+            meta = runfiles.version_meta(self.run_dir, twin, 0)
             runfiles.save_version(self.run_dir, self.spec.key, 0, state, {
                 **meta, "method": self.spec.name, "params": self.method.describe(), "copied_from": twin})
             for name in self.cfg.evaluation.sets:
@@ -250,18 +244,11 @@ class Session:
 
     def _load_own_version(self, version: int) -> torch.nn.Module:
         """This method's finished ``version``, built for its own step, frozen, on this worker's device."""
-        path = runfiles.versions_dir(self.run_dir, self.spec.key) / f"v{version}"
-        return self.method.load_version(self.context(self.steps[version]), str(path)).to(self.worker.device)
+        checkpoint = runfiles.version_checkpoint(self.run_dir, self.spec.key, version)
+        return self.method.load_version(self.context(self.steps[version]), checkpoint).to(self.worker.device)
 
     def _store_metadata(self, normalized: bool = True) -> dict:
         return {"method": self.spec.name, "normalized": normalized, "config_digest": self.cfg.digest()}
-
-    def _own_version(self, checkpoint: Optional[str]) -> Optional[int]:
-        """The version number when ``checkpoint`` is one of this method's version directories."""
-        path = Path(checkpoint or "")
-        if path.parent != runfiles.versions_dir(self.run_dir, self.spec.key) or not re.fullmatch(r"v\d+", path.name):
-            return None
-        return int(path.name[1:])
 
     # -- data ----------------------------------------------------------------------------------
     def _batches(self, indices: np.ndarray, transform, shuffle_epoch: Optional[int],

@@ -7,7 +7,6 @@ A method is compatible on a metric when new->old beats old->old (the ECC of :mod
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
@@ -48,7 +47,7 @@ def compatible(new_old: float, old_old: float, ties: str) -> bool:
     return bool(M.ecc_holds(new_old, old_old, ties))
 
 
-def evaluate_run(cfg: CrossModalExperiment, run_dir: Path) -> dict:
+def evaluate_run(cfg: CrossModalExperiment, run_dir: runfiles.Run) -> dict:
     """metrics.json content: the reference cells, then per method per seed, mean, std and the ticks."""
     ks, ties = cfg.evaluation.ks, cfg.evaluation.ties
     store = EmbeddingStore(runfiles.store_dir(run_dir))
@@ -61,7 +60,7 @@ def evaluate_run(cfg: CrossModalExperiment, run_dir: Path) -> dict:
                  "gap_sigma": {"old": gap_sigma(old), "new": gap_sigma(new)},
                  "old_old": old_old, "new_new": new_new, "methods": {}}
     for spec in cfg.methods:
-        per_seed = {str(seed): recall(_sides(EmbeddingStore(seed_dir(run_dir, seed) / "store"), spec.key), old, ks)
+        per_seed = {str(seed): recall(_sides(EmbeddingStore(runfiles.store_dir(seed_dir(run_dir, seed))), spec.key), old, ks)
                     for seed in cfg.seeds}
         values = {name: np.array([cell[name] for cell in per_seed.values()]) for name in names}
         mean = {name: float(v.mean()) for name, v in values.items()}
@@ -75,7 +74,9 @@ def evaluate_run(cfg: CrossModalExperiment, run_dir: Path) -> dict:
     return out
 
 
-def _method_params(run_dir: Path, seed: int, key: str) -> dict:
+def _method_params(run_dir: runfiles.Run, seed: int, key: str) -> dict:
     """The method's recorded choices (every stage's manifest entry holds the same record)."""
-    entries = sorted((run_dir / "manifest" / f"seed-{seed}" / key).glob("*.json"))
-    return runfiles.read_json(entries[0]).get("params", {}) if entries else {}
+    run = runfiles.storage(run_dir)
+    prefix = runfiles.task_manifest_key(f"seed-{seed}/{key}").removesuffix(".json")
+    entries = [name for name in run.list(prefix) if "/" not in name and name.endswith(".json")]
+    return run.read_json(f"{prefix}/{entries[0]}").get("params", {}) if entries else {}

@@ -7,18 +7,21 @@ compatibility ticks come from metrics.json (see :mod:`orchestrator.evaluation.cr
 from __future__ import annotations
 
 import csv
+import io
 import json
-from pathlib import Path
 from typing import Any, Union
 
 from orchestrator.errors import RunError
+from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import Location, RunStorage
 
 
-def _load(run_dir: Path) -> dict[str, Any]:
+def _load(run: RunStorage) -> dict[str, Any]:
     try:
-        return json.loads((run_dir / "metrics.json").read_text())
+        return json.loads(run.read_bytes(runfiles.METRICS))
     except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read {run_dir / 'metrics.json'} ({exc}); finish the run with `compat run --resume`") from None
+        raise RunError(f"cannot read {run.path(runfiles.METRICS)} ({exc}); finish the run with "
+                       "`compat run --resume`") from None
 
 
 def _header(metrics: dict[str, Any]) -> list[str]:
@@ -54,18 +57,19 @@ def format_crossmodal_table(metrics: dict[str, Any]) -> str:
             f"seeds where it does):\n" + "\n".join(lines))
 
 
-def render_crossmodal_report(run_dir: Union[str, Path]) -> Path:
-    """Write ``report.md`` and ``recall.csv`` into ``run_dir``; return report.md."""
-    run_dir = Path(run_dir)
-    metrics = _load(run_dir)
-    with open(run_dir / "recall.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["cell", "seed", *metrics["metrics"]])
-        writer.writerow(["old-old", "", *(metrics["old_old"][n] for n in metrics["metrics"])])
-        for key in metrics["method_order"]:
-            for seed, cell in metrics["methods"][key]["per_seed"].items():
-                writer.writerow([f"new-old {key}", seed, *(cell[n] for n in metrics["metrics"])])
-        writer.writerow(["new-new", "", *(metrics["new_new"][n] for n in metrics["metrics"])])
+def render_crossmodal_report(run_dir: Union[RunStorage, Location]) -> str:
+    """Write ``report.md`` and ``recall.csv`` into the run; return report.md's location."""
+    run = RunStorage.of(run_dir)
+    metrics = _load(run)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["cell", "seed", *metrics["metrics"]])
+    writer.writerow(["old-old", "", *(metrics["old_old"][n] for n in metrics["metrics"])])
+    for key in metrics["method_order"]:
+        for seed, cell in metrics["methods"][key]["per_seed"].items():
+            writer.writerow([f"new-old {key}", seed, *(cell[n] for n in metrics["metrics"])])
+    writer.writerow(["new-new", "", *(metrics["new_new"][n] for n in metrics["metrics"])])
+    run.write_text("recall.csv", table.getvalue())
     seeds = ", ".join(str(s) for s in metrics["seeds"])
     lines = [f"# Cross-modal compatibility report: {metrics['experiment']}", "",
              f"- old model (gallery): `{metrics['models']['old']}`; new model (queries): `{metrics['models']['new']}`",
@@ -84,6 +88,5 @@ def render_crossmodal_report(run_dir: Union[str, Path]) -> Path:
         method = metrics["methods"][key]
         params = ", ".join(f"{k}={v}" for k, v in method["params"].items() if k != "method")
         lines.append(f"- **{key}** (`{method['method']}`): {params or 'no parameters'}")
-    report = run_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    run.write_text(runfiles.REPORT, "\n".join(lines) + "\n")
+    return run.path(runfiles.REPORT)

@@ -8,10 +8,10 @@ No formula lives here: ECC flags and summary metrics come from metrics.json (see
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import matplotlib
@@ -23,6 +23,8 @@ from matplotlib.patches import Rectangle
 from orchestrator.errors import RunError
 from orchestrator.evaluation import BY_BLOCK
 from orchestrator.evaluation.metrics import ECC_COMPARISON
+from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import Location, RunStorage
 
 _SUMMARY_KEYS = ("AC", "AM", "BC", "FC")
 _VERDICT_KEYS = ("AC", "AM", "ECC")  # per metric; ECC: whether it held on every pair
@@ -33,18 +35,17 @@ _CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="white")
 Matrix = list[list[Optional[float]]]
 
 
-def render_report(run_dir: Union[str, Path]) -> Path:
-    """Write plots, ``matrix_<method>_<metric>.csv`` and ``report.md`` into ``run_dir``; return report.md."""
-    run_dir = Path(run_dir)
-    metrics = _load(run_dir / "metrics.json")
+def render_report(run_dir: Union[RunStorage, Location]) -> str:
+    """Write plots, ``matrix_<method>_<metric>.csv`` and ``report.md`` into the run; return report.md's location."""
+    run = RunStorage.of(run_dir)
+    metrics = _load(run)
     slugs = _slugs(metrics["methods"])
     for key, method in metrics["methods"].items():
         for metric, matrix in (method.get("matrices") or {}).items():
-            _write_csv(run_dir / f"matrix_{slugs[key]}_{metric}.csv", matrix)
-    images = _heatmaps(run_dir, metrics, slugs) + _accuracy_plot(run_dir, metrics)
-    report = run_dir / "report.md"
-    report.write_text(_markdown(metrics, slugs, images))
-    return report
+            _write_csv(run, f"matrix_{slugs[key]}_{metric}.csv", matrix)
+    images = _heatmaps(run, metrics, slugs) + _accuracy_plot(run, metrics)
+    run.write_text(runfiles.REPORT, _markdown(metrics, slugs, images))
+    return run.path(runfiles.REPORT)
 
 
 def format_summary_table(metrics: dict[str, Any]) -> str:
@@ -68,9 +69,10 @@ def format_summary_table(metrics: dict[str, Any]) -> str:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def _load(path: Path) -> dict[str, Any]:
+def _load(run: RunStorage) -> dict[str, Any]:
+    path = run.path(runfiles.METRICS)
     try:
-        metrics = json.loads(path.read_text())
+        metrics = json.loads(run.read_bytes(runfiles.METRICS))
     except FileNotFoundError:
         raise RunError(f"{path} does not exist; run the experiment (or resume it) before rendering a report") from None
     except (OSError, ValueError) as exc:
@@ -168,19 +170,22 @@ def _verdict_caption(metrics: dict[str, Any]) -> list[str]:
 
 
 # -- files -----------------------------------------------------------------------------------------
-def _write_csv(path: Path, matrix: Matrix) -> None:
+def _write_csv(run: RunStorage, name: str, matrix: Matrix) -> None:
     """Header ``query\\gallery,0,1,...``; one row per query version; empty cells above the diagonal."""
     rows = _square(matrix)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["query\\gallery", *range(len(rows))])
-        writer.writerows([i, *("" if v is None else repr(float(v)) for v in row)] for i, row in enumerate(rows))
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["query\\gallery", *range(len(rows))])
+    writer.writerows([i, *("" if v is None else repr(float(v)) for v in row)] for i, row in enumerate(rows))
+    run.write_text(name, text.getvalue())
 
 
-def _save(fig: Figure, path: Path) -> str:
+def _save(fig: Figure, run: RunStorage, name: str) -> str:
     FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, no figure registry to leak
-    fig.savefig(path, dpi=100)
-    return path.name
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    run.write_bytes(name, image.getvalue())
+    return name
 
 
 def _draw_heatmap(ax, matrix: Matrix, ecc: Optional[list], vmin: float, vmax: float, title: str):
@@ -204,7 +209,7 @@ def _side(size: int) -> float:
     return min(2.5 + 0.45 * size, 8.0)
 
 
-def _heatmaps(run_dir: Path, metrics: dict[str, Any], slugs: dict[str, str]) -> list[str]:
+def _heatmaps(run: RunStorage, metrics: dict[str, Any], slugs: dict[str, str]) -> list[str]:
     """One heatmap per method and all side by side, on one colour scale so methods compare by eye."""
     primary = _primary(metrics)
     panels = [(key, m["matrices"][primary], (m.get("ecc") or {}).get(primary))
@@ -222,7 +227,7 @@ def _heatmaps(run_dir: Path, metrics: dict[str, Any], slugs: dict[str, str]) -> 
         title = f"{key}: {primary}{note if _violations(ecc) else ''}"
         image = _draw_heatmap(fig.add_subplot(), matrix, ecc, vmin, vmax, title)
         fig.colorbar(image, label=primary)
-        written.append(_save(fig, run_dir / f"heatmap_{slugs[key]}.png"))
+        written.append(_save(fig, run, f"heatmap_{slugs[key]}.png"))
     side = _side(max(len(matrix) for _, matrix, _ in panels))
     fig = Figure(figsize=(side * len(panels) + 1, side + 0.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -231,11 +236,11 @@ def _heatmaps(run_dir: Path, metrics: dict[str, Any], slugs: dict[str, str]) -> 
     fig.colorbar(image, ax=list(axes), label=primary)
     any_violation = any(_violations(ecc) for _, _, ecc in panels)
     fig.suptitle(f"{primary}: query version (rows) vs gallery version (columns){note if any_violation else ''}")
-    written.insert(0, _save(fig, run_dir / "heatmaps.png"))
+    written.insert(0, _save(fig, run, "heatmaps.png"))
     return written
 
 
-def _accuracy_plot(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
+def _accuracy_plot(run: RunStorage, metrics: dict[str, Any]) -> list[str]:
     curves = {key: m["accuracy"] for key, m in metrics["methods"].items() if m.get("accuracy")}
     if not curves:
         return []
@@ -246,7 +251,7 @@ def _accuracy_plot(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
     ax.set(xlabel="version (session)", ylabel="accuracy on seen classes", title="Classification accuracy")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
-    return [_save(fig, run_dir / "accuracy.png")]
+    return [_save(fig, run, "accuracy.png")]
 
 
 # -- report.md -------------------------------------------------------------------------------------

@@ -1,189 +1,209 @@
-"""The run directory: its layout and the atomic reads and writes of everything in it.
+"""The run's layout: which key holds what, and the typed reads and writes of each, on a :class:`RunStorage`.
 
 ::
 
-    RUN_DIR/config.yaml                      resolved config (seed included)
-    RUN_DIR/manifest/<method>/step-NNN.json  one file per finished step (the manifest)
-    RUN_DIR/versions/<method>/vK/            final weights (model.pt) + meta.json of version K
-    RUN_DIR/epochs/<method>/step-NNN.pt      last finished epoch of an unfinished step (resume point)
-    RUN_DIR/rows/<method>/row-NNN.json       row K of the compatibility matrices
-    RUN_DIR/store/                           the embedding store
-    RUN_DIR/ray/                             Ray Train run state (deterministic run names)
-    RUN_DIR/progress/<method>.json           the running step's epoch and loss (for the progress display)
-    RUN_DIR/replay/<method>/after-step-NNN.json  replay memory (training-split indices) after step N
-    RUN_DIR/upstream/<digest>/               a run directory per upstream (replacement) model
-    RUN_DIR/metrics.json, report.md, *.png, *.csv
+    config.yaml                          resolved config (seed included)
+    run.json                             provenance (code revision, library versions)
+    manifest/<task>.json                 one completion record per finished task (``<method>/step-NNN``, ...)
+    versions/<method>/vK/model.pt        final weights of version K (tensors only), and meta.json
+    epochs/<method>/step-NNN.pt          last finished epoch of an unfinished step (resume point)
+    rows/<method>/row-NNN.json           row K of the compatibility matrices
+    store/                               the embedding store
+    ray/                                 Ray Train run state (deterministic run names)
+    progress/<method>.json               the running step's epoch and loss (for the progress display)
+    replay/<method>/after-step-NNN.json  replay memory (training-split indices) after step N
+    upstream/<digest>/                   a nested run per upstream (replacement) model
+    seed-<s>/                            a cross-modal run's per-seed state (stage states, store)
+    metrics.json, report.md, *.png, *.csv
 
-Every file is written to a temporary name in the same directory and renamed into place, so a crash
-never leaves a half-written file that looks finished.
+Every function takes the run as a :class:`RunStorage` or a location (a path or URI); the write rules
+(whole objects, the manifest entry of a task written last) are :class:`RunStorage`'s.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Optional
-
-import torch
+from typing import Any, Optional, Union
 
 from orchestrator.errors import RunError
+from orchestrator.storage.run_storage import Location, RunStorage
+
+Run = Union[RunStorage, Location]
+
+CONFIG = "config.yaml"
+PROVENANCE = "run.json"
+METRICS = "metrics.json"
+REPORT = "report.md"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path} is corrupt ({exc}); delete it and run again with --resume") from None
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def storage(run: Run) -> RunStorage:
+    return RunStorage.of(run)
 
 
 # -- layout ------------------------------------------------------------------------------------
-def store_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "store"
+def store_dir(run: Run) -> RunStorage:
+    """The embedding store's storage inside the run."""
+    return storage(run).child("store")
 
 
-def versions_dir(run_dir: Path, method: str) -> Path:
-    return Path(run_dir) / "versions" / method
+def upstream_dir(run: Run, digest: str) -> RunStorage:
+    """The nested run of an upstream (replacement) model."""
+    return storage(run).child(f"upstream/{digest}")
 
 
-def task_manifest_path(run_dir: Path, name: str) -> Path:
+def version_key(method: str, version: int) -> str:
+    return f"versions/{method}/v{version}"
+
+
+def task_manifest_key(name: str) -> str:
     """The manifest entry of a task of the run (``<method>/step-NNN``, ``encode-old``, ...)."""
-    return Path(run_dir) / "manifest" / f"{name}.json"
+    return f"manifest/{name}.json"
 
 
-def manifest_path(run_dir: Path, method: str, step: int) -> Path:
-    return task_manifest_path(run_dir, f"{method}/step-{step:03d}")
+def manifest_key(method: str, step: int) -> str:
+    return task_manifest_key(f"{method}/step-{step:03d}")
 
 
-def row_path(run_dir: Path, method: str, step: int) -> Path:
-    return Path(run_dir) / "rows" / method / f"row-{step:03d}.json"
+def row_key(method: str, step: int) -> str:
+    return f"rows/{method}/row-{step:03d}.json"
 
 
-def epoch_state_path(run_dir: Path, method: str, step: int) -> Path:
-    return Path(run_dir) / "epochs" / method / f"step-{step:03d}.pt"
+def epoch_state_key(method: str, step: int) -> str:
+    return f"epochs/{method}/step-{step:03d}.pt"
 
 
-def progress_path(run_dir: Path, method: str) -> Path:
-    return Path(run_dir) / "progress" / f"{method.replace('/', '--')}.json"
+def progress_key(method: str) -> str:
+    return f"progress/{method.replace('/', '--')}.json"
 
 
-def replay_path(run_dir: Path, method: str, step: int) -> Path:
-    return Path(run_dir) / "replay" / method / f"after-step-{step:03d}.json"
+def replay_key(method: str, step: int) -> str:
+    return f"replay/{method}/after-step-{step:03d}.json"
 
 
-def upstream_dir(run_dir: Path, digest: str) -> Path:
-    return Path(run_dir) / "upstream" / digest
-
-
-def relative_to_run(path: Optional[str], run_dir: Path) -> Optional[str]:
-    """A path inside the run directory as relative to it (so a moved run directory stays valid)."""
+def relative_to_run(path: Optional[str], run: Run) -> Optional[str]:
+    """A location inside the run as a key relative to it (so a moved run stays valid); others unchanged."""
     if path is None:
         return None
-    try:
-        return str(Path(path).resolve().relative_to(Path(run_dir).resolve()))
-    except ValueError:
-        return str(path)
+    root = storage(run).root.rstrip("/") + "/"
+    target = storage(path).root
+    return target[len(root):] if target.startswith(root) else str(path)
 
 
 # -- cross-modal layout -------------------------------------------------------------------------
 CROSSMODAL_VERSIONS = {"old": 0, "new": 1}  # store versions of the two CLIPs; projected queries are version 1 too
 
 
-def seed_dir(run_dir: Path, seed: int) -> Path:
-    """A cross-modal run's per-seed directory (its methods' stage states and projected queries)."""
-    return Path(run_dir) / f"seed-{seed}"
+def seed_dir(run: Run, seed: int) -> RunStorage:
+    """A cross-modal run's per-seed storage (its methods' stage states and projected queries)."""
+    return storage(run).child(f"seed-{seed}")
 
 
-def state_path(run_dir: Path, seed: int, method: str, stage: str) -> Path:
-    return seed_dir(run_dir, seed) / "states" / method / f"{stage}.pt"
+def state_key(method: str, stage: str) -> str:
+    """A cross-modal method's state after ``stage``, inside its seed's storage."""
+    return f"states/{method}/{stage}.pt"
 
 
 # -- manifest ----------------------------------------------------------------------------------
-def task_done(run_dir: Path, name: str) -> bool:
-    return task_manifest_path(run_dir, name).is_file()
+def task_done(run: Run, name: str) -> bool:
+    return storage(run).exists(task_manifest_key(name))
 
 
-def step_done(run_dir: Path, method: str, step: int) -> bool:
-    return manifest_path(run_dir, method, step).is_file()
+def step_done(run: Run, method: str, step: int) -> bool:
+    return task_done(run, f"{method}/step-{step:03d}")
 
 
-def mark_step_done(run_dir: Path, method: str, step: int, entry: dict) -> None:
-    atomic_write_json(manifest_path(run_dir, method, step), entry)
+def mark_task_done(run: Run, name: str, entry: dict) -> None:
+    """The task's completion record: written after every artefact it vouches for."""
+    storage(run).write_json(task_manifest_key(name), entry)
 
 
-def manifest_entry(run_dir: Path, method: str, step: int) -> Optional[dict]:
-    path = manifest_path(run_dir, method, step)
-    return read_json(path) if path.is_file() else None
+def mark_step_done(run: Run, method: str, step: int, entry: dict) -> None:
+    mark_task_done(run, f"{method}/step-{step:03d}", entry)
+
+
+def manifest_entry(run: Run, method: str, step: int) -> Optional[dict]:
+    return storage(run).read_json_or_none(manifest_key(method, step))
 
 
 # -- weights -----------------------------------------------------------------------------------
-def save_version(run_dir: Path, method: str, version: int, state_dict: dict, meta: dict) -> Path:
-    """Final weights of a version: tensors only, so ``torch.load(weights_only=True)`` reads them."""
-    target = versions_dir(run_dir, method) / f"v{version}"
-    atomic_torch_save(target / "model.pt", {k: v.detach().cpu() for k, v in state_dict.items()})
-    atomic_write_json(target / "meta.json", meta)
-    return target
+def save_version(run: Run, method: str, version: int, state_dict: dict, meta: dict) -> str:
+    """Final weights of a version: tensors only, so ``torch.load(weights_only=True)`` reads them.
+    Returns the version's key."""
+    key, run = version_key(method, version), storage(run)
+    run.save_torch(f"{key}/model.pt", {k: v.detach().cpu() for k, v in state_dict.items()})
+    run.write_json(f"{key}/meta.json", meta)
+    return key
 
 
-def save_epoch_state(run_dir: Path, method: str, step: int, state: dict) -> None:
-    atomic_torch_save(epoch_state_path(run_dir, method, step), state)
+def version_weights(run: Run, method: str, version: int) -> dict:
+    return storage(run).load_torch(f"{version_key(method, version)}/model.pt")
 
 
-def load_epoch_state(run_dir: Path, method: str, step: int) -> Optional[dict]:
-    path = epoch_state_path(run_dir, method, step)
-    if not path.is_file():
+def version_meta(run: Run, method: str, version: int) -> dict:
+    return storage(run).read_json(f"{version_key(method, version)}/meta.json")
+
+
+def version_checkpoint(run: Run, method: str, version: int) -> str:
+    """The version as a checkpoint location a method's ``load_weights`` reads (a local directory today)."""
+    return str(storage(run).local_path(version_key(method, version)))
+
+
+def save_epoch_state(run: Run, method: str, step: int, state: dict) -> None:
+    storage(run).save_torch(epoch_state_key(method, step), state)
+
+
+def load_epoch_state(run: Run, method: str, step: int) -> Optional[dict]:
+    run, key = storage(run), epoch_state_key(method, step)
+    if not run.exists(key):
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return run.load_torch(key)
     except Exception as exc:
-        raise RunError(f"epoch checkpoint {path} is corrupt ({exc}); delete it to restart that step") from None
+        raise RunError(f"epoch checkpoint {run.path(key)} is corrupt ({exc}); delete it to restart that step") from None
 
 
-def clear_epoch_state(run_dir: Path, method: str, step: int) -> None:
-    epoch_state_path(run_dir, method, step).unlink(missing_ok=True)
+def clear_epoch_state(run: Run, method: str, step: int) -> None:
+    storage(run).delete(epoch_state_key(method, step))
+
+
+# -- rows --------------------------------------------------------------------------------------
+def read_row(run: Run, method: str, step: int) -> Optional[dict]:
+    return storage(run).read_json_or_none(row_key(method, step))
+
+
+def write_row(run: Run, method: str, step: int, row: dict) -> None:
+    storage(run).write_json(row_key(method, step), row)
 
 
 # -- progress ----------------------------------------------------------------------------------
-def write_progress(run_dir: Path, method: str, progress: dict) -> None:
-    """The running step's epoch and losses, one file per method (several chains train at once)."""
-    atomic_write_json(progress_path(run_dir, method), progress)
+def write_progress(run: Run, method: str, progress: dict) -> None:
+    """The running step's epoch and losses, one object per method (several chains train at once)."""
+    storage(run).write_json(progress_key(method), progress)
 
 
-def read_progress(run_dir: Path, method: str) -> Optional[dict]:
+def read_progress(run: Run, method: str) -> Optional[dict]:
     try:
-        return json.loads(progress_path(run_dir, method).read_text())
-    except (OSError, json.JSONDecodeError):
+        return storage(run).read_json_or_none(progress_key(method))
+    except (OSError, RunError):
         return None
+
+
+def read_metrics(run: Run) -> Any:
+    run = storage(run)
+    if not run.exists(METRICS):
+        raise RunError(f"{run.location} has no {METRICS}; run the experiment (or --resume it) first")
+    return run.read_json(METRICS)
+
+
+# -- config ------------------------------------------------------------------------------------
+def read_config(run: Run) -> Optional[dict]:
+    """The run's resolved config as written (a plain mapping), None when the location holds no run."""
+    import yaml
+
+    run = storage(run)
+    return yaml.safe_load(run.read_text(CONFIG)) if run.exists(CONFIG) else None
+
+
+def write_config(run: Run, document: dict) -> None:
+    import yaml
+
+    storage(run).write_text(CONFIG, yaml.safe_dump(document, sort_keys=False))

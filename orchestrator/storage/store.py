@@ -15,25 +15,23 @@ starting with "." or "_" (temp files, the completion marker) are skipped by pyar
 ``version`` column is int32, not int16, because hive discovery infers int32 for ``version=<k>`` and
 refuses to merge a same-named int16 column.
 
-Completion protocol (no coordinator needed): every shard records ``shard``/``num_shards`` in its
-schema metadata and is published atomically (temp file, fsync, ``os.replace``). After publishing, the
-writer looks at the directory; if every shard of that sharding is there it writes ``_COMPLETE.json``
-(atomically, listing each shard's byte size). Whichever writer publishes last is bound to see all
-shards, so some writer always completes the partition; two that see it at once write identical
-markers. A writer deletes the marker before replacing its shard, so a marker never vouches for files
-it has not seen. Readers trust only the marker, so a partial partition is never returned.
+The store lives in a :class:`~orchestrator.storage.run_storage.RunStorage` (any ``pyarrow.fs``
+filesystem); shards are memory-mapped only on the local backend, read through ranged reads elsewhere.
 
-Temp files carry their writer's shard index; each writer deletes only its own leftovers (from a
-crash), so concurrent writers never delete each other's temp files.
+Completion protocol (no coordinator needed): every shard records ``shard``/``num_shards`` in its
+schema metadata and is published whole (RunStorage's rule: temp file and rename locally, one PUT on
+an object store). After publishing, the writer lists the partition; if every shard of that sharding
+is there it writes ``_COMPLETE.json`` (listing each shard's byte size), the partition's completion
+record. Whichever writer publishes last is bound to see all shards, so some writer always completes
+the partition; two that see it at once write identical markers. A writer deletes the marker before
+replacing its shard, so a marker never vouches for objects it has not seen. Readers trust only the
+marker, so a partial partition is never returned.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, NamedTuple, Optional, Union
 from urllib.parse import quote, unquote
 
@@ -44,6 +42,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from orchestrator.errors import StoreError
+from orchestrator.storage.run_storage import Location, RunStorage
 
 ArrayLike = Any  # numpy arrays, lists, CPU torch tensors: anything np.asarray accepts
 _META_KEY = b"compat"
@@ -80,9 +79,10 @@ class _Key(NamedTuple):
     def __str__(self) -> str:
         return f"method={self.method!r} version={self.version} eval_set={self.eval_set!r}"
 
-    def directory(self, root: Path) -> Path:
-        method, eval_set = _segment(self.method), _segment(self.eval_set)
-        return root / f"method={method}" / f"version={self.version}" / f"eval_set={eval_set}"
+    @property
+    def directory(self) -> str:
+        """The partition's key prefix inside the store."""
+        return f"method={_segment(self.method)}/version={self.version}/eval_set={_segment(self.eval_set)}"
 
     @classmethod
     def checked(cls, method: str, version: int, eval_set: str) -> "_Key":
@@ -129,70 +129,52 @@ def _column(tables: list[pa.Table], name: str) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(final: Path, owner: int, write: Callable[[Path], None]) -> None:
-    """Write via ``write(tmp)`` to a temp file beside ``final``, fsync, rename: readers see all or nothing."""
-    tmp = final.with_name(f".{final.name}.shard{owner}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(final.parent)
-
-
-def _write_parquet(path: Path, table: pa.Table) -> None:
+def _write_parquet(sink, table: pa.Table) -> None:
     """zstd plus byte-stream-split on the vectors (floats barely compress otherwise; no dictionary there).
 
     The ``version`` column is dropped: the path carries it, and ``pq.read_table``/pandas infer the hive
     key as a dictionary and refuse a file column of the same name.
     """
     table = table.drop_columns(["version"])
-    pq.write_table(table, path, compression="zstd", use_byte_stream_split=[_VECTOR_LEAF],
+    pq.write_table(table, sink, compression="zstd", use_byte_stream_split=[_VECTOR_LEAF],
                    use_dictionary=[name for name in table.column_names if name != "embedding"])
 
 
 class EmbeddingStore:
-    """Embeddings of every (method, version, eval set) under ``root``; see the module docstring."""
+    """Embeddings of every (method, version, eval set) in ``root`` (a RunStorage or a location); see the
+    module docstring."""
 
-    def __init__(self, root: Union[str, Path]):
-        self.root = Path(root)
+    def __init__(self, root: Union[RunStorage, Location]):
+        self.storage = RunStorage.of(root)
+
+    @property
+    def root(self) -> str:
+        return self.storage.location
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, method: str, version: int, eval_set: str, embeddings: ArrayLike, labels: ArrayLike,
               sample_ids: ArrayLike, *, session: Union[int, ArrayLike] = 0,
               modality: Literal["image", "text"] = "image", caption_of: Optional[ArrayLike] = None,
-              metadata: Optional[Mapping[str, Any]] = None, shard: int = 0, num_shards: int = 1) -> Path:
+              metadata: Optional[Mapping[str, Any]] = None, shard: int = 0, num_shards: int = 1) -> str:
         """Publish one shard atomically; the partition becomes readable once all ``num_shards`` exist.
 
         ``metadata`` may carry ``normalized`` (bool: rows are unit-norm, checked) and ``config_digest``;
         any other keys are kept under ``metadata["extra"]``. ``caption_of`` < 0 means "not a caption".
-        Returns the shard's path.
+        Returns the shard's key inside the store.
         """
         key = _Key.checked(method, version, eval_set)
         batch = self._batch(key, embeddings, labels, sample_ids, session, modality, caption_of,
                             dict(metadata or {}), shard, num_shards)
-        directory = key.directory(self.root)
-        path = directory / _part_name(shard)
+        part = f"{key.directory}/{_part_name(shard)}"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            for leftover in directory.glob(f".*.shard{shard}.*.tmp"):
-                leftover.unlink(missing_ok=True)
-            (directory / _MARKER).unlink(missing_ok=True)
-            _publish(path, shard, lambda tmp: self._write_ipc(tmp, batch))
-            self._complete_if_ready(key, shard, num_shards)
+            self.storage.delete(f"{key.directory}/{_MARKER}")
+            with self.storage.open_output(part) as sink, ipc.new_file(sink, batch.schema) as writer:
+                writer.write_batch(batch)  # one batch per file: one chunk, so reads are zero-copy
+            self._complete_if_ready(key, num_shards)
         except OSError as exc:
-            raise StoreError(f"could not write {path}: {exc}; check free space and permissions") from exc
-        return path
+            raise StoreError(f"could not write {self.storage.path(part)}: {exc}; check free space and "
+                             "permissions") from exc
+        return part
 
     @staticmethod
     def _batch(key: _Key, embeddings: ArrayLike, labels: ArrayLike, sample_ids: ArrayLike,
@@ -233,23 +215,24 @@ class EmbeddingStore:
         ]
         return pa.RecordBatch.from_arrays(arrays, schema=_schema(dim, meta))
 
-    @staticmethod
-    def _write_ipc(path: Path, batch: pa.RecordBatch) -> None:
-        with pa.OSFile(str(path), "wb") as sink, ipc.new_file(sink, batch.schema) as writer:
-            writer.write_batch(batch)  # one batch per file: one chunk, so reads are zero-copy
+    def _parts(self, key: _Key) -> list[str]:
+        """The shard file names present in a partition."""
+        return [name for name in self.storage.list(key.directory)
+                if "/" not in name and name.startswith("part-") and name.endswith(".arrow")]
 
-    def _complete_if_ready(self, key: _Key, shard: int, num_shards: int) -> None:
+    def _complete_if_ready(self, key: _Key, num_shards: int) -> None:
         """Write the marker when every shard of this sharding is present; drop shards of older shardings."""
-        directory = key.directory(self.root)
-        expected = [directory / _part_name(k) for k in range(num_shards)]
-        if not all(p.exists() for p in expected):
+        expected = [_part_name(k) for k in range(num_shards)]
+        present = self._parts(key)
+        if not set(expected) <= set(present):
             return
-        if any(self._open(key, p)[1]["num_shards"] != num_shards for p in expected):
+        if any(self._open(key, name)[1]["num_shards"] != num_shards for name in expected):
             return  # some shard is left over from a run with another worker count; its rewrite completes it
-        for stale in set(directory.glob("part-*.arrow")) - set(expected):
-            stale.unlink(missing_ok=True)
-        marker = {"num_shards": num_shards, "bytes": {p.name: p.stat().st_size for p in expected}}
-        _publish(directory / _MARKER, shard, lambda tmp: tmp.write_text(json.dumps(marker)))
+        for stale in set(present) - set(expected):
+            self.storage.delete(f"{key.directory}/{stale}")
+        sizes = {name: self.storage.size(f"{key.directory}/{name}") for name in expected}
+        self.storage.write_bytes(f"{key.directory}/{_MARKER}",
+                                 json.dumps({"num_shards": num_shards, "bytes": sizes}).encode())
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, method: str, version: int, eval_set: str) -> EmbeddingTable:
@@ -263,7 +246,7 @@ class EmbeddingStore:
             dup = ids[1:][ids[1:] == ids[:-1]]
             if dup.size:
                 raise StoreError(f"partition {key} holds sample_id {dup[0]} in more than one shard (padded "
-                                 f"shards?); delete {key.directory(self.root)} and re-run with --resume")
+                                 f"shards?); delete {self.storage.path(key.directory)} and re-run with --resume")
             columns = {name: column[order] for name, column in columns.items()}
         metadata = {k: v for k, v in metas[0].items() if k != "shard"}
         metadata["normalized"] = all(m["normalized"] for m in metas)
@@ -271,38 +254,39 @@ class EmbeddingStore:
 
     def _load(self, key: _Key) -> Iterator[tuple[pa.Table, dict]]:
         """Each shard of a complete partition as (memory-mapped table, metadata), checked against the marker."""
-        directory = key.directory(self.root)
+        directory = self.storage.path(key.directory)
         try:
-            marker = json.loads((directory / _MARKER).read_text())
+            marker = json.loads(self.storage.read_bytes(f"{key.directory}/{_MARKER}"))
             sizes, num_shards = marker["bytes"], marker["num_shards"]
         except FileNotFoundError:
-            parts = sorted(directory.glob("part-*.arrow"))
+            parts = sorted(self._parts(key))
             if not parts:
                 raise StoreError(f"no embeddings stored for {key} under {self.root}; run the step first") from None
             total = self._open(key, parts[0])[1]["num_shards"]
             raise StoreError(f"partition {key} is incomplete ({len(parts)} of {total} shards); "
                              "re-run the step") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"store marker {directory / _MARKER} is corrupt ({exc}); delete {directory} and "
+            raise StoreError(f"store marker {directory}/{_MARKER} is corrupt ({exc}); delete {directory} and "
                              f"re-run with --resume") from exc
         for shard in range(num_shards):
-            path = directory / _part_name(shard)
-            size = path.stat().st_size if path.exists() else None
-            if size != sizes.get(path.name):
-                raise StoreError(f"store file {path} is missing or truncated ({size} bytes, expected "
-                                 f"{sizes.get(path.name)}); delete {directory} and re-run with --resume")
-            table, meta = self._open(key, path)
+            name = _part_name(shard)
+            size = self.storage.size(f"{key.directory}/{name}")
+            if size != sizes.get(name):
+                raise StoreError(f"store file {directory}/{name} is missing or truncated ({size} bytes, expected "
+                                 f"{sizes.get(name)}); delete {directory} and re-run with --resume")
+            table, meta = self._open(key, name)
             if meta["num_shards"] != num_shards:
-                raise StoreError(f"store file {path} belongs to a {meta['num_shards']}-shard write but the partition "
+                raise StoreError(f"store file {directory}/{name} belongs to a {meta['num_shards']}-shard write but the partition "
                                  f"has {num_shards}; delete {directory} and re-run with --resume")
             yield table, meta
 
-    @staticmethod
-    def _open(key: _Key, path: Path) -> tuple[pa.Table, dict]:
-        """Memory-map one shard and check its schema and metadata against its directory and file name."""
-        advice = f"delete {path.parent} and re-run with --resume"
+    def _open(self, key: _Key, name: str) -> tuple[pa.Table, dict]:
+        """Open one shard (memory-mapped on the local backend) and check its schema and metadata against
+        its partition and file name."""
+        path = self.storage.path(f"{key.directory}/{name}")
+        advice = f"delete {self.storage.path(key.directory)} and re-run with --resume"
         try:
-            table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            table = ipc.open_file(self.storage.open_input(f"{key.directory}/{name}")).read_all()
             meta = json.loads(table.schema.metadata[_META_KEY])
             expected_schema = _schema(meta["dim"])
         except (pa.ArrowException, OSError, ValueError, KeyError, TypeError) as exc:
@@ -310,7 +294,7 @@ class EmbeddingStore:
         if not table.schema.equals(expected_schema, check_metadata=False):
             raise StoreError(f"store file {path} has unexpected columns {table.schema.names}; {advice}")
         found = (meta.get("method"), meta.get("version"), meta.get("eval_set"), meta.get("shard"))
-        if found != (*key, int(path.stem.split("-")[1])):
+        if found != (*key, int(name.removesuffix(".arrow").split("-")[1])):
             raise StoreError(f"store file {path} holds method={found[0]!r} version={found[1]} eval_set={found[2]!r} "
                              f"shard={found[3]}, which disagrees with its location; {advice}")
         return table, meta
@@ -318,7 +302,7 @@ class EmbeddingStore:
     # -- listing -------------------------------------------------------------------------------
     def has(self, method: str, version: int, eval_set: str) -> bool:
         """Whether the partition is complete (what :meth:`read` would return)."""
-        return (_Key.checked(method, version, eval_set).directory(self.root) / _MARKER).is_file()
+        return self.storage.exists(f"{_Key.checked(method, version, eval_set).directory}/{_MARKER}")
 
     def methods(self) -> list[str]:
         return sorted({key.method for key in self._complete()})
@@ -331,25 +315,26 @@ class EmbeddingStore:
 
     def _complete(self) -> Iterator[_Key]:
         """Every complete partition; directories that are not the store's own are ignored."""
-        for marker in self.root.glob(f"method=*/version=*/eval_set=*/{_MARKER}"):
-            method, version, eval_set = (marker.parents[i].name.partition("=")[2] for i in (2, 1, 0))
-            if version.isdigit():
+        for name in self.storage.list():
+            parts = name.split("/")
+            if len(parts) != 4 or parts[3] != _MARKER:
+                continue
+            (m, method), (v, version), (e, eval_set) = (part.partition("=")[::2] for part in parts[:3])
+            if (m, v, e) == ("method", "version", "eval_set") and version.isdigit():
                 yield _Key(unquote(method), int(version), unquote(eval_set))
 
     # -- interchange ---------------------------------------------------------------------------
-    def export_parquet(self, dest_dir: Union[str, Path], method: Optional[str] = None) -> Path:
+    def export_parquet(self, dest_dir: Union[RunStorage, Location], method: Optional[str] = None) -> RunStorage:
         """Copy complete partitions (all, or one method's) to hive-partitioned Parquet under ``dest_dir``.
 
         One Parquet file per shard, schema metadata kept, ``version`` only in the path; readable by
         pyarrow, pandas, DuckDB and Polars. Existing files of the same partitions are replaced.
         """
-        dest = Path(dest_dir)
+        dest = RunStorage.of(dest_dir)
         for key in self._complete():
             if method is not None and key.method != method:
                 continue
-            target = key.directory(dest)
-            target.mkdir(parents=True, exist_ok=True)
             for table, meta in self._load(key):
-                _publish(target / f"part-{meta['shard']}.parquet", meta["shard"],
-                         lambda tmp: _write_parquet(tmp, table))
+                with dest.open_output(f"{key.directory}/part-{meta['shard']}.parquet") as sink:
+                    _write_parquet(sink, table)
         return dest

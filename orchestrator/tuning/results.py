@@ -9,6 +9,7 @@ Only a complete trial satisfying every constraint can be the best one.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import RunStorage
 from orchestrator.evaluation.objectives import TABLE_NAMES, Mode
 from orchestrator.reporting.report import _md_table, _save
 
@@ -51,6 +52,9 @@ class TrialOutcome:
         return not self.violations
 
 
+BEST_CONFIG = "best_config.yaml"
+
+
 @dataclass
 class SweepResults:
     trials: list[TrialOutcome]  # ranked, best first
@@ -58,20 +62,21 @@ class SweepResults:
     directory: Path
 
     def markdown(self) -> str:
-        return (self.directory / "results.md").read_text()
+        return RunStorage.at(self.directory).read_text("results.md")
 
 
 def collect_results(sweep: "Sweep", grid) -> SweepResults:
     """Rank the trials of a finished Tune run and write every output into the sweep directory."""
     trials = rank_trials([_outcome(result, sweep) for result in grid], sweep.objective.mode)
     best = best_of(trials)
-    write_tables(sweep, trials)
+    out = RunStorage.at(sweep.directory)
+    write_tables(sweep, trials, out)
     if best is not None:
-        write_best_config(sweep, best, sweep.directory / "best_config.yaml")
+        write_best_config(sweep, best, out, BEST_CONFIG)
     else:
-        (sweep.directory / "best_config.yaml").unlink(missing_ok=True)
-    plot_objective_vs_params(sweep, trials, best, sweep.directory / "objective_vs_params.png")
-    plot_objective_per_step(sweep, trials, best, sweep.directory / "objective_per_step.png")
+        out.delete(BEST_CONFIG)
+    plot_objective_vs_params(sweep, trials, best, out, "objective_vs_params.png")
+    plot_objective_per_step(sweep, trials, best, out, "objective_per_step.png")
     return SweepResults(trials, best, sweep.directory)
 
 
@@ -90,7 +95,7 @@ def best_of(ranked: list[TrialOutcome]) -> Optional[TrialOutcome]:
     return ranked[0] if ranked and ranked[0].status == "complete" and ranked[0].feasible else None
 
 
-def write_tables(sweep: "Sweep", trials: list[TrialOutcome]) -> None:
+def write_tables(sweep: "Sweep", trials: list[TrialOutcome], out: RunStorage) -> None:
     """results.csv (full precision) and results.md: one row per trial, best first."""
     keys = [d.key for d in sweep.dimensions]
     objective = f"objective ({sweep.objective.mode} {sweep.objective.name.text})"
@@ -98,28 +103,28 @@ def write_tables(sweep: "Sweep", trials: list[TrialOutcome]) -> None:
     rows = [[rank, t.trial_id, t.status, f"{t.steps_done}/{t.steps_total}", *(t.params.get(k) for k in keys),
              t.objective, "ok" if t.feasible else f"violated: {t.violations}",
              *(t.metrics.get(n) for n in TABLE_NAMES), t.error or ""] for rank, t in enumerate(trials, 1)]
-    path = sweep.directory / "results.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    out.write_text("results.csv", table.getvalue())
     title = (f"# Sweep {sweep.directory.name}: {sweep.objective.mode} {sweep.objective.name.text} of "
              f"{sweep.objective.method} on {sweep.objective.matrix}")
     constraints = ", ".join(c.text for c in sweep.objective.constraints) or "none"
     lines = [title, "", f"- constraints: {constraints}", f"- trials: {len(trials)}", ""]
     lines += _md_table(header[:-1], [[_cell(v) for v in row[:-1]] for row in rows])
-    runfiles.atomic_write_bytes(sweep.directory / "results.md", "\n".join(lines).encode())
+    out.write_text("results.md", "\n".join(lines))
 
 
-def write_best_config(sweep: "Sweep", best: TrialOutcome, path: Path) -> None:
+def write_best_config(sweep: "Sweep", best: TrialOutcome, out: RunStorage, name: str) -> None:
     """The best trial's experiment (every swept key set) as a config ``compat run`` takes as it is."""
     raw = sweep.trial_raw(best.params)
     raw["name"] = f"{sweep.experiment.name}-best"
     subject = "".join(f", subject to {c.text}" for c in sweep.objective.constraints)
     header = (f"# Best trial {best.trial_id} of sweep {sweep.directory.name}: {sweep.objective.name.text} of "
               f"{sweep.objective.method} = {best.objective:.6g} ({sweep.objective.mode}{subject}).\n"
-              f"# Run it again: compat run {path}\n")
-    runfiles.atomic_write_bytes(path, (header + yaml.safe_dump(raw, sort_keys=False)).encode())
+              f"# Run it again: compat run {out.path(name)}\n")
+    out.write_text(name, header + yaml.safe_dump(raw, sort_keys=False))
 
 
 # -- plots -----------------------------------------------------------------------------------------
@@ -135,7 +140,7 @@ def _style_of(trial: TrialOutcome, best: Optional[TrialOutcome]) -> str:
 
 
 def plot_objective_vs_params(sweep: "Sweep", trials: list[TrialOutcome], best: Optional[TrialOutcome],
-                             path: Path) -> None:
+                             out: RunStorage, file_name: str) -> None:
     """One panel per swept key: each trial's last objective against its value (categories for non-numbers)."""
     shown = [t for t in trials if not t.error and not math.isnan(t.objective)]
     fig = Figure(figsize=(4.2 * len(sweep.dimensions), 3.6), layout="constrained")
@@ -157,11 +162,11 @@ def plot_objective_vs_params(sweep: "Sweep", trials: list[TrialOutcome], best: O
         axes[0].plot([], [], linestyle="none", label=name, **style)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{sweep.objective.name.text} of {sweep.objective.method} per trial (last reported step)")
-    _save(fig, path)
+    _save(fig, out, file_name)
 
 
 def plot_objective_per_step(sweep: "Sweep", trials: list[TrialOutcome], best: Optional[TrialOutcome],
-                            path: Path) -> None:
+                            out: RunStorage, file_name: str) -> None:
     """The objective after each step, one line (own colour) per trial; the marker tells its outcome, dashed
     lines violate a constraint, the best trial's line is thick; trials stopped early end early."""
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
@@ -179,7 +184,7 @@ def plot_objective_per_step(sweep: "Sweep", trials: list[TrialOutcome], best: Op
            title=f"{sweep.objective.name.text} of {sweep.objective.method} after each step")
     if len(trials) <= 12:
         ax.legend(fontsize=7)
-    _save(fig, path)
+    _save(fig, out, file_name)
 
 
 # -- reading Tune results --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
 import yaml
 
-from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import RunStorage
 from orchestrator.config.typed import from_dict, require
 from orchestrator.config import ExperimentConfig, load_raw, set_key
 from orchestrator.engine.validate import parse_experiment
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 _RANGE_KINDS = ("uniform", "loguniform", "int")
 _RESERVED_KEYS = ("name", "output_dir", "seeds")  # set by the sweep itself
+SWEEP_STATE = "sweep.yaml"  # the sweep's document, written when it starts (resume checks it)
 
 
 @dataclass
@@ -147,10 +148,10 @@ def load_sweep(config: Optional[str], overrides: Sequence[str] = (), output_dir:
 
 def load_sweep_dir(directory: Path) -> Sweep:
     """The sweep an experiment directory holds (for ``--resume``)."""
-    path = Path(directory) / "sweep.yaml"
-    if not path.is_file():
+    storage = RunStorage.at(directory)
+    if not storage.exists(SWEEP_STATE):
         raise RunError(f"{directory} is not a sweep directory (no sweep.yaml); pass the directory `compat sweep` created")
-    return parse_sweep(yaml.safe_load(path.read_text()), directory=Path(directory))
+    return parse_sweep(yaml.safe_load(storage.read_text(SWEEP_STATE)), directory=Path(directory))
 
 
 def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
@@ -255,9 +256,9 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     from orchestrator.tuning.results import collect_results
     from orchestrator.tuning.trial import TaskSetup, cpu_needs, run_trial
 
-    state = sweep.directory / "sweep.yaml"
-    resuming = state.is_file()
-    if resuming and yaml.safe_load(state.read_text()) != sweep.document:
+    storage = RunStorage.at(sweep.directory)
+    resuming = storage.exists(SWEEP_STATE)
+    if resuming and yaml.safe_load(storage.read_text(SWEEP_STATE)) != sweep.document:
         raise RunError(f"{sweep.directory} already holds a different sweep; continue it with "
                        f"`compat sweep --resume {sweep.directory}`, or set sweep.name/sweep.output_dir")
     ensure_ray()
@@ -267,7 +268,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
         echo(f"Resuming sweep {sweep.directory}")
         tuner = tune.Tuner.restore(str(sweep.directory), trainable, resume_unfinished=True, restart_errored=True)
     else:
-        runfiles.atomic_write_bytes(state, yaml.safe_dump(sweep.document, sort_keys=False).encode())
+        storage.write_text(SWEEP_STATE, yaml.safe_dump(sweep.document, sort_keys=False))
         worker_cpus, _ = cpu_needs(sweep.experiment)
         at_once = sweep.config.max_concurrent or _concurrency(sweep.config.trial_cpus + worker_cpus)
         echo(f"Sweep of '{sweep.experiment.name}' in {sweep.directory}: {len(sweep.dimensions)} key(s), "

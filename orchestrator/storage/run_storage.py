@@ -1,0 +1,229 @@
+"""The one object through which run state is read and written, on any ``pyarrow.fs`` filesystem.
+
+A run lives at a *location*: a local path today, a URI (``s3://bucket/run``, ``gs://...``) that
+:meth:`pyarrow.fs.FileSystem.from_uri` understands, or any ``pyarrow.fs.FileSystem`` and a root in it.
+Every key below is a relative, ``/``-separated name inside the run (``manifest/bct/step-001.json``);
+nothing here assumes a POSIX directory tree except :meth:`RunStorage.local_path`, which exists only for
+libraries that insist on a real path and refuses on other filesystems.
+
+Atomicity, defined per operation in terms an object store keeps:
+
+- **Whole objects.** :meth:`~RunStorage.write_bytes`, :meth:`~RunStorage.write_json`,
+  :meth:`~RunStorage.save_torch` and :meth:`~RunStorage.open_output` publish an object whole or not at all:
+  a reader sees the previous object (or none), never a prefix. On the local filesystem that is a temp file
+  in the same directory, fsync, rename; elsewhere it is one PUT of the finished bytes (a write that fails
+  midway PUTs nothing). There is no append and no rename across keys.
+- **Write once per attempt.** An artefact is written once by the task that produces it; a retry of the task
+  writes the same key again whole, which is safe because of the rule above.
+- **The completion record is written last.** A task's artefacts (weights, store shards, rows) are only
+  trusted once its completion record exists (a task's manifest entry; a store partition's
+  ``_COMPLETE.json``), and that record is written after everything it vouches for. Readers decide
+  "finished" from the record alone, so a crash between two writes leaves at most unreferenced objects.
+- **Deletes** are idempotent (a missing key is fine) and never needed for correctness, only for tidiness.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from orchestrator.errors import RunError
+
+Location = Union[str, os.PathLike]
+
+
+class RunStorage:
+    """A run's state on one filesystem under one root; see the module docstring for the write rules."""
+
+    def __init__(self, filesystem: pafs.FileSystem, root: str):
+        self.filesystem = filesystem
+        self.root = root.rstrip("/") or "/"
+        self.is_local = isinstance(filesystem, pafs.LocalFileSystem)
+
+    @classmethod
+    def at(cls, location: Location) -> "RunStorage":
+        """The storage of a location: a local path, or a URI with a scheme pyarrow knows."""
+        text = os.fspath(location)
+        if "://" in text:
+            try:
+                filesystem, root = pafs.FileSystem.from_uri(text)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise RunError(f"cannot open run location {text!r}: {exc}") from None
+            return cls(filesystem, root)
+        return cls(pafs.LocalFileSystem(), str(Path(text).expanduser().absolute()))
+
+    @classmethod
+    def of(cls, run: Union["RunStorage", Location]) -> "RunStorage":
+        """``run`` itself when it is a RunStorage, else the storage at that location."""
+        return run if isinstance(run, RunStorage) else cls.at(run)
+
+    def __repr__(self) -> str:
+        return f"RunStorage({self.location!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunStorage) and other.root == self.root and other.filesystem.equals(self.filesystem)
+
+    def __hash__(self) -> int:
+        return hash((self.root, self.filesystem.type_name))
+
+    @property
+    def location(self) -> str:
+        """Where the run lives, for messages (a path, or ``<filesystem type>:<root>``)."""
+        return self.root if self.is_local else f"{self.filesystem.type_name}:{self.root}"
+
+    # -- names ---------------------------------------------------------------------------------
+    def path(self, key: str = "") -> str:
+        """The filesystem path of ``key`` (for this filesystem's calls and for messages)."""
+        key = key.strip("/")
+        if not key:
+            return self.root
+        if any(part in ("", ".", "..") for part in key.split("/")):
+            raise ValueError(f"run storage key {key!r} must be relative and normalised")
+        return f"{self.root}/{key}" if self.root != "/" else f"/{key}"
+
+    def child(self, sub: str) -> "RunStorage":
+        """The storage rooted at ``sub`` inside this one (a nested run, the embedding store ...)."""
+        return RunStorage(self.filesystem, self.path(sub))
+
+    def local_path(self, key: str = "") -> Path:
+        """A real path, only for libraries that cannot take a stream (Ray Train's storage_path ...)."""
+        if not self.is_local:
+            raise RunError(f"{self.location} is not on a local filesystem; this operation needs a local run directory")
+        return Path(self.path(key))
+
+    # -- queries -------------------------------------------------------------------------------
+    def _info(self, key: str) -> pafs.FileInfo:
+        return self.filesystem.get_file_info(self.path(key))
+
+    def exists(self, key: str) -> bool:
+        """Whether an object (a file, not a directory prefix) is stored at ``key``."""
+        return self._info(key).type == pafs.FileType.File
+
+    def size(self, key: str) -> Optional[int]:
+        """The object's size in bytes, None when there is none."""
+        info = self._info(key)
+        return info.size if info.type == pafs.FileType.File else None
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every object under ``prefix`` (recursive), as keys relative to ``prefix``, sorted. Hidden names
+        (a leading ``.``: the local backend's temp files) are left out."""
+        base = self.path(prefix)
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        try:
+            infos = self.filesystem.get_file_info(selector)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        start = len(base.strip("/")) + 1
+        keys = [info.path.strip("/")[start:] for info in infos if info.type == pafs.FileType.File]
+        return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
+
+    # -- bytes ---------------------------------------------------------------------------------
+    def read_bytes(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError when there is none."""
+        if not self.exists(key):
+            raise FileNotFoundError(self.path(key))
+        with self.filesystem.open_input_stream(self.path(key)) as stream:
+            return stream.read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Publish ``data`` whole at ``key`` (see the module docstring)."""
+        with self.open_output(key) as out:
+            out.write(data)
+
+    @contextmanager
+    def open_output(self, key: str) -> Iterator[Any]:
+        """A writable binary stream whose bytes appear at ``key`` whole when the block ends without error,
+        and not at all otherwise."""
+        if self.is_local:
+            target = Path(self.path(key))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    yield handle
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            _fsync_directory(target.parent)
+        else:
+            buffer = io.BytesIO()
+            yield buffer
+            path = self.path(key)
+            parent = path.rpartition("/")[0]
+            if parent:
+                self.filesystem.create_dir(parent, recursive=True)
+            with self.filesystem.open_output_stream(path) as stream:  # one PUT of the finished object
+                stream.write(buffer.getbuffer())
+
+    def open_input(self, key: str) -> pa.NativeFile:
+        """A random-access reader of the object (Arrow IPC files): memory-mapped on the local backend, so
+        Arrow reads are zero-copy; a ranged reader elsewhere."""
+        if self.is_local:
+            return pa.memory_map(self.path(key), "r")
+        return self.filesystem.open_input_file(self.path(key))
+
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key`` (nothing happens when there is none)."""
+        try:
+            self.filesystem.delete_file(self.path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_all(self, prefix: str) -> None:
+        """Remove every object under ``prefix`` (nothing happens when there are none)."""
+        for key in self.list(prefix):
+            self.delete(f"{prefix.strip('/')}/{key}" if prefix.strip("/") else key)
+
+    # -- typed objects -------------------------------------------------------------------------
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode()
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode())
+
+    def read_json(self, key: str) -> Any:
+        """A JSON object; a corrupt one is a RunError that says what to delete."""
+        try:
+            return json.loads(self.read_bytes(key))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunError(f"{self.path(key)} is corrupt ({exc}); delete it and run again with --resume") from None
+
+    def read_json_or_none(self, key: str) -> Any:
+        """A JSON object, or None when there is none."""
+        return self.read_json(key) if self.exists(key) else None
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def save_torch(self, key: str, obj: Any) -> None:
+        """``torch.save`` of tensors and plain containers, published whole."""
+        import torch
+
+        with self.open_output(key) as out:
+            torch.save(obj, out)
+
+    def load_torch(self, key: str) -> Any:
+        """``torch.load(weights_only=True)`` onto the CPU: tensors and plain containers only, never pickled code."""
+        import torch
+
+        return torch.load(io.BytesIO(self.read_bytes(key)), map_location="cpu", weights_only=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a crash after it cannot bring the old name back)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
