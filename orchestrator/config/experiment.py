@@ -75,9 +75,13 @@ class EvaluationConfig:
     # the whole tie (as scikit-learn's average_precision_score counts ties)
     map_ties: Literal["lower-index", "shared"] = "lower-index"
     batch_size: int = 256  # images per embedding batch
+    # health check: a version whose top-1 accuracy on the classes its own step added is below this fraction
+    # of its accuracy on the classes it knew before gets a warning in every report (0 turns the check off)
+    min_new_class_ratio: float = 0.5
 
     def __post_init__(self):
         require(bool(self.sets), "sets", "needs at least one evaluation set")
+        require(0.0 <= self.min_new_class_ratio <= 1.0, "min_new_class_ratio", "must be between 0 and 1")
         require(self.query in self.sets, "query", f"{self.query!r} is not one of sets: {', '.join(self.sets)}")
         if self.protocol == "query-gallery":
             require(self.gallery is not None, "gallery", "is required for protocol 'query-gallery'")

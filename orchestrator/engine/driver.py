@@ -186,6 +186,7 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
     configured ``evaluation.ties``; ``primary`` only picks which metric's summary is ``summary``."""
     from orchestrator.evaluation import metrics as M
     from orchestrator.evaluation import BY_BLOCK, CompatibilityMatrix
+    from orchestrator.evaluation.health import version_health
 
     blocks = class_blocks(cfg)
     ties = cfg.evaluation.ties
@@ -222,6 +223,7 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
             "summary_by_metric": summaries, "ecc": ecc,
             "accuracy": accuracy if any(a is not None for a in accuracy) else None,
             "accuracy_summary": accuracy_summary(entries),
+            "health": version_health(entries, matrices, cfg.evaluation.min_new_class_ratio),
             "trainable_parameters": entries[-1].get("trainable_parameters"),
             "seconds": [e.get("seconds") for e in entries],
         }

@@ -311,8 +311,11 @@ class Session:
     @torch.no_grad()
     def _accuracy(self, ctx: StepContext, model) -> dict[str, Optional[float]]:
         """Top-1 classification accuracy on the test images of the classes seen so far (chief only):
-        overall (sample-weighted), on the first step's classes (base) and on later ones (novel)."""
-        unknown = {"accuracy": None, "accuracy_base": None, "accuracy_novel": None}
+        overall (sample-weighted), on the first step's classes (base) and on later ones (novel) — the FSCIL
+        split — and, for the health check, on the classes known before this step (previous) and on the
+        ones this step added (new)."""
+        unknown = {"accuracy": None, "accuracy_base": None, "accuracy_novel": None,
+                   "accuracy_previous_classes": None, "accuracy_new_classes": None}
         if not self.worker.is_chief:
             return unknown
         test = load_split(self.cfg.data, "test")
@@ -327,8 +330,11 @@ class Session:
                 return unknown
             correct[start:start + len(idx)] = logits.argmax(1).cpu().numpy() == positions[idx]
         base = positions[keep] < self.steps[0].num_seen
+        previous = positions[keep] < ctx.num_previous
         return {"accuracy": _fraction(correct), "accuracy_base": _fraction(correct[base]),
-                "accuracy_novel": _fraction(correct[~base])}
+                "accuracy_novel": _fraction(correct[~base]),
+                "accuracy_previous_classes": _fraction(correct[previous]),
+                "accuracy_new_classes": _fraction(correct[~previous])}
 
 
 class StepHooks(Hook):

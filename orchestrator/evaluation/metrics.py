@@ -194,3 +194,13 @@ def performance_drop(accs: list[float] | np.ndarray) -> float:
     if accs.size == 0:
         raise ValueError("performance_drop needs at least one session")
     return float(accs[0] - accs[-1])
+
+
+def new_classes_undertrained(accuracy_new: Optional[float], accuracy_previous: Optional[float],
+                             min_ratio: float) -> Optional[bool]:
+    """Whether a version learned the classes its own step added far worse than the ones it already knew:
+    accuracy_new < min_ratio × accuracy_previous. None when either accuracy is unknown (version 0 knows no
+    earlier classes; a step may add none) or the check is off (``min_ratio`` 0)."""
+    if accuracy_new is None or accuracy_previous is None or min_ratio <= 0:
+        return None
+    return bool(accuracy_new < min_ratio * accuracy_previous)

@@ -8,7 +8,8 @@
                             (ECC flags: held in every seed); ``methods_std``: the same tree of sample
                             standard deviations; ``seeds``: the table names of objectives.py per seed
                             on the primary metric, with their mean and std, and ``verdicts``: AC and AM
-                            (mean, std) and the seeds where ECC held on every pair, on every metric
+                            (mean, std) and the seeds where ECC held on every pair, on every metric;
+                            each method's ``health``: the mean table, a version flagged when any seed flagged it
     RUN_DIR/report.md       heatmaps of the mean matrices plus the mean ± std table
 
 A seed's run never depends on the others: its tasks are independent chains of the experiment's task
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from orchestrator.config import ExperimentConfig
+from orchestrator.evaluation.health import combine_health
 from orchestrator.evaluation.objectives import table_values
 
 
@@ -42,8 +44,11 @@ def aggregate(cfg: ExperimentConfig, per_seed: Sequence[dict]) -> dict:
     return {
         "schema_version": first["schema_version"], "experiment": cfg.name, "seed": None,
         "config_digest": cfg.digest(), "protocol": first["protocol"], "primary": primary,
-        "methods": {key: _combine([m["methods"][key] for m in per_seed], "mean") for key in first["methods"]},
-        "methods_std": {key: _combine([m["methods"][key] for m in per_seed], "std") for key in first["methods"]},
+        "methods": {key: _with_health(_combine([m["methods"][key] for m in per_seed], "mean"),
+                                      [m["methods"][key] for m in per_seed], cfg.seeds)
+                    for key in first["methods"]},
+        "methods_std": {key: _combine([_without_health(m["methods"][key]) for m in per_seed], "std")
+                        for key in first["methods"]},
         "seeds": {"values": list(cfg.seeds), "runs": {str(s): f"seed-{s}" for s in cfg.seeds}, "per_seed": table,
                   "mean": _combine(list(table.values()), "mean"), "std": _combine(list(table.values()), "std"),
                   "verdicts": {key: verdicts([m["methods"][key] for m in per_seed]) for key in first["methods"]}},
@@ -61,6 +66,18 @@ def verdicts(entries: Sequence[dict]) -> dict[str, dict]:
                         for k in ("AC", "AM") for suffix, how in (("", "mean"), ("_std", "std"))},
                      "ECC_every_pair_seeds": None if None in held else sum(held)}
     return out
+
+
+def _with_health(mean: dict, entries: Sequence[dict], seeds: Sequence) -> dict:
+    """The mean entry with the health table of every seed combined (a version is flagged when it was
+    flagged in any seed; see health.combine_health)."""
+    if all(e.get("health") for e in entries):
+        mean["health"] = combine_health([e["health"] for e in entries], seeds, mean["health"])
+    return mean
+
+
+def _without_health(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k != "health"}
 
 
 def _combine(values: list, how: str) -> Any:

@@ -65,7 +65,15 @@ def format_summary_table(metrics: dict[str, Any]) -> str:
 
     titles = [" " * widths[0]] + [_metric_title(metrics, name).ljust(sum(widths[group]) + 4)
                                   for name, group in zip(names, groups)]
-    return "\n".join([*_verdict_caption(metrics), "    ".join(titles).rstrip(), *map(line, rows)])
+    return "\n".join([*_verdict_caption(metrics), "    ".join(titles).rstrip(), *map(line, rows),
+                      *_health_warnings(metrics)])
+
+
+def _health_warnings(metrics: dict[str, Any]) -> list[str]:
+    """One line per version the health check flagged (metrics.json's ``health``), under a blank line."""
+    lines = [f"WARNING {key} {text}" for key, method in metrics["methods"].items()
+             for text in (method.get("health") or {}).get("warnings") or []]
+    return ["", *lines] if lines else []
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -414,6 +422,45 @@ def _session_accuracy_section(metrics: dict[str, Any]) -> list[str]:
             f"base/novel = the first session's classes vs later ones.{over}", "", *_md_table(header, rows)]
 
 
+def _health_section(metrics: dict[str, Any]) -> list[str]:
+    """Per method and version: top-1 on the classes known before its step and on the ones it added, its
+    self-test on every metric, and the health check's flag; the warnings first, where there are any."""
+    healths = {key: m["health"] for key, m in metrics["methods"].items() if m.get("health")}
+    if not healths:
+        return []
+    names = _metric_order(metrics)
+    ratio = next(iter(healths.values())).get("min_new_class_ratio")
+    rows = []
+    for key, health in healths.items():
+        for row in health["versions"]:
+            flag = row.get("warning")
+            seeds = row.get("warning_seeds")
+            rows.append([key, str(row["version"]), _fmt(_count(row.get("new_classes"))),
+                         _fmt(row.get("accuracy_previous_classes")), _fmt(row.get("accuracy_new_classes")),
+                         *(_fmt((row.get("self_test") or {}).get(n)) for n in names),
+                         "–" if flag is None else ("**under-trained**" + (f" (seeds {', '.join(map(str, seeds))})"
+                                                                          if seeds else "") if flag else "ok")])
+    warnings = [f"- **Warning** `{key}` {text}" for key, health in healths.items() for text in health.get("warnings") or []]
+    over = " Means over seeds; flagged when flagged in any seed." if metrics.get("seeds") else ""
+    return ["## Health of every version", "",
+            *(warnings + [""] if warnings else []),
+            "Top-1 classification accuracy on the classes each version knew before its step (previous) and on the "
+            f"classes its step added (new), and its self-test retrieval (the matrix diagonal). A version is "
+            f"flagged when new < {_fmt_ratio(ratio)} × previous (`evaluation.min_new_class_ratio`): its cross-model "
+            f"cells then compare a model that has not learned its new classes.{over}", "",
+            *_md_table(("method", "version", "new classes", "top-1 previous", "top-1 new",
+                        *(f"self-test {_METRIC_TITLES.get(n, n)}" for n in names), "check"), rows)]
+
+
+def _count(value: Any) -> Optional[str]:
+    """A count as metrics.json holds it (a mean over seeds of equal counts stays an int)."""
+    return None if value is None else f"{value:g}"
+
+
+def _fmt_ratio(value: Any) -> str:
+    return "?" if value is None else f"{value:g}"
+
+
 def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str]) -> str:
     experiment = metrics.get("experiment", "experiment")
     lines = [f"# Compatibility report: {experiment}", ""]
@@ -431,6 +478,7 @@ def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str])
     lines += [f"![{name}]({name})\n" for name in ("heatmaps.png", "accuracy.png") if name in images]
     if metrics.get("seeds"):
         lines += _seeds_section(metrics)
+    lines += _health_section(metrics)
     lines += _update_section(metrics)
     lines += _block_section(metrics)
     lines += _session_accuracy_section(metrics)
