@@ -96,7 +96,7 @@ class ZeroShotClip(Method):
     def check_model(self, key: str) -> None:
         if self.model_cfg.name is None:
             raise ConfigError(f"{key}.name", f"{self.name} needs an open_clip model: set model.name "
-                                             f"(e.g. ViT-B-16 with model.pretrained: openai, or tiny-vit-w64)")
+                                             f"(e.g. ViT-B-16-quickgelu with model.pretrained: openai, or tiny-vit-w64)")
         model_config(self.model_cfg.name, f"{key}.name")
 
     def input_spec(self) -> InputSpec:

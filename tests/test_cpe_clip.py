@@ -91,7 +91,7 @@ def test_protocol_presets_plan_the_standard_sessions(tmp_path):
 
     cifar = load_config("fscil_cifar100")
     assert [s.num_seen for s in plan_steps(cifar, 100)] == [60 + 5 * t for t in range(9)]
-    assert cifar.model.name == "ViT-B-16" and cifar.model.pretrained == "openai"
+    assert cifar.model.name == "ViT-B-16-quickgelu" and cifar.model.pretrained == "openai"
     root, lists = tmp_path / "cub", tmp_path / "lists"
     for c in range(200):
         (root / "train" / f"{c + 1:03d}.Bird_{c}").mkdir(parents=True)

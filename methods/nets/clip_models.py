@@ -9,7 +9,9 @@ API (stable; shared by the CLIP methods and the upstream CLIP stage):
   local file instead) or a local state-dict file (``.pt``/``.bin``/``.safetensors``, read with
   ``weights_only``).
 - ``check_clip_spec(name, pretrained, key)``: the same choices validated without building anything
-  (raises :class:`ConfigError` naming ``key``).
+  (raises :class:`ConfigError` naming ``key``), including the activation trap: weights trained with
+  QuickGELU (OpenAI's, and a few others) load without error into an architecture with exact GELU and
+  give silently wrong features, so that pairing is refused with the ``-quickgelu`` name to use.
 - ``clip_input_spec(name) -> InputSpec``: the image size and normalisation the architecture expects.
 - ``encode_images(model, images)`` / ``encode_texts(model, tokenizer, texts)``: L2-normalised features.
 - ``embedding_dim(name)``, ``text_width(name)``, ``vision_width(name)``, ``num_text_layers(name)``.
@@ -18,6 +20,8 @@ API (stable; shared by the CLIP methods and the upstream CLIP stage):
 from __future__ import annotations
 
 import logging
+import re
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -67,11 +71,81 @@ def num_text_layers(name: str) -> int:
     return int(model_config(name)["text_cfg"]["layers"])
 
 
+def uses_quick_gelu(name: str) -> bool:
+    """Whether the architecture ``name`` builds QuickGELU (x·σ(1.702x)) rather than exact GELU layers."""
+    return bool(model_config(name).get("quick_gelu", False))
+
+
+def _quick_gelu_advice(name: str) -> str:
+    twin = f"{name}-quickgelu"
+    if twin in _open_clip().list_models():
+        return f"name the architecture {twin!r} (same layers, QuickGELU)"
+    return "use an architecture whose open_clip config sets quick_gelu: true"
+
+
+# Keys of a state dict taken from OpenAI's own CLIP release (the TorchScript model's attributes).
+OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """OpenAI's released ``.pt`` files are TorchScript archives (code + weights), not state dicts."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in n or n.endswith("/constants.pkl") for n in archive.namelist())
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    """The tensor names of a state-dict file, read without loading the tensors where the format allows;
+    empty when the file cannot be read (loading it later reports why)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return set(f.keys())
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return set()
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return set(state) if isinstance(state, dict) else set()
+
+
+def openai_weights_evidence(path: Path, keys: set[str]) -> Optional[str]:
+    """Why a local weights file is recognisably OpenAI's CLIP, or ``None``: the keys only OpenAI's release
+    has, or "openai" in the file's name or its three parent directories (how open_clip's Hugging Face
+    cache names those weights, e.g. ``models--timm--vit_base_patch16_clip_224.openai``)."""
+    if keys & set(OPENAI_ONLY_KEYS):
+        return f"holds OpenAI's own state-dict keys ({', '.join(sorted(keys & set(OPENAI_ONLY_KEYS)))})"
+    named = [part for part in path.parts[-4:] if re.search("openai", part, re.IGNORECASE)]
+    if named:
+        return f"is named as OpenAI's weights ({named[-1]!r})"
+    return None
+
+
 def check_clip_spec(name: str, pretrained: Optional[str], key: str = "model") -> None:
-    """Validate ``(name, pretrained)`` before anything runs: a known architecture, and a known tag or an
-    existing file."""
+    """Validate ``(name, pretrained)`` before anything runs: a known architecture, a known tag or an
+    existing file, and weights whose activation (QuickGELU or GELU) is the architecture's."""
     model_config(name, f"{key}.name")
-    if pretrained is None or Path(pretrained).expanduser().is_file():
+    if pretrained is None:
+        return
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        if _is_torchscript_archive(path):
+            raise ConfigError(f"{key}.pretrained", (
+                f"{pretrained} is a TorchScript archive (OpenAI's own release format), which is not loaded here "
+                f"(it runs code); use the open_clip tag 'openai' with a -quickgelu architecture, or convert it once: "
+                f"open_clip.create_model('{name}-quickgelu', pretrained=PATH) and save its state_dict()"))
+        evidence = openai_weights_evidence(path, _checkpoint_keys(path))
+        if evidence and not uses_quick_gelu(name):
+            raise ConfigError(f"{key}.name", (
+                f"{pretrained} {evidence}: OpenAI's CLIP weights were trained with QuickGELU, but {name!r} builds "
+                f"exact GELU layers, so the weights would load without error and every feature would be wrong; "
+                f"{_quick_gelu_advice(name)}"))
         return
     tags = _open_clip().list_pretrained_tags_by_model(name)
     if pretrained not in tags:
@@ -79,6 +153,14 @@ def check_clip_spec(name: str, pretrained: Optional[str], key: str = "model") ->
         reason = (f"file {pretrained!r} does not exist" if looks_like_path
                   else f"{pretrained!r} is not an open_clip tag of {name!r} (tags: {', '.join(tags) or 'none'})")
         raise ConfigError(f"{key}.pretrained", f"{reason}; pass an open_clip tag or a local checkpoint file")
+    trained_quick = bool(_open_clip().get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+    if trained_quick != uses_quick_gelu(name):
+        advice = (_quick_gelu_advice(name) if trained_quick
+                  else f"name the architecture {name.removesuffix('-quickgelu')!r} (exact GELU)")
+        raise ConfigError(f"{key}.name", (
+            f"the open_clip weights {name}/{pretrained} were trained with {'QuickGELU' if trained_quick else 'GELU'}, "
+            f"but {name!r} builds {'GELU' if trained_quick else 'QuickGELU'} layers (open_clip only warns and every "
+            f"feature would be wrong); {advice}"))
 
 
 def clip_input_spec(name: str) -> InputSpec:
@@ -123,8 +205,12 @@ def create_clip(name: str, pretrained: Optional[str] = None) -> tuple[nn.Module,
 
 
 def load_clip_weights(model: nn.Module, path: Path) -> None:
-    """Load an open_clip state dict (tensors only) strictly into ``model``."""
+    """Load an open_clip state dict (tensors only) strictly into ``model``; the metadata entries of OpenAI's
+    own state dicts (:data:`OPENAI_ONLY_KEYS`) are dropped — :func:`check_clip_spec` has made sure the
+    architecture then uses QuickGELU."""
     state = load_state_dict(path)
+    for key in OPENAI_ONLY_KEYS:
+        state.pop(key, None)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -167,7 +167,7 @@ class ModelConfig:
     normalize: bool = True  # L2-normalise the embedding before the classifier
     embedding_bn: bool = False  # BatchNorm1d on the embedding (centres it)
     width: int = 32  # small_cnn only: channels of the first block
-    name: Optional[str] = None  # CLIP methods: an open_clip architecture (e.g. ViT-B-16, tiny-vit-w64)
+    name: Optional[str] = None  # CLIP methods: an open_clip architecture (e.g. ViT-B-16-quickgelu, tiny-vit-w64)
     pretrained: Optional[str] = None  # CLIP methods: an open_clip tag (e.g. openai) or a local checkpoint file
 
     def __post_init__(self):
