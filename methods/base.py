@@ -57,11 +57,13 @@ class StepContext:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Square input size and per-channel normalisation (in [0, 1] units) a network expects."""
+    """Square input size, per-channel normalisation (in [0, 1] units) and resize filter a network expects
+    (a pretrained CLIP's own preprocessing resizes bicubically, or as its pretrained configuration says)."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
 
 
 @dataclass

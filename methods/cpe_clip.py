@@ -100,7 +100,7 @@ class ZeroShotClip(Method):
         model_config(self.model_cfg.name, f"{key}.name")
 
     def input_spec(self) -> InputSpec:
-        return clip_input_spec(self.model_cfg.name)
+        return clip_input_spec(self.model_cfg.name, self.model_cfg.pretrained)
 
     def prompted(self, clip: torch.nn.Module) -> PromptedClip:
         return PromptedClip(clip, 0, 0, None, self.params.logit_scale)

@@ -72,3 +72,52 @@ def test_a_torchscript_archive_is_refused_with_how_to_convert_it(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
     with pytest.raises(ConfigError, match="model.pretrained.*TorchScript.*-quickgelu"):
         check_clip_spec(TINY, str(path), "model")
+
+
+def test_preprocessing_comes_from_the_pretrained_tag():
+    from methods.nets.clip_models import clip_input_spec
+
+    siglip = clip_input_spec("ViT-B-16-SigLIP", "webli")
+    assert (siglip.mean, siglip.std, siglip.interpolation) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    assert clip_input_spec("ViT-B-16-SigLIP").mean == (0.5, 0.5, 0.5)  # a file or random weights: all tags agree
+    openai = clip_input_spec("ViT-B-16-quickgelu", "openai")
+    assert openai.size == 224 and openai.interpolation == "bicubic"
+    assert openai.mean == open_clip.OPENAI_DATASET_MEAN and openai.std == open_clip.OPENAI_DATASET_STD
+
+
+@pytest.mark.parametrize("interpolation, in_size", [("bicubic", 32), ("bicubic", 84), ("bicubic", 300),
+                                                     ("bilinear", 32), ("bilinear", 300)])
+def test_clip_inputs_are_resized_exactly_as_pil_resizes(interpolation, in_size):
+    """CLIP's own preprocessing resizes with PIL; the batched transform matches it within one grey level
+    (PIL's fixed-point weights), upsampling and downsampling (antialiased) alike."""
+    import numpy as np
+    from PIL import Image
+
+    from orchestrator.data.transforms import BatchTransform
+
+    rng = np.random.default_rng(in_size)
+    images = rng.integers(0, 256, (3, in_size, in_size, 3), dtype=np.uint8)
+    images[0, : in_size // 2] = 255  # a hard edge, where the cubic kernel overshoots and PIL clips
+    got = BatchTransform((0, 0, 0), (1, 1, 1), augment=False, size=224, interpolation=interpolation)(
+        torch.from_numpy(images)).permute(0, 2, 3, 1).numpy() * 255
+    resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
+    want = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), resample)) for im in images]).astype(float)
+    assert np.abs(got - want).max() <= 1.0 + 1e-3 and np.abs(got - want).mean() < 0.05
+
+
+def test_the_clip_transform_matches_open_clips_own_preprocessing():
+    import numpy as np
+    from PIL import Image
+
+    from methods.nets.clip_models import clip_input_spec
+    from orchestrator.data.transforms import BatchTransform
+
+    spec = clip_input_spec("ViT-B-16-quickgelu", "openai")
+    theirs = open_clip.image_transform(spec.size, is_train=False, mean=spec.mean, std=spec.std,
+                                       interpolation=spec.interpolation, resize_mode="shortest")
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    ours = BatchTransform(spec.mean, spec.std, augment=False, size=spec.size, interpolation=spec.interpolation)
+    got = ours(torch.from_numpy(image[None]))[0]
+    want = theirs(Image.fromarray(image))
+    assert got.shape == want.shape == (3, 224, 224)
+    assert (got - want).abs().max() <= 1.0 / 255 / min(spec.std) + 1e-5

@@ -12,7 +12,8 @@ API (stable; shared by the CLIP methods and the upstream CLIP stage):
   (raises :class:`ConfigError` naming ``key``), including the activation trap: weights trained with
   QuickGELU (OpenAI's, and a few others) load without error into an architecture with exact GELU and
   give silently wrong features, so that pairing is refused with the ``-quickgelu`` name to use.
-- ``clip_input_spec(name) -> InputSpec``: the image size and normalisation the architecture expects.
+- ``clip_input_spec(name, pretrained=None) -> InputSpec``: the image size, normalisation and resize
+  filter the weights expect (the pretrained tag's preprocessing, see :func:`preprocess_config`).
 - ``encode_images(model, images)`` / ``encode_texts(model, tokenizer, texts)``: L2-normalised features.
 - ``embedding_dim(name)``, ``text_width(name)``, ``vision_width(name)``, ``num_text_layers(name)``.
 """
@@ -163,16 +164,34 @@ def check_clip_spec(name: str, pretrained: Optional[str], key: str = "model") ->
             f"feature would be wrong); {advice}"))
 
 
-def clip_input_spec(name: str) -> InputSpec:
-    """Input size from the architecture; mean/std from its pretrained config (OpenAI's by default)."""
+def preprocess_config(name: str, pretrained: Optional[str] = None) -> dict:
+    """The image preprocessing the weights ``(name, pretrained)`` were trained with, resolved as open_clip
+    does: its defaults (OpenAI's mean/std, bicubic), then the architecture's ``preprocess_cfg``, then the
+    pretrained tag's configuration (e.g. SigLIP's 0.5 mean/std). For a local file or random weights there
+    is no tag: the configuration every tag of the architecture shares is used when they all agree."""
     open_clip = _open_clip()
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    config = merge_preprocess_dict(PreprocessCfg(), model_config(name).get("preprocess_cfg") or {})
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained in tags:
+        overlay = open_clip.get_pretrained_cfg(name, pretrained)
+    else:
+        candidates = [merge_preprocess_dict({}, open_clip.get_pretrained_cfg(name, tag)) for tag in tags]
+        overlay = candidates[0] if candidates and all(c == candidates[0] for c in candidates) else {}
+    return merge_preprocess_dict(config, overlay)
+
+
+def clip_input_spec(name: str, pretrained: Optional[str] = None) -> InputSpec:
+    """Input size from the architecture; mean, std and resize filter from :func:`preprocess_config`."""
     config = model_config(name)
     size = config["vision_cfg"].get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
-    pre = config.get("preprocess_cfg") or {}
-    mean = tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(pre.get("std", open_clip.OPENAI_DATASET_STD))
-    return InputSpec(int(size), mean, std)
+    pre = preprocess_config(name, pretrained)
+    if pre["interpolation"] not in ("bilinear", "bicubic"):
+        raise ConfigError("model.pretrained", f"the weights {name}/{pretrained} expect {pre['interpolation']!r} "
+                                              f"resizing, which is not supported (bilinear, bicubic)")
+    return InputSpec(int(size), tuple(pre["mean"]), tuple(pre["std"]), pre["interpolation"])
 
 
 def create_clip(name: str, pretrained: Optional[str] = None) -> tuple[nn.Module, Tokenizer]:

@@ -362,7 +362,8 @@ def input_transform(method: Method, data_cfg, data: LabeledImages, train: bool) 
     spec = method.input_spec()
     if spec is None:
         return make_transform(data_cfg, data, train=train)
-    return BatchTransform(spec.mean, spec.std, augment=train and data_cfg.augment, size=spec.size)
+    return BatchTransform(spec.mean, spec.std, augment=train and data_cfg.augment, size=spec.size,
+                          interpolation=spec.interpolation)
 
 
 @torch.no_grad()
