@@ -27,7 +27,7 @@ from torch import nn
 
 from methods.crossmodal_base import (CrossModalMethod, PairData, ProjectedCLIP, StageContext, State, TextPairs,
                                      register_crossmodal)
-from methods.nets.lora import TARGETS, TOWERS, add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
+from methods.nets.lora import TARGETS, TOWERS, add_lora, check_towers, load_lora_state_dict, lora_disabled, lora_state_dict
 from orchestrator.config.typed import require
 
 TextLoss = Literal["infonce", "cosine", "mse"]
@@ -40,7 +40,9 @@ class LoRAParams:
     rank: int = 8  # rank of each low-rank update
     alpha: float = 16.0  # the update is scaled by alpha / rank
     targets: list[str] = field(default_factory=lambda: ["q", "v"])  # q, k, v, out_proj (attention); c_fc, c_proj (MLP)
-    towers: list[str] = field(default_factory=lambda: ["image", "text"])  # towers that get adapters
+    # towers that get adapters; each must be one of open_clip's own transformer towers (a timm or
+    # ModifiedResNet image tower, or a Hugging Face text tower, has nothing to adapt: a config error)
+    towers: list[str] = field(default_factory=lambda: ["image", "text"])
 
     def __post_init__(self):
         require(self.rank >= 1, "rank", "must be >= 1")
@@ -153,6 +155,12 @@ class XBT(CrossModalMethod):
     def stages(self):
         return {name: fit for name, fit, on in (("text", self.fit_text, self.params.text_stage),
                                                 ("pairs", self.fit_pairs, self.params.pair_stage)) if on}
+
+    def check_models(self, new_model: str, key: str) -> None:
+        from methods.nets.clip_models import model_config
+
+        if self.params.pair_stage:
+            check_towers(model_config(new_model), new_model, self.params.lora.towers, f"{key}.lora.towers")
 
     def projection(self, new_dim: int, old_dim: int, state: State) -> Projection:
         phi = Projection(new_dim, old_dim, self.params.projection, self.params.hidden)

@@ -31,7 +31,8 @@ def load_experiment(config: str | None = None, overrides: list[str] = ()):
 
 
 def validate_crossmodal(cfg: CrossModalExperiment) -> None:
-    """Both CLIPs exist (tag or file) and every method's parameters and stage recipes are valid."""
+    """Both CLIPs exist (tag or file), every method's parameters and stage recipes are valid, and every
+    method fits the new model (e.g. LoRA finds modules to adapt in each tower it is asked to)."""
     from methods.crossmodal_base import create_crossmodal
     from methods.nets.clip_models import check_clip_spec
 
@@ -39,7 +40,9 @@ def validate_crossmodal(cfg: CrossModalExperiment) -> None:
         spec = getattr(cfg.models, role)
         check_clip_spec(spec.name, spec.pretrained, f"models.{role}")
     for i, spec in enumerate(cfg.methods):
-        for stage in create_crossmodal(spec.name, spec.params, f"methods.{i}").stages():
+        method = create_crossmodal(spec.name, spec.params, f"methods.{i}")
+        method.check_models(cfg.models.new.name, f"methods.{i}.params")
+        for stage in method.stages():
             cfg.stage_training(i, stage)
 
 
