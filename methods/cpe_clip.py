@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import InputSpec, Method, StepContext, register
-from methods.nets.clip_models import clip_input_spec, create_clip, model_config
+from methods.nets.clip_models import clip_input_spec, create_frozen_clip, model_config
 from methods.nets.prompted_clip import MASKED_LOGIT, PromptedClip, VisionMode
 from orchestrator.config.typed import require
 from orchestrator.errors import ConfigError
@@ -106,7 +106,7 @@ class ZeroShotClip(Method):
         return PromptedClip(clip, 0, 0, None, self.params.logit_scale)
 
     def build_model(self, ctx: StepContext) -> PromptedClip:
-        clip, tokenizer = create_clip(self.model_cfg.name, self.model_cfg.pretrained)
+        clip, tokenizer = create_frozen_clip(self.model_cfg.name, self.model_cfg.pretrained)
         model = self.prompted(clip)
         names = ctx.extras["class_names"][:ctx.num_seen]
         model.set_class_tokens(tokenizer([class_text(self.params.template, n) for n in names]))

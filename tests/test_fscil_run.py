@@ -71,3 +71,44 @@ def test_report_table_shows_avg_and_pd_with_their_spread_over_seeds(tmp_path):
         "methods_std": {"cpe": {"accuracy_summary": {"avg": 0.01, "pd": 0.02}}}, "seeds": {"values": [0, 1]}}))
     report = Path(render_report(tmp_path)).read_text()
     assert "| cpe | 80.00 | 60.00 | 70.00 ± 1.00 | 20.00 ± 2.00 | 70.00 | 50.00 | 406,272 |" in report
+
+
+def test_a_frozen_clip_without_weights_is_the_same_network_in_every_version(tmp_path, monkeypatch):
+    """No pretrained weights: each session re-seeds (seed·1000 + step), yet the frozen CLIP is built from one
+    fixed seed, so every version of every method sees the same network and embeds the same images alike."""
+    import numpy as np
+
+    from methods.cpe_clip import ZeroShotClip
+    from orchestrator.storage.store import EmbeddingStore
+
+    built = []
+    real_build = ZeroShotClip.build_model
+
+    def recording_build(self, ctx):
+        model = real_build(self, ctx)
+        built.append((self.name, ctx.index, {k: v.clone() for k, v in model.clip.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(ZeroShotClip, "build_model", recording_build)
+    cfg = load_config(None, [o for o in FSCIL if not o.startswith("upstream_clip")] + [f"output_dir={tmp_path}"])
+    driver.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert {(name, index) for name, index, _ in built} == {(m, i) for m in ("zero_shot_clip", "cpe_clip") for i in range(3)}
+    reference = built[0][2]
+    for _, _, state in built:
+        assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
+    store = EmbeddingStore(tmp_path / cfg.name / "store")
+    embeddings = [store.read("zero_shot_clip", v, "test").embeddings for v in range(3)]
+    assert all(np.array_equal(e, embeddings[0]) for e in embeddings[1:])
+
+
+def test_open_clips_random_weights_warning_is_shown_once(caplog):
+    import logging
+
+    from methods.nets import clip_models
+
+    clip_models._warned_random.discard("tiny-vit-w64")
+    with caplog.at_level(logging.WARNING):
+        clip_models.create_frozen_clip("tiny-vit-w64")
+        clip_models.create_frozen_clip("tiny-vit-w64")
+    warnings = [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    assert len(warnings) == 1 and "tiny-vit-w64" in warnings[0].getMessage()

@@ -8,6 +8,8 @@ API (stable; shared by the CLIP methods and the upstream CLIP stage):
   ``"openai"`` (open_clip fetches it; offline this raises one :class:`CheckpointError` saying how to pass a
   local file instead) or a local state-dict file (``.pt``/``.bin``/``.safetensors``, read with
   ``weights_only``).
+- ``create_frozen_clip(name, pretrained=None)``: the same for a model that stays frozen: random weights
+  come from one fixed seed, so every session of a run sees the same network.
 - ``check_clip_spec(name, pretrained, key)``: the same choices validated without building anything
   (raises :class:`ConfigError` naming ``key``), including the activation trap: weights trained with
   QuickGELU (OpenAI's, and a few others) load without error into an architecture with exact GELU and
@@ -194,19 +196,33 @@ def clip_input_spec(name: str, pretrained: Optional[str] = None) -> InputSpec:
     return InputSpec(int(size), tuple(pre["mean"]), tuple(pre["std"]), pre["interpolation"])
 
 
+_RANDOM_INIT_MESSAGE = "No pretrained weights loaded"  # open_clip's warning when it initialises randomly
+_warned_random: set[str] = set()  # architectures whose random initialisation this process has warned about
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_RANDOM_INIT_MESSAGE)
+
+
 def create_clip(name: str, pretrained: Optional[str] = None) -> tuple[nn.Module, Tokenizer]:
     """The open_clip model ``name`` with weights from ``pretrained`` (see module docstring), in eval mode,
-    and its tokenizer."""
+    and its tokenizer. open_clip's warning that a model is randomly initialised is shown once per
+    architecture and process (and never for a local file, whose weights are loaded right after)."""
     open_clip = _open_clip()
     check_clip_spec(name, pretrained)
     local = pretrained is not None and Path(pretrained).expanduser().is_file()
     if pretrained is None or local:
-        previous = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that random init is random init
+        quiet = local or name in _warned_random
+        if not local:
+            _warned_random.add(name)
+        drop = _DropRandomInitWarning()
+        if quiet:
+            logging.getLogger().addFilter(drop)
         try:
             model = open_clip.create_model(name, pretrained=None)
         finally:
-            logging.getLogger().setLevel(previous)
+            logging.getLogger().removeFilter(drop)
         if local:
             load_clip_weights(model, Path(pretrained).expanduser())
     else:
@@ -221,6 +237,21 @@ def create_clip(name: str, pretrained: Optional[str] = None) -> tuple[nn.Module,
             ) from None
     model.eval()
     return model, open_clip.get_tokenizer(name)
+
+
+FROZEN_SEED = 0  # the seed of every frozen CLIP with random weights
+
+
+def create_frozen_clip(name: str, pretrained: Optional[str] = None) -> tuple[nn.Module, Tokenizer]:
+    """:func:`create_clip` for a model that stays frozen: without ``pretrained`` its random weights come
+    from :data:`FROZEN_SEED`, whatever the caller's random state, so every session (and every version) of
+    a run, and every run, sees the same network; the caller's random state is left as it was. With
+    ``pretrained`` the weights are the file's or the tag's, and the call is :func:`create_clip`'s."""
+    if pretrained is not None:
+        return create_clip(name, pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FROZEN_SEED)
+        return create_clip(name)
 
 
 def load_clip_weights(model: nn.Module, path: Path) -> None:

@@ -168,7 +168,9 @@ class ModelConfig:
     embedding_bn: bool = False  # BatchNorm1d on the embedding (centres it)
     width: int = 32  # small_cnn only: channels of the first block
     name: Optional[str] = None  # CLIP methods: an open_clip architecture (e.g. ViT-B-16-quickgelu, tiny-vit-w64)
-    pretrained: Optional[str] = None  # CLIP methods: an open_clip tag (e.g. openai) or a local checkpoint file
+    # CLIP methods: an open_clip tag (e.g. openai) or a local checkpoint file; unset: random weights drawn
+    # from one fixed seed, so the frozen CLIP is the same network in every session and run
+    pretrained: Optional[str] = None
 
     def __post_init__(self):
         require(self.embedding_dim >= 2, "embedding_dim", "must be >= 2")
