@@ -77,6 +77,7 @@ class Method(ABC):
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     needs_previous: ClassVar[bool] = False  # load version index-1 (frozen) before training?
+    reference_label_smoothing: ClassVar[float] = 0.0  # the reference's ε, used when training.label_smoothing is unset
 
     def __init__(self, params: Any, model_cfg: ModelConfig):
         self.params = params
@@ -196,6 +197,12 @@ class Method(ABC):
         """Scalar loss plus named parts for logging. ``outputs`` is ``model(images)`` computed by the
         engine (through DDP when distributed), so methods never call the wrapped model themselves."""
 
+    def label_smoothing(self, ctx: StepContext) -> float:
+        """ε of this step's cross-entropies: ``training.label_smoothing``, or the method's reference value
+        (:attr:`reference_label_smoothing`) when the config leaves it unset."""
+        value = ctx.training.label_smoothing
+        return self.reference_label_smoothing if value is None else value
+
     def after_backward(self, model: nn.Module, state: dict, ctx: StepContext) -> None:
         """Hook between ``backward()`` and ``optimizer.step()`` (e.g. gradient scaling)."""
 
@@ -210,7 +217,8 @@ class Method(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Plain-data record of the choices this method ran with (stored in run metadata)."""
-        return {"method": self.name, **dataclasses.asdict(self.params)}
+        return {"method": self.name, **dataclasses.asdict(self.params),
+                "reference_label_smoothing": self.reference_label_smoothing}
 
 
 def register(cls: type[Method]) -> type[Method]:

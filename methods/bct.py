@@ -118,7 +118,7 @@ class BCT(Independent):
         if "old_classifier" not in state:
             return ce, parts
         influence = influence_loss(outputs["feature"], labels, state["old_classifier"],
-                                   self.params.logit_scale, ctx.training.label_smoothing)
+                                   self.params.logit_scale, self.label_smoothing(ctx))
         return ce + self.params.resolved_weight * influence, {**parts, "influence": influence}
 
     def describe(self) -> dict:

@@ -117,7 +117,7 @@ class ZeroShotClip(Method):
         return outputs["logits"]
 
     def loss(self, outputs, images, labels, state, ctx: StepContext):
-        ce = F.cross_entropy(self.training_logits(outputs, ctx), labels, label_smoothing=ctx.training.label_smoothing)
+        ce = F.cross_entropy(self.training_logits(outputs, ctx), labels, label_smoothing=self.label_smoothing(ctx))
         return ce, {"ce": ce}
 
     def embed(self, model: PromptedClip, images: torch.Tensor) -> torch.Tensor:

@@ -139,4 +139,4 @@ class OCA(Independent):
         p = self.params
         return oca_loss(outputs["logits"], outputs["feature"], labels, state["prototypes"],
                         classifier_weight=p.classifier_weight, prototype_weight=p.prototype_weight,
-                        cosine_weight=p.cosine_weight, label_smoothing=ctx.training.label_smoothing)
+                        cosine_weight=p.cosine_weight, label_smoothing=self.label_smoothing(ctx))

@@ -107,7 +107,7 @@ class Stationary(Method):
 
     def loss(self, outputs, images, labels, state, ctx: StepContext):
         targets = label_rows(labels, self.params.num_classes, self.params.label_rows)
-        ce = F.cross_entropy(outputs["logits"], targets, label_smoothing=ctx.training.label_smoothing)
+        ce = F.cross_entropy(outputs["logits"], targets, label_smoothing=self.label_smoothing(ctx))
         if "anchor" not in state:
             return ce, {"ce": ce}
         with torch.no_grad():

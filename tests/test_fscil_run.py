@@ -15,8 +15,8 @@ FSCIL = [
     "scenario.kind=few-shot", "scenario.initial_classes=4", "scenario.increment=2", "scenario.shots=2",
     "scenario.num_steps=3", "scenario.training_data=new", "scenario.event=finetune",
     "model.name=tiny-vit-w32", "upstream_clip={images_per_class: 6, epochs: 1, batch_size: 16}",
-    "training={optimizer: sgd, epochs: 2, batch_size: 16, lr_schedule: [0.01, 0.02], label_smoothing: 0.0, "
-    "weight_decay: 0.00001, incremental: {batch_size: 2}}",
+    "training={optimizer: sgd, epochs: 2, batch_size: 20, lr_schedule: [0.01, 0.02], label_smoothing: 0.0, "
+    "weight_decay: 0.00001, incremental: {batch_size: 3}}",
     "resources.num_workers=0", "methods=[{name: zero_shot_clip}, {name: cpe_clip}]",
 ]
 
@@ -59,6 +59,15 @@ def test_prompts_carry_over_and_versions_hold_only_what_was_trained(fscil_run):
     assert zero_shot == {}
     manifest = json.loads((run_dir / "manifest" / "cpe_clip" / "step-001.json").read_text())
     assert manifest["train_samples"] == 2 * 2  # 2-way 2-shot
+
+
+def test_few_shot_sessions_train_on_every_sample_including_the_last_partial_batch(fscil_run):
+    """Base session: 48 images in batches of 20 (20 + 20 + 8); sessions 1-2: 4 shots in batches of 3 (3 + 1).
+    Every epoch sees every sample, as the reference's loader (no ragged batch dropped)."""
+    run_dir, _ = fscil_run
+    for step, samples in [(0, 4 * 12), (1, 2 * 2), (2, 2 * 2)]:
+        manifest = json.loads((run_dir / "manifest" / "cpe_clip" / f"step-{step:03d}.json").read_text())
+        assert manifest["train_samples"] == samples and manifest["trained_images_per_worker"] == 2 * samples
 
 
 def test_report_table_shows_avg_and_pd_with_their_spread_over_seeds(tmp_path):

@@ -130,3 +130,30 @@ def test_too_many_classes_for_the_table():
         method(num_classes=4).build_model(ctx())
     with pytest.raises(ConfigError, match="same_class"):
         method(same_class="drop")
+
+
+def test_cross_entropy_is_unsmoothed_unless_the_config_says_otherwise():
+    """The reference trains d-Simplex and ER with plain cross-entropy: with training.label_smoothing unset
+    the CE term is F.cross_entropy without smoothing; an explicit value is honoured. (independent, bct and
+    oca keep the OCA recipe's 0.1.)"""
+    m = method(ce_weight=1.0)
+    net = m.build_model(ctx())
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 5, 2])
+    outputs = net(images)
+    unset = ctx(training=TrainingConfig())
+    assert TrainingConfig().label_smoothing is None and m.label_smoothing(unset) == 0.0
+    plain = F.cross_entropy(outputs["logits"], 11 - labels)
+    assert m.loss(outputs, images, labels, {}, unset)[0].item() == pytest.approx(plain.item(), rel=1e-6)
+    smoothed = F.cross_entropy(outputs["logits"], 11 - labels, label_smoothing=0.1)
+    explicit = ctx(training=TrainingConfig(label_smoothing=0.1))
+    assert m.loss(outputs, images, labels, {}, explicit)[0].item() == pytest.approx(smoothed.item(), rel=1e-6)
+    assert create_method("er", {}, ModelConfig(width=8)).label_smoothing(unset) == 0.0
+    assert create_method("independent", {}, ModelConfig(width=8)).label_smoothing(unset) == 0.1
+
+
+def test_er_classifier_has_no_bias_as_the_reference():
+    er = create_method("er", {}, ModelConfig(width=8)).build_model(ctx())
+    assert er.classifier.bias is None
+    images = torch.randn(3, 3, 16, 16)
+    out = er(images)
+    assert torch.allclose(out["logits"], out["feature"] @ er.classifier.weight.T, atol=1e-6)

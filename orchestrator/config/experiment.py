@@ -183,7 +183,9 @@ class TrainingConfig:
     """Optimisation recipe of one step."""
 
     epochs: int = 8  # epochs per step
-    batch_size: int = 64  # per worker: a step with N workers trains on batches of N x batch_size
+    # per worker: a step with N workers trains on batches of N x batch_size; each epoch's last partial
+    # batch is dropped, except in few-shot scenarios (every shot is seen every epoch)
+    batch_size: int = 64
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"  # a fresh optimiser for every step
     lr: float = 1e-3  # peak learning rate, set per epoch
     weight_decay: float = 0.0  # applied by the optimiser to every trainable parameter
@@ -191,7 +193,9 @@ class TrainingConfig:
     schedule: Literal["cosine", "constant"] = "cosine"  # per epoch: cosine from lr to min_lr after the warm-up
     warmup_epochs: int = 0  # linear warm-up lr·(e+1)/W over the first W epochs
     min_lr: float = 0.0  # the cosine schedule's last value
-    label_smoothing: float = 0.1  # of the methods' cross-entropy terms
+    # of the methods' cross-entropy terms; unset: each method's reference value (0.1 for independent,
+    # bct and oca; 0, plain cross-entropy, for stationary, er, zero_shot_clip and cpe_clip)
+    label_smoothing: Optional[float] = None
     loader_workers: int = 0  # not read by the engine at present (datasets are in-memory arrays)
     lr_schedule: Optional[list[float]] = None  # explicit lr of each epoch; replaces lr/schedule/warm-up when set
     incremental: dict[str, Any] = field(default_factory=dict)  # overrides of this section for every step after the first
@@ -205,7 +209,7 @@ class TrainingConfig:
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        require(self.label_smoothing is None or 0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
                 f"must be smaller than epochs ({self.epochs})")
         require(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
