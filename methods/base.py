@@ -78,6 +78,9 @@ class Method(ABC):
     Params: ClassVar[type] = NoParams
     needs_previous: ClassVar[bool] = False  # load version index-1 (frozen) before training?
     reference_label_smoothing: ClassVar[float] = 0.0  # the reference's ε, used when training.label_smoothing is unset
+    # The model-section keys this method's network reads (None: all of them). A key set to other than its
+    # default that no method of an experiment reads is a config error: it would silently do nothing.
+    model_keys: ClassVar[Optional[frozenset[str]]] = None
 
     def __init__(self, params: Any, model_cfg: ModelConfig):
         self.params = params

@@ -92,6 +92,7 @@ class ZeroShotClip(Method):
 
     name = "zero_shot_clip"
     Params = ZeroShotClipParams
+    model_keys = frozenset({"name", "pretrained"})
 
     def check_model(self, key: str) -> None:
         if self.model_cfg.name is None:

@@ -38,6 +38,7 @@ class BackboneClassifier(nn.Module):
 class ExperienceReplay(Independent):
     name = "er"
     reference_label_smoothing = 0.0  # plain cross-entropy, as the reference
+    model_keys = frozenset({"backbone", "width", "stem"})  # the backbone's output is the feature, as it is
 
     def first_version_recipe(self) -> Optional[str]:
         return None  # another network than independent's

@@ -17,6 +17,7 @@ class Independent(Method):
 
     name = "independent"
     reference_label_smoothing = 0.1  # the OCA codebase's recipe, shared by its independent, BCT and OCA models
+    model_keys = frozenset({"backbone", "width", "stem", "embedding_dim", "final_relu", "normalize", "embedding_bn"})
 
     def first_version_recipe(self) -> Optional[str]:
         return "independent"  # subclasses whose version 0 is this plain classifier inherit it (bct)

@@ -99,6 +99,7 @@ class OCA(Independent):
     name = "oca"
     Params = OCAParams
     needs_previous = True
+    model_keys = Independent.model_keys - {"normalize"}  # h is always normalised
 
     def embedding_dim(self, index: int) -> int:
         """Width of version ``index``: the configured width plus Δd per earlier upgrade."""

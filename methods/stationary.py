@@ -81,6 +81,7 @@ class Stationary(Method):
     name = "stationary"
     Params = StationaryParams
     needs_previous = True
+    model_keys = frozenset({"backbone", "width", "stem"})  # the d-Simplex junction fixes the feature's width
 
     def build_model(self, ctx: StepContext) -> StationaryNet:
         if ctx.num_seen > self.params.num_classes:

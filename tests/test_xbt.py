@@ -98,6 +98,27 @@ def test_params_are_validated_with_their_key():
         parse_experiment({**TINY, "methods": [{"name": "xbt", "label": "old"}]})
 
 
+@pytest.mark.parametrize("params, key", [
+    ({"projection": "linear", "hidden": 64}, "methods.0.params.hidden"),
+    ({"text_stage": False, "consistency_weight": 0.5}, "methods.0.params.consistency_weight"),
+    ({"pair_stage": False, "consistency_weight": 0.5}, "methods.0.params.consistency_weight"),
+])
+def test_options_that_would_do_nothing_are_config_errors(params, key):
+    from orchestrator.engine.validate import parse_experiment
+
+    with pytest.raises(ConfigError) as err:
+        parse_experiment({**TINY, "methods": [{"name": "xbt", "params": params}]})
+    assert err.value.key == key
+
+
+def test_unset_hidden_and_consistency_resolve_to_their_defaults_where_they_apply():
+    from methods.xbt import XBTParams
+
+    assert XBTParams().resolved_hidden == 2048 and XBTParams().resolved_consistency_weight == 1.0
+    assert XBTParams(text_stage=False).resolved_consistency_weight == 0.0
+    assert XBTParams(consistency_weight=0.25).resolved_consistency_weight == 0.25
+
+
 def test_recall_on_a_hand_made_case_with_several_captions_per_image():
     # 3 images, captions 0-1 of image 0, 2-4 of image 1, 5 of image 2 (2-d unit vectors by angle).
     def at(*degrees):

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -17,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from orchestrator.config.typed import from_dict, require, to_dict
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, ConfigWarning
 
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
@@ -196,7 +197,6 @@ class TrainingConfig:
     # of the methods' cross-entropy terms; unset: each method's reference value (0.1 for independent,
     # bct and oca; 0, plain cross-entropy, for stationary, er, zero_shot_clip and cpe_clip)
     label_smoothing: Optional[float] = None
-    loader_workers: int = 0  # not read by the engine at present (datasets are in-memory arrays)
     lr_schedule: Optional[list[float]] = None  # explicit lr of each epoch; replaces lr/schedule/warm-up when set
     incremental: dict[str, Any] = field(default_factory=dict)  # overrides of this section for every step after the first
 
@@ -213,7 +213,6 @@ class TrainingConfig:
         require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
                 f"must be smaller than epochs ({self.epochs})")
         require(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
-        require(self.loader_workers >= 0, "loader_workers", "must be >= 0")
 
 
 @dataclass
@@ -356,11 +355,32 @@ class ExperimentConfig:
 
 
 def apply_override(data: dict, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config mapping."""
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config mapping. Replacing the
+    whole ``methods`` list warns (:class:`ConfigWarning`) when the list it replaces had settings the new
+    one drops (``methods.N.params.KEY=...`` changes one method and keeps the rest)."""
     if "=" not in assignment:
         raise ConfigError(assignment, "an override must look like key.path=value")
     path, raw = assignment.split("=", 1)
-    set_key(data, path.strip(), yaml.safe_load(raw))
+    value = yaml.safe_load(raw)
+    if path.strip() == "methods":
+        dropped = dropped_method_settings(data.get("methods"), value)
+        if dropped:
+            warnings.warn(ConfigWarning(
+                f"--set methods=[...] replaces the config's method list and drops its settings: {'; '.join(dropped)}; "
+                f"repeat them in the new list, or change one method with methods.N.params.KEY=VALUE"), stacklevel=2)
+    set_key(data, path.strip(), value)
+
+
+def dropped_method_settings(old: Any, new: Any) -> list[str]:
+    """The entries of a raw ``methods`` list that carry settings (label, params, training) and are not in
+    ``new`` as they are, each described as ``name (settings)``."""
+    kept = new if isinstance(new, list) else []
+    dropped = []
+    for entry in old if isinstance(old, list) else []:
+        settings = {k: v for k, v in entry.items() if k != "name" and v} if isinstance(entry, dict) else {}
+        if settings and entry not in kept:
+            dropped.append(f"{entry.get('name')} ({', '.join(f'{k}: {v}' for k, v in settings.items())})")
+    return dropped
 
 
 def set_key(data: dict, path: str, value: Any) -> None:
