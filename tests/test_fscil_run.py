@@ -30,8 +30,36 @@ def fscil_run(tmp_path_factory):
     return tmp / cfg.name, metrics
 
 
+def zero_shot_accuracy_with_open_clip(run_dir, num_seen):
+    """Session accuracy of the zero-shot baseline computed without the project's model or transform code:
+    open_clip's own encoders on the upstream weights, OpenAI mean/std by hand, "name." texts, top-1 over
+    the seen classes on the test images of the seen classes (natural class order)."""
+    import numpy as np
+    import open_clip
+
+    from methods.nets.clip_models import create_clip
+    from orchestrator.config import DataConfig
+    from orchestrator.data import load_split
+
+    checkpoint = run_dir / json.loads((run_dir / "upstream_clip.json").read_text())["checkpoint"]  # relative to the run
+    model, tokenizer = create_clip("tiny-vit-w32")
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    model.eval()
+    test = load_split(DataConfig(num_classes=8, train_per_class=12, test_per_class=4, augment=False), "test")
+    keep = test.labels < num_seen
+    mean, std = np.array(open_clip.OPENAI_DATASET_MEAN), np.array(open_clip.OPENAI_DATASET_STD)
+    pixels = (test.images[keep] / 255.0 - mean) / std
+    with torch.no_grad():
+        images = model.encode_image(torch.tensor(pixels, dtype=torch.float32).permute(0, 3, 1, 2))
+        texts = model.encode_text(tokenizer([f"{name}." for name in test.class_names[:num_seen]]))
+    scores = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
+    return float((scores.argmax(1).numpy() == test.labels[keep]).mean())
+
+
 def test_every_session_reports_accuracy_avg_pd_and_base_vs_novel(fscil_run):
     run_dir, metrics = fscil_run
+    zero_shot = metrics["methods"]["zero_shot_clip"]["accuracy"]
+    assert zero_shot == pytest.approx([zero_shot_accuracy_with_open_clip(run_dir, n) for n in (4, 6, 8)], abs=1e-9)
     for key in ("zero_shot_clip", "cpe_clip"):
         entry = metrics["methods"][key]
         accuracy, summary = entry["accuracy"], entry["accuracy_summary"]

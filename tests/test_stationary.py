@@ -64,11 +64,42 @@ def test_mask_with_distinct_labels_is_infonce_and_zero_is_not():
     assert hoc_loss(old, new, labels).item() != pytest.approx(infonce.item(), rel=1e-3)
 
 
-def test_identical_models_minimise_the_positive_term():
-    x = torch.randn(5, 7)
-    labels = torch.tensor([0, 1, 2, 3, 4])
-    aligned = hoc_loss(x, x, labels).item()
-    assert aligned < hoc_loss(x, torch.randn(5, 7), labels).item()
+def test_identical_features_and_the_gradient_against_float64_numpy():
+    """new = old: the positive term is exactly −μ for every sample and the rest is the closed form
+    log(Σ_{y_j≠y_i} exp(μ a_i·a_j) + n_i), computed here in float64 numpy; the gradient with respect to the
+    new features matches central finite differences of that numpy loss."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5))
+    labels = np.array([0, 1, 0, 2, 1, 3])
+
+    def numpy_hoc(old, new, mu=10.0):
+        a = old / np.linalg.norm(old, axis=1, keepdims=True)
+        b = new / np.linalg.norm(new, axis=1, keepdims=True)
+        rows = []
+        for i in range(len(labels)):
+            others = [np.exp(mu * a[i] @ b[j]) for j in range(len(labels)) if labels[j] != labels[i]]
+            rows.append(-mu * a[i] @ b[i] + np.log(sum(others) + np.sum(labels == labels[i])))
+        return float(np.mean(rows))
+
+    a = x / np.linalg.norm(x, axis=1, keepdims=True)
+    closed = np.mean([-10.0 + np.log(sum(np.exp(10 * a[i] @ a[j]) for j in range(6) if labels[j] != labels[i])
+                                     + np.sum(labels == labels[i])) for i in range(6)])
+    assert numpy_hoc(x, x) == pytest.approx(closed, rel=1e-12)
+    old = torch.tensor(x, requires_grad=True)
+    new = torch.tensor(x + 0.3 * rng.standard_normal(x.shape), requires_grad=True)
+    assert hoc_loss(old, old.detach(), torch.tensor(labels)).item() == pytest.approx(closed, rel=1e-10)
+    loss = hoc_loss(old.detach(), new, torch.tensor(labels))
+    assert loss.item() == pytest.approx(numpy_hoc(x, new.detach().numpy()), rel=1e-10)
+    loss.backward()
+    step, numeric = 1e-6, np.zeros(x.shape)
+    for index in np.ndindex(x.shape):
+        plus, minus = new.detach().numpy().copy(), new.detach().numpy().copy()
+        plus[index] += step
+        minus[index] -= step
+        numeric[index] = (numpy_hoc(x, plus) - numpy_hoc(x, minus)) / (2 * step)
+    np.testing.assert_allclose(new.grad.numpy(), numeric, atol=1e-6)
 
 
 def ctx(**kw):
