@@ -13,6 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from methods.nets.heads import ClassifierNet, served_embedding  # noqa: E402
+from methods.independent import Independent  # noqa: E402
 from orchestrator.config import ExperimentConfig  # noqa: E402
 from orchestrator.data import load_split  # noqa: E402
 from orchestrator.data.transforms import make_transform  # noqa: E402
@@ -30,6 +31,7 @@ def bare_loop(cfg: ExperimentConfig, embed_test: bool = True) -> dict:
     started, trained, train_seconds = time.time(), 0, 0.0
     for step in steps:
         training = cfg.method_training(cfg.methods[0], step.index)  # the step's recipe (``incremental`` too)
+        smoothing = Independent.reference_label_smoothing if training.label_smoothing is None else training.label_smoothing
         torch.manual_seed(step.index)
         model = ClassifierNet(cfg.model, step.num_seen)
         optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
@@ -46,7 +48,7 @@ def bare_loop(cfg: ExperimentConfig, embed_test: bool = True) -> dict:
                 idx = order[start:start + bs]
                 x = train_tf(images[torch.from_numpy(idx)], generator=gen)
                 y = torch.from_numpy(train.labels[idx])
-                loss = F.cross_entropy(model(x)["logits"], y, label_smoothing=training.label_smoothing)
+                loss = F.cross_entropy(model(x)["logits"], y, label_smoothing=smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

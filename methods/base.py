@@ -57,11 +57,13 @@ class StepContext:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Square input size and per-channel normalisation (in [0, 1] units) a network expects."""
+    """Square input size, per-channel normalisation (in [0, 1] units) and resize filter a network expects
+    (a pretrained CLIP's own preprocessing resizes bicubically, or as its pretrained configuration says)."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
 
 
 @dataclass
@@ -75,6 +77,10 @@ class Method(ABC):
     name: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     needs_previous: ClassVar[bool] = False  # load version index-1 (frozen) before training?
+    reference_label_smoothing: ClassVar[float] = 0.0  # the reference's ε, used when training.label_smoothing is unset
+    # The model-section keys this method's network reads (None: all of them). A key set to other than its
+    # default that no method of an experiment reads is a config error: it would silently do nothing.
+    model_keys: ClassVar[Optional[frozenset[str]]] = None
 
     def __init__(self, params: Any, model_cfg: ModelConfig):
         self.params = params
@@ -194,6 +200,12 @@ class Method(ABC):
         """Scalar loss plus named parts for logging. ``outputs`` is ``model(images)`` computed by the
         engine (through DDP when distributed), so methods never call the wrapped model themselves."""
 
+    def label_smoothing(self, ctx: StepContext) -> float:
+        """ε of this step's cross-entropies: ``training.label_smoothing``, or the method's reference value
+        (:attr:`reference_label_smoothing`) when the config leaves it unset."""
+        value = ctx.training.label_smoothing
+        return self.reference_label_smoothing if value is None else value
+
     def after_backward(self, model: nn.Module, state: dict, ctx: StepContext) -> None:
         """Hook between ``backward()`` and ``optimizer.step()`` (e.g. gradient scaling)."""
 
@@ -208,7 +220,8 @@ class Method(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Plain-data record of the choices this method ran with (stored in run metadata)."""
-        return {"method": self.name, **dataclasses.asdict(self.params)}
+        return {"method": self.name, **dataclasses.asdict(self.params),
+                "reference_label_smoothing": self.reference_label_smoothing}
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -1,20 +1,26 @@
 """``bct``: Backward-Compatible Training (Shen et al., CVPR 2020).
 
 The new model's features must also be classified correctly by the *old* model's classifier (the
-"influence loss"), which keeps them in the old embedding space. Two variants (docs/methods/bct.md):
+"influence loss"), which keeps them in the old embedding space (docs/methods/bct.md):
 
-- ``paper``: the old model's real classifier rows for old classes plus *synthesised* rows (old-model
-  class means) for classes the old model never saw; λ = 1.
-- ``class_means`` (default; ml-fct / BT-2 / OCA codebases): old-model class means for *all* classes.
+    L = CE(w_new · h, y) + λ · CE(s · h · W_oldᵀ, y)
 
-The logit scale of the influence term decides whether BCT actually satisfies the empirical
-compatibility criterion on small data: ``class_means`` defaults to 16, ``paper`` to 1 (the old
-classifier already carries its own scale). The resolved value is recorded in run metadata.
+Two ways to build W_old, each with its own defaults:
+
+- ``paper`` (the default; the paper's setting): the old model's real classifier rows for the classes it
+  knew, plus *synthesised* rows — the old model's mean (L2-normalised) feature of each class it never saw,
+  over this step's training data — for the rest; λ = 1.
+- ``class_means`` (how the BT² and OCA codebases configure BCT): the old model's class means for *all*
+  classes, the old classifier unused; λ = 10, and the class means are taken under the training
+  augmentation, as those codebases do.
+
+Neither reference scales the influence logits (s = 1); ``logit_scale`` exposes s because on small
+data whether BCT satisfies the compatibility criterion depends on it. Every resolved value is recorded
+in the run metadata (:meth:`BCT.describe`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -26,26 +32,45 @@ from methods.independent import Independent
 from methods.nets.prototypes import compute_prototypes
 from orchestrator.config.typed import require
 
+Variant = Literal["paper", "class_means"]
+Transform = Literal["train", "test"]
+
+# The values each variant's reference uses when a key is left unset.
+VARIANT_DEFAULTS: dict[str, dict] = {
+    "paper": {"weight": 1.0, "prototype_transform": "test"},
+    "class_means": {"weight": 10.0, "prototype_transform": "train"},
+}
+
 
 @dataclass
 class BCTParams:
-    # the old classifier: old-model class means for all classes, or (paper) the old model's real rows
-    # plus class means for the classes it never saw
-    variant: Literal["class_means", "paper"] = "class_means"
-    weight: float = 1.0  # λ, the influence-loss weight
-    logit_scale: Optional[float] = None  # None: 16 for class_means, 1 for paper
+    # the old classifier: paper = the old model's real rows plus class means for the classes it never
+    # saw; class_means = old-model class means for all classes (the BT² and OCA codebases)
+    variant: Variant = "paper"
+    weight: Optional[float] = None  # λ, the influence-loss weight; None: the variant's (paper 1, class_means 10)
+    logit_scale: float = 1.0  # s, the scale of the influence logits; neither reference scales them
+    # Transform of the images the class means are computed on; None: the variant's (paper: test-time,
+    # class_means: the training augmentation, as the BT² and OCA codebases do)
+    prototype_transform: Optional[Transform] = None
     normalize_synthesized: bool = False  # paper variant: L2-normalise the synthesised new-class rows
     anchor: Literal["previous", "first"] = "previous"  # the version whose classifier the influence loss uses
 
     def __post_init__(self):
-        require(self.weight >= 0, "weight", "must be >= 0")
-        require(self.logit_scale is None or self.logit_scale > 0, "logit_scale", "must be > 0")
+        require(self.weight is None or self.weight >= 0, "weight", "must be >= 0")
+        require(self.logit_scale > 0, "logit_scale", "must be > 0")
+        require(not self.normalize_synthesized or self.variant == "paper", "normalize_synthesized",
+                "only applies to variant 'paper' (class_means synthesises no rows of its own: every row is a "
+                "class mean); remove it or set variant: paper")
 
     @property
-    def resolved_scale(self) -> float:
-        if self.logit_scale is not None:
-            return self.logit_scale
-        return 16.0 if self.variant == "class_means" else 1.0
+    def resolved_weight(self) -> float:
+        return VARIANT_DEFAULTS[self.variant]["weight"] if self.weight is None else self.weight
+
+    @property
+    def resolved_transform(self) -> Transform:
+        if self.prototype_transform is None:
+            return VARIANT_DEFAULTS[self.variant]["prototype_transform"]
+        return self.prototype_transform
 
 
 def influence_loss(features: torch.Tensor, labels: torch.Tensor, old_classifier: torch.Tensor,
@@ -76,6 +101,9 @@ class BCT(Independent):
             return None
         return 0 if self.params.anchor == "first" else ctx.index - 1
 
+    def prepare_transform(self) -> Transform:
+        return self.params.resolved_transform
+
     def prepare(self, ctx: StepContext, model, previous, loader) -> dict:
         if previous is None:  # the first version has nothing to be compatible with
             return {}
@@ -90,8 +118,9 @@ class BCT(Independent):
         if "old_classifier" not in state:
             return ce, parts
         influence = influence_loss(outputs["feature"], labels, state["old_classifier"],
-                                   self.params.resolved_scale, ctx.training.label_smoothing)
-        return ce + self.params.weight * influence, {**parts, "influence": influence}
+                                   self.params.logit_scale, self.label_smoothing(ctx))
+        return ce + self.params.resolved_weight * influence, {**parts, "influence": influence}
 
     def describe(self) -> dict:
-        return {**super().describe(), "logit_scale": self.params.resolved_scale}
+        return {**super().describe(), "weight": self.params.resolved_weight,
+                "prototype_transform": self.params.resolved_transform}

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import InputSpec, Method, StepContext, register
-from methods.nets.clip_models import clip_input_spec, create_clip, model_config
+from methods.nets.clip_models import clip_input_spec, create_frozen_clip, model_config
 from methods.nets.prompted_clip import MASKED_LOGIT, PromptedClip, VisionMode
 from orchestrator.config.typed import require
 from orchestrator.errors import ConfigError
@@ -92,21 +92,22 @@ class ZeroShotClip(Method):
 
     name = "zero_shot_clip"
     Params = ZeroShotClipParams
+    model_keys = frozenset({"name", "pretrained"})
 
     def check_model(self, key: str) -> None:
         if self.model_cfg.name is None:
             raise ConfigError(f"{key}.name", f"{self.name} needs an open_clip model: set model.name "
-                                             f"(e.g. ViT-B-16 with model.pretrained: openai, or tiny-vit-w64)")
+                                             f"(e.g. ViT-B-16-quickgelu with model.pretrained: openai, or tiny-vit-w64)")
         model_config(self.model_cfg.name, f"{key}.name")
 
     def input_spec(self) -> InputSpec:
-        return clip_input_spec(self.model_cfg.name)
+        return clip_input_spec(self.model_cfg.name, self.model_cfg.pretrained)
 
     def prompted(self, clip: torch.nn.Module) -> PromptedClip:
         return PromptedClip(clip, 0, 0, None, self.params.logit_scale)
 
     def build_model(self, ctx: StepContext) -> PromptedClip:
-        clip, tokenizer = create_clip(self.model_cfg.name, self.model_cfg.pretrained)
+        clip, tokenizer = create_frozen_clip(self.model_cfg.name, self.model_cfg.pretrained)
         model = self.prompted(clip)
         names = ctx.extras["class_names"][:ctx.num_seen]
         model.set_class_tokens(tokenizer([class_text(self.params.template, n) for n in names]))
@@ -117,7 +118,7 @@ class ZeroShotClip(Method):
         return outputs["logits"]
 
     def loss(self, outputs, images, labels, state, ctx: StepContext):
-        ce = F.cross_entropy(self.training_logits(outputs, ctx), labels, label_smoothing=ctx.training.label_smoothing)
+        ce = F.cross_entropy(self.training_logits(outputs, ctx), labels, label_smoothing=self.label_smoothing(ctx))
         return ce, {"ce": ce}
 
     def embed(self, model: PromptedClip, images: torch.Tensor) -> torch.Tensor:

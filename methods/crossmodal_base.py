@@ -107,6 +107,10 @@ class CrossModalMethod(ABC):
     def query_encoder(self, new_clip: nn.Module, state: State, new_dim: int, old_dim: int) -> ProjectedCLIP:
         """The served model, rebuilt from the new model (base weights) and the state of every stage."""
 
+    def check_models(self, new_model: str, key: str) -> None:
+        """Raise ConfigError (naming ``key``, the method's params) when the new model's architecture
+        ``new_model`` does not fit this method; called by config validation, before anything is written."""
+
     def describe(self) -> dict[str, Any]:
         """Plain-data record of the choices this method ran with (stored in run metadata)."""
         return {"method": self.name, **dataclasses.asdict(self.params)}

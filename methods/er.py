@@ -21,12 +21,13 @@ from orchestrator.config import ModelConfig
 
 
 class BackboneClassifier(nn.Module):
-    """backbone -> Linear(num_classes); the backbone output is the feature (as a ResNet with its fc)."""
+    """backbone -> bias-free Linear(num_classes), as the reference's ER classifier; the backbone output is
+    the feature."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
         self.backbone = build_backbone(cfg)
-        self.classifier = nn.Linear(self.backbone.out_dim, num_classes)
+        self.classifier = nn.Linear(self.backbone.out_dim, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feature = self.backbone(x)
@@ -36,6 +37,8 @@ class BackboneClassifier(nn.Module):
 @register
 class ExperienceReplay(Independent):
     name = "er"
+    reference_label_smoothing = 0.0  # plain cross-entropy, as the reference
+    model_keys = frozenset({"backbone", "width", "stem"})  # the backbone's output is the feature, as it is
 
     def first_version_recipe(self) -> Optional[str]:
         return None  # another network than independent's

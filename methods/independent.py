@@ -16,6 +16,8 @@ class Independent(Method):
     """Each version trains from scratch (or fine-tunes) with label-smoothed cross-entropy alone."""
 
     name = "independent"
+    reference_label_smoothing = 0.1  # the OCA codebase's recipe, shared by its independent, BCT and OCA models
+    model_keys = frozenset({"backbone", "width", "stem", "embedding_dim", "final_relu", "normalize", "embedding_bn"})
 
     def first_version_recipe(self) -> Optional[str]:
         return "independent"  # subclasses whose version 0 is this plain classifier inherit it (bct)
@@ -24,7 +26,7 @@ class Independent(Method):
         return ClassifierNet(self.model_cfg, ctx.num_seen)
 
     def loss(self, outputs, images, labels, state, ctx: StepContext):
-        ce = F.cross_entropy(outputs["logits"], labels, label_smoothing=ctx.training.label_smoothing)
+        ce = F.cross_entropy(outputs["logits"], labels, label_smoothing=self.label_smoothing(ctx))
         return ce, {"ce": ce}
 
     def embed(self, model: ClassifierNet, images: torch.Tensor) -> torch.Tensor:

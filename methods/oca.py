@@ -99,6 +99,7 @@ class OCA(Independent):
     name = "oca"
     Params = OCAParams
     needs_previous = True
+    model_keys = Independent.model_keys - {"normalize"}  # h is always normalised
 
     def embedding_dim(self, index: int) -> int:
         """Width of version ``index``: the configured width plus Δd per earlier upgrade."""
@@ -139,4 +140,4 @@ class OCA(Independent):
         p = self.params
         return oca_loss(outputs["logits"], outputs["feature"], labels, state["prototypes"],
                         classifier_weight=p.classifier_weight, prototype_weight=p.prototype_weight,
-                        cosine_weight=p.cosine_weight, label_smoothing=ctx.training.label_smoothing)
+                        cosine_weight=p.cosine_weight, label_smoothing=self.label_smoothing(ctx))

@@ -81,6 +81,7 @@ class Stationary(Method):
     name = "stationary"
     Params = StationaryParams
     needs_previous = True
+    model_keys = frozenset({"backbone", "width", "stem"})  # the d-Simplex junction fixes the feature's width
 
     def build_model(self, ctx: StepContext) -> StationaryNet:
         if ctx.num_seen > self.params.num_classes:
@@ -107,7 +108,7 @@ class Stationary(Method):
 
     def loss(self, outputs, images, labels, state, ctx: StepContext):
         targets = label_rows(labels, self.params.num_classes, self.params.label_rows)
-        ce = F.cross_entropy(outputs["logits"], targets, label_smoothing=ctx.training.label_smoothing)
+        ce = F.cross_entropy(outputs["logits"], targets, label_smoothing=self.label_smoothing(ctx))
         if "anchor" not in state:
             return ce, {"ce": ce}
         with torch.no_grad():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from torch import nn
 
 from methods.crossmodal_base import (CrossModalMethod, PairData, ProjectedCLIP, StageContext, State, TextPairs,
                                      register_crossmodal)
-from methods.nets.lora import TARGETS, TOWERS, add_lora, load_lora_state_dict, lora_disabled, lora_state_dict
+from methods.nets.lora import TARGETS, TOWERS, add_lora, check_towers, load_lora_state_dict, lora_disabled, lora_state_dict
 from orchestrator.config.typed import require
 
 TextLoss = Literal["infonce", "cosine", "mse"]
@@ -40,7 +40,9 @@ class LoRAParams:
     rank: int = 8  # rank of each low-rank update
     alpha: float = 16.0  # the update is scaled by alpha / rank
     targets: list[str] = field(default_factory=lambda: ["q", "v"])  # q, k, v, out_proj (attention); c_fc, c_proj (MLP)
-    towers: list[str] = field(default_factory=lambda: ["image", "text"])  # towers that get adapters
+    # towers that get adapters; each must be one of open_clip's own transformer towers (a timm or
+    # ModifiedResNet image tower, or a Hugging Face text tower, has nothing to adapt: a config error)
+    towers: list[str] = field(default_factory=lambda: ["image", "text"])
 
     def __post_init__(self):
         require(self.rank >= 1, "rank", "must be >= 1")
@@ -56,7 +58,7 @@ class XBTParams:
     """The paper's unknowns, each a choice recorded in the run metadata."""
 
     projection: Literal["linear", "mlp", "mlp_residual"] = "mlp_residual"  # φ: linear, GELU MLP, MLP + linear skip
-    hidden: int = 2048  # width of the MLP's hidden layer
+    hidden: Optional[int] = None  # width of the MLP's hidden layer (unset: 2048); mlp and mlp_residual only
     normalize_output: bool = True  # stage-1 losses see L2-normalised φ outputs (serving always normalises)
     noise_sigma: float = 0.05  # per-coordinate std of the stage-1 noise, added to unit-norm embeddings
     text_loss: list[TextLoss] = field(default_factory=lambda: ["infonce", "cosine"])  # summed
@@ -64,7 +66,8 @@ class XBTParams:
     learn_temperature: bool = False  # train the InfoNCE temperature
     text_stage: bool = True  # False: the "no stage 1" ablation (φ starts from its initialisation)
     pair_stage: bool = True  # False: serve φ after stage 1, without adapters
-    consistency_weight: float = 1.0  # stage 2: weight of 1 - cos(φ(new caption), stage-1 output)
+    # stage 2: weight of 1 - cos(φ(new caption), stage-1 output) (unset: 1); needs both stages
+    consistency_weight: Optional[float] = None
     # Stage 2: whether φ keeps training alongside the adapters. A trainable φ is the natural first
     # reading of the paper; on the synthetic runs a frozen φ is better in every I2T cell (trained on a few hundred
     # pairs, φ drifts from the old space it learnt on the larger text corpus), so it is frozen by default.
@@ -73,13 +76,28 @@ class XBTParams:
     lora: LoRAParams = field(default_factory=LoRAParams)
 
     def __post_init__(self):
-        require(self.hidden >= 1, "hidden", "must be >= 1")
+        require(self.hidden is None or self.hidden >= 1, "hidden", "must be >= 1")
+        require(self.hidden is None or self.projection != "linear", "hidden",
+                "does nothing with projection 'linear' (no hidden layer); remove it or choose mlp / mlp_residual")
         require(self.noise_sigma >= 0, "noise_sigma", "must be >= 0")
         require(bool(self.text_loss) and len(set(self.text_loss)) == len(self.text_loss), "text_loss",
                 "needs one or more distinct losses of: infonce, cosine, mse")
         require(self.temperature > 0, "temperature", "must be > 0")
         require(self.text_stage or self.pair_stage, "pair_stage", "at least one of text_stage and pair_stage must run")
-        require(self.consistency_weight >= 0, "consistency_weight", "must be >= 0")
+        require(self.consistency_weight is None or self.consistency_weight >= 0, "consistency_weight", "must be >= 0")
+        require(self.consistency_weight is None or (self.text_stage and self.pair_stage), "consistency_weight",
+                "keeps stage 2's caption outputs near stage 1's, so it needs text_stage and pair_stage; remove it")
+
+    @property
+    def resolved_hidden(self) -> int:
+        return 2048 if self.hidden is None else self.hidden
+
+    @property
+    def resolved_consistency_weight(self) -> float:
+        """The consistency term's weight: 0 unless both stages run, then 1 unless configured."""
+        if not (self.text_stage and self.pair_stage):
+            return 0.0
+        return 1.0 if self.consistency_weight is None else self.consistency_weight
 
 
 class Projection(nn.Module):
@@ -154,8 +172,14 @@ class XBT(CrossModalMethod):
         return {name: fit for name, fit, on in (("text", self.fit_text, self.params.text_stage),
                                                 ("pairs", self.fit_pairs, self.params.pair_stage)) if on}
 
+    def check_models(self, new_model: str, key: str) -> None:
+        from methods.nets.clip_models import model_config
+
+        if self.params.pair_stage:
+            check_towers(model_config(new_model), new_model, self.params.lora.towers, f"{key}.lora.towers")
+
     def projection(self, new_dim: int, old_dim: int, state: State) -> Projection:
-        phi = Projection(new_dim, old_dim, self.params.projection, self.params.hidden)
+        phi = Projection(new_dim, old_dim, self.params.projection, self.params.resolved_hidden)
         own = {k.removeprefix("projection."): v for k, v in state.items() if k.startswith("projection.")}
         if own:
             phi.load_state_dict(own)
@@ -188,7 +212,7 @@ class XBT(CrossModalMethod):
         phi.requires_grad_(self.params.train_projection or anchor is None)  # without stage 1, φ has to learn here
         stage = _PairStage(ProjectedCLIP(data.clip, phi),
                            _LogitScale(self.params.temperature, self.params.learn_temperature)).to(ctx.device)
-        weight = self.params.consistency_weight if anchor is not None else 0.0
+        weight = self.params.resolved_consistency_weight  # 0 without stage 1 (no anchor)
 
         def loss(module: nn.Module, idx: torch.Tensor, epoch: int):
             images, tokens = data.batch(idx, epoch)
@@ -203,6 +227,10 @@ class XBT(CrossModalMethod):
         ctx.train(stage, len(data), loss)
         saved = {f"projection.{k}": v.detach().cpu() for k, v in phi.state_dict().items()}
         return {**saved, **lora_state_dict(data.clip, prefix="lora.")}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "hidden": None if self.params.projection == "linear" else self.params.resolved_hidden,
+                "consistency_weight": self.params.resolved_consistency_weight}
 
     def query_encoder(self, new_clip: nn.Module, state: State, new_dim: int, old_dim: int) -> ProjectedCLIP:
         adapters = {k.removeprefix("lora."): v for k, v in state.items() if k.startswith("lora.")}

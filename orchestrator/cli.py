@@ -16,31 +16,34 @@ from orchestrator.errors import CompatError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.engine import crossmodal
-    from orchestrator.engine.driver import run_experiment
-    from orchestrator.engine.validate import load_experiment as load_config
-    from orchestrator.reporting.report import format_seed_table, format_summary_table
-    from orchestrator.engine.driver import load_run_config
+    """Every kind of experiment (class-incremental, few-shot, replacement, cross-modal) runs the same way."""
+    from orchestrator.config.crossmodal import CrossModalExperiment
+    from orchestrator.engine.driver import load_run_config, run_experiment
+    from orchestrator.engine.validate import load_experiment
 
-    handled = crossmodal.cli_run(args)  # a config (or run) with `kind: cross-modal` has its own driver
-    if handled is not None:
-        return handled
     if args.resume:
         if args.config or args.set or args.seeds:
             raise CompatError("--resume continues a run with the config stored in it; drop CONFIG, --set and --seeds")
         cfg, run_dir = load_run_config(args.resume), args.resume
     else:
         seed_list = [f"seeds=[{args.seeds}]"] if args.seeds else []
-        cfg, run_dir = load_config(args.config, [*args.set, *seed_list]), None
+        cfg, run_dir = load_experiment(args.config, [*args.set, *seed_list]), None
         if args.output_dir:
             cfg.output_dir = args.output_dir
     metrics = run_experiment(cfg, run_dir, progress=not args.no_progress)
     print()
-    print(format_summary_table(metrics))
-    if metrics.get("seeds"):
-        print()
-        print(format_seed_table(metrics))
+    print(_summary(metrics, isinstance(cfg, CrossModalExperiment)))
     return 0
+
+
+def _summary(metrics: dict, crossmodal: bool) -> str:
+    from orchestrator.reporting.crossmodal import format_crossmodal_table
+    from orchestrator.reporting.report import format_seed_table, format_summary_table
+
+    if crossmodal:
+        return format_crossmodal_table(metrics)
+    text = format_summary_table(metrics)
+    return text + ("\n\n" + format_seed_table(metrics) if metrics.get("seeds") else "")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -67,18 +70,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from orchestrator.engine import crossmodal
-    from orchestrator.reporting.report import format_summary_table, render_report
-    from orchestrator.storage.runfiles import read_metrics
+    from orchestrator.config.crossmodal import is_crossmodal
+    from orchestrator.reporting.crossmodal import render_crossmodal_report
+    from orchestrator.reporting.report import render_report
+    from orchestrator.storage.runfiles import read_config, read_metrics
 
-    handled = crossmodal.cli_report(args.run_dir)
-    if handled is not None:
-        return handled
-    path = render_report(args.run_dir)
-    print(format_summary_table(read_metrics(args.run_dir)))
+    crossmodal = is_crossmodal(read_config(args.run_dir) or {})
+    path = (render_crossmodal_report if crossmodal else render_report)(args.run_dir)
+    print(_summary(read_metrics(args.run_dir), crossmodal))
     print(f"\nReport written to {path}")
     return 0
-
 
 def build_parser() -> argparse.ArgumentParser:
     from orchestrator.evaluation.standalone import add_compare_parser, add_metrics_parser

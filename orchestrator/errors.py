@@ -30,3 +30,7 @@ class CheckpointError(CompatError):
 
 class RunError(CompatError):
     """A run directory is inconsistent with the request (e.g. resuming with another config)."""
+
+
+class ConfigWarning(UserWarning):
+    """A config is valid but probably not what its author meant (e.g. an override that drops settings)."""

@@ -143,3 +143,49 @@ def test_map_ties_needs_a_map():
     with pytest.raises(ConfigError) as err:
         parse_experiment(data)
     assert err.value.key == "evaluation.map_ties" and "'shared'" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["methods=[{name: stationary}]", "model.embedding_dim=32"], "model.embedding_dim"),
+    (["methods=[{name: er}]", "model.normalize=false"], "model.normalize"),
+    (["methods=[{name: stationary}, {name: er}]", "model.final_relu=true"], "model.final_relu"),
+    (["methods=[{name: er}]", "model.embedding_bn=true"], "model.embedding_bn"),
+    (["methods=[{name: oca}]", "model.normalize=false"], "model.normalize"),
+    (["methods=[{name: independent}]", "model.name=tiny-vit-w32"], "model.name"),
+])
+def test_a_model_key_no_method_reads_is_a_config_error(tmp_path, overrides, key):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError) as err:
+            load_config(None, overrides + [f"output_dir={tmp_path}"])
+    assert err.value.key == key and "does nothing" in err.value.message
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_model_key_one_method_reads_is_fine():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = load_config(None, ["methods=[{name: stationary}, {name: independent}]", "model.embedding_dim=32"])
+    assert cfg.model.embedding_dim == 32
+
+
+def test_training_loader_workers_no_longer_exists():
+    with pytest.raises(ConfigError, match="training.loader_workers.*unknown key"):
+        load_config(None, ["training.loader_workers=2"])
+
+
+def test_replacing_the_method_list_warns_about_the_settings_it_drops():
+    from orchestrator.errors import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match=r"drops its settings: bct \(params: \{'variant': 'paper'\}\).*methods.N.params"):
+        load_config(None, ["methods=[{name: bct}]"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing dropped: no warning
+        load_config(None, ["methods=[{name: independent}, {name: bct, params: {variant: paper}}, {name: oca}]"])
+        load_config(None, ["methods.1.params.weight=2"])

@@ -37,6 +37,41 @@ def test_alpha_scales_the_gradient_exactly_and_leaves_weight_decay_unscaled():
     assert torch.allclose(one_step(alpha), start - lr * (alpha * grad + wd * start))
 
 
+@pytest.mark.parametrize("index, params, factor", [
+    (1, {}, 2 / 6),  # session 1: 2 new classes of 6 seen
+    (0, {}, 1.0),  # the base session is not regularised
+    (1, {"regularization": False}, 1.0),
+])
+def test_after_backward_scales_the_prompt_and_projection_gradients_before_the_sgd_step(index, params, factor):
+    """The method's own hook, between backward and the optimiser step: the gradients of exactly the prompts
+    and the projection are multiplied by α = |new| / |seen| (by hand: 2/6) in incremental sessions, the
+    frozen CLIP gets none, and one SGD step with weight decay then moves the prompts by
+    −lr·(α·g + wd·p): the decay unscaled."""
+    from orchestrator.engine.loop import build_optimizer
+
+    method = create_method("cpe_clip", params, ModelConfig(name="tiny-vit-w32"))
+    names = ["apple", "bear", "cloud", "dune", "eagle", "fern"]
+    num_previous = 4 if index else 0
+    context = StepContext(index=index, num_steps=3, num_seen=6, num_previous=num_previous, event="finetune",
+                          model=method.model_cfg, seed=0, extras={"class_names": names},
+                          training=TrainingConfig(optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=0.1))
+    model = method.init_model(context)
+    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    assert set(trainable) == {"prompts", "projection.weight", "projection.bias"}
+    images, labels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([4, 5, 4])
+    loss, _ = method.loss(model(images), images, labels, {}, context)
+    loss.backward()
+    raw = {n: p.grad.clone() for n, p in trainable.items()}
+    start = {n: p.detach().clone() for n, p in trainable.items()}
+    method.after_backward(model, {}, context)
+    for n, p in trainable.items():
+        assert torch.allclose(p.grad, factor * raw[n], rtol=1e-6, atol=0) and raw[n].abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    build_optimizer(method.trainable_parameters(model), context.training).step()
+    for n, p in trainable.items():
+        assert torch.allclose(p.detach(), start[n] - 0.5 * (factor * raw[n] + 0.1 * start[n]), atol=1e-6)
+
+
 def test_old_class_logits_are_masked_to_minus_9999():
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert mask_old_logits(logits, 2).tolist() == [[-9999.0, -9999.0, 3.0, 4.0]]
@@ -91,7 +126,7 @@ def test_protocol_presets_plan_the_standard_sessions(tmp_path):
 
     cifar = load_config("fscil_cifar100")
     assert [s.num_seen for s in plan_steps(cifar, 100)] == [60 + 5 * t for t in range(9)]
-    assert cifar.model.name == "ViT-B-16" and cifar.model.pretrained == "openai"
+    assert cifar.model.name == "ViT-B-16-quickgelu" and cifar.model.pretrained == "openai"
     root, lists = tmp_path / "cub", tmp_path / "lists"
     for c in range(200):
         (root / "train" / f"{c + 1:03d}.Bird_{c}").mkdir(parents=True)

@@ -58,6 +58,7 @@ class FlakyIndependent(Independent):
 
         record = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         log = Path(self.params.log_dir) / f"prepare-step{ctx.index}-rank{ctx.rank}-attempt{self._attempt()}.json"
+        log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(json.dumps(record))
         return {"batches": 0}
 

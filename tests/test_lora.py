@@ -92,3 +92,52 @@ def test_bad_requests_name_the_key(kwargs, key):
     with pytest.raises(ConfigError) as err:
         add_lora(tiny_clip(), **{"rank": 2, "alpha": 1.0, **kwargs})
     assert err.value.key == key
+
+
+@pytest.fixture(scope="module")
+def timm_tower_model_name(tmp_path_factory):
+    """``tiny-timm``: the tiny text tower with a timm ViT as image tower (no open_clip attention modules)."""
+    import json
+
+    import open_clip
+
+    from methods.nets.clip_models import CONFIG_DIR
+
+    directory = tmp_path_factory.mktemp("configs")
+    config = json.loads((CONFIG_DIR / "tiny-vit-w32.json").read_text())
+    config["vision_cfg"] = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                            "timm_pool": "token", "timm_proj": "linear", "image_size": 32}
+    (directory / "tiny-timm.json").write_text(json.dumps(config))
+    tiny_clip()  # registers the shipped configs first
+    open_clip.add_model_config(directory)
+    return "tiny-timm"
+
+
+def test_a_requested_tower_that_gets_no_adapter_is_an_error(timm_tower_model_name):
+    """A timm image tower has none of open_clip's attention/MLP modules: adapting it must fail loudly, not
+    leave it unadapted while the text tower is adapted."""
+    from methods.nets.clip_models import create_clip, model_config
+    from methods.nets.lora import check_towers
+
+    model = create_clip(timm_tower_model_name)[0]
+    with pytest.raises(ConfigError, match="image tower \\(TimmModel\\).*no adapter") as err:
+        add_lora(model, rank=2, alpha=4.0, towers=["image", "text"])
+    assert err.value.key == "params.lora.towers"
+    assert add_lora(create_clip(timm_tower_model_name)[0], rank=2, alpha=4.0, towers=["text"])  # text alone is fine
+    with pytest.raises(ConfigError, match="image tower of tiny-timm is the timm model 'vit_tiny_patch16_224'"):
+        check_towers(model_config(timm_tower_model_name), timm_tower_model_name, ["image"], "methods.1.params.lora.towers")
+    check_towers(model_config("tiny-vit-w32"), "tiny-vit-w32", ["image", "text"], "k")
+    with pytest.raises(ConfigError, match="ModifiedResNet"):
+        check_towers(model_config("RN50"), "RN50", ["text", "image"], "k")
+
+
+def test_a_cross_modal_config_with_an_unadaptable_tower_fails_validation(timm_tower_model_name):
+    from test_xbt import TINY
+
+    from orchestrator.engine.validate import parse_experiment
+
+    cfg = {**TINY, "models": {"old": {"name": "tiny-vit-w32"}, "new": {"name": timm_tower_model_name}}}
+    with pytest.raises(ConfigError) as err:
+        parse_experiment(cfg)
+    assert err.value.key == "methods.1.params.lora.towers"
+    parse_experiment({**cfg, "methods": [{"name": "xbt", "params": {"hidden": 16, "lora": {"towers": ["text"]}}}]})

@@ -112,7 +112,8 @@ def xbt(tmp: Path) -> dict:
     # sigma 0.05 and 0.2 take the code path of xbt and xbt-sigma0 with other numbers: left out for time
     raw["methods"] = [m for m in raw["methods"] if m.get("label") not in ("xbt-sigma0.05", "xbt-sigma0.2")]
     for method in raw["methods"][1:]:  # every XBT row, its projection MLP and adapters made narrow
-        method["params"]["hidden"] = 16
+        if method["params"].get("projection") != "linear":  # a linear projection has no hidden layer
+            method["params"]["hidden"] = 16
         if "lora" in method["params"]:
             method["params"]["lora"]["rank"] = 2
     return crossmodal_values(run_crossmodal(parse_crossmodal(raw), echo=quiet))

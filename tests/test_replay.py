@@ -39,6 +39,17 @@ def test_small_pool_is_drawn_with_replacement():
     assert set(batch[:8]) <= {0, 1, 2}
 
 
+def test_a_pool_the_size_of_its_share_is_drawn_with_replacement():
+    """The reference sampler draws with replacement when a pool holds <= its share: a memory of exactly 8
+    samples for 8 memory slots is not served as the same 8 samples, permuted, in every batch."""
+    order = balanced_order(np.arange(100, 400), np.arange(8), batch_size=16, memory_share=0.5, seed=[4])
+    memory_parts = order.reshape(-1, 16)[:, :8]
+    assert all(set(part) <= set(range(8)) for part in memory_parts)
+    assert any(len(np.unique(part)) < 8 for part in memory_parts)  # repeats: drawn with replacement
+    new_parts = order.reshape(-1, 16)[:, 8:]
+    assert all(len(np.unique(part)) == 8 for part in new_parts)  # a larger pool: without replacement
+
+
 def test_ranks_split_the_same_global_batches():
     new, memory = np.arange(100, 400), np.arange(0, 60)
     shards = [balanced_order(new, memory, 8, 0.5, seed=[3], rank=r, world_size=2) for r in range(2)]

@@ -12,6 +12,7 @@ from methods.independent import Independent
 from orchestrator.storage import runfiles
 from orchestrator.engine import driver
 from orchestrator.engine import executor
+from orchestrator.errors import CompatError
 from orchestrator.cli import main
 from orchestrator.engine.scenarios import class_order
 
@@ -222,3 +223,24 @@ def test_an_identical_first_version_is_trained_once_and_copied(finished_run, tmp
     other_recipe = tiny(tmp_path / "other", "methods=[{name: independent}, {name: bct, training: {lr: 0.01}}]")
     driver.run_experiment(other_recipe, progress=False, echo=lambda s: None)
     assert "copied_from" not in runfiles.manifest_entry(tmp_path / "other" / cfg.name, "bct", 0)
+
+
+@register
+class Broken(Independent):
+    """Fails in its step 1, every time."""
+
+    name = "test_broken"
+
+    def after_backward(self, model, state, ctx):
+        if ctx.index == 1:
+            raise RuntimeError("broken on purpose")
+
+
+def test_a_failed_task_stops_its_chain_and_nothing_else(tmp_path):
+    cfg = tiny(tmp_path, "methods=[{name: test_broken}, {name: independent}]")
+    run_dir = tmp_path / cfg.name
+    with pytest.raises(CompatError, match="test_broken step 1 failed.*broken on purpose"):
+        driver.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert runfiles.step_done(run_dir, "test_broken", 0)
+    assert not runfiles.step_done(run_dir, "test_broken", 1) and not runfiles.step_done(run_dir, "test_broken", 2)
+    assert all(runfiles.step_done(run_dir, "independent", v) for v in range(3))  # the other chain finished

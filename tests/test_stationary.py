@@ -64,11 +64,42 @@ def test_mask_with_distinct_labels_is_infonce_and_zero_is_not():
     assert hoc_loss(old, new, labels).item() != pytest.approx(infonce.item(), rel=1e-3)
 
 
-def test_identical_models_minimise_the_positive_term():
-    x = torch.randn(5, 7)
-    labels = torch.tensor([0, 1, 2, 3, 4])
-    aligned = hoc_loss(x, x, labels).item()
-    assert aligned < hoc_loss(x, torch.randn(5, 7), labels).item()
+def test_identical_features_and_the_gradient_against_float64_numpy():
+    """new = old: the positive term is exactly −μ for every sample and the rest is the closed form
+    log(Σ_{y_j≠y_i} exp(μ a_i·a_j) + n_i), computed here in float64 numpy; the gradient with respect to the
+    new features matches central finite differences of that numpy loss."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5))
+    labels = np.array([0, 1, 0, 2, 1, 3])
+
+    def numpy_hoc(old, new, mu=10.0):
+        a = old / np.linalg.norm(old, axis=1, keepdims=True)
+        b = new / np.linalg.norm(new, axis=1, keepdims=True)
+        rows = []
+        for i in range(len(labels)):
+            others = [np.exp(mu * a[i] @ b[j]) for j in range(len(labels)) if labels[j] != labels[i]]
+            rows.append(-mu * a[i] @ b[i] + np.log(sum(others) + np.sum(labels == labels[i])))
+        return float(np.mean(rows))
+
+    a = x / np.linalg.norm(x, axis=1, keepdims=True)
+    closed = np.mean([-10.0 + np.log(sum(np.exp(10 * a[i] @ a[j]) for j in range(6) if labels[j] != labels[i])
+                                     + np.sum(labels == labels[i])) for i in range(6)])
+    assert numpy_hoc(x, x) == pytest.approx(closed, rel=1e-12)
+    old = torch.tensor(x, requires_grad=True)
+    new = torch.tensor(x + 0.3 * rng.standard_normal(x.shape), requires_grad=True)
+    assert hoc_loss(old, old.detach(), torch.tensor(labels)).item() == pytest.approx(closed, rel=1e-10)
+    loss = hoc_loss(old.detach(), new, torch.tensor(labels))
+    assert loss.item() == pytest.approx(numpy_hoc(x, new.detach().numpy()), rel=1e-10)
+    loss.backward()
+    step, numeric = 1e-6, np.zeros(x.shape)
+    for index in np.ndindex(x.shape):
+        plus, minus = new.detach().numpy().copy(), new.detach().numpy().copy()
+        plus[index] += step
+        minus[index] -= step
+        numeric[index] = (numpy_hoc(x, plus) - numpy_hoc(x, minus)) / (2 * step)
+    np.testing.assert_allclose(new.grad.numpy(), numeric, atol=1e-6)
 
 
 def ctx(**kw):
@@ -130,3 +161,30 @@ def test_too_many_classes_for_the_table():
         method(num_classes=4).build_model(ctx())
     with pytest.raises(ConfigError, match="same_class"):
         method(same_class="drop")
+
+
+def test_cross_entropy_is_unsmoothed_unless_the_config_says_otherwise():
+    """The reference trains d-Simplex and ER with plain cross-entropy: with training.label_smoothing unset
+    the CE term is F.cross_entropy without smoothing; an explicit value is honoured. (independent, bct and
+    oca keep the OCA recipe's 0.1.)"""
+    m = method(ce_weight=1.0)
+    net = m.build_model(ctx())
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 5, 2])
+    outputs = net(images)
+    unset = ctx(training=TrainingConfig())
+    assert TrainingConfig().label_smoothing is None and m.label_smoothing(unset) == 0.0
+    plain = F.cross_entropy(outputs["logits"], 11 - labels)
+    assert m.loss(outputs, images, labels, {}, unset)[0].item() == pytest.approx(plain.item(), rel=1e-6)
+    smoothed = F.cross_entropy(outputs["logits"], 11 - labels, label_smoothing=0.1)
+    explicit = ctx(training=TrainingConfig(label_smoothing=0.1))
+    assert m.loss(outputs, images, labels, {}, explicit)[0].item() == pytest.approx(smoothed.item(), rel=1e-6)
+    assert create_method("er", {}, ModelConfig(width=8)).label_smoothing(unset) == 0.0
+    assert create_method("independent", {}, ModelConfig(width=8)).label_smoothing(unset) == 0.1
+
+
+def test_er_classifier_has_no_bias_as_the_reference():
+    er = create_method("er", {}, ModelConfig(width=8)).build_model(ctx())
+    assert er.classifier.bias is None
+    images = torch.randn(3, 3, 16, 16)
+    out = er(images)
+    assert torch.allclose(out["logits"], out["feature"] @ er.classifier.weight.T, atol=1e-6)

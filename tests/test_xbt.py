@@ -98,6 +98,27 @@ def test_params_are_validated_with_their_key():
         parse_experiment({**TINY, "methods": [{"name": "xbt", "label": "old"}]})
 
 
+@pytest.mark.parametrize("params, key", [
+    ({"projection": "linear", "hidden": 64}, "methods.0.params.hidden"),
+    ({"text_stage": False, "consistency_weight": 0.5}, "methods.0.params.consistency_weight"),
+    ({"pair_stage": False, "consistency_weight": 0.5}, "methods.0.params.consistency_weight"),
+])
+def test_options_that_would_do_nothing_are_config_errors(params, key):
+    from orchestrator.engine.validate import parse_experiment
+
+    with pytest.raises(ConfigError) as err:
+        parse_experiment({**TINY, "methods": [{"name": "xbt", "params": params}]})
+    assert err.value.key == key
+
+
+def test_unset_hidden_and_consistency_resolve_to_their_defaults_where_they_apply():
+    from methods.xbt import XBTParams
+
+    assert XBTParams().resolved_hidden == 2048 and XBTParams().resolved_consistency_weight == 1.0
+    assert XBTParams(text_stage=False).resolved_consistency_weight == 0.0
+    assert XBTParams(consistency_weight=0.25).resolved_consistency_weight == 0.25
+
+
 def test_recall_on_a_hand_made_case_with_several_captions_per_image():
     # 3 images, captions 0-1 of image 0, 2-4 of image 1, 5 of image 2 (2-d unit vectors by angle).
     def at(*degrees):
@@ -135,6 +156,24 @@ def finished_run(tmp_path_factory):
     return cfg, tmp / cfg.name, metrics, loads
 
 
+def brute_force_recall(queries, gallery, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@K by loops in float64: an image query hits when one of its own captions is among the K
+    gallery captions most similar to it; a caption query hits when its image is among the K most similar
+    gallery images (sorting by similarity, ties broken by gallery index)."""
+    q_images, q_captions = (t.embeddings.astype(np.float64) for t in queries)
+    g_images, g_captions = (t.embeddings.astype(np.float64) for t in gallery)
+    caption_of = gallery[1].caption_of
+    out = {}
+    for k in ks:
+        hits = [bool(set(np.argsort(-(g_captions @ q), kind="stable")[:k]) & set(np.flatnonzero(caption_of == i)))
+                for i, q in enumerate(q_images)]
+        out[f"i2t_r{k}"] = float(np.mean(hits))
+    for k in ks:
+        hits = [caption_of[c] in np.argsort(-(g_images @ q), kind="stable")[:k] for c, q in enumerate(q_captions)]
+        out[f"t2i_r{k}"] = float(np.mean(hits))
+    return out
+
+
 def test_run_writes_the_full_table(finished_run):
     cfg, run_dir, metrics, _ = finished_run
     for name in ("config.yaml", "run.json", "metrics.json", "report.md", "recall.csv"):
@@ -142,12 +181,25 @@ def test_run_writes_the_full_table(finished_run):
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     names = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     assert metrics["metrics"] == names
-    for cell in (metrics["old_old"], metrics["new_new"]):
-        assert set(cell) == set(names) and all(0 <= v <= 1 for v in cell.values())
+    from orchestrator.storage import runfiles
+    from orchestrator.storage.store import EmbeddingStore
+
+    def sides(store, key, version):
+        return store.read(key, version, "images"), store.read(key, version, "captions")
+
+    store = EmbeddingStore(runfiles.store_dir(run_dir))
+    old, new = sides(store, "old", 0), sides(store, "new", 1)
+    old_old = brute_force_recall(old, old)
+    assert metrics["old_old"] == pytest.approx(old_old, abs=1e-12)
+    assert metrics["new_new"] == pytest.approx(brute_force_recall(new, new), abs=1e-12)
     for key in ("procrustes", "xbt"):
         entry = metrics["methods"][key]
-        assert set(entry["per_seed"]) == {"0", "1"} and set(entry["compatible"]) == set(names)
-        assert all(entry["compatible"][n] == (entry["mean"][n] > metrics["old_old"][n]) for n in names)
+        per_seed = {seed: brute_force_recall(sides(EmbeddingStore(run_dir / f"seed-{seed}" / "store"), key, 1), old)
+                    for seed in (0, 1)}
+        for seed, cells in per_seed.items():
+            assert entry["per_seed"][str(seed)] == pytest.approx(cells, abs=1e-12)
+        mean = {n: (per_seed[0][n] + per_seed[1][n]) / 2 for n in names}
+        assert entry["compatible"] == {n: mean[n] > old_old[n] for n in names}  # ties fail
     assert metrics["methods"]["xbt"]["params"]["lora"]["rank"] == 2
     report = (run_dir / "report.md").read_text()
     assert "new→old xbt" in report and "old→old" in report and "T2I R@10" in report

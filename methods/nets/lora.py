@@ -9,7 +9,10 @@ retrieval keeps the untouched new model).
 
 Targets (open_clip's names): ``q``, ``k``, ``v`` (slices of an attention in-projection), ``out_proj``
 (attention output), ``c_fc`` and ``c_proj`` (the MLP). Towers: ``image`` (modules under ``visual``) and
-``text`` (every other tower).
+``text`` (every other tower). Only open_clip's own transformer towers have these modules: a timm image
+tower, a ModifiedResNet (RN50 …) or a Hugging Face text tower has none, and a requested tower that gets
+no adapter is an error (:func:`check_towers` before a run, :func:`add_lora` when adapting), never a
+silently unadapted tower.
 """
 
 from __future__ import annotations
@@ -131,9 +134,37 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str] =
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
         adapted.append(name)
-    if not adapted:
-        raise ConfigError("params.lora.targets", f"no module of towers {list(towers)} matches targets {list(targets)}")
+    for tower in towers:
+        if not any(("image" if name.split(".")[0] == "visual" else "text") == tower for name in adapted):
+            kind = type(model.visual).__name__ if tower == "image" and hasattr(model, "visual") else "this text tower"
+            raise ConfigError("params.lora.towers", (
+                f"the {tower} tower ({kind}) has no module matching targets {list(targets)}, so it would get no "
+                f"adapter; LoRA here adapts open_clip's own transformer towers (attention q/k/v/out_proj, MLP "
+                f"c_fc/c_proj): remove {tower!r} from towers or choose other targets"))
     return adapted
+
+
+def foreign_towers(config: dict) -> dict[str, str]:
+    """The towers of an open_clip model config that are not open_clip's own transformers (so LoRA finds
+    nothing to adapt in them), each with what it is instead."""
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    foreign = {}
+    if vision.get("timm_model_name"):
+        foreign["image"] = f"the timm model {vision['timm_model_name']!r}"
+    elif isinstance(vision.get("layers"), (list, tuple)):
+        foreign["image"] = "a ModifiedResNet"
+    if text.get("hf_model_name"):
+        foreign["text"] = f"the Hugging Face model {text['hf_model_name']!r}"
+    return foreign
+
+
+def check_towers(config: dict, model_name: str, towers: Sequence[str], key: str) -> None:
+    """Before a run: refuse to adapt a tower of ``model_name`` that LoRA would leave without adapters."""
+    foreign = foreign_towers(config)
+    for tower in towers:
+        if tower in foreign:
+            raise ConfigError(key, f"the {tower} tower of {model_name} is {foreign[tower]}, which has no open_clip "
+                                   f"attention or MLP modules to adapt; remove {tower!r} from towers")
 
 
 def _wrappers(model: nn.Module) -> Iterator[nn.Module]:

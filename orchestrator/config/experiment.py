@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -17,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from orchestrator.config.typed import from_dict, require, to_dict
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, ConfigWarning
 
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
@@ -171,8 +172,10 @@ class ModelConfig:
     normalize: bool = True  # L2-normalise the embedding before the classifier
     embedding_bn: bool = False  # BatchNorm1d on the embedding (centres it)
     width: int = 32  # small_cnn only: channels of the first block
-    name: Optional[str] = None  # CLIP methods: an open_clip architecture (e.g. ViT-B-16, tiny-vit-w64)
-    pretrained: Optional[str] = None  # CLIP methods: an open_clip tag (e.g. openai) or a local checkpoint file
+    name: Optional[str] = None  # CLIP methods: an open_clip architecture (e.g. ViT-B-16-quickgelu, tiny-vit-w64)
+    # CLIP methods: an open_clip tag (e.g. openai) or a local checkpoint file; unset: random weights drawn
+    # from one fixed seed, so the frozen CLIP is the same network in every session and run
+    pretrained: Optional[str] = None
 
     def __post_init__(self):
         require(self.embedding_dim >= 2, "embedding_dim", "must be >= 2")
@@ -185,7 +188,9 @@ class TrainingConfig:
     """Optimisation recipe of one step."""
 
     epochs: int = 8  # epochs per step
-    batch_size: int = 64  # per worker: a step with N workers trains on batches of N x batch_size
+    # per worker: a step with N workers trains on batches of N x batch_size; each epoch's last partial
+    # batch is dropped, except in few-shot scenarios (every shot is seen every epoch)
+    batch_size: int = 64
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"  # a fresh optimiser for every step
     lr: float = 1e-3  # peak learning rate, set per epoch
     weight_decay: float = 0.0  # applied by the optimiser to every trainable parameter
@@ -193,8 +198,9 @@ class TrainingConfig:
     schedule: Literal["cosine", "constant"] = "cosine"  # per epoch: cosine from lr to min_lr after the warm-up
     warmup_epochs: int = 0  # linear warm-up lr·(e+1)/W over the first W epochs
     min_lr: float = 0.0  # the cosine schedule's last value
-    label_smoothing: float = 0.1  # of the methods' cross-entropy terms
-    loader_workers: int = 0  # not read by the engine at present (datasets are in-memory arrays)
+    # of the methods' cross-entropy terms; unset: each method's reference value (0.1 for independent,
+    # bct and oca; 0, plain cross-entropy, for stationary, er, zero_shot_clip and cpe_clip)
+    label_smoothing: Optional[float] = None
     lr_schedule: Optional[list[float]] = None  # explicit lr of each epoch; replaces lr/schedule/warm-up when set
     incremental: dict[str, Any] = field(default_factory=dict)  # overrides of this section for every step after the first
 
@@ -207,11 +213,10 @@ class TrainingConfig:
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        require(self.label_smoothing is None or 0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
                 f"must be smaller than epochs ({self.epochs})")
         require(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
-        require(self.loader_workers >= 0, "loader_workers", "must be >= 0")
 
 
 @dataclass
@@ -354,11 +359,32 @@ class ExperimentConfig:
 
 
 def apply_override(data: dict, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config mapping."""
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config mapping. Replacing the
+    whole ``methods`` list warns (:class:`ConfigWarning`) when the list it replaces had settings the new
+    one drops (``methods.N.params.KEY=...`` changes one method and keeps the rest)."""
     if "=" not in assignment:
         raise ConfigError(assignment, "an override must look like key.path=value")
     path, raw = assignment.split("=", 1)
-    set_key(data, path.strip(), yaml.safe_load(raw))
+    value = yaml.safe_load(raw)
+    if path.strip() == "methods":
+        dropped = dropped_method_settings(data.get("methods"), value)
+        if dropped:
+            warnings.warn(ConfigWarning(
+                f"--set methods=[...] replaces the config's method list and drops its settings: {'; '.join(dropped)}; "
+                f"repeat them in the new list, or change one method with methods.N.params.KEY=VALUE"), stacklevel=2)
+    set_key(data, path.strip(), value)
+
+
+def dropped_method_settings(old: Any, new: Any) -> list[str]:
+    """The entries of a raw ``methods`` list that carry settings (label, params, training) and are not in
+    ``new`` as they are, each described as ``name (settings)``."""
+    kept = new if isinstance(new, list) else []
+    dropped = []
+    for entry in old if isinstance(old, list) else []:
+        settings = {k: v for k, v in entry.items() if k != "name" and v} if isinstance(entry, dict) else {}
+        if settings and entry not in kept:
+            dropped.append(f"{entry.get('name')} ({', '.join(f'{k}: {v}' for k, v in settings.items())})")
+    return dropped
 
 
 def set_key(data: dict, path: str, value: Any) -> None:

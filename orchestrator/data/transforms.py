@@ -7,7 +7,8 @@ seeded run augments identically every time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+import functools
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +47,51 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+Filter = Literal["bilinear", "bicubic"]
+
+
+def _pil_filter(x: np.ndarray, kind: Filter) -> np.ndarray:
+    """PIL's resampling kernels: the triangle (support 1) and the cubic with a = -0.5 (support 2)."""
+    x = np.abs(x)
+    if kind == "bilinear":
+        return np.clip(1.0 - x, 0.0, None)
+    a = -0.5
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def resample_matrix(in_size: int, out_size: int, kind: Filter) -> torch.Tensor:
+    """(out_size, in_size) weights of one resampling pass as PIL computes them: pixel centres aligned, the
+    kernel stretched by the scale when shrinking (antialiasing), each row's weights normalised to 1."""
+    scale = in_size / out_size
+    stretch = max(scale, 1.0)
+    support = (1.0 if kind == "bilinear" else 2.0) * stretch
+    weights = np.zeros((out_size, in_size))
+    for out in range(out_size):
+        centre = (out + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), in_size)
+        taps = _pil_filter((np.arange(lo, hi) - centre + 0.5) / stretch, kind)
+        weights[out, lo:hi] = taps / taps.sum()
+    return torch.from_numpy(weights).float()
+
+
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round half up to whole grey levels in [0, 255], as PIL stores each 8-bit pass."""
+    return x.add_(0.5).floor_().clamp_(0, 255)
+
+
+def pil_resize(x: torch.Tensor, size: int, kind: Filter) -> torch.Tensor:
+    """Resize a float (B, C, H, W) batch of grey levels 0..255 to (size, size) as PIL's ``Image.resize``
+    does on 8-bit images: a horizontal pass, then a vertical one, each rounded to 8 bits."""
+    height, width = x.shape[-2:]
+    if width != size:
+        x = _quantize(x @ resample_matrix(width, size, kind).to(x.device).T)
+    if height != size:
+        x = _quantize(resample_matrix(height, size, kind).to(x.device) @ x)
+    return x
+
+
 def resize_images(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
     """Resize a uint8 (N, H, W, 3) array to (N, size, size, 3), in chunks to bound memory."""
     if images.shape[1:3] == (size, size):
@@ -62,23 +108,30 @@ class BatchTransform:
     """uint8 batch -> optional random crop (zero padding) + horizontal flip -> optional resize -> normalise.
 
     Crop and flip are one gather with per-sample offsets, so augmenting a batch costs about as much as
-    copying it.
+    copying it. ``interpolation`` None resizes bilinearly (the data pipeline's own resize); ``"bicubic"``
+    or ``"bilinear"`` resize exactly as PIL does, which is how a pretrained CLIP's own preprocessing
+    resizes (its pretrained configuration names the filter; batches are square, so resizing the shortest
+    side and centre-cropping is the same square resize).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], augment: bool, pad: int = 4,
-                 size: Optional[int] = None):
+                 size: Optional[int] = None, interpolation: Optional[Filter] = None):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.augment = augment
         self.pad = pad
         self.size = size
+        self.interpolation = interpolation
 
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         x = _to_nhwc(images)
         if self.augment:
             x = self._crop_and_flip(x, generator)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if self.size is not None:
+        x = x.permute(0, 3, 1, 2).float()
+        if self.size is not None and self.interpolation is not None:
+            x = pil_resize(x, self.size, self.interpolation)
+        x = x.div_(255.0)
+        if self.size is not None and self.interpolation is None:
             x = _resize(x, self.size)
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         return x.sub_(mean).div_(std).contiguous()

@@ -18,8 +18,6 @@ store each method's projected queries, RUN_DIR/seed-S/states/<method>/<stage>.pt
 
 from __future__ import annotations
 
-import platform
-import subprocess
 import time
 from functools import partial
 from pathlib import Path
@@ -27,47 +25,13 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import yaml
 
 from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import RunStorage
 from orchestrator.config.typed import to_dict
-from orchestrator.config.crossmodal import ClipSpec, CrossModalExperiment, parse_crossmodal
-from orchestrator.errors import RunError
+from orchestrator.config.crossmodal import ClipSpec, CrossModalExperiment
 
 SCHEMA_VERSION = 1
-
-
-def load_crossmodal_run(run: runfiles.Run) -> CrossModalExperiment:
-    document = runfiles.read_config(run)
-    if document is None:
-        raise RunError(f"{runfiles.storage(run).location} is not a run directory (no config.yaml); pass the "
-                       "directory `compat run` created")
-    return parse_crossmodal(document)
-
-
-def _prepare_run_dir(cfg: CrossModalExperiment, run: RunStorage) -> bool:
-    """Start the run of ``cfg`` at ``run`` or check it belongs to ``cfg``; True when resuming."""
-    if run.exists(runfiles.CONFIG):
-        existing = load_crossmodal_run(run)
-        if existing.digest() != cfg.digest():
-            raise RunError(f"{run.location} already holds a run of a different config (digest {existing.digest()} != "
-                           f"{cfg.digest()}); resume it with `compat run --resume {run.location}`, or set another "
-                           f"`name`/`output_dir`, or delete it")
-        return True
-    import ray
-
-    try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                  cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        revision = None
-    runfiles.write_config(run, cfg.to_dict())
-    run.write_json(runfiles.PROVENANCE, {
-        "experiment": cfg.name, "kind": cfg.kind, "seeds": cfg.seeds, "config_digest": cfg.digest(),
-        "code_revision": revision, "python": platform.python_version(), "torch": torch.__version__,
-        "ray": ray.__version__})
-    return False
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -103,14 +67,14 @@ def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[runfiles.Run] = 
     from orchestrator.reporting.crossmodal import render_crossmodal_report
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
-    from orchestrator.engine.driver import ProgressDisplay
+    from orchestrator.engine.driver import ProgressDisplay, prepare_run_dir
 
     from orchestrator.engine.validate import validate
 
     validate(cfg)
     check_data(cfg.data)
     run_dir = runfiles.storage(run_dir or Path(cfg.output_dir) / cfg.name)
-    resuming = _prepare_run_dir(cfg, run_dir)
+    resuming = prepare_run_dir(cfg, run_dir)
     graph = plan(cfg)
     done = sum(runfiles.task_done(run_dir, t.name) for t in graph.tasks.values())
     echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir.location}: {len(graph.tasks)} tasks "
@@ -180,48 +144,3 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
 def train_fn(training, worker, seed: int, label: str, run_dir: runfiles.Run) -> Callable:
     """``StageContext.train`` bound to this step."""
     return partial(train_module, training=training, worker=worker, seed=seed, label=label, run_dir=run_dir)
-
-
-# -- command line ------------------------------------------------------------------------------
-def cli_run(args) -> Optional[int]:
-    """``compat run`` for a config (or run directory) with ``kind: cross-modal``; None for any other."""
-    from orchestrator.config import load_raw
-    from orchestrator.config.crossmodal import is_crossmodal
-    from orchestrator.reporting.crossmodal import format_crossmodal_table
-    from orchestrator.errors import CompatError
-
-    seeds = getattr(args, "seeds", None)
-    if args.resume:
-        document = runfiles.read_config(args.resume)
-        if not (document is not None and is_crossmodal(document)):
-            return None
-        if args.config or args.set or seeds:
-            raise CompatError("--resume continues a run with the config stored in it; drop CONFIG, --set and --seeds")
-        cfg, run_dir = load_crossmodal_run(args.resume), args.resume
-    else:
-        raw = load_raw(args.config, args.set)
-        if not is_crossmodal(raw):
-            return None
-        if seeds:
-            raw["seeds"] = yaml.safe_load(f"[{seeds}]")
-        cfg, run_dir = parse_crossmodal(raw), None
-        if args.output_dir:
-            cfg.output_dir = args.output_dir
-    metrics = run_crossmodal(cfg, run_dir)
-    print()
-    print(format_crossmodal_table(metrics))
-    return 0
-
-
-def cli_report(run_dir: runfiles.Run) -> Optional[int]:
-    """``compat report`` for a cross-modal run directory; None for any other."""
-    from orchestrator.config.crossmodal import is_crossmodal
-    from orchestrator.reporting.crossmodal import format_crossmodal_table, render_crossmodal_report
-
-    document = runfiles.read_config(run_dir)
-    if not (document is not None and is_crossmodal(document)):
-        return None
-    report = render_crossmodal_report(run_dir)
-    print(format_crossmodal_table(runfiles.read_metrics(run_dir)))
-    print(f"\nReport written to {report}")
-    return 0

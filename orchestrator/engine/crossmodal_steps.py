@@ -34,8 +34,9 @@ def _load(spec: ClipSpec, data: CrossModalDataConfig, device: torch.device,
     with torch.random.fork_rng():
         torch.manual_seed(0)
         clip, tokenizer = create_clip(name, weights)
-    inputs = clip_input_spec(name)
-    return clip.to(device), tokenizer, BatchTransform(inputs.mean, inputs.std, augment=False, size=inputs.size)
+    inputs = clip_input_spec(name, weights)
+    return clip.to(device), tokenizer, BatchTransform(inputs.mean, inputs.std, augment=False, size=inputs.size,
+                                                      interpolation=inputs.interpolation)
 
 
 def _image_size(spec: ClipSpec, data: CrossModalDataConfig) -> int:

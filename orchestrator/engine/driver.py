@@ -17,8 +17,8 @@ from typing import Callable, Optional, Union
 
 from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import Location, RunStorage
-from orchestrator.config import ExperimentConfig, parse_config
-from orchestrator.config.crossmodal import CrossModalExperiment
+from orchestrator.config import ExperimentConfig
+from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
 from orchestrator.engine.executor import ensure_ray  # noqa: F401  (the benches start the cluster through here)
 from orchestrator.errors import RunError
 from orchestrator.engine.scenarios import plan_steps
@@ -30,12 +30,13 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name
 
 
-def load_run_config(run: runfiles.Run) -> ExperimentConfig:
+def load_run_config(run: runfiles.Run):
+    """The config stored in a run (either kind of experiment)."""
     document = runfiles.read_config(run)
     if document is None:
         raise RunError(f"{RunStorage.of(run).location} is not a run directory (no config.yaml); pass the "
                        "directory `compat run` created")
-    return parse_config(document)
+    return parse_any(document)
 
 
 def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
@@ -44,11 +45,12 @@ def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
     is written."""
     from orchestrator.engine.upstream import check_replacements
 
-    check_replacements(cfg)
+    if isinstance(cfg, ExperimentConfig):
+        check_replacements(cfg)
     run = RunStorage.of(run)
     document = runfiles.read_config(run)
     if document is not None:
-        existing = parse_config(document)
+        existing = parse_any(document)
         if existing.digest() != cfg.digest():
             raise RunError(
                 f"{run.location} already holds a run of a different config (digest {existing.digest()} != "
@@ -70,8 +72,10 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
                                   cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         revision = None
-    return {"experiment": cfg.name, "seed": cfg.seed, "config_digest": cfg.digest(), "code_revision": revision,
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
+    return {"experiment": cfg.name, "kind": getattr(cfg, "kind", "class-incremental"),
+            "seed": getattr(cfg, "seed", None), "seeds": cfg.seeds, "config_digest": cfg.digest(),
+            "code_revision": revision, "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__}
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Location]] = None, *, progress: bool = True,

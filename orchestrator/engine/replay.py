@@ -35,8 +35,9 @@ def balanced_order(new: np.ndarray, memory: np.ndarray, batch_size: int, memory_
     one batch of ``memory_count(batch_size, memory_share)`` memory indices followed by new indices.
 
     Every rank draws the same global batches (``world_size`` times larger) from ``seed`` and keeps its
-    strided share, so the union over ranks is one balanced batch. A pool is drawn with replacement only
-    when it is smaller than its share of a global batch. Batches per epoch: ⌊(|new| + |memory|) / global
+    strided share, so the union over ranks is one balanced batch. A pool is drawn with replacement when
+    it holds no more samples than its share of a global batch (the reference sampler's ``<=``: a pool the
+    size of its share is also drawn with replacement). Batches per epoch: ⌊(|new| + |memory|) / global
     batch⌋, at least one.
     """
     per_memory = memory_count(batch_size, memory_share)
@@ -46,7 +47,7 @@ def balanced_order(new: np.ndarray, memory: np.ndarray, batch_size: int, memory_
     out = np.empty((num_batches, batch_size), dtype=np.int64)
     for b in range(num_batches):
         for pool, count, offset in ((memory, per_memory, 0), (new, per_new, per_memory)):
-            drawn = rng.choice(pool, size=count * world_size, replace=len(pool) < count * world_size)
+            drawn = rng.choice(pool, size=count * world_size, replace=len(pool) <= count * world_size)
             out[b, offset:offset + count] = drawn[rank::world_size]
     return out.reshape(-1)
 

@@ -137,7 +137,7 @@ def _train(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> tup
     # Class captions: any caption of the class is a positive. Instance captions describe one image.
     labels = torch.from_numpy(captioned.images.labels if recipe.captions == "class" else np.arange(len(images)))
     tokens = tokenizer(captioned.captions).view(len(images), recipe.captions_per_image, -1)
-    transform = BatchTransform(spec.mean, spec.std, augment=True, size=spec.size)
+    transform = BatchTransform(spec.mean, spec.std, augment=True, size=spec.size, interpolation=spec.interpolation)
     generator = torch.Generator().manual_seed(recipe.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr,
                                   weight_decay=recipe.weight_decay)
@@ -160,7 +160,8 @@ def _train(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> tup
     model.eval()
     test = load_split(data, "test")
     zero_shot = zero_shot_per_class(model, tokenizer, test.images, test.labels, test.class_names, ZERO_SHOT_TEMPLATE,
-                                    BatchTransform(spec.mean, spec.std, augment=False, size=spec.size))
+                                    BatchTransform(spec.mean, spec.std, augment=False, size=spec.size,
+                                                   interpolation=spec.interpolation))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, zero_shot
 
 

@@ -31,7 +31,8 @@ def load_experiment(config: str | None = None, overrides: list[str] = ()):
 
 
 def validate_crossmodal(cfg: CrossModalExperiment) -> None:
-    """Both CLIPs exist (tag or file) and every method's parameters and stage recipes are valid."""
+    """Both CLIPs exist (tag or file), every method's parameters and stage recipes are valid, and every
+    method fits the new model (e.g. LoRA finds modules to adapt in each tower it is asked to)."""
     from methods.crossmodal_base import create_crossmodal
     from methods.nets.clip_models import check_clip_spec
 
@@ -39,7 +40,9 @@ def validate_crossmodal(cfg: CrossModalExperiment) -> None:
         spec = getattr(cfg.models, role)
         check_clip_spec(spec.name, spec.pretrained, f"models.{role}")
     for i, spec in enumerate(cfg.methods):
-        for stage in create_crossmodal(spec.name, spec.params, f"methods.{i}").stages():
+        method = create_crossmodal(spec.name, spec.params, f"methods.{i}")
+        method.check_models(cfg.models.new.name, f"methods.{i}.params")
+        for stage in method.stages():
             cfg.stage_training(i, stage)
 
 
@@ -71,6 +74,7 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
         require(0 <= index < steps, f"resources.steps.{index}", f"no such step; steps are 0..{steps - 1}")
     validate_replacements(cfg, steps)
     _check_clip_sections(cfg, steps)
+    _check_model_keys_are_read(cfg)
     for i, spec in enumerate(cfg.methods):
         parse_params(spec.name, spec.params, f"methods.{i}.params")
         create_method(spec.name, spec.params, cfg.model, f"methods.{i}").check_model("model")
@@ -78,6 +82,25 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
         cfg.method_training(spec, step=1)
     if cfg.resources.use_gpu or any(r.use_gpu for r in cfg.resources.steps.values()):
         _check_gpu_request(cfg)
+
+
+def _check_model_keys_are_read(cfg: ExperimentConfig) -> None:
+    """A model key set to other than its default that no method of the experiment reads would do nothing
+    (e.g. ``embedding_dim`` for ``stationary``, whose feature width is fixed by its d-Simplex): refuse it."""
+    import dataclasses
+
+    from methods.base import method_class
+    from orchestrator.config import ModelConfig
+
+    defaults = ModelConfig()
+    classes = [method_class(spec.name, f"methods.{i}.name") for i, spec in enumerate(cfg.methods)]
+    for field in dataclasses.fields(ModelConfig):
+        if getattr(cfg.model, field.name) == getattr(defaults, field.name):
+            continue
+        if not any(cls.model_keys is None or field.name in cls.model_keys for cls in classes):
+            names = ", ".join(sorted({cls.name for cls in classes}))
+            raise ConfigError(f"model.{field.name}", f"does nothing for method(s) {names}, which do not read it; "
+                                                     f"remove it (default: {getattr(defaults, field.name)!r})")
 
 
 def _check_clip_sections(cfg: ExperimentConfig, steps: int) -> None:

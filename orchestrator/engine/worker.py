@@ -268,8 +268,8 @@ class Session:
             order = indices[rng.permutation(len(indices))]
             per_rank = len(order) // self.worker.world_size
             order = order[self.worker.rank::self.worker.world_size][:per_rank]
-            if len(order) > bs:
-                order = order[: len(order) - len(order) % bs]  # drop the ragged last batch when training
+            if len(order) > bs and self.cfg.scenario.kind != "few-shot":  # few-shot sessions keep every
+                order = order[: len(order) - len(order) % bs]  # shot, as the reference's loader; others drop the ragged batch
         rank = self.worker.rank if shuffle_epoch is not None else 0  # the unsharded pass is the same on every rank
         gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + (shuffle_epoch or 0) * 101 + rank) % 2**31)
         pin = self.worker.device.type == "cuda"
@@ -368,7 +368,8 @@ def input_transform(method: Method, data_cfg, data: LabeledImages, train: bool) 
     spec = method.input_spec()
     if spec is None:
         return make_transform(data_cfg, data, train=train)
-    return BatchTransform(spec.mean, spec.std, augment=train and data_cfg.augment, size=spec.size)
+    return BatchTransform(spec.mean, spec.std, augment=train and data_cfg.augment, size=spec.size,
+                          interpolation=spec.interpolation)
 
 
 @torch.no_grad()
