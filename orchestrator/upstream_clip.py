@@ -35,6 +35,7 @@ from orchestrator.config import DataConfig, ExperimentConfig, ModelConfig, Upstr
 from orchestrator.data import load_split
 from orchestrator.data.captions import cache_root, load_captioned
 from orchestrator.data.instance_captions import load_described
+from orchestrator.data.synthetic import generator_key
 from orchestrator.data.transforms import BatchTransform
 from orchestrator.errors import ConfigError
 from orchestrator.runfiles import atomic_torch_save, atomic_write_json
@@ -46,7 +47,7 @@ ZERO_SHOT_TEMPLATE = "{}."
 def recipe_key(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> dict:
     """Everything that determines the upstream weights."""
     return {"version": RECIPE_VERSION, "model": model_name, "recipe": dataclasses.asdict(recipe),
-            "data": {k: getattr(data, k) for k in ("num_classes", "image_size", "difficulty", "variant")}}
+            "data": generator_key(data)}
 
 
 def upstream_entry(model_name: str, recipe: UpstreamClipConfig, data: DataConfig,
