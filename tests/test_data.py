@@ -83,6 +83,48 @@ def test_synthetic_train_and_test_differ_and_image_size_is_honoured():
     assert not np.array_equal(train.images[:3], test.images[:3])
 
 
+def class_mean_images(cfg: DataConfig) -> np.ndarray:
+    data = load_split(cfg, "train")
+    return np.stack([data.images[data.labels == c].astype(np.float64).mean(axis=0) for c in range(cfg.num_classes)])
+
+
+@pytest.mark.parametrize("super_classes", [None, 4])
+def test_shared_super_classes_make_the_classes_of_other_variants_relatives(super_classes):
+    """With ``super_classes = K`` the class means of another variant lie nearest to the classes of the same
+    super-class (c % K) and as close as siblings within one variant are; by default they are unrelated."""
+    shape = dict(num_classes=12, train_per_class=30, test_per_class=1, image_size=16, super_classes=super_classes)
+    upstream, other = (class_mean_images(DataConfig(**shape, variant=v)) for v in (1, 2))
+    across = ((other[:, None] - upstream[None]) ** 2).sum(axis=(2, 3, 4))  # [class of variant 2, class of 1]
+    same_super = np.arange(12)[:, None] % 4 == np.arange(12)[None, :] % 4
+    nearest_is_relative = same_super[np.arange(12), across.argmin(axis=1)].mean()
+    if super_classes is None:
+        assert nearest_is_relative < 0.6  # chance is 0.25
+        return
+    assert nearest_is_relative == 1.0
+    within = ((upstream[:, None] - upstream[None]) ** 2).sum(axis=(2, 3, 4))
+    siblings = within[same_super & ~np.eye(12, dtype=bool)].mean()
+    assert 0.5 < across[same_super].mean() / siblings < 2  # a relative differs as much as a sibling does
+    assert across[same_super].mean() < 0.5 * across[~same_super].mean()
+
+
+def test_super_classes_is_its_own_dataset_and_leaves_the_default_cache_keys_alone(cache_dir):
+    base = load_split(DataConfig(**SMALL), "train").images
+    assert [p.name for p in cache_dir.iterdir()] == ["synthetic-c9260023cf33acc1"]  # the key before the option
+    shared = [load_split(DataConfig(**SMALL, super_classes=k), "train").images for k in (2, 3)]
+    assert not np.array_equal(base, shared[0]) and not np.array_equal(shared[0], shared[1])
+    assert len(list(cache_dir.iterdir())) == 3
+
+
+@pytest.mark.parametrize("value, dataset, message", [(0, "synthetic", "must be >= 1"),
+                                                     (10, "cifar10", "only applies to the synthetic dataset")])
+def test_super_classes_errors_name_the_key(value, dataset, message):
+    from orchestrator.config import load_config
+
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config("quickstart", [f"data.super_classes={value}", f"data.dataset={dataset}"])
+    assert err.value.key == "data.super_classes"
+
+
 def test_subset_keeps_sample_ids():
     data = load_split(DataConfig(**SMALL), "test")
     part = data.subset(data.labels >= 4)

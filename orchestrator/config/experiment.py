@@ -38,6 +38,10 @@ class DataConfig:
     normalization: Literal["dataset", "cifar100", "imagenet", "none"] = "dataset"  # mean/std: the data's own or fixed
     difficulty: float = 1.0  # synthetic only: scales the within-class noise and the similarity of sibling classes
     variant: int = 0  # synthetic only: a different variant draws a different (but equally hard) dataset
+    # synthetic only: K super-class prototypes shared by every variant with the same K (class c belongs to
+    # super-class c % K), so class c of one variant is a relative of class c of another, as CIFAR-10's
+    # classes are of ImageNet's; None: each variant draws super-classes of its own (variants share nothing)
+    super_classes: Optional[int] = None
     class_names_file: Optional[str] = None  # lines "<class> <name used in text>" (e.g. wnid -> WordNet name)
 
     def __post_init__(self):
@@ -46,6 +50,9 @@ class DataConfig:
         require(self.test_per_class >= 1, "test_per_class", "must be >= 1")
         require(self.image_size >= 8, "image_size", "must be >= 8")
         require(self.difficulty > 0, "difficulty", "must be > 0")
+        require(self.super_classes is None or self.super_classes >= 1, "super_classes", "must be >= 1")
+        require(self.super_classes is None or self.dataset == "synthetic", "super_classes",
+                f"only applies to the synthetic dataset, not {self.dataset!r}; remove it")
 
 
 @dataclass

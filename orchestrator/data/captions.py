@@ -29,7 +29,7 @@ import numpy as np
 
 from orchestrator.config import DataConfig
 from orchestrator.data import LabeledImages, Split, cache_entry, load_split, read_array, read_meta
-from orchestrator.data.synthetic import GENERATOR_VERSION, SHIFT, _render, _rng, _templates, word_names
+from orchestrator.data.synthetic import GENERATOR_VERSION, SHIFT, _render, _rng, _templates, generator_key, word_names
 from orchestrator.errors import DataError
 
 CAPTION_TEMPLATES = (
@@ -110,8 +110,7 @@ def _generate_shifted(cfg: DataConfig, shift: float, per_class: int) -> tuple[di
 
 
 def _shifted_images(cfg: DataConfig, shift: float, per_class: int, cache_dir: Path) -> LabeledImages:
-    key = {"version": GENERATOR_VERSION, "num_classes": cfg.num_classes, "image_size": cfg.image_size,
-           "difficulty": cfg.difficulty, "variant": cfg.variant, "shift": shift, "per_class": per_class}
+    key = {"version": GENERATOR_VERSION, **generator_key(cfg), "shift": shift, "per_class": per_class}
     entry = cache_entry(cache_dir, "synthetic-shifted", key, lambda: _generate_shifted(cfg, shift, per_class))
     meta = read_meta(entry)
     labels = read_array(entry, "labels")

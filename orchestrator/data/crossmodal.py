@@ -6,10 +6,17 @@
 
 Synthetic runs take them from the instance-captioned synthetic dataset (test split for evaluation, train
 split for corpus and pairs); file runs from annotation files (:mod:`orchestrator.data.caption_files`).
+
+Training never sees an evaluation caption, as on COCO, whose train and test captions were written for
+different images: every caption that also occurs in the evaluation set (compared as CLIP's tokenizer
+reads text, ignoring case and spacing) is left out of the corpus and of the pairs, and an image left
+without captions is not drawn as a pair. The synthetic captions need this: they are templates over a
+few attributes, so without it most evaluation captions also occur, verbatim, in the train split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,14 +54,38 @@ def _index(source: CaptionSource) -> CaptionIndex:
     return read_caption_file(source.path, source.image_root, source.splits)
 
 
+def caption_key(caption: str) -> str:
+    """A caption as CLIP's tokenizer reads it: lower case, runs of whitespace as one space."""
+    return " ".join(caption.lower().split())
+
+
+def _eval_caption_keys(cfg: CrossModalDataConfig) -> set[str]:
+    captions = _synthetic(cfg, "test").captions if cfg.source == "synthetic" else _index(cfg.eval).captions
+    return {caption_key(c) for c in captions}
+
+
+def _unseen_pairs(cfg: CrossModalDataConfig) -> tuple[CaptionedArrays | CaptionIndex, np.ndarray]:
+    """The pair data with its evaluation captions left out (images keep their indices), and the images
+    that still have a caption: the ones a seed may draw."""
+    excluded = _eval_caption_keys(cfg)
+    data = _synthetic(cfg, "train") if cfg.source == "synthetic" else _index(cfg.pairs)
+    kept = np.array([i for i, c in enumerate(data.captions) if caption_key(c) not in excluded], dtype=np.int64)
+    unseen = dataclasses.replace(data, captions=[data.captions[i] for i in kept], caption_of=data.caption_of[kept])
+    return unseen, np.unique(unseen.caption_of)
+
+
+def _check_pair_count(cfg: CrossModalDataConfig, drawable: int) -> None:
+    if drawable < cfg.pair_count:
+        raise DataError(f"data.pair_count is {cfg.pair_count} but only {drawable} images of the pair data have a "
+                        f"caption that is not also an evaluation caption")
+
+
 def check_data(cfg: CrossModalDataConfig) -> None:
     """Parse every annotation file (and check its images exist) before a run writes anything."""
     if cfg.source == "files":
         _index(cfg.eval)
         corpus_captions(cfg)
-        pairs = _index(cfg.pairs)
-        if len(pairs) < cfg.pair_count:
-            raise DataError(f"data.pair_count is {cfg.pair_count} but {cfg.pairs.path} lists {len(pairs)} images")
+        _check_pair_count(cfg, len(_unseen_pairs(cfg)[1]))
 
 
 def eval_set(cfg: CrossModalDataConfig, image_size: int) -> CaptionedArrays:
@@ -65,14 +96,18 @@ def eval_set(cfg: CrossModalDataConfig, image_size: int) -> CaptionedArrays:
 
 
 def corpus_captions(cfg: CrossModalDataConfig) -> list[str]:
-    """Every distinct caption of the corpus, in order of first appearance."""
+    """Every distinct caption of the corpus that is not an evaluation caption, in order of first appearance."""
     if cfg.source == "synthetic":
         captions = _synthetic(cfg, "train").captions
     elif cfg.corpus.path.endswith(".txt"):
         captions = read_text_corpus(cfg.corpus.path)
     else:
         captions = _index(cfg.corpus).captions
-    return list(dict.fromkeys(captions))
+    excluded = _eval_caption_keys(cfg)
+    kept = [c for c in dict.fromkeys(captions) if caption_key(c) not in excluded]
+    if not kept:
+        raise DataError("every caption of the corpus is also an evaluation caption: stage text has nothing to train on")
+    return kept
 
 
 def corpus_draw(num_captions: int, size: int | None, seed: int) -> np.ndarray:
@@ -83,17 +118,12 @@ def corpus_draw(num_captions: int, size: int | None, seed: int) -> np.ndarray:
 
 
 def pair_set(cfg: CrossModalDataConfig, seed: int, image_size: int) -> CaptionedArrays:
-    """``pair_count`` images drawn with ``seed``, with all their captions."""
+    """``pair_count`` images drawn with ``seed`` among those with a caption that is not an evaluation
+    caption, each with all such captions."""
+    unseen, drawable = _unseen_pairs(cfg)
+    _check_pair_count(cfg, len(drawable))
+    draw = drawable[np.sort(np.random.default_rng([seed, 37]).choice(len(drawable), cfg.pair_count, replace=False))]
+    chosen = unseen.subset(draw)
     if cfg.source == "synthetic":
-        full = _synthetic(cfg, "train")
-        count = len(full.images)
-    else:
-        index = _index(cfg.pairs)
-        count = len(index)
-    if count < cfg.pair_count:
-        raise DataError(f"data.pair_count is {cfg.pair_count} but the pair data has {count} images")
-    draw = np.sort(np.random.default_rng([seed, 37]).choice(count, cfg.pair_count, replace=False))
-    if cfg.source == "synthetic":
-        return full.subset(draw)
-    chosen = index.subset(draw)
+        return chosen
     return CaptionedArrays(load_images(chosen.image_paths, image_size), chosen.captions, chosen.caption_of)

@@ -8,6 +8,15 @@ an old model trained on the first classes meets unseen siblings of what it knows
 nuisance (translation, colour gain, brightness, a distractor blob, an occluding rectangle, pixel noise)
 so retrieval is not template matching. ``difficulty`` weakens the class-specific pattern and
 strengthens the nuisance.
+
+Variants. By default each variant draws everything, super-classes included, from its own random
+stream, so two variants share no structure. With ``super_classes = K`` the K super-class prototypes
+(background and shared pattern) are drawn once, from a stream no variant uses, and shared by every
+variant; class ``c`` belongs to super-class ``c % K`` and its template is that prototype plus a
+class-specific pattern of its own variant (the variant-specific offset, as strong as the difference
+between siblings). Class ``c`` of one variant is then a relative of class ``c`` (and of ``c + K``,
+``c + 2K``, ...) of every other variant, as CIFAR-10's classes are relatives of ImageNet's: a model
+trained on one variant maps another variant's images near the classes of the same super-class.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from orchestrator.data import (DatasetSource, LabeledImages, Split, cache_entry,
                                register_dataset)
 
 GENERATOR_VERSION = 1  # part of the cache key: bump whenever generated pixels change
-SIBLINGS = 4  # classes per super-class
+SIBLINGS = 4  # classes per super-class (unless super_classes is set)
+SHARED_SUPERS_STREAM = 3  # random stream of the shared super-class prototypes; no variant draws from it
 CLASS_STRENGTH = 0.7  # amplitude of the class-specific pattern relative to the shared one, at difficulty 1
 SHIFT = 0.125  # maximal translation, as a fraction of the image size
 GAIN_SD, BRIGHTNESS_SD, NOISE_SD = 0.15, 0.08, 0.06  # per-image nuisance at difficulty 1
@@ -60,17 +70,26 @@ def _patterns(rng: np.random.Generator, count: int, canvas: int, gratings: int, 
             + np.einsum("nkhw,nkc->nhwc", bumps, blob_colour)).astype(np.float32)
 
 
+def _super_prototypes(rng: np.random.Generator, supers: int, canvas: int) -> np.ndarray:
+    """Super-class prototypes (supers, canvas, canvas, 3): a background colour plus a shared pattern."""
+    background = rng.uniform(0.3, 0.7, (supers, 1, 1, 3)).astype(np.float32)
+    return background + _patterns(rng, supers, canvas, gratings=2, blobs=3)
+
+
 def _templates(cfg: DataConfig, canvas: int) -> np.ndarray:
     """Class templates (C, canvas, canvas, 3), larger than the image so translation reveals new content."""
     rng = _rng(cfg.variant, 0)
-    supers = -(-cfg.num_classes // SIBLINGS)
+    if cfg.super_classes is None:  # super-classes of this variant's own, drawn from its stream
+        supers = -(-cfg.num_classes // SIBLINGS)
+        prototypes = _super_prototypes(rng, supers, canvas)
+    else:  # shared by every variant: drawn from a stream that does not depend on the variant
+        supers = cfg.super_classes
+        prototypes = _super_prototypes(np.random.default_rng([SHARED_SUPERS_STREAM, supers]), supers, canvas)
     super_of = np.arange(cfg.num_classes) % supers
-    background = rng.uniform(0.3, 0.7, (supers, 1, 1, 3)).astype(np.float32)
-    shared = _patterns(rng, supers, canvas, gratings=2, blobs=3)
     own = _patterns(rng, cfg.num_classes, canvas, gratings=1, blobs=2)
     # Per-class strength varies, so some siblings are much harder to tell apart than others.
     strength = rng.uniform(0.6, 1.4, (cfg.num_classes, 1, 1, 1)) * CLASS_STRENGTH / cfg.difficulty
-    return background[super_of] + shared[super_of] + strength.astype(np.float32) * own
+    return prototypes[super_of] + strength.astype(np.float32) * own
 
 
 def _render(rng: np.random.Generator, templates: np.ndarray, labels: np.ndarray, size: int,
@@ -106,6 +125,16 @@ def _split_images(cfg: DataConfig, templates: np.ndarray, per_class: int, stream
     return images, labels
 
 
+def generator_key(cfg: DataConfig) -> dict:
+    """The settings that fix a synthetic dataset's class templates, for cache keys. ``super_classes``
+    enters only when set, so the keys of datasets cached before the option existed do not change."""
+    key = {"num_classes": cfg.num_classes, "image_size": cfg.image_size, "difficulty": cfg.difficulty,
+           "variant": cfg.variant}
+    if cfg.super_classes is not None:
+        key["super_classes"] = cfg.super_classes
+    return key
+
+
 def generate(cfg: DataConfig) -> tuple[dict[str, np.ndarray], dict]:
     """Both splits (from independent random streams) and the train split's channel stats."""
     margin = max(1, round(SHIFT * cfg.image_size))
@@ -124,9 +153,8 @@ class Synthetic(DatasetSource):
         return word_names(cfg.num_classes)
 
     def load(self, cfg: DataConfig, split: Split, cache_dir: Path) -> LabeledImages:
-        key = {"version": GENERATOR_VERSION, "num_classes": cfg.num_classes, "train_per_class": cfg.train_per_class,
-               "test_per_class": cfg.test_per_class, "image_size": cfg.image_size,
-               "difficulty": cfg.difficulty, "variant": cfg.variant}
+        key = {"version": GENERATOR_VERSION, **generator_key(cfg), "train_per_class": cfg.train_per_class,
+               "test_per_class": cfg.test_per_class}
         entry = cache_entry(cache_dir, "synthetic", key, lambda: generate(cfg))
         meta = read_meta(entry)
         labels = read_array(entry, f"{split}_labels")

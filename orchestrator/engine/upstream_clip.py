@@ -34,6 +34,7 @@ from orchestrator.config import DataConfig, ExperimentConfig, ModelConfig, Upstr
 from orchestrator.data import load_split
 from orchestrator.data.captions import load_captioned
 from orchestrator.data.instance_captions import load_described
+from orchestrator.data.synthetic import generator_key
 from orchestrator.data.transforms import BatchTransform
 from orchestrator.engine.loop import Hook, train_epochs
 from orchestrator.errors import ConfigError, RunError
@@ -47,7 +48,7 @@ ZERO_SHOT_TEMPLATE = "{}."
 def recipe_key(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> dict:
     """Everything that determines the upstream weights."""
     return {"version": RECIPE_VERSION, "model": model_name, "recipe": dataclasses.asdict(recipe),
-            "data": {k: getattr(data, k) for k in ("num_classes", "image_size", "difficulty", "variant")}}
+            "data": generator_key(data)}
 
 
 def upstream_digest(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> str:
