@@ -26,6 +26,8 @@ import yaml
 
 from orchestrator.engine.executor import DRIVER_RESOURCE, DRIVER_SHARE, driver_resources
 
+from helpers import stop_ray_head
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_FILES = ["cluster.yaml", "cluster.local.yaml"]
 KUBERAY = ROOT / "deploy" / "kuberay"
@@ -336,12 +338,7 @@ def head_like_cluster_yaml():
         yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": dashboard, "token_file": token_file,
                "resources": custom, "temp_dir": temp_dir}
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops every process it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # the session we created for it, nothing else
-            head.wait()
+        stop_ray_head(head)
         for pid in pids_mentioning(str(temp_dir)):  # anything that outlived it and is ours by its temp dir
             try:
                 os.kill(pid, signal.SIGKILL)

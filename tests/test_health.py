@@ -55,14 +55,14 @@ def test_version_health_table_and_warnings():
     assert [r["warning"] for r in old_run["versions"]] == [None, None] and old_run["warnings"] == []
 
 
-def test_health_over_seeds_flags_a_version_flagged_in_any_seed():
+def test_health_over_seeds_flags_a_version_flagged_in_any_seed(tmp_path):
     fine = [dict(e) for e in ENTRIES]
     fine[1]["accuracy_new_classes"] = 0.75
     summary = {"AC": 0.0, "AM": 70.0, "BC": 0.0, "FC": 0.0, "ECC_every_pair": False}
     per_seed = [{"method": "bct", "num_versions": 3, "matrices": MATRICES,
                  "summary_by_metric": {"cmc1": summary, "map": summary},
                  "health": version_health(entries, MATRICES, 0.5)} for entries in (fine, ENTRIES)]
-    cfg = config_under("/tmp/unused", "seeds=[3, 4]")
+    cfg = config_under(tmp_path, "seeds=[3, 4]")
     metrics = [{"schema_version": 1, "primary": "cmc1", "protocol": "leave-one-out",
                 "methods": {"bct": entry}} for entry in per_seed]
     combined = aggregate(cfg, metrics)["methods"]["bct"]["health"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from helpers import stop_ray_head
 
 pytestmark = pytest.mark.integration
 
@@ -73,12 +74,7 @@ def ray_head():
                 time.sleep(1)
         yield address
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops every process it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # the session we created for it, nothing else
-            head.wait()
+        stop_ray_head(head)
         log.close()
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
 
