@@ -69,8 +69,8 @@ class XBTParams:
     # stage 2: weight of 1 - cos(φ(new caption), stage-1 output) (unset: 1); needs both stages
     consistency_weight: Optional[float] = None
     # Stage 2: whether φ keeps training alongside the adapters. A trainable φ is the natural first
-    # reading of the paper; on the synthetic runs a frozen φ is better in every I2T cell (trained on a few hundred
-    # pairs, φ drifts from the old space it learnt on the larger text corpus), so it is frozen by default.
+    # reading of the paper; φ is frozen by default so a few hundred pairs cannot pull it away from the old
+    # space it learnt on the larger text corpus (on the synthetic runs the two are on par, docs/results/xbt.md).
     # Without stage 1 φ always trains.
     train_projection: bool = False
     lora: LoRAParams = field(default_factory=LoRAParams)
