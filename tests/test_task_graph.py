@@ -100,12 +100,12 @@ def test_groups_take_only_tasks_of_their_resource_shape():
     shape = (1, False, 1.0)
     assert wide == (2, False, 1.0)
     narrow = queue.open_group(shape)
-    assert queue.unclaimed_ready() == {wide: 2}
+    assert queue.demand() == {wide: 2}
     assert queue.claim(narrow, 0) == DONE  # nothing of its shape can become ready without a wide group
     big = queue.open_group(wide)
     assert queue.claim(big, 0) == "independent/step-000"
     queue.complete("independent/step-000")
-    assert queue.unclaimed_ready() == {wide: 1, shape: 1}
+    assert queue.demand() == {wide: 1, shape: 1}
 
 
 def test_without_reuse_every_group_trains_one_task():
@@ -114,7 +114,7 @@ def test_without_reuse_every_group_trains_one_task():
     assert queue.claim(group, 0) == "independent/step-000"
     queue.complete("independent/step-000")
     assert queue.claim(group, 1) == DONE
-    assert queue.free_groups() == {shape: 1} and queue.unclaimed_ready() == {shape: 2}
+    assert queue.free_groups() == {shape: 1} and queue.demand() == {shape: 2}
 
 
 @pytest.mark.parametrize("done", [set(), {"independent/step-000"}])

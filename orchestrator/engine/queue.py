@@ -90,13 +90,6 @@ class TaskQueue:
                 g.working = None
 
     # -- what the driver reads ------------------------------------------------------------------
-    def unclaimed_ready(self) -> dict[tuple, int]:
-        """Ready tasks no group has taken, by resource shape."""
-        counts: dict[tuple, int] = {}
-        for task in self._ready():
-            counts[shape_of(task)] = counts.get(shape_of(task), 0) + 1
-        return counts
-
     def demand(self) -> dict[tuple, int]:
         """Worker groups worth having, by resource shape: one per chain with a task that is ready or about
         to be (everything it needs is finished or running), unless a group is on that chain already. A
