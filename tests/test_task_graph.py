@@ -95,6 +95,21 @@ def test_a_group_that_ends_without_finishing_its_task_fails_it():
     assert "without finishing" in queue.failures()["independent/step-000"]
 
 
+def test_a_group_that_fails_before_taking_a_task_fails_its_shape_instead_of_being_reopened():
+    """E.g. workers that cannot see the run: another group of that shape would fail the same way."""
+    queue, wide = queue_for("resources.steps={0: {num_workers: 2}}", "resources.share_first_version=false")
+    narrow = (1, False, 1.0)
+    group = queue.open_group(wide)
+    queue.close_group(group, "RunError: node b does not see the run")
+    assert set(queue.failures()) == {t for t in queue.tasks}  # every later step needs a step-0 task
+    assert queue.failures()["bct/step-000"].endswith("failed before it took a task: RunError: node b does not see the run")
+    assert queue.demand() == {} and queue.finished()
+    queue, wide = queue_for("resources.steps={0: {num_workers: 2}}", "resources.share_first_version=false",
+                            done={"independent/step-000", "bct/step-000"})
+    queue.close_group(queue.open_group(narrow), "boom")
+    assert queue.failures()["independent/step-001"].endswith("boom") and queue.finished()
+
+
 def test_groups_take_only_tasks_of_their_resource_shape():
     queue, wide = queue_for("resources.steps={0: {num_workers: 2}}", "resources.share_first_version=false")
     shape = (1, False, 1.0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -67,13 +66,13 @@ def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[runfiles.Run] = 
     from orchestrator.reporting.crossmodal import render_crossmodal_report
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
-    from orchestrator.engine.driver import ProgressDisplay, prepare_run_dir
+    from orchestrator.engine.driver import ProgressDisplay, default_run_dir, prepare_run_dir
 
     from orchestrator.engine.validate import validate
 
     validate(cfg)
     check_data(cfg.data)
-    run_dir = runfiles.storage(run_dir or Path(cfg.output_dir) / cfg.name)
+    run_dir = runfiles.storage(run_dir or default_run_dir(cfg))
     resuming = prepare_run_dir(cfg, run_dir)
     graph = plan(cfg)
     done = sum(runfiles.task_done(run_dir, t.name) for t in graph.tasks.values())
@@ -109,6 +108,16 @@ def resolve_clip(spec: ClipSpec, synthetic, run_dir: runfiles.Run) -> tuple[str,
     from orchestrator.engine.upstream_clip import clip_checkpoint
 
     return spec.name, str(clip_checkpoint(spec.name, spec.upstream, synthetic, run_dir))
+
+
+def recorded_weights(spec: ClipSpec, synthetic) -> Optional[str]:
+    """A model spec's weights as a manifest records them: the open_clip tag or file it names, or the key
+    of its upstream CLIP in the run (not the local copy a worker loaded, which is no part of the run)."""
+    if spec.upstream is None:
+        return spec.pretrained
+    from orchestrator.engine.upstream_clip import upstream_key
+
+    return f"{upstream_key(spec.name, spec.upstream, synthetic)}/model.pt"
 
 
 def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, worker, seed: int,

@@ -17,7 +17,7 @@ from methods.nets.clip_models import Tokenizer, clip_input_spec, create_clip, em
 from orchestrator.storage import runfiles
 from orchestrator.config.typed import from_dict
 from orchestrator.config import TrainingConfig
-from orchestrator.engine.crossmodal import resolve_clip, train_fn
+from orchestrator.engine.crossmodal import recorded_weights, resolve_clip, train_fn
 from orchestrator.storage.runfiles import CROSSMODAL_VERSIONS as VERSIONS, seed_dir, state_key
 from orchestrator.config.crossmodal import ClipSpec, CrossModalDataConfig, parse_crossmodal
 from orchestrator.data.crossmodal import CaptionedArrays, corpus_captions, corpus_draw, eval_set, pair_set
@@ -87,7 +87,7 @@ def encode_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> dict:
     store.write(role, VERSIONS[role], "corpus", _embed_texts(encode_text, tokenizer, corpus, rows, batch_size, worker.device),
                 np.full(len(rows), -1), rows, modality="text", shard=worker.rank, num_shards=worker.world_size,
                 metadata={**meta, "normalized": True})
-    return {"role": role, "model": spec.name, "weights": resolve_clip(spec, cfg.data.synthetic, run_dir)[1],
+    return {"role": role, "model": spec.name, "weights": recorded_weights(spec, cfg.data.synthetic),
             "images": len(evaluation.images), "captions": len(evaluation.captions), "corpus": len(corpus)}
 
 

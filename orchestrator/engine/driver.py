@@ -26,8 +26,10 @@ from orchestrator.engine.scenarios import plan_steps
 SCHEMA_VERSION = 1
 
 
-def default_run_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.name
+def default_run_dir(cfg: Union[ExperimentConfig, CrossModalExperiment]) -> RunStorage:
+    """``<output_dir>/<name>``: ``output_dir`` is a path or a URI (``s3://bucket/prefix?...``), whose
+    options stay at the end."""
+    return RunStorage.at(cfg.output_dir).child(cfg.name)
 
 
 def load_run_config(run: runfiles.Run):
@@ -35,7 +37,7 @@ def load_run_config(run: runfiles.Run):
     document = runfiles.read_config(run)
     if document is None:
         raise RunError(f"{RunStorage.of(run).location} is not a run directory (no config.yaml); pass the "
-                       "directory `compat run` created")
+                       "location `compat run` created (a path or a URI such as s3://bucket/prefix/name)")
     return parse_any(document)
 
 
@@ -48,7 +50,10 @@ def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
     if isinstance(cfg, ExperimentConfig):
         check_replacements(cfg)
     run = RunStorage.of(run)
-    document = runfiles.read_config(run)
+    try:
+        document = runfiles.read_config(run)
+    except OSError as exc:  # an unreachable server, a missing bucket, no credentials: before anything starts
+        raise RunError(f"cannot read the run location {run.location}: {str(exc).strip()}") from None
     if document is not None:
         existing = parse_any(document)
         if existing.digest() != cfg.digest():
@@ -58,7 +63,10 @@ def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
                 "`name`/`output_dir`, or delete it"
             )
         return True
-    runfiles.write_config(run, cfg.to_dict())
+    try:
+        runfiles.write_config(run, cfg.to_dict())
+    except OSError as exc:
+        raise RunError(f"cannot write the run at {run.location}: {str(exc).strip()}") from None
     run.write_json(runfiles.PROVENANCE, run_provenance(cfg))
     return False
 

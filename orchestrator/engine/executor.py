@@ -46,6 +46,7 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
     if any(t.resources.num_workers == 0 for t in todo) and os.environ.get("COMPAT_RAY_LOGS") != "1":
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process reports would log over the progress line
     reuse = next(iter(graph.runs.values())).config.resources.group_steps
+    driver = runfiles.announce_driver(root)  # every worker group checks it before it trains
     queue = _Queue(list(graph.tasks.values()), done, remote, reuse)
     capacity = _Capacity(max_groups) if remote else None
     threads: list[threading.Thread] = []
@@ -61,7 +62,7 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
                     display.event(event, task_id)
             if queue.call("finished"):
                 break
-            _open_groups(graph, root, queue, capacity, threads, errors)
+            _open_groups(graph, root, driver, queue, capacity, threads, errors)
             if display is not None:
                 display.tick(queue.call("running"))
             time.sleep(POLL_S)
@@ -83,7 +84,7 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
                        f"--resume continues)")
 
 
-def _open_groups(graph, root, queue, capacity, threads, errors) -> None:
+def _open_groups(graph, root, driver, queue, capacity, threads, errors) -> None:
     demand = queue.call("demand")
     free = queue.call("free_groups")
     open_shapes = queue.call("open_groups")
@@ -97,14 +98,14 @@ def _open_groups(graph, root, queue, capacity, threads, errors) -> None:
                 break
             group = queue.call("open_group", shape)
             open_shapes.append(shape)
-            thread = threading.Thread(target=_run_group, args=(graph, root, queue, group, shape, errors),
+            thread = threading.Thread(target=_run_group, args=(graph, root, driver, queue, group, shape, errors),
                                       name=f"compat-{group}", daemon=True)
             thread.start()
             threads.append(thread)
             needed -= 1
 
 
-def _run_group(graph: TaskGraph, root: RunStorage, queue: "_Queue", group: str, shape: tuple,
+def _run_group(graph: TaskGraph, root: RunStorage, driver: dict, queue: "_Queue", group: str, shape: tuple,
                errors: dict[str, BaseException]) -> None:
     """One worker group: a Ray Train run whose workers pull tasks until the queue has none for them."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -117,7 +118,7 @@ def _run_group(graph: TaskGraph, root: RunStorage, queue: "_Queue", group: str, 
     trainer = TorchTrainer(
         work,
         train_loop_config={
-            "root": root, "group": group, "queue": queue.handle(group), "use_gpu": use_gpu,
+            "root": root, "driver": driver, "group": group, "queue": queue.handle(group), "use_gpu": use_gpu,
             "runs": {path: run.config.to_dict() for path, run in graph.runs.items()},
             "tasks": {t.id: {"run": t.run, "name": t.name, "method": t.method, "step": t.step, "action": t.action,
                              "copy_from": t.copy_from, "payload": t.payload} for t in graph.tasks.values()},

@@ -52,11 +52,17 @@ class TaskQueue:
 
     def close_group(self, group: str, error: Optional[str] = None) -> None:
         """The group's Train run ended. A task it was still on failed (with ``error``, or without a word),
-        and so does every task that depends on it; other chains go on."""
+        and so does every task that depends on it; other chains go on. A group that failed before it
+        took any task (its workers cannot start, or cannot see the run) fails every task of its shape
+        that no group holds: the next group of that shape would only fail the same way."""
         g = self.groups[group]
         g.open = False
         if g.working is not None and g.working not in self.done:
             self._fail(g.working, error or "its worker group ended without finishing it")
+        elif error is not None and not g.claims:
+            for t in list(self.tasks.values()):
+                if shape_of(t) == g.shape and t.id not in self.done and t.id not in self.failed and t.id not in self.claimed:
+                    self._fail(t.id, f"a worker group for it failed before it took a task: {error}")
         g.working = None
 
     def claim(self, group: str, seq: int) -> str:

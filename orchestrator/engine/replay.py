@@ -70,7 +70,7 @@ class ReplayMemory:
             return np.zeros(0, dtype=np.int64)
         key = runfiles.replay_key(self.method_key, step.index - 1)
         if not self.run.exists(key):
-            raise RunError(f"replay memory {self.run.path(key)} is missing although step {step.index - 1} is done; "
+            raise RunError(f"replay memory {self.run.location_of(key)} is missing although step {step.index - 1} is done; "
                            f"delete the run directory's steps from {step.index - 1} on and resume")
         return np.asarray(self.run.read_json(key)["indices"], dtype=np.int64)
 

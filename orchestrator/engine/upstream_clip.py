@@ -57,15 +57,20 @@ def upstream_digest(model_name: str, recipe: UpstreamClipConfig, data: DataConfi
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def upstream_key(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> str:
+    """The key, inside the run, of the upstream CLIP ``(model_name, recipe, data)``."""
+    return f"upstream-clip/{upstream_digest(model_name, recipe, data)}"
+
+
 def upstream_entry(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: runfiles.Run) -> RunStorage:
     """Where the upstream CLIP ``(model_name, recipe, data)`` lives in the run at ``root``: ``model.pt``, then
     ``meta.json`` (its completion record, written last)."""
-    return RunStorage.of(root).child(f"upstream-clip/{upstream_digest(model_name, recipe, data)}")
+    return RunStorage.of(root).child(upstream_key(model_name, recipe, data))
 
 
 def clip_task(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> tuple[str, dict]:
     """(task name, worker payload) of the task that pretrains this upstream CLIP."""
-    return (f"upstream-clip/{upstream_digest(model_name, recipe, data)}",
+    return (upstream_key(model_name, recipe, data),
             {"kind": "clip", "model": model_name, "recipe": dataclasses.asdict(recipe),
              "data": dataclasses.asdict(data)})
 

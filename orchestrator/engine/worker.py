@@ -68,10 +68,13 @@ def current_worker(use_gpu: bool) -> Worker:
 def work(loop_config: dict) -> None:
     """Ray Train ``train_loop_per_worker`` of every worker group: take tasks from the executor's queue
     until it has none for this group. A task whose manifest entry exists (finished before a restart of
-    the group) is skipped; a chain's consecutive tasks reuse one :class:`Session`."""
+    the group) is skipped; a chain's consecutive tasks reuse one :class:`Session`. Before anything else
+    each worker checks that it sees the run its driver writes (a local directory on another node does
+    not), so a run without shared storage fails at its first step with what to set."""
     from orchestrator.engine.executor import QueueClient
 
     root, group = loop_config["root"], loop_config["group"]
+    runfiles.check_driver(root, loop_config["driver"])
     queue = QueueClient(loop_config["queue"])
     worker = current_worker(loop_config["use_gpu"])
     configs: dict[str, ExperimentConfig] = {}

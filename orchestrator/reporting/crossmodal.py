@@ -20,7 +20,7 @@ def _load(run: RunStorage) -> dict[str, Any]:
     try:
         return json.loads(run.read_bytes(runfiles.METRICS))
     except (OSError, json.JSONDecodeError) as exc:
-        raise RunError(f"cannot read {run.path(runfiles.METRICS)} ({exc}); finish the run with "
+        raise RunError(f"cannot read {run.location_of(runfiles.METRICS)} ({exc}); finish the run with "
                        "`compat run --resume`") from None
 
 
@@ -89,4 +89,4 @@ def render_crossmodal_report(run_dir: Union[RunStorage, Location]) -> str:
         params = ", ".join(f"{k}={v}" for k, v in method["params"].items() if k != "method")
         lines.append(f"- **{key}** (`{method['method']}`): {params or 'no parameters'}")
     run.write_text(runfiles.REPORT, "\n".join(lines) + "\n")
-    return run.path(runfiles.REPORT)
+    return run.location_of(runfiles.REPORT)

@@ -45,7 +45,7 @@ def render_report(run_dir: Union[RunStorage, Location]) -> str:
             _write_csv(run, f"matrix_{slugs[key]}_{metric}.csv", matrix)
     images = _heatmaps(run, metrics, slugs) + _accuracy_plot(run, metrics)
     run.write_text(runfiles.REPORT, _markdown(metrics, slugs, images))
-    return run.path(runfiles.REPORT)
+    return run.location_of(runfiles.REPORT)
 
 
 def format_summary_table(metrics: dict[str, Any]) -> str:
@@ -78,7 +78,7 @@ def _health_warnings(metrics: dict[str, Any]) -> list[str]:
 
 # -- reading ---------------------------------------------------------------------------------------
 def _load(run: RunStorage) -> dict[str, Any]:
-    path = run.path(runfiles.METRICS)
+    path = run.location_of(runfiles.METRICS)
     try:
         metrics = json.loads(run.read_bytes(runfiles.METRICS))
     except FileNotFoundError:

@@ -1,7 +1,9 @@
 """The one object through which run state is read and written, on any ``pyarrow.fs`` filesystem.
 
-A run lives at a *location*: a local path today, a URI (``s3://bucket/run``, ``gs://...``) that
-:meth:`pyarrow.fs.FileSystem.from_uri` understands, or any ``pyarrow.fs.FileSystem`` and a root in it.
+A run lives at a *location*: a local path (a shared mount for a multi-node run), a URI
+(``s3://bucket/run``, ``gs://...``) that :meth:`pyarrow.fs.FileSystem.from_uri` understands, or any
+``pyarrow.fs.FileSystem`` and a root in it. A storage opened from a URI keeps it, so the location it
+prints (and its children's) can be passed back to ``compat run --resume`` or ``compat report``.
 Every key below is a relative, ``/``-separated name inside the run (``manifest/bct/step-001.json``);
 nothing here assumes a POSIX directory tree except :meth:`RunStorage.local_path`, which exists only for
 libraries that insist on a real path and refuses on other filesystems, and :meth:`RunStorage.local_file`,
@@ -30,6 +32,7 @@ import io
 import json
 import os
 import tempfile
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -40,27 +43,29 @@ import pyarrow.fs as pafs
 from orchestrator.errors import RunError
 
 Location = Union[str, os.PathLike]
+OBJECT_STORES = ("s3", "gcs")  # pyarrow type names of filesystems without directories (no create_dir needed)
 
 
 class RunStorage:
     """A run's state on one filesystem under one root; see the module docstring for the write rules."""
 
-    def __init__(self, filesystem: pafs.FileSystem, root: str):
+    def __init__(self, filesystem: pafs.FileSystem, root: str, uri: Optional[str] = None):
         self.filesystem = filesystem
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(filesystem, pafs.LocalFileSystem)
+        self.uri = None if self.is_local else uri  # the URI it was opened from (None: a path, or a filesystem given directly)
 
     @classmethod
     def at(cls, location: Location) -> "RunStorage":
         """The storage of a location: a local path, or a URI with a scheme pyarrow knows."""
         text = os.fspath(location)
-        if "://" in text:
-            try:
-                filesystem, root = pafs.FileSystem.from_uri(text)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise RunError(f"cannot open run location {text!r}: {exc}") from None
-            return cls(filesystem, root)
-        return cls(pafs.LocalFileSystem(), str(Path(text).expanduser().absolute()))
+        if not is_uri(text):
+            return cls(pafs.LocalFileSystem(), str(Path(text).expanduser().absolute()))
+        try:
+            filesystem, root = pafs.FileSystem.from_uri(text)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RunError(f"cannot open the run location {redacted(text)}: {str(exc).strip()}{uri_advice(text)}") from None
+        return cls(filesystem, root, uri=text)
 
     @classmethod
     def of(cls, run: Union["RunStorage", Location]) -> "RunStorage":
@@ -78,8 +83,18 @@ class RunStorage:
 
     @property
     def location(self) -> str:
-        """Where the run lives, for messages (a path, or ``<filesystem type>:<root>``)."""
-        return self.root if self.is_local else f"{self.filesystem.type_name}:{self.root}"
+        """Where the run lives, as a user passes it back (``--resume``, ``compat report``): a path, the URI
+        it was opened from (a password in it masked), or ``<filesystem type>:<root>``."""
+        return self.location_of("")
+
+    def location_of(self, key: str) -> str:
+        """Where the object ``key`` lives, in the form of :attr:`location` (for messages)."""
+        if self.is_local:
+            return self.path(key)
+        if self.uri is not None:
+            self.path(key)  # the same check of the key
+            return redacted(join_uri(self.uri, key))
+        return f"{self.filesystem.type_name}:{self.path(key)}"
 
     # -- names ---------------------------------------------------------------------------------
     def path(self, key: str = "") -> str:
@@ -93,7 +108,7 @@ class RunStorage:
 
     def child(self, sub: str) -> "RunStorage":
         """The storage rooted at ``sub`` inside this one (a nested run, the embedding store ...)."""
-        return RunStorage(self.filesystem, self.path(sub))
+        return RunStorage(self.filesystem, self.path(sub), None if self.uri is None else join_uri(self.uri, sub))
 
     def local_path(self, key: str = "") -> Path:
         """A real path, only for libraries that cannot take a stream (Ray Train's storage_path ...)."""
@@ -187,7 +202,7 @@ class RunStorage:
             yield buffer
             path = self.path(key)
             parent = path.rpartition("/")[0]
-            if parent:
+            if parent and self.filesystem.type_name not in OBJECT_STORES:  # an object store has no directories
                 self.filesystem.create_dir(parent, recursive=True)
             with self.filesystem.open_output_stream(path) as stream:  # one PUT of the finished object
                 stream.write(buffer.getbuffer())
@@ -223,7 +238,7 @@ class RunStorage:
         try:
             return json.loads(self.read_bytes(key))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"{self.path(key)} is corrupt ({exc}); delete it and run again with --resume") from None
+            raise RunError(f"{self.location_of(key)} is corrupt ({exc}); delete it and run again with --resume") from None
 
     def read_json_or_none(self, key: str) -> Any:
         """A JSON object, or None when there is none."""
@@ -244,6 +259,40 @@ class RunStorage:
         import torch
 
         return torch.load(io.BytesIO(self.read_bytes(key)), map_location="cpu", weights_only=True)
+
+
+def is_uri(location: Location) -> bool:
+    """Whether a location is a URI (``s3://...``, ``file:///...``) rather than a path."""
+    return "://" in os.fspath(location)
+
+
+def join_uri(uri: str, sub: str) -> str:
+    """``sub`` (a relative key) inside the location ``uri``, its options (``?endpoint_override=...``) kept."""
+    sub = sub.strip("/")
+    if not sub:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    return parts._replace(path=f"{parts.path.rstrip('/')}/{sub}").geturl()
+
+
+def redacted(uri: str) -> str:
+    """A URI fit for messages and logs: a password in it (``s3://KEY:SECRET@bucket``) masked."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return parts._replace(netloc=f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
+
+
+def uri_advice(uri: str) -> str:
+    """What to set when a URI cannot be opened (docs/guide/storage.md has every setting)."""
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme == "s3":
+        return ("; for an S3-compatible server set AWS_ENDPOINT_URL=http://HOST:PORT (or add "
+                "?endpoint_override=HOST:PORT&scheme=http to the URI), on AWS add ?region=REGION to skip the "
+                "bucket's region lookup; credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if scheme in ("gs", "gcs"):
+        return "; credentials come from GOOGLE_APPLICATION_CREDENTIALS (a service account key file)"
+    return ""
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -4,6 +4,7 @@
 
     config.yaml                          resolved config (seed included)
     run.json                             provenance (code revision, library versions)
+    driver.json                          the running driver's mark, checked by every worker group first
     manifest/<task>.json                 one completion record per finished task (``<method>/step-NNN``, ...)
     versions/<method>/vK/model.pt        final weights of version K (tensors only), and meta.json
     epochs/<method>/step-NNN.pt          last finished epoch of an unfinished step (resume point)
@@ -22,6 +23,8 @@ Every function takes the run as a :class:`RunStorage` or a location (a path or U
 
 from __future__ import annotations
 
+import socket
+import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -35,6 +38,7 @@ Run = Union[RunStorage, Location]
 
 CONFIG = "config.yaml"
 PROVENANCE = "run.json"
+DRIVER = "driver.json"
 METRICS = "metrics.json"
 REPORT = "report.md"
 
@@ -131,6 +135,40 @@ def manifest_entry(run: Run, method: str, step: int) -> Optional[dict]:
     return storage(run).read_json_or_none(manifest_key(method, step))
 
 
+# -- the driver's mark --------------------------------------------------------------------------
+STORAGE_ADVICE = ("a multi-node run needs output_dir (compat run --output-dir) on a mount that every node sees at "
+                  "the same path, or on object storage (s3://bucket/prefix, gs://bucket/prefix); see "
+                  "docs/guide/storage.md")
+
+
+def announce_driver(run: Run) -> dict:
+    """The driver's mark on the run, written before any worker group starts: a fresh token and the
+    driver's host. Every worker group checks it (:func:`check_driver`) before it trains, so a worker
+    that does not see the run the driver writes fails at once instead of training into its own disk."""
+    mark = {"token": uuid.uuid4().hex, "host": socket.gethostname()}
+    storage(run).write_json(DRIVER, mark)
+    return mark
+
+
+def check_driver(run: Run, mark: dict) -> None:
+    """Raise a RunError that says what to set unless this process reads the driver's ``mark`` in the run."""
+    run, node = storage(run), socket.gethostname()
+    try:
+        found = run.read_json_or_none(DRIVER)
+    except (OSError, RunError) as exc:
+        raise RunError(f"node {node} cannot read the run at {run.location} ({str(exc).strip()}); every node needs "
+                       "network access to the storage and its credentials in its environment (see "
+                       "docs/guide/storage.md)") from None
+    if found == mark:
+        return
+    if found is None:
+        raise RunError(f"node {node} does not see the run that the driver on {mark['host']} writes at {run.location} "
+                       f"(nothing of it is there); {STORAGE_ADVICE}")
+    raise RunError(f"node {node} finds the mark of another driver (on {found.get('host')}) in the run at {run.location}: "
+                   "either another driver has started on this run since this one did (run one driver per run at a "
+                   f"time), or that location on this node is not the one the driver writes ({STORAGE_ADVICE})")
+
+
 # -- weights -----------------------------------------------------------------------------------
 def save_version(run: Run, method: str, version: int, state_dict: dict, meta: dict) -> str:
     """Final weights of a version: tensors only, so ``torch.load(weights_only=True)`` reads them.
@@ -174,7 +212,7 @@ def load_epoch_state(run: Run, method: str, step: int) -> Optional[dict]:
     try:
         return run.load_torch(key)
     except Exception as exc:
-        raise RunError(f"epoch checkpoint {run.path(key)} is corrupt ({exc}); delete it to restart that step") from None
+        raise RunError(f"epoch checkpoint {run.location_of(key)} is corrupt ({exc}); delete it to restart that step") from None
 
 
 def clear_epoch_state(run: Run, method: str, step: int) -> None:

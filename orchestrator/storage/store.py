@@ -172,7 +172,7 @@ class EmbeddingStore:
                 writer.write_batch(batch)  # one batch per file: one chunk, so reads are zero-copy
             self._complete_if_ready(key, num_shards)
         except OSError as exc:
-            raise StoreError(f"could not write {self.storage.path(part)}: {exc}; check free space and "
+            raise StoreError(f"could not write {self.storage.location_of(part)}: {exc}; check free space and "
                              "permissions") from exc
         return part
 
@@ -246,7 +246,7 @@ class EmbeddingStore:
             dup = ids[1:][ids[1:] == ids[:-1]]
             if dup.size:
                 raise StoreError(f"partition {key} holds sample_id {dup[0]} in more than one shard (padded "
-                                 f"shards?); delete {self.storage.path(key.directory)} and re-run with --resume")
+                                 f"shards?); delete {self.storage.location_of(key.directory)} and re-run with --resume")
             columns = {name: column[order] for name, column in columns.items()}
         metadata = {k: v for k, v in metas[0].items() if k != "shard"}
         metadata["normalized"] = all(m["normalized"] for m in metas)
@@ -254,7 +254,11 @@ class EmbeddingStore:
 
     def _load(self, key: _Key) -> Iterator[tuple[pa.Table, dict]]:
         """Each shard of a complete partition as (memory-mapped table, metadata), checked against the marker."""
-        directory = self.storage.path(key.directory)
+        directory = self.storage.location_of(key.directory)
+
+        def where(name: str) -> str:  # for messages
+            return self.storage.location_of(f"{key.directory}/{name}")
+
         try:
             marker = json.loads(self.storage.read_bytes(f"{key.directory}/{_MARKER}"))
             sizes, num_shards = marker["bytes"], marker["num_shards"]
@@ -266,25 +270,25 @@ class EmbeddingStore:
             raise StoreError(f"partition {key} is incomplete ({len(parts)} of {total} shards); "
                              "re-run the step") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"store marker {directory}/{_MARKER} is corrupt ({exc}); delete {directory} and "
+            raise StoreError(f"store marker {where(_MARKER)} is corrupt ({exc}); delete {directory} and "
                              f"re-run with --resume") from exc
         for shard in range(num_shards):
             name = _part_name(shard)
             size = self.storage.size(f"{key.directory}/{name}")
             if size != sizes.get(name):
-                raise StoreError(f"store file {directory}/{name} is missing or truncated ({size} bytes, expected "
+                raise StoreError(f"store file {where(name)} is missing or truncated ({size} bytes, expected "
                                  f"{sizes.get(name)}); delete {directory} and re-run with --resume")
             table, meta = self._open(key, name)
             if meta["num_shards"] != num_shards:
-                raise StoreError(f"store file {directory}/{name} belongs to a {meta['num_shards']}-shard write but the partition "
+                raise StoreError(f"store file {where(name)} belongs to a {meta['num_shards']}-shard write but the partition "
                                  f"has {num_shards}; delete {directory} and re-run with --resume")
             yield table, meta
 
     def _open(self, key: _Key, name: str) -> tuple[pa.Table, dict]:
         """Open one shard (memory-mapped on the local backend) and check its schema and metadata against
         its partition and file name."""
-        path = self.storage.path(f"{key.directory}/{name}")
-        advice = f"delete {self.storage.path(key.directory)} and re-run with --resume"
+        path = self.storage.location_of(f"{key.directory}/{name}")
+        advice = f"delete {self.storage.location_of(key.directory)} and re-run with --resume"
         try:
             table = ipc.open_file(self.storage.open_input(f"{key.directory}/{name}")).read_all()
             meta = json.loads(table.schema.metadata[_META_KEY])

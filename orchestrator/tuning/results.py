@@ -123,7 +123,7 @@ def write_best_config(sweep: "Sweep", best: TrialOutcome, out: RunStorage, name:
     subject = "".join(f", subject to {c.text}" for c in sweep.objective.constraints)
     header = (f"# Best trial {best.trial_id} of sweep {sweep.directory.name}: {sweep.objective.name.text} of "
               f"{sweep.objective.method} = {best.objective:.6g} ({sweep.objective.mode}{subject}).\n"
-              f"# Run it again: compat run {out.path(name)}\n")
+              f"# Run it again: compat run {out.location_of(name)}\n")
     out.write_text(name, header + yaml.safe_dump(raw, sort_keys=False))
 
 

@@ -1,0 +1,183 @@
+"""Runs on object storage: a real S3-compatible server (moto in server mode) on loopback, reached by
+pyarrow's own S3 client with the endpoint and credentials from the environment; the CLI end to end
+(--output-dir, --resume, report), seeds and a Ray Train worker group on it, and the check that stops a
+worker which cannot see the run's location before it trains."""
+
+import logging
+import os
+import socket
+from types import SimpleNamespace
+
+import pyarrow.fs as pafs
+import pytest
+
+from orchestrator import load_config
+from orchestrator.cli import main
+from orchestrator.engine import executor
+from orchestrator.engine.driver import default_run_dir, run_experiment
+from orchestrator.errors import RunError
+from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import RunStorage
+
+from test_run_storage import matrices, memory_storage
+
+BUCKET = "compat-runs"
+TINY = ["data.num_classes=4", "data.train_per_class=8", "data.test_per_class=4", "scenario.initial_classes=2",
+        "scenario.increment=2", "scenario.num_steps=2", "model.width=8", "model.embedding_dim=16",
+        "training.epochs=1", "training.batch_size=16", "resources.num_workers=0",
+        "methods=[{name: independent}, {name: bct, params: {variant: paper}}]"]
+ONE_TRAIN_WORKER = [*TINY, "resources.num_workers=1", "resources.cpus_per_worker=1",
+                    "methods=[{name: bct, params: {variant: paper}}]"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on 127.0.0.1, one empty bucket, and the environment a user sets for an
+    S3-compatible endpoint (AWS_ENDPOINT_URL and the credentials; instance metadata off, so nothing is
+    asked of any other address). Yields the bucket's admin filesystem to inspect objects with."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test-key",
+           "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        admin = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="test-key",
+                                  secret_key="test-secret", allow_bucket_creation=True)
+        admin.create_dir(BUCKET)
+        yield SimpleNamespace(fs=admin, port=port)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_on_s3(s3):
+    """A local Ray cluster started after the S3 environment is set, so its workers inherit it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def objects(s3, prefix: str) -> set[str]:
+    """The keys under ``prefix`` in the bucket, as S3 itself lists them."""
+    infos = s3.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    return {info.path[len(f"{BUCKET}/{prefix}/"):] for info in infos if info.type == pafs.FileType.File}
+
+
+def test_uri_locations_keep_their_options_and_mask_passwords():
+    """A URI's options stay at its end through children, so every location printed can be reopened."""
+    uri = "s3://bkt/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    run = RunStorage.at(uri).child("exp")
+    assert run.location == "s3://bkt/runs/exp?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert run.location_of("manifest/bct/step-000.json") == \
+        "s3://bkt/runs/exp/manifest/bct/step-000.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert RunStorage.at(run.location) == run and run.root == "bkt/runs/exp" and not run.is_local
+    assert RunStorage.at(run.location).child("seed-0") == run.child("seed-0")
+    assert default_run_dir(load_config(None, ["name=exp", f"output_dir={uri}"])) == run
+    secret = RunStorage.at("s3://KEY:SECRET@bkt/runs?endpoint_override=127.0.0.1:9000&scheme=http")
+    assert "SECRET" not in secret.location and secret.location.startswith("s3://KEY:***@bkt/runs?")
+    with pytest.raises(RunError, match="cannot open the run location s3://bkt/x.*AWS_ENDPOINT_URL"):
+        RunStorage.at("s3://bkt/x?no_such_option=1")
+
+
+def test_a_cli_run_on_s3_equals_a_local_run_resumes_and_re_renders(s3, tmp_path, monkeypatch, capsys):
+    """`compat run --output-dir s3://...` stores the whole run in the bucket (nothing on local disk but
+    the dataset cache), gives the local run's matrices, `--resume` finds every step done, and `compat
+    report` re-renders from the URI."""
+    local = run_experiment(load_config(None, [*TINY, f"output_dir={tmp_path / 'local'}"]), progress=False,
+                           echo=lambda line: None)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    assert main(["run", *sets, "--output-dir", f"s3://{BUCKET}/cli", "--no-progress"]) == 0
+    assert "Running 'quickstart' in s3://compat-runs/cli/quickstart:" in capsys.readouterr().out
+    stored = objects(s3, "cli/quickstart")
+    for method in ("independent", "bct"):
+        for step in (0, 1):
+            assert {f"manifest/{method}/step-{step:03d}.json", f"versions/{method}/v{step}/model.pt",
+                    f"rows/{method}/row-{step:03d}.json",
+                    f"store/method={method}/version={step}/eval_set=test/_COMPLETE.json"} <= stored
+    assert {"config.yaml", "run.json", "driver.json", "metrics.json", "report.md", "heatmaps.png"} <= stored
+    assert not any(key.startswith("epochs/") for key in stored)  # resume points are removed once a step is done
+    run = RunStorage.at(f"s3://{BUCKET}/cli/quickstart")
+    assert matrices(run.read_json("metrics.json")) == matrices(local)
+    assert run.read_json("manifest/bct/step-001.json")["init_checkpoint"] == "versions/bct/v0/model.pt"
+    assert not any(workdir.iterdir())
+
+    monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    assert main(["run", "--resume", f"s3://{BUCKET}/cli/quickstart", "--no-progress"]) == 0
+    assert "4/4 already done" in capsys.readouterr().out
+    s3.fs.delete_file(f"{BUCKET}/cli/quickstart/report.md")
+    assert main(["report", f"s3://{BUCKET}/cli/quickstart"]) == 0
+    assert "Report written to s3://compat-runs/cli/quickstart/report.md" in capsys.readouterr().out
+    assert "report.md" in objects(s3, "cli/quickstart")
+
+
+def test_a_missing_bucket_fails_before_anything_runs(s3, capsys):
+    assert main(["run", *[a for item in TINY for a in ("--set", item)], "--output-dir", "s3://no-such-bucket/runs",
+                 "--no-progress"]) == 2
+    assert "cannot write the run at s3://no-such-bucket/runs/quickstart" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_seeds_in_train_worker_groups_on_s3(s3, ray_on_s3):
+    """Two seeds, each a chain of steps in a Ray Train worker group of its own process, on the bucket:
+    the workers reach it with the filesystem the driver opened (endpoint included) and the credentials
+    of their own environment, and Ray Train keeps its own run state on the same store."""
+    cfg = load_config(None, [*ONE_TRAIN_WORKER, "seeds=[0, 1]", f"output_dir=s3://{BUCKET}/seeds"])
+    metrics = run_experiment(cfg, progress=False, echo=lambda line: None)
+    assert metrics["seeds"]["values"] == [0, 1] and len(metrics["methods"]["bct"]["matrices"]["cmc1"]) == 2
+    stored = objects(s3, "seeds/quickstart")
+    for seed in (0, 1):
+        assert {f"seed-{seed}/manifest/bct/step-001.json", f"seed-{seed}/versions/bct/v1/model.pt",
+                f"seed-{seed}/metrics.json", f"seed-{seed}/report.md"} <= stored
+        entry = RunStorage.at(f"s3://{BUCKET}/seeds/quickstart/seed-{seed}").read_json("manifest/bct/step-001.json")
+        assert entry["world_size"] == 1 and entry["event"] == "finetune"
+    assert {"metrics.json", "report.md", "driver.json"} <= stored
+    assert any(key.startswith("ray/") for key in stored)  # Ray Train's storage_path, on the same bucket
+
+
+@pytest.mark.integration
+def test_a_worker_that_cannot_see_a_local_run_fails_at_its_first_step(ray_on_s3, tmp_path, monkeypatch):
+    """A multi-node run in a local directory: the driver's mark lands on the driver's disk, which the
+    worker's node does not share. Simulated on one machine by having the driver write its mark elsewhere
+    (its own disk); the worker, a real Ray Train process, finds none at the run's path and stops before
+    training, with what to set."""
+    run_dir = tmp_path / "runs" / "quickstart"
+    announce = runfiles.announce_driver
+    monkeypatch.setattr(runfiles, "announce_driver", lambda run: announce(tmp_path / "driver-disk"))
+    cfg = load_config(None, [*ONE_TRAIN_WORKER, f"output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(RunError, match=r"does not see the run .* at .*/runs/quickstart \(nothing of it is there\); "
+                                       r"a multi-node run needs output_dir .* or on object storage \(s3://"):
+        run_experiment(cfg, progress=False, echo=lambda line: None)
+    assert not (run_dir / "versions").exists() and not (run_dir / "manifest").exists()
+
+
+def test_the_driver_check_names_what_a_worker_found():
+    run = memory_storage()
+    mark = runfiles.announce_driver(run)
+    runfiles.check_driver(run, mark)  # the driver's own mark: nothing to say
+    with pytest.raises(RunError, match=r"does not see the run .* \(nothing of it is there\)"):
+        runfiles.check_driver(memory_storage(), mark)
+    run.write_json(runfiles.DRIVER, {"token": "earlier", "host": "node-b"})
+    with pytest.raises(RunError, match=r"mark of another driver \(on node-b\).*one driver per run"):
+        runfiles.check_driver(run, mark)
