@@ -92,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML file or built-in config name (default: quickstart)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set training.epochs=4 (repeatable)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR; finished steps are not redone")
-    run.add_argument("--output-dir", help="parent directory of the run directory (default: config output_dir)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run at RUN_DIR (a path, or a URI such as s3://bucket/prefix/NAME); "
+                          "finished steps are not redone")
+    run.add_argument("--output-dir", help="where the run goes, as <output-dir>/<name>: a path (a shared mount on "
+                                          "a multi-node cluster) or s3://bucket/prefix, gs://bucket/prefix "
+                                          "(default: config output_dir)")
     run.add_argument("--no-progress", action="store_true", help="do not show the live progress line")
     run.add_argument("--seeds", metavar="S1,S2,...",
                      help="run once per seed into RUN_DIR/seed-N and report mean ± std (the config's `seeds:`)")
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=_cmd_sweep)
 
     report = sub.add_parser("report", help="re-render plots and report.md of a finished run from its files")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="the run: a path, or a URI such as s3://bucket/prefix/NAME")
     report.set_defaults(func=_cmd_report)
 
     add_metrics_parser(sub)

@@ -15,7 +15,7 @@ from orchestrator import load_config
 from orchestrator.cli import main
 from orchestrator.engine import executor
 from orchestrator.engine.driver import default_run_dir, run_experiment
-from orchestrator.errors import RunError
+from orchestrator.errors import ConfigError, RunError
 from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import RunStorage
 
@@ -96,6 +96,16 @@ def test_uri_locations_keep_their_options_and_mask_passwords():
     assert "SECRET" not in secret.location and secret.location.startswith("s3://KEY:***@bkt/runs?")
     with pytest.raises(RunError, match="cannot open the run location s3://bkt/x.*AWS_ENDPOINT_URL"):
         RunStorage.at("s3://bkt/x?no_such_option=1")
+    with pytest.raises(ConfigError, match="output_dir.*holds a password"):  # it would be stored in config.yaml
+        default_run_dir(load_config(None, ["output_dir=s3://KEY:SECRET@bkt/runs"]))
+
+
+def test_a_sweep_on_object_storage_is_refused_before_anything_starts():
+    from orchestrator.tuning.sweep import load_sweep
+
+    sweep = "sweep={space: {training.lr: {choice: [0.1, 0.01]}}, objective: {metric: AM}}"
+    with pytest.raises(ConfigError, match="sweep.output_dir.*local path or a shared mount"):
+        load_sweep(None, [*TINY, "methods=[{name: bct, params: {variant: paper}}]", sweep], output_dir="s3://bkt/sweeps")
 
 
 def test_a_cli_run_on_s3_equals_a_local_run_resumes_and_re_renders(s3, tmp_path, monkeypatch, capsys):

@@ -248,3 +248,22 @@ def test_ray_train_worker_groups_read_and_write_a_non_local_run(ray_cluster, tmp
     metrics = run_experiment(load_config(None, overrides), run, progress=False, echo=lambda line: None)
     assert len(metrics["methods"]["bct"]["matrices"]["cmc1"]) == 2
     assert run.exists("versions/bct/v1/model.pt") and run.read_json("manifest/bct/step-001.json")["event"] == "finetune"
+
+
+def test_a_cross_modal_encoding_records_its_upstream_clip_as_a_key_in_the_run(tmp_path):
+    """The encode manifest's ``weights``: the upstream CLIP's key inside the run (valid wherever the run
+    lives), not the local copy a worker loaded; a spec that names a tag or a file keeps it."""
+    from orchestrator.config.crossmodal import parse_crossmodal
+    from orchestrator.engine.crossmodal import recorded_weights
+    from orchestrator.engine.upstream_clip import upstream_entry
+
+    from test_xbt import TINY as CROSSMODAL
+
+    upstream = {"captions": "instance", "captions_per_image": 3, "images_per_class": 4, "epochs": 1}
+    cfg = parse_crossmodal({**CROSSMODAL, "models": {"old": {"name": "tiny-vit-w32", "upstream": upstream},
+                                                     "new": {"name": "tiny-vit-w64"}}})
+    key = recorded_weights(cfg.models.old, cfg.data.synthetic)
+    run = RunStorage.at(tmp_path / "run")
+    assert key.startswith("upstream-clip/") and key.endswith("/model.pt")
+    assert run.path(key) == upstream_entry(cfg.models.old.name, cfg.models.old.upstream, cfg.data.synthetic, run).path("model.pt")
+    assert recorded_weights(cfg.models.new, cfg.data.synthetic) is None  # random weights: nothing to name

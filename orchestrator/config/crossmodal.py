@@ -107,7 +107,7 @@ class CrossModalExperiment:
     name: str  # the run directory is <output_dir>/<name>
     models: ModelsConfig
     seeds: list[int] = field(default_factory=lambda: [0])  # one seed-S/ directory per seed; metrics as mean ± std
-    output_dir: str = "runs"  # parent directory of the run directory
+    output_dir: str = "runs"  # where the run goes (<output_dir>/<name>): a path, or s3://bucket/prefix, gs://bucket/prefix
     data: CrossModalDataConfig = field(default_factory=CrossModalDataConfig)
     training: StageTrainingConfig = field(default_factory=StageTrainingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

@@ -319,7 +319,7 @@ class ExperimentConfig:
     name: str  # the run directory is <output_dir>/<name>: deterministic, so a re-run resumes
     seed: int = 0  # drives class order, shot sampling, initialisation and batch order
     seeds: Optional[list[int]] = None  # several seeds: one run each in RUN_DIR/seed-N, metrics as mean ± std (replaces seed)
-    output_dir: str = "runs"  # parent directory of the run directory
+    output_dir: str = "runs"  # where the run goes (<output_dir>/<name>): a path, or s3://bucket/prefix, gs://bucket/prefix
     data: DataConfig = field(default_factory=DataConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -28,7 +29,14 @@ SCHEMA_VERSION = 1
 
 def default_run_dir(cfg: Union[ExperimentConfig, CrossModalExperiment]) -> RunStorage:
     """``<output_dir>/<name>``: ``output_dir`` is a path or a URI (``s3://bucket/prefix?...``), whose
-    options stay at the end."""
+    options stay at the end. A URI with a password is refused: ``output_dir`` is stored in the run's
+    config.yaml, so credentials belong in the environment."""
+    from orchestrator.errors import ConfigError
+
+    if urllib.parse.urlsplit(cfg.output_dir).password is not None:
+        raise ConfigError("output_dir", "holds a password, and output_dir is stored in the run's config.yaml; pass "
+                                        "credentials in the environment instead (AWS_ACCESS_KEY_ID and "
+                                        "AWS_SECRET_ACCESS_KEY for s3://, see docs/guide/storage.md)")
     return RunStorage.at(cfg.output_dir).child(cfg.name)
 
 

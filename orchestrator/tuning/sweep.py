@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
 import yaml
 
-from orchestrator.storage.run_storage import RunStorage
+from orchestrator.storage.run_storage import RunStorage, is_uri
 from orchestrator.config.typed import from_dict, require
 from orchestrator.config import ExperimentConfig, load_raw, set_key
 from orchestrator.engine.validate import parse_experiment
@@ -177,6 +177,10 @@ def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
         raise ConfigError("sweep.search", f"{config.search} is not installed; pip install 'compat-orchestrator[sweep]'")
     name = config.name or f"{experiment.name}-sweep"
     require(name.strip() == name and "/" not in name and bool(name), "sweep.name", "must be a name without '/'")
+    parent = config.output_dir or experiment.output_dir
+    require(not is_uri(directory or parent), "sweep.output_dir" if config.output_dir else "output_dir",
+            f"is {directory or parent!r}, but a sweep keeps its directory (Ray Tune's state and the trials' runs) on a "
+            "local path or a shared mount; object storage (s3://, gs://) is for `compat run`")
     directory = Path(directory or Path(config.output_dir or experiment.output_dir) / name).resolve()
     return Sweep(document, config, dimensions, objective, experiment, num_versions, directory)
 
