@@ -178,10 +178,10 @@ def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
     name = config.name or f"{experiment.name}-sweep"
     require(name.strip() == name and "/" not in name and bool(name), "sweep.name", "must be a name without '/'")
     parent = config.output_dir or experiment.output_dir
-    require(not is_uri(directory or parent), "sweep.output_dir" if config.output_dir else "output_dir",
-            f"is {directory or parent!r}, but a sweep keeps its directory (Ray Tune's state and the trials' runs) on a "
-            "local path or a shared mount; object storage (s3://, gs://) is for `compat run`")
-    directory = Path(directory or Path(config.output_dir or experiment.output_dir) / name).resolve()
+    require(not is_uri(parent), "sweep.output_dir" if config.output_dir else "output_dir",
+            f"is {parent!r}, but a sweep keeps its directory (Ray Tune's state and the trials' runs) on a local path "
+            "or a shared mount; object storage (s3://, gs://) is for `compat run`")
+    directory = Path(directory or Path(parent) / name).resolve()
     return Sweep(document, config, dimensions, objective, experiment, num_versions, directory)
 
 
