@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from orchestrator.errors import CompatError
@@ -52,7 +51,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.set or args.output_dir:
             raise CompatError("--resume continues the sweep stored in EXPERIMENT_DIR; drop CONFIG, --set and --output-dir")
-        sweep = load_sweep_dir(Path(args.resume))
+        sweep = load_sweep_dir(args.resume)
     elif not args.config:
         raise CompatError("compat sweep needs a CONFIG with a 'sweep:' section, e.g. configs/sweep_bct_synthetic.yaml")
     else:
@@ -63,7 +62,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print()
     print(results.markdown())
     if results.best is not None:
-        print(f"Best config: {results.directory / 'best_config.yaml'}  (compat run {results.directory / 'best_config.yaml'})")
+        where = results.best_config()
+        print(f"Best config: {where}  ({'compat run ' + where if results.storage.is_local else 'copy it to a local file, then compat run FILE'})")
     else:
         print("No complete trial satisfies every constraint, so no best config was written.")
     return 0

@@ -1,7 +1,7 @@
 """Runs on object storage: a real S3-compatible server (moto in server mode) on loopback, reached by
 pyarrow's own S3 client with the endpoint and credentials from the environment; the CLI end to end
-(--output-dir, --resume, report), seeds and a Ray Train worker group on it, and the check that stops a
-worker which cannot see the run's location before it trains."""
+(--output-dir, --resume, report), seeds and a Ray Train worker group on it, a sweep on it, and the
+check that stops a worker which cannot see the run's location before it trains."""
 
 import logging
 import os
@@ -71,7 +71,7 @@ def ray_on_s3(s3):
     """A local Ray cluster started after the S3 environment is set, so its workers inherit it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a cluster found running
     yield
     ray.shutdown()
 
@@ -98,14 +98,6 @@ def test_uri_locations_keep_their_options_and_mask_passwords():
         RunStorage.at("s3://bkt/x?no_such_option=1")
     with pytest.raises(ConfigError, match="output_dir.*holds a password"):  # it would be stored in config.yaml
         default_run_dir(load_config(None, ["output_dir=s3://KEY:SECRET@bkt/runs"]))
-
-
-def test_a_sweep_on_object_storage_is_refused_before_anything_starts():
-    from orchestrator.tuning.sweep import load_sweep
-
-    sweep = "sweep={space: {training.lr: {choice: [0.1, 0.01]}}, objective: {metric: AM}}"
-    with pytest.raises(ConfigError, match="sweep.output_dir.*local path or a shared mount"):
-        load_sweep(None, [*TINY, "methods=[{name: bct, params: {variant: paper}}]", sweep], output_dir="s3://bkt/sweeps")
 
 
 def test_a_cli_run_on_s3_equals_a_local_run_resumes_and_re_renders(s3, tmp_path, monkeypatch, capsys):
@@ -164,6 +156,29 @@ def test_seeds_in_train_worker_groups_on_s3(s3, ray_on_s3):
         assert entry["world_size"] == 1 and entry["event"] == "finetune"
     assert {"metrics.json", "report.md", "driver.json"} <= stored
     assert any(key.startswith("ray/") for key in stored)  # Ray Train's storage_path, on the same bucket
+
+
+@pytest.mark.integration
+def test_a_sweep_on_s3_keeps_tune_state_trials_and_outputs_in_the_bucket(s3, ray_on_s3, capsys):
+    """`compat sweep --output-dir s3://...`: Ray Tune's experiment state, every trial's run and the
+    outputs are objects in the bucket; `--resume` on the URI re-runs no finished trial."""
+    sweep = ("sweep={space: {training.lr: {grid: [0.1, 0.05]}}, search: grid, objective: {metric: AM}, "
+             "max_concurrent: 1}")
+    sets = [a for item in [*TINY, "methods=[{name: bct, params: {variant: paper}}]", sweep] for a in ("--set", item)]
+    assert main(["sweep", "quickstart", *sets, "--output-dir", f"s3://{BUCKET}/sweeps", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Best config: s3://compat-runs/sweeps/quickstart-sweep/best_config.yaml  (copy it to a local file" in out
+    stored = objects(s3, "sweeps/quickstart-sweep")
+    assert {"sweep.yaml", "results.csv", "results.md", "best_config.yaml", "objective_vs_params.png"} <= stored
+    assert any(key.startswith("experiment_state") for key in stored)  # Tune's own state, in the bucket
+    trial_metrics = {key for key in stored if key.startswith("runs/") and key.count("/") == 2 and key.endswith("/metrics.json")}
+    assert len(trial_metrics) == 2
+    stamps = {i.path: i.mtime for i in s3.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/quickstart-sweep/runs",
+                                                                                   recursive=True))}
+    assert main(["sweep", "--resume", f"s3://{BUCKET}/sweeps/quickstart-sweep", "--no-progress"]) == 0
+    after = {i.path: i.mtime for i in s3.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/sweeps/quickstart-sweep/runs",
+                                                                                  recursive=True))}
+    assert after == stamps  # no trial's run was touched
 
 
 @pytest.mark.integration

@@ -18,21 +18,22 @@ graph, trained side by side as far as the cluster holds their worker groups.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.evaluation.health import combine_health
 from orchestrator.evaluation.objectives import table_values
+from orchestrator.storage.run_storage import Location, RunStorage
 
 
-def seed_runs(cfg: ExperimentConfig, run_dir: Path) -> list[tuple[ExperimentConfig, Path]]:
-    """(config, run directory) of every seed; an experiment without ``seeds`` is its own single run."""
+def seed_runs(cfg: ExperimentConfig, run_dir: Union[RunStorage, Location]) -> list[tuple[ExperimentConfig, RunStorage]]:
+    """(config, run storage) of every seed; an experiment without ``seeds`` is its own single run."""
+    run = RunStorage.of(run_dir)
     if cfg.seeds is None:
-        return [(cfg, Path(run_dir))]
-    return [(cfg.with_seed(seed), Path(run_dir) / f"seed-{seed}") for seed in cfg.seeds]
+        return [(cfg, run)]
+    return [(cfg.with_seed(seed), run.child(f"seed-{seed}")) for seed in cfg.seeds]
 
 
 def aggregate(cfg: ExperimentConfig, per_seed: Sequence[dict]) -> dict:

@@ -59,17 +59,21 @@ BEST_CONFIG = "best_config.yaml"
 class SweepResults:
     trials: list[TrialOutcome]  # ranked, best first
     best: Optional[TrialOutcome]
-    directory: Path
+    storage: RunStorage  # the sweep's
 
     def markdown(self) -> str:
-        return RunStorage.at(self.directory).read_text("results.md")
+        return self.storage.read_text("results.md")
+
+    def best_config(self) -> str:
+        """Where the best trial's config is (a path ``compat run`` takes; on object storage, copy it first)."""
+        return self.storage.location_of(BEST_CONFIG)
 
 
 def collect_results(sweep: "Sweep", grid) -> SweepResults:
     """Rank the trials of a finished Tune run and write every output into the sweep directory."""
     trials = rank_trials([_outcome(result, sweep) for result in grid], sweep.objective.mode)
     best = best_of(trials)
-    out = RunStorage.at(sweep.directory)
+    out = sweep.storage
     write_tables(sweep, trials, out)
     if best is not None:
         write_best_config(sweep, best, out, BEST_CONFIG)
@@ -77,7 +81,7 @@ def collect_results(sweep: "Sweep", grid) -> SweepResults:
         out.delete(BEST_CONFIG)
     plot_objective_vs_params(sweep, trials, best, out, "objective_vs_params.png")
     plot_objective_per_step(sweep, trials, best, out, "objective_per_step.png")
-    return SweepResults(trials, best, sweep.directory)
+    return SweepResults(trials, best, sweep.storage)
 
 
 def rank_trials(trials: list[TrialOutcome], mode: Mode) -> list[TrialOutcome]:
@@ -108,7 +112,7 @@ def write_tables(sweep: "Sweep", trials: list[TrialOutcome], out: RunStorage) ->
     writer.writerow(header)
     writer.writerows([["" if v is None else v for v in row] for row in rows])
     out.write_text("results.csv", table.getvalue())
-    title = (f"# Sweep {sweep.directory.name}: {sweep.objective.mode} {sweep.objective.name.text} of "
+    title = (f"# Sweep {sweep.name}: {sweep.objective.mode} {sweep.objective.name.text} of "
              f"{sweep.objective.method} on {sweep.objective.matrix}")
     constraints = ", ".join(c.text for c in sweep.objective.constraints) or "none"
     lines = [title, "", f"- constraints: {constraints}", f"- trials: {len(trials)}", ""]
@@ -121,9 +125,11 @@ def write_best_config(sweep: "Sweep", best: TrialOutcome, out: RunStorage, name:
     raw = sweep.trial_raw(best.params)
     raw["name"] = f"{sweep.experiment.name}-best"
     subject = "".join(f", subject to {c.text}" for c in sweep.objective.constraints)
-    header = (f"# Best trial {best.trial_id} of sweep {sweep.directory.name}: {sweep.objective.name.text} of "
+    again = (f"compat run {out.location_of(name)}" if out.is_local
+             else f"copy {out.location_of(name)} to a local file, then compat run FILE")
+    header = (f"# Best trial {best.trial_id} of sweep {sweep.name}: {sweep.objective.name.text} of "
               f"{sweep.objective.method} = {best.objective:.6g} ({sweep.objective.mode}{subject}).\n"
-              f"# Run it again: compat run {out.location_of(name)}\n")
+              f"# Run it again: {again}\n")
     out.write_text(name, header + yaml.safe_dump(raw, sort_keys=False))
 
 

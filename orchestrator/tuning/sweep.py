@@ -8,7 +8,7 @@ Train runs inside it keep their deterministic names. Outputs are written by swee
 
 ::
 
-    EXPERIMENT_DIR = <output_dir>/<sweep name>
+    EXPERIMENT_DIR = <output_dir>/<sweep name>      (a path, or a URI such as s3://bucket/prefix/<sweep name>)
       sweep.yaml                      the experiment + sweep section as launched (resume reads it)
       runs/<trial id>/                each trial's run directory (seed-N/ inside with sweep.seeds)
       <trial id>/, tuner.pkl, ...     Tune's files (per-trial results, experiment state)
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 
 import yaml
 
-from orchestrator.storage.run_storage import RunStorage, is_uri
+from orchestrator.storage.run_storage import Location, RunStorage
 from orchestrator.config.typed import from_dict, require
 from orchestrator.config import ExperimentConfig, load_raw, set_key
 from orchestrator.engine.validate import parse_experiment
@@ -122,7 +122,16 @@ class Sweep:
     objective: Objective
     experiment: ExperimentConfig  # the experiment with no key changed
     num_versions: int
-    directory: Path
+    storage: RunStorage  # where the sweep lives: Tune's state, every trial's run, the outputs
+
+    @property
+    def name(self) -> str:
+        return self.storage.root.rsplit("/", 1)[-1]
+
+    @property
+    def directory(self) -> Path:
+        """The sweep's local directory (a sweep on object storage has none)."""
+        return self.storage.local_path()
 
     @property
     def experiment_raw(self) -> dict:
@@ -146,15 +155,16 @@ def load_sweep(config: Optional[str], overrides: Sequence[str] = (), output_dir:
     return parse_sweep(document)
 
 
-def load_sweep_dir(directory: Path) -> Sweep:
-    """The sweep an experiment directory holds (for ``--resume``)."""
-    storage = RunStorage.at(directory)
+def load_sweep_dir(location: Location) -> Sweep:
+    """The sweep a location holds (for ``--resume``): a path or a URI."""
+    storage = RunStorage.at(location)
     if not storage.exists(SWEEP_STATE):
-        raise RunError(f"{directory} is not a sweep directory (no sweep.yaml); pass the directory `compat sweep` created")
-    return parse_sweep(yaml.safe_load(storage.read_text(SWEEP_STATE)), directory=Path(directory))
+        raise RunError(f"{storage.location} is not a sweep directory (no sweep.yaml); pass the location `compat sweep` "
+                       "created")
+    return parse_sweep(yaml.safe_load(storage.read_text(SWEEP_STATE)), location=storage)
 
 
-def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
+def parse_sweep(document: dict, location: Optional[RunStorage] = None) -> Sweep:
     """Validate everything a sweep needs before any trial starts, naming the offending key."""
     from orchestrator.data import dataset_num_classes
     from orchestrator.engine.scenarios import plan_steps
@@ -177,12 +187,8 @@ def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
         raise ConfigError("sweep.search", f"{config.search} is not installed; pip install 'compat-orchestrator[sweep]'")
     name = config.name or f"{experiment.name}-sweep"
     require(name.strip() == name and "/" not in name and bool(name), "sweep.name", "must be a name without '/'")
-    parent = config.output_dir or experiment.output_dir
-    require(not is_uri(parent), "sweep.output_dir" if config.output_dir else "output_dir",
-            f"is {parent!r}, but a sweep keeps its directory (Ray Tune's state and the trials' runs) on a local path "
-            "or a shared mount; object storage (s3://, gs://) is for `compat run`")
-    directory = Path(directory or Path(parent) / name).resolve()
-    return Sweep(document, config, dimensions, objective, experiment, num_versions, directory)
+    storage = location or RunStorage.at(config.output_dir or experiment.output_dir).child(name)
+    return Sweep(document, config, dimensions, objective, experiment, num_versions, storage)
 
 
 def _parse_dimension(key: str, spec: Any, config: SweepConfig) -> Dimension:
@@ -260,22 +266,23 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     from orchestrator.tuning.results import collect_results
     from orchestrator.tuning.trial import TaskSetup, cpu_needs, run_trial
 
-    storage = RunStorage.at(sweep.directory)
+    storage = sweep.storage
     resuming = storage.exists(SWEEP_STATE)
     if resuming and yaml.safe_load(storage.read_text(SWEEP_STATE)) != sweep.document:
-        raise RunError(f"{sweep.directory} already holds a different sweep; continue it with "
-                       f"`compat sweep --resume {sweep.directory}`, or set sweep.name/sweep.output_dir")
+        raise RunError(f"{storage.location} already holds a different sweep; continue it with "
+                       f"`compat sweep --resume {storage.location}`, or set sweep.name/sweep.output_dir")
     ensure_ray()
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, setup=TaskSetup.here()),
                                     {"cpu": sweep.config.trial_cpus, **driver_resources(ray.cluster_resources())})
-    if resuming and tune.Tuner.can_restore(str(sweep.directory)):
-        echo(f"Resuming sweep {sweep.directory}")
-        tuner = tune.Tuner.restore(str(sweep.directory), trainable, resume_unfinished=True, restart_errored=True)
+    path, filesystem = tune_location(storage)
+    if resuming and tune.Tuner.can_restore(path, **filesystem):
+        echo(f"Resuming sweep {storage.location}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True, **filesystem)
     else:
         storage.write_text(SWEEP_STATE, yaml.safe_dump(sweep.document, sort_keys=False))
         worker_cpus, _ = cpu_needs(sweep.experiment)
         at_once = sweep.config.max_concurrent or _concurrency(sweep.config.trial_cpus + worker_cpus)
-        echo(f"Sweep of '{sweep.experiment.name}' in {sweep.directory}: {len(sweep.dimensions)} key(s), "
+        echo(f"Sweep of '{sweep.experiment.name}' in {storage.location}: {len(sweep.dimensions)} key(s), "
              f"objective {sweep.objective.mode} {sweep.objective.name.text} of {sweep.objective.method}")
         tuner = tune.Tuner(
             trainable,
@@ -288,16 +295,24 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
                 reuse_actors=True,  # a finished trial's process (imports done) serves the next one
             ),
             run_config=tune.RunConfig(
-                name=sweep.directory.name, storage_path=str(sweep.directory.parent),
+                name=sweep.name, storage_path=path.rpartition("/")[0], **filesystem,
                 failure_config=tune.FailureConfig(max_failures=sweep.config.max_failures),
                 callbacks=list(callbacks), verbose=1 if progress else 0,
             ),
         )
     grid = tuner.fit()
     if _unfinished(sweep):
-        echo(f"Sweep interrupted; continue it with `compat sweep --resume {sweep.directory}`")
+        echo(f"Sweep interrupted; continue it with `compat sweep --resume {storage.location}`")
         return None
     return collect_results(sweep, grid)
+
+
+def tune_location(storage: RunStorage) -> tuple[str, dict]:
+    """The sweep's path as Ray Tune's calls take it, and the filesystem keyword they need with it: a local
+    path alone, or the path inside the sweep's filesystem (an object store) and that filesystem."""
+    if storage.is_local:
+        return str(storage.local_path()), {}
+    return storage.root, {"storage_filesystem": storage.filesystem}
 
 
 def trial_id_of(trial) -> str:
@@ -350,7 +365,8 @@ def _unfinished(sweep: Sweep) -> bool:
     shows the trials it cut off as terminated; the saved state keeps them to continue.)"""
     from ray.tune import ExperimentAnalysis
 
-    trials = ExperimentAnalysis(str(sweep.directory)).trials
+    path, filesystem = tune_location(sweep.storage)
+    trials = ExperimentAnalysis(path, **filesystem).trials
     return len(trials) < _total_trials(sweep) or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 

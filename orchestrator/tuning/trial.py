@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from orchestrator.config import ExperimentConfig, parse_config
 from orchestrator.errors import CompatError
 from orchestrator.evaluation.objectives import Objective, table_values
 from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import RunStorage
 
 if TYPE_CHECKING:
     from orchestrator.tuning.sweep import Sweep
@@ -31,7 +31,7 @@ def run_trial(params: dict[str, Any], sweep: "Sweep", setup: "TaskSetup") -> Non
     import ray
     from ray import tune
 
-    run_dir = sweep.directory / "runs" / tune.get_context().get_trial_id()
+    run_dir = sweep.storage.child(f"runs/{tune.get_context().get_trial_id()}")
     cfg = parse_config(sweep.trial_raw(params))
     watcher = StepWatcher(cfg, run_dir, sweep.objective, sweep.num_versions)
     simulation = submit(cfg, run_dir, num_cpus=0, setup=setup)  # it trains on the CPU the trial reserved
@@ -50,7 +50,7 @@ def run_trial(params: dict[str, Any], sweep: "Sweep", setup: "TaskSetup") -> Non
 class StepWatcher:
     """One Tune result per step that every seed of a trial has finished, from the run directories."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, objective: Objective, num_versions: int):
+    def __init__(self, cfg: ExperimentConfig, run_dir: RunStorage, objective: Objective, num_versions: int):
         from orchestrator.evaluation.seeds import seed_runs
 
         self.runs = seed_runs(cfg, run_dir)
@@ -66,7 +66,7 @@ class StepWatcher:
             yield step_result(self.objective, entries, self.reported, self.num_versions)
 
 
-def prefix_entry(cfg: ExperimentConfig, run_dir: Path, method: str, num_versions: int) -> dict:
+def prefix_entry(cfg: ExperimentConfig, run_dir: RunStorage, method: str, num_versions: int) -> dict:
     """The metrics.json entry of ``method`` over its first ``num_versions`` versions (rows computed if missing)."""
     from orchestrator.engine.driver import assemble_metrics, ensure_row
 
@@ -112,7 +112,7 @@ class TaskSetup:
         return cls(torch.get_num_threads(), os.environ.get("COMPAT_CACHE_DIR"))
 
 
-def submit(cfg: ExperimentConfig, run_dir: Path, num_cpus: float, setup: TaskSetup):
+def submit(cfg: ExperimentConfig, run_dir: RunStorage, num_cpus: float, setup: TaskSetup):
     """Start :func:`run` of ``cfg`` (one seed, or several one after another) in a Ray task outside any
     placement group (a Tune trial's included), on a driver node when the cluster has one; returns its
     object ref."""
@@ -124,7 +124,7 @@ def submit(cfg: ExperimentConfig, run_dir: Path, num_cpus: float, setup: TaskSet
     task = ray.remote(_run_in_task).options(
         num_cpus=num_cpus, resources=driver_resources(ray.cluster_resources()), max_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return task.remote(cfg.to_dict(), str(run_dir), setup)
+    return task.remote(cfg.to_dict(), run_dir, setup)
 
 
 def result_of(ref) -> Any:
@@ -139,7 +139,7 @@ def result_of(ref) -> Any:
         raise
 
 
-def _run_in_task(cfg_dict: dict, run_dir: str, setup: TaskSetup) -> dict:
+def _run_in_task(cfg_dict: dict, run_dir: RunStorage, setup: TaskSetup) -> dict:
     import torch
 
     torch.set_num_threads(setup.threads)
@@ -147,4 +147,4 @@ def _run_in_task(cfg_dict: dict, run_dir: str, setup: TaskSetup) -> dict:
         os.environ["COMPAT_CACHE_DIR"] = setup.cache_dir
     from orchestrator.engine.driver import run_experiment
 
-    return run_experiment(parse_config(cfg_dict), Path(run_dir), progress=False, echo=lambda line: None)
+    return run_experiment(parse_config(cfg_dict), run_dir, progress=False, echo=lambda line: None)
