@@ -4,7 +4,8 @@ A run lives at a *location*: a local path today, a URI (``s3://bucket/run``, ``g
 :meth:`pyarrow.fs.FileSystem.from_uri` understands, or any ``pyarrow.fs.FileSystem`` and a root in it.
 Every key below is a relative, ``/``-separated name inside the run (``manifest/bct/step-001.json``);
 nothing here assumes a POSIX directory tree except :meth:`RunStorage.local_path`, which exists only for
-libraries that insist on a real path and refuses on other filesystems.
+libraries that insist on a real path and refuses on other filesystems, and :meth:`RunStorage.local_file`,
+which hands such a library a cached local copy when the run is not local.
 
 Atomicity, defined per operation in terms an object store keeps:
 
@@ -24,6 +25,7 @@ Atomicity, defined per operation in terms an object store keeps:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -98,6 +100,30 @@ class RunStorage:
         if not self.is_local:
             raise RunError(f"{self.location} is not on a local filesystem; this operation needs a local run directory")
         return Path(self.path(key))
+
+    def local_file(self, key: str, cache: Path) -> Path:
+        """A real file with the object's bytes, for a library that reads only paths: the object itself on
+        the local filesystem; elsewhere a copy under ``cache`` named by the SHA-256 of its bytes (and the
+        key's suffix), written once and atomically. Naming by content, not by key, means runs sharing the
+        cache never share a copy of other bytes."""
+        if self.is_local:
+            if not self.exists(key):
+                raise FileNotFoundError(self.path(key))
+            return Path(self.path(key))
+        data = self.read_bytes(key)
+        target = Path(cache) / f"{hashlib.sha256(data).hexdigest()}{Path(key).suffix}"
+        if target.is_file() and target.stat().st_size == len(data):
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
 
     # -- queries -------------------------------------------------------------------------------
     def _info(self, key: str) -> pafs.FileInfo:
