@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -123,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.debug:
         os.environ["COMPAT_RAY_LOGS"] = "1"  # stream Ray worker logs to the terminal
+    previous = _exit_on_sigterm()
     try:
         return args.func(args)
     except CompatError as exc:
@@ -133,6 +136,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; continue with `compat run --resume RUN_DIR`", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """SIGTERM (``kill``, ``ray job stop``, a pod shutting down) unwinds the command as ``sys.exit`` does,
+    so the run's lease is released at once instead of expiring (``ray.init`` installs the same kind of
+    handler, but runs that train in-process never call it). Returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 if __name__ == "__main__":

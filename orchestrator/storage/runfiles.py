@@ -4,6 +4,7 @@
 
     config.yaml                          resolved config (seed included)
     run.json                             provenance (code revision, library versions)
+    lease.json                           the driver that works in the run (orchestrator/storage/lease.py)
     manifest/<task>.json                 one completion record per finished task (``<method>/step-NNN``, ...)
     versions/<method>/vK/model.pt        final weights of version K (tensors only), and meta.json
     epochs/<method>/step-NNN.pt          last finished epoch of an unfinished step (resume point)

@@ -147,4 +147,6 @@ def _run_in_task(cfg_dict: dict, run_dir: str, setup: TaskSetup) -> dict:
         os.environ["COMPAT_CACHE_DIR"] = setup.cache_dir
     from orchestrator.engine.driver import run_experiment
 
-    return run_experiment(parse_config(cfg_dict), Path(run_dir), progress=False, echo=lambda line: None)
+    # a restarted trial may find the lease of its previous, killed simulation: wait for it to expire
+    return run_experiment(parse_config(cfg_dict), Path(run_dir), progress=False, echo=lambda line: None,
+                          wait_for_lease=True)
