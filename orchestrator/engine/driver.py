@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -79,11 +80,14 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Location]] = None, *, progress: bool = True,
-                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None) -> dict:
+                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None, step_by_step: bool = False,
+                   cancel: Optional[threading.Event] = None) -> dict:
     """Run (or resume) the experiment: plan its task graph (every method, seed and upstream model),
     execute it, then write each run's metrics.json, CSVs, plots and report.md.
 
-    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds)."""
+    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds);
+    ``step_by_step`` trains every run's step k before any step k+1 where the groups are fewer than the
+    chains; setting ``cancel`` ends the worker groups at once and raises :class:`RunCancelled`."""
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
     from orchestrator.reporting.report import render_report
@@ -114,7 +118,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Lo
         run = graph.runs[task.run]
         ensure_row(run.config, root.child(task.run), run.config.methods[task.method].key, task.step)
 
-    execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups)
+    execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups, step_by_step=step_by_step,
+            cancel=cancel)
     display.close()
     finished: dict[str, dict] = {}
     for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):
