@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 import yaml
 
 from orchestrator.storage.run_storage import RunStorage
-from orchestrator.config.typed import from_dict, require
+from orchestrator.config.typed import from_dict, require, require_name
 from orchestrator.config import ExperimentConfig, load_raw, parse_config, set_key
 from orchestrator.engine.validate import parse_experiment
 from orchestrator.errors import ConfigError, RunError
@@ -79,7 +79,7 @@ class SweepConfig:
     max_failures: int = 0  # Tune restarts of a failed trial (its run resumes from the manifest)
     seed: int = 0  # seeds the search algorithm
     seeds: Optional[list[int]] = None  # evaluate every trial over these seeds (mean)
-    name: Optional[str] = None  # None: "<experiment name>-sweep"
+    name: Optional[str] = None  # a safe name (letters, digits, . _ -); None: "<experiment name>-sweep"
     output_dir: Optional[str] = None  # None: the experiment's output_dir
 
     def __post_init__(self):
@@ -177,7 +177,7 @@ def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
     if config.search in ("optuna", "hyperopt") and importlib.util.find_spec(config.search) is None:
         raise ConfigError("sweep.search", f"{config.search} is not installed; pip install 'compat-orchestrator[sweep]'")
     name = config.name or f"{experiment.name}-sweep"
-    require(name.strip() == name and "/" not in name and bool(name), "sweep.name", "must be a name without '/'")
+    require_name(name, "sweep.name")
     directory = Path(directory or Path(config.output_dir or experiment.output_dir) / name).resolve()
     return Sweep(document, config, dimensions, objective, experiment, num_versions, directory)
 

@@ -90,7 +90,7 @@ class SimulationThread:
         def run() -> None:
             try:
                 run_experiment(cfg, run_dir, progress=False, echo=lambda line: None, max_groups=groups,
-                               step_by_step=True, cancel=self.cancel)
+                               step_by_step=True, cancel=self.cancel, wait_for_lease=True)  # as in _run_in_task
             except RunCancelled:
                 pass
             except BaseException as exc:  # handed to the trial's next step
@@ -270,5 +270,6 @@ def _run_in_task(cfg_dict: dict, run_dir: str, setup: TaskSetup, max_groups: Opt
     from orchestrator.engine.driver import run_experiment
 
     setup.apply()
+    # a restarted trial may find the lease of its previous, killed simulation: wait for it to expire
     return run_experiment(parse_config(cfg_dict), Path(run_dir), progress=False, echo=lambda line: None,
-                          max_groups=max_groups, step_by_step=True)
+                          max_groups=max_groups, step_by_step=True, wait_for_lease=True)
