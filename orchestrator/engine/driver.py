@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -99,15 +100,17 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Location]] = None, *, progress: bool = True,
-                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None,
-                   wait_for_lease: bool = False) -> dict:
+                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None, step_by_step: bool = False,
+                   cancel: Optional[threading.Event] = None, wait_for_lease: bool = False) -> dict:
     """Run (or resume) the experiment: plan its task graph (every method, seed and upstream model),
     execute it, then write each run's metrics.json, CSVs, plots and report.md.
 
     The run's lease (orchestrator/storage/lease.py) is held from the first write to the last, and every
     write, the workers' included, is fenced by it: a second driver on a live run refuses and names the
     holder. ``wait_for_lease`` waits instead while the holder may be gone (see ``RunLease.take``).
-    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds)."""
+    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds);
+    ``step_by_step`` trains every run's step k before any step k+1 where the groups are fewer than the
+    chains; setting ``cancel`` ends the worker groups at once and raises :class:`RunCancelled`."""
     from orchestrator.engine.validate import validate
     from orchestrator.storage.lease import RunLease
 
@@ -119,11 +122,12 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Lo
     root = RunStorage.of(run_dir or default_run_dir(cfg))
     check_run_dir(cfg, root)  # before the lease is written
     with RunLease.take(root, wait=wait_for_lease) as lease:
-        return _run_leased(cfg, lease.guard(root), progress=progress, echo=echo, max_groups=max_groups)
+        return _run_leased(cfg, lease.guard(root), progress=progress, echo=echo, max_groups=max_groups,
+                           step_by_step=step_by_step, cancel=cancel)
 
 
 def _run_leased(cfg: ExperimentConfig, root: RunStorage, *, progress: bool, echo: Callable[[str], None],
-                max_groups: Optional[int]) -> dict:
+                max_groups: Optional[int], step_by_step: bool, cancel: Optional[threading.Event]) -> dict:
     """:func:`run_experiment` once the lease is held; ``root`` is fenced by it."""
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
@@ -147,7 +151,8 @@ def _run_leased(cfg: ExperimentConfig, root: RunStorage, *, progress: bool, echo
         run = graph.runs[task.run]
         ensure_row(run.config, root.child(task.run), run.config.methods[task.method].key, task.step)
 
-    execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups)
+    execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups, step_by_step=step_by_step,
+            cancel=cancel)
     display.close()
     finished: dict[str, dict] = {}
     for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):
