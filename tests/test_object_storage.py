@@ -118,7 +118,7 @@ def test_a_cli_run_on_s3_equals_a_local_run_resumes_and_re_renders(s3, tmp_path,
             assert {f"manifest/{method}/step-{step:03d}.json", f"versions/{method}/v{step}/model.pt",
                     f"rows/{method}/row-{step:03d}.json",
                     f"store/method={method}/version={step}/eval_set=test/_COMPLETE.json"} <= stored
-    assert {"config.yaml", "run.json", "driver.json", "metrics.json", "report.md", "heatmaps.png"} <= stored
+    assert {"config.yaml", "run.json", "lease.json", "metrics.json", "report.md", "heatmaps.png"} <= stored
     assert not any(key.startswith("epochs/") for key in stored)  # resume points are removed once a step is done
     run = RunStorage.at(f"s3://{BUCKET}/cli/quickstart")
     assert matrices(run.read_json("metrics.json")) == matrices(local)
@@ -154,7 +154,7 @@ def test_seeds_in_train_worker_groups_on_s3(s3, ray_on_s3):
                 f"seed-{seed}/metrics.json", f"seed-{seed}/report.md"} <= stored
         entry = RunStorage.at(f"s3://{BUCKET}/seeds/quickstart/seed-{seed}").read_json("manifest/bct/step-001.json")
         assert entry["world_size"] == 1 and entry["event"] == "finetune"
-    assert {"metrics.json", "report.md", "driver.json"} <= stored
+    assert {"metrics.json", "report.md", "lease.json"} <= stored
     assert any(key.startswith("ray/") for key in stored)  # Ray Train's storage_path, on the same bucket
 
 
@@ -183,26 +183,38 @@ def test_a_sweep_on_s3_keeps_tune_state_trials_and_outputs_in_the_bucket(s3, ray
 
 @pytest.mark.integration
 def test_a_worker_that_cannot_see_a_local_run_fails_at_its_first_step(ray_on_s3, tmp_path, monkeypatch):
-    """A multi-node run in a local directory: the driver's mark lands on the driver's disk, which the
-    worker's node does not share. Simulated on one machine by having the driver write its mark elsewhere
-    (its own disk); the worker, a real Ray Train process, finds none at the run's path and stops before
-    training, with what to set."""
+    """A multi-node run in a local directory: the driver's lease lands on the driver's disk, which the
+    worker's node does not share. Simulated on one machine by having the driver take its lease (and fence
+    its writes) on a directory of its own: the worker, a real Ray Train process, finds no lease at the
+    run's path and stops before it trains, with what to set."""
+    from orchestrator.storage.lease import RunLease
+
     run_dir = tmp_path / "runs" / "quickstart"
-    announce = runfiles.announce_driver
-    monkeypatch.setattr(runfiles, "announce_driver", lambda run: announce(tmp_path / "driver-disk"))
+    take = RunLease.take.__func__
+    monkeypatch.setattr(RunLease, "take", classmethod(
+        lambda cls, run, **kw: take(cls, RunStorage.at(tmp_path / "driver-disk"), **kw)))
     cfg = load_config(None, [*ONE_TRAIN_WORKER, f"output_dir={tmp_path / 'runs'}"])
     with pytest.raises(RunError, match=r"does not see the run .* at .*/runs/quickstart \(nothing of it is there\); "
                                        r"a multi-node run needs output_dir .* or on object storage \(s3://"):
         run_experiment(cfg, progress=False, echo=lambda line: None)
+    assert (run_dir / "config.yaml").exists()  # the driver wrote, fenced by its own lease
     assert not (run_dir / "versions").exists() and not (run_dir / "manifest").exists()
 
 
-def test_the_driver_check_names_what_a_worker_found():
+def test_the_worker_check_names_what_a_worker_found():
+    """What check_driver says for each view a worker may have of the top of the run."""
+    from orchestrator.storage.lease import LEASE, RunLease
+
     run = memory_storage()
-    mark = runfiles.announce_driver(run)
-    runfiles.check_driver(run, mark)  # the driver's own mark: nothing to say
-    with pytest.raises(RunError, match=r"does not see the run .* \(nothing of it is there\)"):
-        runfiles.check_driver(memory_storage(), mark)
-    run.write_json(runfiles.DRIVER, {"token": "earlier", "host": "node-b"})
-    with pytest.raises(RunError, match=r"mark of another driver \(on node-b\).*one driver per run"):
-        runfiles.check_driver(run, mark)
+    with RunLease.take(run) as lease:
+        fenced = lease.guard(run)
+        runfiles.check_driver(fenced)  # the driver's own run: nothing to say
+        elsewhere = memory_storage().fenced(lease.fence)  # the same path on a disk the driver never wrote
+        with pytest.raises(RunError, match=r"does not see the run .* \(nothing of it is there\)"):
+            runfiles.check_driver(elsewhere)
+        elsewhere.fenced(None).write_json(LEASE, {**lease.record, "holder": "old", "generation": 0, "host": "node-b"})
+        with pytest.raises(RunError, match=r"only an earlier run's lease, from host node-b\); a multi-node run"):
+            runfiles.check_driver(elsewhere)
+        run.write_json(LEASE, {**lease.record, "holder": "new", "generation": lease.fence.generation + 1})
+        with pytest.raises(RunError, match="no longer holds the lease"):  # taken over: the fence's own error
+            runfiles.check_driver(fenced)

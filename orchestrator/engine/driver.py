@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 
 from orchestrator.storage import runfiles
@@ -23,6 +24,9 @@ from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
 from orchestrator.engine.executor import ensure_ray  # noqa: F401  (the benches start the cluster through here)
 from orchestrator.errors import RunError
 from orchestrator.engine.scenarios import plan_steps
+
+if TYPE_CHECKING:
+    from orchestrator.storage.lease import RunLease
 
 SCHEMA_VERSION = 1
 
@@ -49,34 +53,62 @@ def load_run_config(run: runfiles.Run):
     return parse_any(document)
 
 
-def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
-    """Start the run of ``cfg`` at ``run``, or check that it already belongs to ``cfg``. Returns True when
-    resuming. A replacement checkpoint that is missing, unsafe or does not fit fails here, before anything
-    is written."""
+def check_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
+    """Every check of starting or resuming ``cfg``'s run at ``run``, writing nothing: a replacement checkpoint
+    that is missing, unsafe or does not fit fails here, and so does a run of another config. Returns True
+    when ``run`` already holds ``cfg``'s run."""
     from orchestrator.engine.upstream import check_replacements
 
     if isinstance(cfg, ExperimentConfig):
         check_replacements(cfg)
-    run = RunStorage.of(run)
+    return _holds_run_of(cfg, RunStorage.of(run))
+
+
+def _holds_run_of(cfg: ExperimentConfig, run: RunStorage) -> bool:
     try:
         document = runfiles.read_config(run)
-    except OSError as exc:  # an unreachable server, a missing bucket, no credentials: before anything starts
+    except OSError as exc:  # an unreachable server, no credentials: before anything starts
         raise RunError(f"cannot read the run location {run.location}: {str(exc).strip()}") from None
-    if document is not None:
-        existing = parse_any(document)
-        if existing.digest() != cfg.digest():
-            raise RunError(
-                f"{run.location} already holds a run of a different config (digest {existing.digest()} != "
-                f"{cfg.digest()}); resume it with `compat run --resume {run.location}`, or set another "
-                "`name`/`output_dir`, or delete it"
-            )
+    if document is None:
+        return False
+    existing = parse_any(document)
+    if existing.digest() != cfg.digest():
+        raise RunError(
+            f"{run.location} already holds a run of a different config (digest {existing.digest()} != "
+            f"{cfg.digest()}); resume it with `compat run --resume {run.location}`, or set another "
+            "`name`/`output_dir`, or delete it"
+        )
+    return True
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
+    """Start the run of ``cfg`` at ``run``, or check that it already belongs to ``cfg`` (:func:`check_run_dir`
+    first). Returns True when resuming."""
+    check_run_dir(cfg, run)
+    return start_run_dir(cfg, run)
+
+
+def start_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
+    """Write a new run's config.yaml and run.json; True (and nothing written) when ``run`` already holds
+    ``cfg``'s run. The top run calls it under its lease, so the config is checked again there: another
+    driver may have started the run since :func:`check_run_dir`."""
+    run = RunStorage.of(run)
+    if _holds_run_of(cfg, run):
         return True
-    try:
-        runfiles.write_config(run, cfg.to_dict())
-    except OSError as exc:
-        raise RunError(f"cannot write the run at {run.location}: {str(exc).strip()}") from None
+    runfiles.write_config(run, cfg.to_dict())
     run.write_json(runfiles.PROVENANCE, run_provenance(cfg))
     return False
+
+
+def take_lease(root: RunStorage, wait: bool) -> "RunLease":
+    """The run's lease (its first write): a location that cannot be written (no such bucket, no
+    credentials) fails here, as a RunError, before anything runs."""
+    from orchestrator.storage.lease import RunLease
+
+    try:
+        return RunLease.take(root, wait=wait)
+    except OSError as exc:
+        raise RunError(f"cannot write the run at {root.location}: {str(exc).strip()}") from None
 
 
 def run_provenance(cfg: ExperimentConfig) -> dict:
@@ -95,25 +127,40 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Location]] = None, *, progress: bool = True,
-                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None) -> dict:
+                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None, step_by_step: bool = False,
+                   cancel: Optional[threading.Event] = None, wait_for_lease: bool = False) -> dict:
     """Run (or resume) the experiment: plan its task graph (every method, seed and upstream model),
     execute it, then write each run's metrics.json, CSVs, plots and report.md.
 
-    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds)."""
-    from orchestrator.engine.executor import execute
-    from orchestrator.engine.graph import plan
-    from orchestrator.reporting.report import render_report
-    from orchestrator.engine.upstream_clip import record_upstream
-
+    The run's lease (orchestrator/storage/lease.py) is held from the first write to the last, and every
+    write, the workers' included, is fenced by it: a second driver on a live run refuses and names the
+    holder. ``wait_for_lease`` waits instead while the holder may be gone (see ``RunLease.take``).
+    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds);
+    ``step_by_step`` trains every run's step k before any step k+1 where the groups are fewer than the
+    chains; setting ``cancel`` ends the worker groups at once and raises :class:`RunCancelled`."""
     from orchestrator.engine.validate import validate
 
     if isinstance(cfg, CrossModalExperiment):
         from orchestrator.engine.crossmodal import run_crossmodal
 
-        return run_crossmodal(cfg, run_dir, echo=echo, progress=progress)
+        return run_crossmodal(cfg, run_dir, echo=echo, progress=progress, wait_for_lease=wait_for_lease)
     validate(cfg)
     root = RunStorage.of(run_dir or default_run_dir(cfg))
-    resuming = prepare_run_dir(cfg, root)
+    check_run_dir(cfg, root)  # before the lease is written
+    with take_lease(root, wait_for_lease) as lease:
+        return _run_leased(cfg, lease.guard(root), progress=progress, echo=echo, max_groups=max_groups,
+                           step_by_step=step_by_step, cancel=cancel)
+
+
+def _run_leased(cfg: ExperimentConfig, root: RunStorage, *, progress: bool, echo: Callable[[str], None],
+                max_groups: Optional[int], step_by_step: bool, cancel: Optional[threading.Event]) -> dict:
+    """:func:`run_experiment` once the lease is held; ``root`` is fenced by it."""
+    from orchestrator.engine.executor import execute
+    from orchestrator.engine.graph import plan
+    from orchestrator.reporting.report import render_report
+    from orchestrator.engine.upstream_clip import record_upstream
+
+    resuming = start_run_dir(cfg, root)
     graph = plan(cfg)
     for path, run in graph.runs.items():
         if path:
@@ -130,7 +177,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Lo
         run = graph.runs[task.run]
         ensure_row(run.config, root.child(task.run), run.config.methods[task.method].key, task.step)
 
-    execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups)
+    execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups, step_by_step=step_by_step,
+            cancel=cancel)
     display.close()
     finished: dict[str, dict] = {}
     for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):

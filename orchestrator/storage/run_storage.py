@@ -23,6 +23,9 @@ Atomicity, defined per operation in terms an object store keeps:
   ``_COMPLETE.json``), and that record is written after everything it vouches for. Readers decide
   "finished" from the record alone, so a crash between two writes leaves at most unreferenced objects.
 - **Deletes** are idempotent (a missing key is fine) and never needed for correctness, only for tidiness.
+- **Fenced handles.** A driver's handle (and every handle derived from it: children, the ones its workers
+  receive) carries the :class:`~orchestrator.storage.lease.Fence` of the run's lease: each write and
+  delete first checks that the lease still names that driver, so a former holder writes nothing.
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ OBJECT_STORES = ("s3", "gcs")  # pyarrow type names of filesystems without direc
 class RunStorage:
     """A run's state on one filesystem under one root; see the module docstring for the write rules."""
 
-    def __init__(self, filesystem: pafs.FileSystem, root: str, uri: Optional[str] = None):
+    def __init__(self, filesystem: pafs.FileSystem, root: str, fence: Optional[Any] = None, uri: Optional[str] = None):
         self.filesystem = filesystem
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(filesystem, pafs.LocalFileSystem)
+        self.fence = fence  # a lease's Fence (orchestrator/storage/lease.py): checked before each write
         self.uri = None if self.is_local else uri  # the URI it was opened from (None: a path, or a filesystem given directly)
 
     @classmethod
@@ -107,8 +111,16 @@ class RunStorage:
         return f"{self.root}/{key}" if self.root != "/" else f"/{key}"
 
     def child(self, sub: str) -> "RunStorage":
-        """The storage rooted at ``sub`` inside this one (a nested run, the embedding store ...)."""
-        return RunStorage(self.filesystem, self.path(sub), None if self.uri is None else join_uri(self.uri, sub))
+        """The storage rooted at ``sub`` inside this one (a nested run, the embedding store ...), under the same fence."""
+        return RunStorage(self.filesystem, self.path(sub), self.fence, None if self.uri is None else join_uri(self.uri, sub))
+
+    def fenced(self, fence: Any) -> "RunStorage":
+        """This storage with every write and delete first checking ``fence`` (a lease's, see the module docstring)."""
+        return RunStorage(self.filesystem, self.root, fence, self.uri)
+
+    def _check_fence(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
 
     def local_path(self, key: str = "") -> Path:
         """A real path, only for libraries that cannot take a stream (Ray Train's storage_path ...)."""
@@ -192,6 +204,7 @@ class RunStorage:
                     yield handle
                     handle.flush()
                     os.fsync(handle.fileno())
+                self._check_fence()  # as late as possible: just before the object appears
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -200,6 +213,7 @@ class RunStorage:
         else:
             buffer = io.BytesIO()
             yield buffer
+            self._check_fence()
             path = self.path(key)
             parent = path.rpartition("/")[0]
             if parent and self.filesystem.type_name not in OBJECT_STORES:  # an object store has no directories
@@ -216,6 +230,7 @@ class RunStorage:
 
     def delete(self, key: str) -> None:
         """Remove the object at ``key`` (nothing happens when there is none)."""
+        self._check_fence()
         try:
             self.filesystem.delete_file(self.path(key))
         except FileNotFoundError:

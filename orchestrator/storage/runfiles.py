@@ -4,7 +4,7 @@
 
     config.yaml                          resolved config (seed included)
     run.json                             provenance (code revision, library versions)
-    driver.json                          the running driver's mark, checked by every worker group first
+    lease.json                           the driver that works in the run (orchestrator/storage/lease.py)
     manifest/<task>.json                 one completion record per finished task (``<method>/step-NNN``, ...)
     versions/<method>/vK/model.pt        final weights of version K (tensors only), and meta.json
     epochs/<method>/step-NNN.pt          last finished epoch of an unfinished step (resume point)
@@ -24,7 +24,6 @@ Every function takes the run as a :class:`RunStorage` or a location (a path or U
 from __future__ import annotations
 
 import socket
-import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -38,7 +37,6 @@ Run = Union[RunStorage, Location]
 
 CONFIG = "config.yaml"
 PROVENANCE = "run.json"
-DRIVER = "driver.json"
 METRICS = "metrics.json"
 REPORT = "report.md"
 
@@ -135,38 +133,41 @@ def manifest_entry(run: Run, method: str, step: int) -> Optional[dict]:
     return storage(run).read_json_or_none(manifest_key(method, step))
 
 
-# -- the driver's mark --------------------------------------------------------------------------
+# -- can this process see the run? ----------------------------------------------------------------
 STORAGE_ADVICE = ("a multi-node run needs output_dir (compat run --output-dir) on a mount that every node sees at "
                   "the same path, or on object storage (s3://bucket/prefix, gs://bucket/prefix); see "
                   "docs/guide/storage.md")
 
 
-def announce_driver(run: Run) -> dict:
-    """The driver's mark on the run, written before any worker group starts: a fresh token and the
-    driver's host. Every worker group checks it (:func:`check_driver`) before it trains, so a worker
-    that does not see the run the driver writes fails at once instead of training into its own disk."""
-    mark = {"token": uuid.uuid4().hex, "host": socket.gethostname()}
-    storage(run).write_json(DRIVER, mark)
-    return mark
+def check_driver(run: Run) -> None:
+    """Raise a RunError that says what to set unless this process sees the run its driver holds.
 
+    Every worker calls it, with the top of the run, before it takes a task. The driver writes its lease
+    record there (``lease.json``, orchestrator/storage/lease.py) before any worker group starts, and the
+    workers' storage carries that lease's fence (holder and generation). A worker that reads no record
+    there, or an older one (a lower generation: an earlier run at the same path on its own disk), does
+    not see the driver's run — a local directory on a node that does not share it — and would train into
+    a place the driver never reads. A record it cannot read at all means no route to the storage or no
+    credentials on this node. A newer holder is the fence's own error (another driver took over)."""
+    from orchestrator.storage.lease import read_lease
 
-def check_driver(run: Run, mark: dict) -> None:
-    """Raise a RunError that says what to set unless this process reads the driver's ``mark`` in the run."""
-    run, node = storage(run), socket.gethostname()
+    run = storage(run)
+    fence = run.fence
+    if fence is None:
+        return  # not written under a lease
+    node = socket.gethostname()
     try:
-        found = run.read_json_or_none(DRIVER)
+        record = read_lease(run)
     except (OSError, RunError) as exc:
         raise RunError(f"node {node} cannot read the run at {run.location} ({str(exc).strip()}); every node needs "
                        "network access to the storage and its credentials in its environment (see "
                        "docs/guide/storage.md)") from None
-    if found == mark:
-        return
-    if found is None:
-        raise RunError(f"node {node} does not see the run that the driver on {mark['host']} writes at {run.location} "
-                       f"(nothing of it is there); {STORAGE_ADVICE}")
-    raise RunError(f"node {node} finds the mark of another driver (on {found.get('host')}) in the run at {run.location}: "
-                   "either another driver has started on this run since this one did (run one driver per run at a "
-                   f"time), or that location on this node is not the one the driver writes ({STORAGE_ADVICE})")
+    if record is None or int(record.get("generation", 0)) < fence.generation:
+        seen = "nothing of it is there" if record is None else \
+            f"only an earlier run's lease, from host {record.get('host')}"
+        raise RunError(f"node {node} does not see the run that its driver writes at {run.location} ({seen}); "
+                       f"{STORAGE_ADVICE}")
+    fence.check()
 
 
 # -- weights -----------------------------------------------------------------------------------
