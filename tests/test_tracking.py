@@ -111,9 +111,14 @@ def tracked_run(tmp_path_factory):
         cfg = config_under(tmp, *TINY, f"tracking={{mlflow: {{tracking_uri: '{uri}'}}, wandb: {{mode: offline}}, tensorboard: {{}}}}")
         metrics = run_experiment(cfg, **quiet)
         yield cfg, tmp / cfg.name, metrics, uri
-    import wandb
 
-    wandb.teardown()  # ends W&B's service process
+
+@pytest.fixture(autouse=True, scope="module")
+def _end_wandb_service():
+    """W&B's runs in this process share a service process; end it with the module."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 def mlflow_runs(uri: str, experiment: str):
@@ -301,3 +306,25 @@ def test_a_sweep_logs_every_trial_through_tune_callbacks(ray_cluster, tmp_path, 
         assert list((sweep.directory / trial_id).glob("events.out.tfevents.*"))  # Tune's TensorBoard files
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == len(trial_ids) + 1  # the trials, the summary
     assert "tracking" in yaml.safe_load((sweep.directory / "best_config.yaml").read_text())
+
+
+def test_a_crossmodal_run_logs_its_recall_cells_and_report(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from orchestrator.config.crossmodal import parse_crossmodal
+
+    cfg = parse_crossmodal({
+        "kind": "cross-modal", "name": "cm", "seeds": [0], "output_dir": str(tmp_path),
+        "models": {"old": {"name": "tiny-vit-w32"}, "new": {"name": "tiny-vit-w64"}},
+        "data": {"synthetic": {"num_classes": 4, "train_per_class": 8, "test_per_class": 4},
+                 "captions_per_image": 3, "pair_count": 16},
+        "resources": {"num_workers": 0}, "methods": [{"name": "procrustes"}], "tracking": {"tensorboard": {}}})
+    metrics = run_experiment(cfg, **quiet)
+    events = EventAccumulator(str(tmp_path / "cm" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert events.Scalars("summary/old_old/i2t_r1")[0].value == pytest.approx(metrics["old_old"]["i2t_r1"])
+    assert events.Scalars("summary/procrustes/t2i_r1")[0].value == pytest.approx(
+        metrics["methods"]["procrustes"]["mean"]["t2i_r1"])
+    text = events.Tensors("report/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text == (tmp_path / "cm" / "report.md").read_text()

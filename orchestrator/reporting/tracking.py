@@ -33,8 +33,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 
-from orchestrator.config.tracking import MLflowTracking, TensorBoardTracking, TrackingConfig, WandbTracking
+from orchestrator.config.tracking import MLflowTracking, TrackingConfig, WandbTracking
 from orchestrator.errors import ConfigError
+from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import RunStorage
 
 INSTALL = "pip install 'compat-orchestrator[tracking]'"
@@ -97,9 +98,17 @@ class Tracker:
         self.close(failed=kind is not None)
 
     def close(self, failed: bool = False) -> None:
+        """Close every backend; the first error a backend raises while closing is raised after all are
+        closed, unless the run itself failed (its own error is the one to see)."""
         backends, self.backends = self.backends, []
+        errors = []
         for backend in backends:
-            backend.close(failed)
+            try:
+                backend.close(failed)
+            except Exception as exc:  # each backend gets its close
+                errors.append(exc)
+        if errors and not failed:
+            raise errors[0]
 
     def step_finished(self, run_path: str, method: str, version: int, entry: dict, row: Optional[dict],
                       epochs_before: int) -> None:
@@ -120,7 +129,7 @@ class Tracker:
         if not self.enabled:
             return
         for path, storage in runs:
-            metrics = storage.read_json_or_none("metrics.json")
+            metrics = storage.read_json_or_none(runfiles.METRICS)
             if metrics is None:
                 continue
             summary = summary_metrics(metrics, path)
