@@ -69,6 +69,32 @@ def test_a_missing_package_fails_before_anything_is_written(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_tracker_that_cannot_start_stops_the_run_before_any_step(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    if not hasattr(mlflow.environment_variables, "MLFLOW_ALLOW_FILE_STORE"):
+        pytest.skip("this MLflow accepts directory stores")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    cfg = config_under(tmp_path, *TINY, f"tracking.mlflow={{tracking_uri: '{(tmp_path / 'mlruns').as_uri()}'}}")
+    with pytest.raises(ConfigError) as err:
+        run_experiment(cfg, **quiet)
+    assert err.value.key == "tracking.mlflow.tracking_uri" and "MLFLOW_ALLOW_FILE_STORE" in str(err.value)
+    assert not (tmp_path / cfg.name / "manifest").exists()
+
+
+def test_wandb_online_without_an_api_key_is_a_config_error(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SETUP_API_KEY_HOOK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no `wandb login` credentials (~/.netrc) to find
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    cfg = config_under(tmp_path, *TINY, "tracking.wandb={mode: online}")
+    with pytest.raises(ConfigError) as err:
+        run_experiment(cfg, **quiet)
+    assert err.value.key == "tracking.wandb.mode" and "mode: offline" in str(err.value)
+    assert not (tmp_path / cfg.name / "manifest").exists()
+
+
 # -- what is logged, on hand-made inputs ---------------------------------------------------------------
 def test_row_metrics_name_each_gallery_version_and_skip_block_tables():
     row = {"cmc1": [0.5, 0.75], "map": [0.25, None], "cmc1_by_block": [[0.1, 0.2], [0.3, 0.4]]}
