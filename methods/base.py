@@ -9,9 +9,10 @@ name; a new method is one file that subclasses :class:`Method` and decorates it 
 from __future__ import annotations
 
 import dataclasses
+import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, ClassVar, Iterable, Literal, Optional, Union
 
 import torch
@@ -22,6 +23,25 @@ from orchestrator.config import ModelConfig, TrainingConfig
 from orchestrator.errors import CheckpointError, ConfigError
 from orchestrator.registry import Registry
 
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """Weights the engine keeps in the run's storage, handed to a method as something it can load.
+
+    A run may live on a filesystem that is no local directory tree (an object store), so earlier
+    versions and upstream models come as a name (where they are, for messages and records) and a
+    function that returns their bytes: a ``torch.save`` of tensors, or safetensors when the name ends in
+    ``.safetensors``. :func:`load_state_dict` reads them like a local file, with the same safety rules."""
+
+    name: str
+    read: Callable[[], bytes] = field(repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# What a method loads weights from: stored in the run (StoredWeights), or a user's file or directory.
+Weights = Union[StoredWeights, str, Path]
 
 
 @dataclass(frozen=True)
@@ -37,8 +57,8 @@ class StepContext:
     training: TrainingConfig
     seed: int
     shots: Optional[int] = None
-    previous_checkpoint: Optional[str] = None  # directory of version index-1
-    init_checkpoint: Optional[str] = None  # model to start from (finetune: previous version; replace: replacement)
+    previous_checkpoint: Optional[Weights] = None  # version index-1
+    init_checkpoint: Optional[Weights] = None  # model to start from (finetune: previous version; replace: replacement)
     device: str = "cpu"
     world_size: int = 1
     rank: int = 0
@@ -102,17 +122,17 @@ class Method(ABC):
             self.load_weights(model, ctx.init_checkpoint, strict=False, keep_fresh=fresh)
         return model
 
-    def load_version(self, ctx: StepContext, checkpoint_dir: str, strict: bool = True) -> nn.Module:
+    def load_version(self, ctx: StepContext, checkpoint: Weights, strict: bool = True) -> nn.Module:
         """Load a finished version (built for its own ``ctx``), frozen and in eval mode; ``strict=False``
         loads a model from elsewhere (e.g. a replacement) into the network of ``ctx``."""
         model = self.build_model(ctx)
-        self.load_weights(model, checkpoint_dir, strict=strict)
+        self.load_weights(model, checkpoint, strict=strict)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         return model
 
-    def load_weights(self, model: nn.Module, checkpoint: str, strict: bool, keep_fresh: tuple[str, ...] = ()) -> None:
+    def load_weights(self, model: nn.Module, checkpoint: Weights, strict: bool, keep_fresh: tuple[str, ...] = ()) -> None:
         """Load a state dict safely; with ``strict=False`` tensors whose shapes differ (e.g. a grown
         classifier) are kept from the fresh model and the first rows are copied over, and tensors under
         the ``keep_fresh`` prefixes are not loaded at all."""
@@ -170,10 +190,10 @@ class Method(ABC):
         (``resources.share_first_version``). ``None``, the default, never shares."""
         return None
 
-    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, str]]:
+    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, Weights]]:
         """The model :meth:`prepare` receives, frozen, as ``previous`` (when ``needs_previous``): an int
         is one of this method's own earlier versions (the engine loads it, as ``ctx.load_version`` does),
-        a string a checkpoint from elsewhere (``ctx.init_checkpoint``, e.g. a replacement). The previous
+        other weights a model from elsewhere (``ctx.init_checkpoint``, e.g. a replacement). The previous
         version by default."""
         return ctx.index - 1 if ctx.index > 0 else None
 
@@ -272,29 +292,38 @@ def create_method(name: str, params: dict, model_cfg: ModelConfig, key: str = "m
     return cls(parse_params(name, params, f"{key}.params"), model_cfg)
 
 
-def load_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """Read model weights safely: ``.safetensors`` or ``torch.load(weights_only=True)``; a directory
-    means its ``model.safetensors`` or ``model.pt``."""
-    path = checkpoint_file(checkpoint)
+def load_state_dict(checkpoint: Weights) -> dict[str, torch.Tensor]:
+    """Read model weights safely: ``.safetensors`` or ``torch.load(weights_only=True)``, never pickled code.
+    ``checkpoint`` is weights stored in the run (:class:`StoredWeights`), a file, or a directory holding
+    ``model.safetensors`` or ``model.pt``."""
+    if isinstance(checkpoint, StoredWeights):
+        where, safetensors = checkpoint.name, PurePosixPath(checkpoint.name).suffix == ".safetensors"
+        try:
+            data = checkpoint.read()
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {where} does not exist") from None
+    else:
+        path = checkpoint_file(checkpoint)
+        where, safetensors, data = path, path.suffix == ".safetensors", None
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        if safetensors:
+            from safetensors.torch import load, load_file
 
-            state = load_file(str(path))
+            state = load(data) if data is not None else load_file(str(where))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data) if data is not None else where, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickled objects, truncated download ...
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {where} cannot be loaded safely ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} is not a state dict of tensors")
+        raise CheckpointError(f"checkpoint {where} is not a state dict of tensors")
     return state
 
 
 def checkpoint_file(checkpoint: str | Path) -> Path:
-    """The weights file a checkpoint names: the path itself, or a version directory's ``model.safetensors``
-    or ``model.pt``."""
+    """The local weights file a checkpoint names: the path itself, or a version directory's
+    ``model.safetensors`` or ``model.pt``."""
     path = Path(checkpoint)
     if path.is_dir():
         for name in ("model.safetensors", "model.pt"):

@@ -27,7 +27,7 @@ from typing import Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from methods.base import StepContext, register
+from methods.base import StepContext, Weights, register
 from methods.independent import Independent
 from methods.nets.prototypes import compute_prototypes
 from orchestrator.config.typed import require
@@ -94,7 +94,7 @@ class BCT(Independent):
     Params = BCTParams
     needs_previous = True
 
-    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, str]]:
+    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, Weights]]:
         """``first``: every version is aligned to version 0, the model that embedded the oldest gallery,
         instead of through its predecessor (compatibility with v0 is then not left to transitivity)."""
         if ctx.index == 0:

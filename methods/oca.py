@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from methods.base import StepContext, register
+from methods.base import StepContext, Weights, register
 from methods.nets.heads import ClassifierNet
 from methods.independent import Independent
 from methods.nets.prototypes import compute_prototype_sets
@@ -116,7 +116,7 @@ class OCA(Independent):
     def growable_prefixes(self) -> tuple[str, ...]:
         return ("classifier.", "net.embedding.")
 
-    def load_weights(self, model: OCANet, checkpoint: str, strict: bool, keep_fresh: tuple[str, ...] = ()) -> None:
+    def load_weights(self, model: OCANet, checkpoint: Weights, strict: bool, keep_fresh: tuple[str, ...] = ()) -> None:
         """Starting from a narrower version (fine-tuning), backbone and embedding load (the embedding
         grows, its first rows copied) but the orthogonal layer starts fresh: an orthogonal matrix cannot
         be grown by padding, and the layer is a training-only head anyway."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.nets.backbones import build_backbone
-from methods.base import Method, StepContext, register
+from methods.base import Method, StepContext, Weights, register
 from methods.nets.simplex import DSimplexHead, LabelRows, label_rows, other_end
 from orchestrator.config.typed import require
 from orchestrator.config import ModelConfig
@@ -92,7 +92,7 @@ class Stationary(Method):
     def growable_prefixes(self) -> tuple[str, ...]:
         return ()  # the classifier is fixed and shared: nothing grows, nothing is re-initialised
 
-    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, str]]:
+    def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, Weights]]:
         if ctx.index == 0 or (ctx.event == "replace" and self.params.anchor == "replacement"):
             return ctx.init_checkpoint
         return ctx.index - 1

@@ -7,12 +7,28 @@ with a non-zero exit code; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from orchestrator.errors import CompatError
+from orchestrator.errors import CompatError, ConfigError
+
+# Set by Ray's job supervisor in a job's entrypoint: the job's config, its runtime environment included.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def refuse_a_run_in_the_jobs_copy(key: str, location: str) -> None:
+    """A job submitted with ``--working-dir`` runs in a temporary copy of that directory on the head,
+    which Ray deletes when it needs the room: a relative run location would put the results there."""
+    runtime_env = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    if runtime_env.get("working_dir") and "://" not in location and not os.path.isabs(os.path.expanduser(location)):
+        raise ConfigError(key, f"'{location}' is relative, and this Ray job runs in a temporary copy of its "
+                               "--working-dir on the head; give an absolute path on storage that outlives the "
+                               "job, e.g. --output-dir /mnt/shared/runs")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -30,6 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg, run_dir = load_experiment(args.config, [*args.set, *seed_list]), None
         if args.output_dir:
             cfg.output_dir = args.output_dir
+        refuse_a_run_in_the_jobs_copy("output_dir", cfg.output_dir)
     metrics = run_experiment(cfg, run_dir, progress=not args.no_progress)
     print()
     print(_summary(metrics, isinstance(cfg, CrossModalExperiment)))
@@ -57,6 +74,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise CompatError("compat sweep needs a CONFIG with a 'sweep:' section, e.g. configs/sweep_bct_synthetic.yaml")
     else:
         sweep = load_sweep(args.config, args.set, args.output_dir)
+        key = "sweep.output_dir" if sweep.config.output_dir else "output_dir"
+        refuse_a_run_in_the_jobs_copy(key, sweep.config.output_dir or sweep.experiment.output_dir)
     results = run_sweep(sweep, progress=not args.no_progress)
     if results is None:
         return 130
@@ -123,6 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.debug:
         os.environ["COMPAT_RAY_LOGS"] = "1"  # stream Ray worker logs to the terminal
+    previous = _exit_on_sigterm()
     try:
         return args.func(args)
     except CompatError as exc:
@@ -133,6 +153,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; continue with `compat run --resume RUN_DIR`", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """SIGTERM (``kill``, ``ray job stop``, a pod shutting down) unwinds the command as ``sys.exit`` does,
+    so the run's lease is released at once instead of expiring (``ray.init`` installs the same kind of
+    handler, but runs that train in-process never call it). Returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 if __name__ == "__main__":

@@ -32,5 +32,9 @@ class RunError(CompatError):
     """A run directory is inconsistent with the request (e.g. resuming with another config)."""
 
 
+class RunCancelled(CompatError):
+    """A run was cancelled while it trained (a sweep's scheduler stopped its trial); finished steps are kept."""
+
+
 class ConfigWarning(UserWarning):
     """A config is valid but probably not what its author meant (e.g. an override that drops settings)."""

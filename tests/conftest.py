@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # hermetic local clusters in tests
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# a run's lease expires 5 s after its driver's last heartbeat (default 60 s), so a sweep trial restarted
+# after its simulation was killed waits seconds, not a minute, for the old lease (orchestrator/storage/lease.py)
+os.environ.setdefault("COMPAT_LEASE_EXPIRY_S", "5")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+from pathlib import Path
 
 from orchestrator.config import ExperimentConfig
 from orchestrator import load_config
@@ -24,3 +26,42 @@ def stop_ray_head(head: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now: each test head gets its own (other clusters may share the machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains ``text`` (Linux /proc; empty elsewhere)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return found
+
+
+def kill_pids_mentioning(text: str) -> list[int]:
+    """SIGKILL every process whose command line contains ``text`` (a test head's own temp dir); returns them."""
+    pids = pids_mentioning(text)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def without_ray_settings(environ) -> dict:
+    """``environ`` minus anything that points a Ray process at a cluster or a token."""
+    return {k: v for k, v in environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

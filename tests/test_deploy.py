@@ -11,8 +11,6 @@ import os
 import re
 import secrets
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +24,7 @@ import yaml
 
 from orchestrator.engine.executor import DRIVER_RESOURCE, DRIVER_SHARE, driver_resources
 
-from helpers import stop_ray_head
+from helpers import free_port, kill_pids_mentioning, stop_ray_head, tail, without_ray_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_FILES = ["cluster.yaml", "cluster.local.yaml"]
@@ -247,10 +245,10 @@ TINY_SWEEP = [
 @pytest.mark.integration
 def test_a_sweeps_driver_side_work_runs_on_the_driver_node(tmp_path):
     """Two nodes, only the second declaring TRAIN_DRIVER_RESOURCE (as cluster.yaml's head does): the
-    trial, its simulation task, the task queue and the Train controller run there, the Train worker on
-    the other node's CPU."""
+    trial (the driver of its steps on Train workers), the task queue and the Train controller run there,
+    the Train worker on the other node's CPU."""
     from ray.cluster_utils import Cluster
-    from ray.util.state import list_actors, list_tasks
+    from ray.util.state import list_actors
 
     from orchestrator.config import load_raw
     from orchestrator.tuning.sweep import parse_sweep, run_sweep
@@ -265,42 +263,17 @@ def test_a_sweeps_driver_side_work_runs_on_the_driver_node(tmp_path):
         results = run_sweep(sweep, progress=False, echo=lambda line: None)
         assert results is not None and not any(t.error for t in results.trials)
         where = {a.class_name: a.node_id for a in list_actors(address=state_api, detail=True, limit=1000)}
-        where.update({t.name: t.node_id for t in list_tasks(address=state_api, detail=True, limit=1000)
-                      if t.name == "_run_in_task"})
     finally:
         ray.shutdown()
         cluster.shutdown()
-    trial = next((name for name in where if "run_trial" in name or "ImplicitFunc" in name), None)
+    trial = next((name for name in where if name.endswith("Trainable")), None)  # Tune's wrapper of the Trial class
     assert trial, where
-    drivers = {name: where[name] for name in (trial, "_run_in_task", "TaskQueue", "TrainController")}
+    drivers = {name: where[name] for name in (trial, "TaskQueue", "TrainController")}
     assert set(drivers.values()) == {driver_node}, where
     assert where["RayTrainWorker"] == head, where
 
 
 # -- a head started the way cluster.yaml starts it -------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line contains ``text`` (Linux /proc; empty elsewhere)."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
-                found.append(int(cmdline.parent.name))
-        except OSError:  # the process ended meanwhile
-            pass
-    return found
-
-
-def _without_ray_settings(environ) -> dict:
-    """This process's environment minus anything that points a Ray process at a cluster or a token."""
-    return {k: v for k, v in environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
-
-
 @pytest.fixture
 def head_like_cluster_yaml():
     """cluster.yaml's `ray start --head`, its environment assignments included, on this machine: the
@@ -322,7 +295,7 @@ def head_like_cluster_yaml():
         "--include-dashboard=true", f"--dashboard-port={dashboard_port}",
         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
         f"--temp-dir={temp_dir}"]
-    env = {**_without_ray_settings(os.environ), **env_of_file, "HOME": str(home),
+    env = {**without_ray_settings(os.environ), **env_of_file, "HOME": str(home),
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # nothing to drain: no 30 s wait on SIGTERM
     ray_cli = str(Path(sys.executable).parent / "ray")
     log = open(temp_dir / "head.log", "wb")
@@ -333,17 +306,13 @@ def head_like_cluster_yaml():
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while not _answers(dashboard):
             if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the head did not come up (exit {head.poll()}):\n{_tail(temp_dir / 'head.log')}")
+                pytest.fail(f"the head did not come up (exit {head.poll()}):\n{tail(temp_dir / 'head.log')}")
             time.sleep(1)
         yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": dashboard, "token_file": token_file,
                "resources": custom, "temp_dir": temp_dir}
     finally:
         stop_ray_head(head)
-        for pid in pids_mentioning(str(temp_dir)):  # anything that outlived it and is ours by its temp dir
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_pids_mentioning(str(temp_dir))  # anything that outlived it and is ours by its temp dir
         log.close()
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
 
@@ -356,10 +325,6 @@ def _answers(url: str) -> bool:
         return True
     except requests.RequestException:
         return False
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 CLIENT = """
@@ -385,7 +350,7 @@ def run_client(head: dict, **env) -> dict:
     (`ray.init`), with only ``env`` telling it about authentication and a HOME that holds no token."""
     home = head["temp_dir"] / "client-home"
     home.mkdir(exist_ok=True)
-    environment = {**_without_ray_settings(os.environ), "HOME": str(home),
+    environment = {**without_ray_settings(os.environ), "HOME": str(home),
                    "RAY_gcs_server_port_wait_time_s": "2", **env}  # a refused connection gives up after 2 tries
     done = subprocess.run([sys.executable, "-c", CLIENT, head["gcs"], head["dashboard"]], env=environment,
                           capture_output=True, text=True, timeout=120)

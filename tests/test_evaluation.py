@@ -1,54 +1,16 @@
 """Protocols of orchestrator.evaluation against hand-computed cases, an independent float64 reference
 and scikit-learn's average precision."""
 
-import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score
 
 from orchestrator.config import EvalSetConfig, EvaluationConfig
 from orchestrator.errors import DataError, StoreError
+from ranking_reference import reference, reference_scores, sklearn_ap
 from orchestrator.evaluation import (BY_BLOCK, CompatibilityMatrix, class_block_top1, compatibility_row, cross_modal_recall, evaluate_pair,
                                      per_query_scores, retrieval_scores, template_top1, truncate_and_normalize)
-
-
-def reference_scores(query, gallery):
-    """Cosine similarities computed independently of the code under test, in float64: truncate both
-    sides, normalise, and add each pair's products with math.fsum (correctly rounded, so a score depends
-    on the two vectors only, never on the position of a row or on a BLAS: identical rows tie exactly)."""
-    dim = min(query.shape[1], gallery.shape[1])
-    q, g = (np.asarray(x, dtype=np.float64)[:, :dim] for x in (query, gallery))
-    q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
-    return np.array([[math.fsum(a * b) for b in g] for a in q])
-
-
-def reference(query, query_labels, gallery, gallery_labels, leave_one_out):
-    """Per-query evaluation on :func:`reference_scores`: stable argsort of each row (lower index first on
-    ties), AP as the mean of precision at each relevant item's rank."""
-    scores = reference_scores(query, gallery)
-    first, ap = [], []
-    for n in range(len(query)):
-        candidates = np.arange(len(gallery))
-        if leave_one_out:
-            candidates = np.delete(candidates, n)
-        ranked = candidates[np.argsort(-scores[n, candidates], kind="stable")]
-        hits = np.flatnonzero(gallery_labels[ranked] == query_labels[n]) + 1
-        first.append(hits[0] if hits.size else np.nan)
-        ap.append(np.mean(np.arange(1, hits.size + 1) / hits) if hits.size else np.nan)
-    return np.array(first, dtype=float), np.array(ap)
-
-
-def sklearn_ap(query, query_labels, gallery, gallery_labels, leave_one_out):
-    """Per-query AP by scikit-learn on :func:`reference_scores` (tied scores share one threshold)."""
-    scores = reference_scores(query, gallery)
-    out = []
-    for n in range(len(query)):
-        keep = np.arange(len(gallery)) != n if leave_one_out else np.ones(len(gallery), dtype=bool)
-        relevant = gallery_labels[keep] == query_labels[n]
-        out.append(average_precision_score(relevant, scores[n, keep]) if relevant.any() else np.nan)
-    return np.array(out)
 
 
 def well_separated(query, gallery, gap=1e-6):

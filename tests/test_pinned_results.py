@@ -72,7 +72,7 @@ def replacement(tmp: Path) -> dict:
         "scenario.replacements=[{upstream: 0}, {upstream: 1}]",
         "upstream.data.num_classes=6", "upstream.data.train_per_class=16", "upstream.data.test_per_class=4",
         "upstream.classes=[4, 6]", "upstream.training.epochs=1",
-        "model.width=8", "training.epochs=1", "training.batch_size=8",
+        "model.width=8", "training.epochs=1", "training.incremental={}", "training.batch_size=8",
         f"evaluation.sets.queries.data={tiny_data}", f"evaluation.sets.gallery.data={tiny_data}",
         "methods.0.params={num_classes: 16}", f"output_dir={tmp}"])
     return simulation_values(run_experiment(cfg, progress=False, echo=quiet))

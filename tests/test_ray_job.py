@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import stop_ray_head
+from helpers import free_port, stop_ray_head, tail
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +29,6 @@ TINY = [
     "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.incremental={}", "training.batch_size=16",
     "resources.num_workers=1", "methods=[{name: independent}]",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -64,23 +57,19 @@ def ray_head():
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while True:
             if head.poll() is not None:
-                pytest.fail(f"`ray start --head` exited with {head.returncode}:\n{_tail(temp_dir / 'head.log')}")
+                pytest.fail(f"`ray start --head` exited with {head.returncode}:\n{tail(temp_dir / 'head.log')}")
             try:
                 JobSubmissionClient(address)
                 break
             except Exception:  # the dashboard is not serving yet
                 if time.monotonic() > deadline:
-                    pytest.fail(f"the job server did not come up in {HEAD_START_TIMEOUT_S} s:\n{_tail(temp_dir / 'head.log')}")
+                    pytest.fail(f"the job server did not come up in {HEAD_START_TIMEOUT_S} s:\n{tail(temp_dir / 'head.log')}")
                 time.sleep(1)
         yield address
     finally:
         stop_ray_head(head)
         log.close()
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def test_quickstart_runs_as_a_ray_job(ray_head, tmp_path):

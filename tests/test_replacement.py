@@ -66,13 +66,13 @@ def test_replace_events_are_planned(tmp_path):
 def test_the_version_at_a_replacement_step_is_the_replacement_fine_tuned(replaced_run):
     cfg, run_dir, _ = replaced_run
     for spec in cfg.methods:
-        upstream_dir = runfiles.upstream_dir(run_dir, upstream_config(cfg, spec, 1).digest())
+        digest = upstream_config(cfg, spec, 1).digest()
+        upstream_dir = runfiles.upstream_dir(run_dir, digest)
         upstream = runfiles.version_checkpoint(upstream_dir, spec.name, 0)
         versions = [runfiles.version_checkpoint(run_dir, spec.key, v) for v in range(3)]
         entries = [runfiles.manifest_entry(run_dir, spec.key, v) for v in range(3)]
-        expected = [None, versions[0], upstream]  # recorded relative to the run directory
-        assert [e["init_checkpoint"] for e in entries] == [
-            None if p is None else runfiles.relative_to_run(str(p), run_dir) for p in expected]
+        assert [e["init_checkpoint"] for e in entries] == [  # recorded relative to the run directory
+            None, f"versions/{spec.key}/v0/model.pt", f"upstream/{digest}/versions/{spec.name}/v0/model.pt"]
         assert [e["event"] for e in entries] == ["train", "finetune", "replace"]
         v1, v2, up1 = params(versions[1]), params(versions[2]), params(upstream)
         # one short epoch moves the weights a little: v2 sits next to the replacement, far from v1

@@ -1,7 +1,10 @@
-"""RunStorage on the local filesystem and on a filesystem that is not a POSIX tree (fsspec's in-memory one)."""
+"""RunStorage on the local filesystem and on a filesystem that is not a POSIX tree (fsspec's in-memory one),
+and whole multi-step runs (replacements and an upstream CLIP included) living on the in-memory one."""
 
+import os
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +16,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from orchestrator.errors import RunError
 from orchestrator.storage.run_storage import RunStorage
+
+from test_replacement import TINY as TINY_REPLACEMENT, UPSTREAM
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def memory_storage() -> RunStorage:
@@ -117,24 +124,129 @@ def test_locations(tmp_path):
         local.path("../escape")
 
 
-def test_a_one_step_run_lives_entirely_on_a_non_local_filesystem():
-    """Config, weights, store, manifest, rows, metrics and report all go through RunStorage: a run whose
-    location is an in-memory filesystem finishes and leaves nothing on local disk. (Steps after the
-    first still need a local run: methods read earlier versions' weights from a local path.)"""
-    from helpers import config_under
+QUICKSTART = ["data.num_classes=6", "data.train_per_class=12", "data.test_per_class=4", "scenario.initial_classes=2",
+              "scenario.increment=2", "scenario.num_steps=3", "model.width=8", "model.embedding_dim=16",
+              "training.epochs=1", "training.batch_size=16", "resources.num_workers=0",
+              "methods=[{name: independent}, {name: bct}, {name: oca, params: {delta_dim: 4}}]"]
+REPLACEMENT = [*TINY_REPLACEMENT, *UPSTREAM]
+FSCIL = ["data.num_classes=6", "data.train_per_class=8", "data.test_per_class=4", "scenario.initial_classes=4",
+         "scenario.increment=1", "scenario.shots=2", "scenario.num_steps=3",
+         "upstream_clip={images_per_class: 4, epochs: 1, batch_size: 16}", "training.epochs=1",
+         "training.batch_size=16", "training.incremental={batch_size: 2}", "resources.num_workers=0",
+         "methods=[{name: zero_shot_clip}, {name: cpe_clip}]"]
 
+
+def run_twice(config: Optional[str], overrides: list[str], tmp_path, monkeypatch) -> tuple[dict, dict, RunStorage]:
+    """The same experiment in a local directory and on an in-memory filesystem (metrics of each, and the
+    in-memory run), the second from an empty working directory whose output_dir does not exist."""
+    from orchestrator import load_config
     from orchestrator.engine.driver import run_experiment
 
+    local = run_experiment(load_config(config, [*overrides, f"output_dir={tmp_path / 'local'}"]),
+                           progress=False, echo=lambda line: None)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     run = memory_storage()
-    cfg = config_under("/nonexistent-output-dir", "data.num_classes=4", "data.train_per_class=8",
-                       "data.test_per_class=4", "scenario.initial_classes=4", "scenario.num_steps=1",
-                       "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.batch_size=16",
-                       "resources.num_workers=0", "methods=[{name: independent}]")
-    metrics = run_experiment(cfg, run, progress=False, echo=lambda line: None)
-    assert list(metrics["methods"]) == ["independent"]
+    memory = run_experiment(load_config(config, [*overrides, "output_dir=/nonexistent-output-dir"]), run,
+                            progress=False, echo=lambda line: None)
+    assert not Path("/nonexistent-output-dir").exists() and not any(elsewhere.iterdir())
+    return local, memory, run
+
+
+def matrices(metrics: dict) -> dict:
+    return {key: entry["matrices"] for key, entry in metrics["methods"].items()}
+
+
+def test_a_multi_step_run_lives_entirely_on_a_non_local_filesystem(tmp_path, monkeypatch):
+    """Every read and write of run state goes through RunStorage, earlier versions included (methods get
+    them as StoredWeights): a fine-tuned three-step run of independent, bct (sharing independent's version
+    0) and oca on an in-memory filesystem finishes, keeps everything there, writes nothing locally but the
+    dataset cache, and gives bit-identical matrices to the same run in a local directory."""
+    cache = Path(os.environ["COMPAT_CACHE_DIR"])
+    before = set(cache.rglob("*")) if cache.exists() else set()
+    local, memory, run = run_twice(None, QUICKSTART, tmp_path, monkeypatch)
+    assert matrices(memory) == matrices(local) and list(memory["methods"]) == ["independent", "bct", "oca"]
+    assert run.read_json("metrics.json")["methods"]["oca"]["matrices"] == memory["methods"]["oca"]["matrices"]
     stored = set(run.list())
-    assert {"config.yaml", "run.json", "manifest/independent/step-000.json", "versions/independent/v0/model.pt",
-            "store/method=independent/version=0/eval_set=test/_COMPLETE.json", "rows/independent/row-000.json",
-            "metrics.json", "report.md", "heatmaps.png", "matrix_independent_cmc1.csv"} <= stored
-    assert run.read_json("metrics.json")["methods"]["independent"]["matrices"]["cmc1"] == [[pytest.approx(metrics["methods"]["independent"]["matrices"]["cmc1"][0][0])]]
-    assert not Path("/nonexistent-output-dir").exists()
+    for method in ("independent", "bct", "oca"):
+        for step in range(3):
+            assert {f"manifest/{method}/step-{step:03d}.json", f"versions/{method}/v{step}/model.pt",
+                    f"rows/{method}/row-{step:03d}.json",
+                    f"store/method={method}/version={step}/eval_set=test/_COMPLETE.json"} <= stored
+    assert run.read_json("manifest/bct/step-000.json")["copied_from"] == "independent"
+    assert run.read_json("manifest/oca/step-002.json")["init_checkpoint"] == "versions/oca/v1/model.pt"
+    assert {"config.yaml", "run.json", "metrics.json", "report.md", "heatmaps.png"} <= stored
+    added = {p.relative_to(cache).parts[0] for p in set(cache.rglob("*")) - before}
+    assert all(name.startswith("synthetic-") for name in added), added  # datasets only, no run state
+
+
+def test_a_replacement_run_reaches_its_upstream_models_on_a_non_local_filesystem(tmp_path, monkeypatch):
+    """Upstream models are nested runs inside the run; the replacing step loads one through the storage."""
+    local, memory, run = run_twice(None, REPLACEMENT, tmp_path, monkeypatch)
+    assert matrices(memory) == matrices(local)
+    entry = run.read_json("manifest/er/step-002.json")
+    assert entry["event"] == "replace" and entry["init_checkpoint"].startswith("upstream/")
+    assert run.exists(entry["init_checkpoint"]) and entry["init_checkpoint"].endswith("/versions/er/v0/model.pt")
+
+
+def test_an_upstream_clip_on_a_non_local_filesystem_reaches_open_clip_as_a_cached_local_copy(tmp_path, monkeypatch):
+    """A CLIP's weights reach its method as a file name (model.pretrained): a run elsewhere hands over a
+    local copy of the stored upstream CLIP, named by the SHA-256 of its bytes."""
+    import hashlib
+
+    local, memory, run = run_twice(str(CONFIGS / "fscil_synthetic.yaml"), FSCIL, tmp_path, monkeypatch)
+    assert matrices(memory) == matrices(local)
+    (weights,) = [key for key in run.list() if key.startswith("upstream-clip/") and key.endswith("/model.pt")]
+    data = run.read_bytes(weights)
+    copy = Path(os.environ["COMPAT_CACHE_DIR"]) / "stored-weights" / f"{hashlib.sha256(data).hexdigest()}.pt"
+    assert copy.read_bytes() == data
+
+
+def test_stored_weights_load_like_files_and_refuse_what_files_refuse(run, tmp_path):
+    from methods.base import load_state_dict
+    from orchestrator.errors import CheckpointError
+    from orchestrator.storage import runfiles
+
+    state = {"w": torch.arange(4.0)}
+    runfiles.save_version(run, "m", 0, state, {"version": 0})
+    weights = runfiles.version_checkpoint(run, "m", 0)
+    assert str(weights) == run.path("versions/m/v0/model.pt") and torch.equal(load_state_dict(weights)["w"], state["w"])
+    assert runfiles.relative_to_run(weights, run) == "versions/m/v0/model.pt"
+    with run.open_output("versions/m/v1/model.pt") as out:
+        torch.save({"obj": uuid.UUID(int=1)}, out)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_state_dict(runfiles.version_checkpoint(run, "m", 1))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_state_dict(runfiles.version_checkpoint(run, "m", 2))
+    from safetensors.torch import save
+
+    run.write_bytes("w.safetensors", save(state))
+    assert torch.equal(load_state_dict(runfiles.stored_weights(run, "w.safetensors"))["w"], state["w"])
+
+
+def test_local_file_is_the_object_locally_and_a_content_named_copy_elsewhere(run, tmp_path):
+    run.write_bytes("upstream-clip/abc/model.pt", b"weights")
+    path = run.local_file("upstream-clip/abc/model.pt", tmp_path / "cache")
+    assert path.read_bytes() == b"weights"
+    if run.is_local:
+        assert path == run.local_path("upstream-clip/abc/model.pt") and not (tmp_path / "cache").exists()
+    else:
+        assert path.parent == tmp_path / "cache" and path.name.endswith(".pt") and len(path.stem) == 64
+        assert run.local_file("upstream-clip/abc/model.pt", tmp_path / "cache") == path
+
+
+def test_ray_train_worker_groups_read_and_write_a_non_local_run(ray_cluster, tmp_path):
+    """Worker groups in their own processes get the run's filesystem itself (Ray Train's
+    storage_filesystem too), not a local path: a pyarrow filesystem that is no LocalFileSystem (a subtree
+    of the local disk here, since an in-memory one would not be shared between processes)."""
+    from orchestrator import load_config
+    from orchestrator.engine.driver import run_experiment
+
+    run = RunStorage(pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), "/run")
+    assert not run.is_local
+    overrides = [*QUICKSTART, "resources.num_workers=1", "resources.cpus_per_worker=1", "methods=[{name: bct}]",
+                 "scenario.num_steps=2", "output_dir=/nonexistent-output-dir"]
+    metrics = run_experiment(load_config(None, overrides), run, progress=False, echo=lambda line: None)
+    assert len(metrics["methods"]["bct"]["matrices"]["cmc1"]) == 2
+    assert run.exists("versions/bct/v1/model.pt") and run.read_json("manifest/bct/step-001.json")["event"] == "finetune"

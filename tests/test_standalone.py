@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.errors import DataError, StoreError
-from orchestrator.evaluation import CompatibilityMatrix, retrieval_scores
+from orchestrator.evaluation import CompatibilityMatrix
 from orchestrator.evaluation.standalone import add_compare_parser, add_metrics_parser, read_embedding_file
+from ranking_reference import reference_summary
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "iamcl2r_matrices.json").read_text())
 
@@ -136,21 +137,43 @@ def test_bad_embedding_files(tmp_path):
 
 # ---- compat compare -----------------------------------------------------------------------------------------
 
-def test_compare_leave_one_out_json(tmp_path, capsys):
-    old_x, labels = data(seed=1)
-    new_x, _ = data(seed=2, shift=3.0)
+def hand_case():
+    """Four samples of two classes, leave-one-out, worked out by hand. Old model: a0=(1,0), a1=(.8,.6) of
+    class 0, b0=(.6,.8), b1=(0,1) of class 1, so a1 and b0 (cosine .96) each find the other class first:
+    old/old CMC top-1 = 2/4, AP = 1, 1/2, 1/2, 1 -> mAP 0.75. New model: (1,0) for class 0 and (0,1) for
+    class 1; against the old gallery every query's own-class item ranks first: new/old top-1 = mAP = 1.
+    Each query has 3 candidates, so top-5 is 1 on every cell: a tie."""
+    old = np.array([[1, 0], [0.8, 0.6], [0.6, 0.8], [0, 1]], dtype=np.float32)
+    new = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    return old, new, np.array([0, 0, 1, 1])
+
+
+def test_compare_leave_one_out_by_hand(tmp_path, capsys):
+    old_x, new_x, labels = hand_case()
     old = write_parquet(tmp_path / "old.parquet", old_x, labels)
     new = tmp_path / "new.npz"
     np.savez(new, embeddings=new_x, labels=labels)
     code, out = run(["compare", "--old", old, "--new", new, "--json"], capsys)
     result = json.loads(out)
-    assert code == 0 and set(result) == {"old_old", "new_old", "new_new", "ecc"}
-    expected = retrieval_scores(new_x, labels, old_x, labels, leave_one_out=True)
-    assert result["new_old"] == pytest.approx(expected)
-    for cell in ("old_old", "new_old", "new_new"):
-        assert set(result[cell]) == {"cmc1", "cmc5", "map"}
-        assert all(0 <= v <= 1 for v in result[cell].values())
-    assert result["ecc"] == {m: result["new_old"][m] > result["old_old"][m] for m in ("cmc1", "cmc5", "map")}
+    assert code == 0
+    assert result["old_old"] == pytest.approx({"cmc1": 0.5, "cmc5": 1.0, "map": 0.75})
+    assert result["new_old"] == pytest.approx({"cmc1": 1.0, "cmc5": 1.0, "map": 1.0})
+    assert result["new_new"] == pytest.approx({"cmc1": 1.0, "cmc5": 1.0, "map": 1.0})
+    assert result["ecc"] == {"cmc1": True, "cmc5": False, "map": True}  # top-5 ties, and ties fail by default
+    passing = json.loads(run(["compare", "--old", old, "--new", new, "--ties", "pass", "--json"], capsys)[1])
+    assert passing["ecc"] == {"cmc1": True, "cmc5": True, "map": True}
+
+
+def test_compare_leave_one_out_matches_the_float64_reference(tmp_path, capsys):
+    old_x, labels = data(seed=1)
+    new_x, _ = data(seed=2, shift=3.0)
+    old = write_parquet(tmp_path / "old.parquet", old_x, labels)
+    new = write_parquet(tmp_path / "new.parquet", new_x, labels)
+    result = json.loads(run(["compare", "--old", old, "--new", new, "--json"], capsys)[1])
+    for cell, (query, gallery) in {"old_old": (old_x, old_x), "new_old": (new_x, old_x),
+                                   "new_new": (new_x, new_x)}.items():
+        assert result[cell] == pytest.approx(reference_summary(query, labels, gallery, labels, leave_one_out=True),
+                                             abs=1e-12)
 
 
 def test_compare_same_model_fails_ecc_because_it_is_strict(tmp_path, capsys):
@@ -161,16 +184,19 @@ def test_compare_same_model_fails_ecc_because_it_is_strict(tmp_path, capsys):
     assert "cmc1 fails, cmc5 fails, map fails" in out
 
 
-def test_compare_query_gallery(tmp_path, capsys):
-    x, labels = data(n=40)
+def test_compare_query_gallery_matches_the_float64_reference_on_every_cell(tmp_path, capsys):
+    old_x, labels = data(n=40, seed=3)
+    new_x, _ = data(n=40, seed=4, shift=2.0)
     split = np.where(np.arange(40) < 30, "query", "gallery")
-    old = write_parquet(tmp_path / "old.parquet", x, labels, split)
-    new = write_parquet(tmp_path / "new.parquet", x[:, ::-1].copy(), labels, split)
+    old = write_parquet(tmp_path / "old.parquet", old_x, labels, split)
+    new = write_parquet(tmp_path / "new.parquet", new_x, labels, split)
     result = json.loads(run(["compare", "--old", old, "--new", new, "--protocol", "query-gallery", "--json"],
                             capsys)[1])
-    expected = retrieval_scores(x[:30], labels[:30], x[30:], labels[30:], leave_one_out=False)
-    assert result["old_old"] == pytest.approx(expected)
-    no_split = write_parquet(tmp_path / "nosplit.parquet", x, labels)
+    query, gallery = slice(0, 30), slice(30, 40)
+    for cell, (q, g) in {"old_old": (old_x, old_x), "new_old": (new_x, old_x), "new_new": (new_x, new_x)}.items():
+        expected = reference_summary(q[query], labels[query], g[gallery], labels[gallery], leave_one_out=False)
+        assert result[cell] == pytest.approx(expected, abs=1e-12)
+    no_split = write_parquet(tmp_path / "nosplit.parquet", old_x, labels)
     with pytest.raises(StoreError, match="nosplit.parquet has no 'split' column"):
         run(["compare", "--old", no_split, "--new", new, "--protocol", "query-gallery"], capsys)
 

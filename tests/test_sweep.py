@@ -16,6 +16,7 @@ from orchestrator.config import load_raw
 from orchestrator.errors import ConfigError
 from orchestrator.evaluation.objectives import parse_name
 from orchestrator.tuning.sweep import load_sweep_dir, parse_sweep, run_sweep
+from orchestrator.tuning.trial import TrialNeed, share_out, trial_need
 
 TINY = [
     "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
@@ -93,6 +94,30 @@ def test_ranking_puts_violating_and_failed_trials_last():
     assert best_of(ranked).trial_id == "better"
     assert [t.trial_id for t in rank_trials(trials, "min")][:2] == ["good", "better"]
     assert best_of(rank_trials([trials[0], trials[2]], "max")) is None  # nothing complete and feasible
+
+
+@pytest.mark.parametrize("cpus, gpus, need, max_concurrent, expected", [
+    (2, 0, TrialNeed(0.25, 1, 0, 1, False), None, (1, 1)),  # 2 // (0.25 + 1) = 1 trial with its one group
+    (2, 0, TrialNeed(0.25, 0.75, 0, 1, False), None, (2, 1)),  # the shipped configs: one core per trial
+    (16, 0, TrialNeed(0.25, 1, 0, 3, False), None, (4, 3)),  # 16 // 3.25 = 4; (4 - 0.25) // 1 = 3 seeds side by side
+    (2, 0, TrialNeed(0.25, 1, 0, 3, False), None, (1, 1)),  # 3 seeds do not fit: one trial, one group, step by step
+    (16, 4, TrialNeed(1, 1, 1, 3, False), None, (1, 3)),  # GPUs decide: 4 // 3 = 1 trial; min(3, 15 CPUs, 4 GPUs) = 3
+    (8, 0, TrialNeed(1, 2, 0, 4, False), 2, (2, 1)),  # 2 trials by hand: (8 / 2 - 1) // 2 = 1 group each
+    (2, 0, TrialNeed(1, 1, 0, 1, False), 4, (4, 1)),  # more by hand than the cluster holds: still one group each
+    (2, 0, TrialNeed(1, 0, 0, 1, True), None, (2, 1)),  # in-process: 2 // 1 trials, training on their own CPU
+])
+def test_trials_and_their_worker_groups_share_out_the_cluster(cpus, gpus, need, max_concurrent, expected):
+    assert share_out(need, cpus, gpus, max_concurrent) == expected
+
+
+def test_a_trials_need_counts_its_seeds_and_its_largest_worker_group():
+    from orchestrator.config import parse_config
+
+    raw = sweep_document("out", "resources.num_workers=2", "resources.cpus_per_worker=0.5", "seeds=[0, 1, 2]")
+    raw.pop("sweep")
+    assert trial_need(parse_config(raw)) == TrialNeed(0.25, 1.0, 0, 3, False)
+    raw["resources"]["num_workers"] = 0
+    assert trial_need(parse_config(raw), trial_cpus=2) == TrialNeed(2, 0, 0, 3, True)
 
 
 class InterruptAfterFirstTrial(tune.Callback):
@@ -189,3 +214,106 @@ def test_seeds_of_one_graph_equal_the_trial_run(asha_sweep, tmp_path):
     trial_run = json.loads((sweep.directory / "runs" / results.best.trial_id / "metrics.json").read_text())
     seed_zero = json.loads((tmp_path / "multi" / "seed-0" / "metrics.json").read_text())
     assert seed_zero["methods"]["bct"]["matrices"] == trial_run["methods"]["bct"]["matrices"]
+
+
+# -- a sweep on Train workers -----------------------------------------------------------------------
+# Two trials over two seeds on the 4-CPU test cluster, each step on one Train worker of 2 CPUs:
+# share_out gives one trial at a time (4 // (0.25 + 2 seeds x 2) = 0, at least 1) its driver (0.25 CPU)
+# and one worker group ((4 - 0.25) // 2), in which its seeds take turns, step by step. Grid order runs
+# the easy trial first, so ASHA stops the hard one after its first step.
+WORKER_SWEEP = ("sweep={space: {data.difficulty: {grid: [0.3, 4.0]}}, search: grid, objective: {metric: AM},"
+                " seeds: [0, 1], scheduler: {type: asha, grace_period: 1, reduction_factor: 2}}")
+WORKER_CPUS, AT_ONCE, GROUPS_PER_TRIAL = 2.0, 1, 1
+
+
+@pytest.fixture(scope="module")
+def worker_sweep(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("workers")
+    overrides = [*TINY, "resources.num_workers=1", f"resources.cpus_per_worker={WORKER_CPUS}", f"output_dir={tmp}"]
+    sweep = parse_sweep(load_raw(None, [*overrides, WORKER_SWEEP]))
+    return sweep, run_sweep(sweep, progress=False, echo=lambda s: None)
+
+
+def tasks_of(sweep, trial_id):
+    """(seed, version, manifest entry) of every step the trial's seeds finished."""
+    from orchestrator.storage import runfiles
+
+    runs = sweep.directory / "runs" / trial_id
+    found = [(seed, v, runfiles.manifest_entry(runs / f"seed-{seed}", "bct", v)) for v in range(2) for seed in (0, 1)]
+    return [task for task in found if task[2] is not None]
+
+
+def tune_results(sweep, trial_id):
+    lines = (sweep.directory / trial_id / "result.json").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def spans(tasks):
+    """Placement group -> (first start, last finish) of the tasks that ran in it."""
+    out = {}
+    for _, _, entry in tasks:
+        pg = entry["placement"]["placement_group"]
+        start, end = out.get(pg, (entry["started_at"], entry["finished_at"]))
+        out[pg] = (min(start, entry["started_at"]), max(end, entry["finished_at"]))
+    return out
+
+
+def most_at_once(intervals) -> int:
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    count = peak = 0
+    for _, change in events:  # at the same instant an end sorts before a start
+        count += change
+        peak = max(peak, count)
+    return peak
+
+
+@integration
+def test_each_trials_steps_run_on_train_workers_inside_its_reservation(worker_sweep):
+    """The workers' own record (node, placement group and pid in each manifest entry) against Ray's
+    placement group table and Tune's record of each trial's process: every step of every trial trained
+    in a Train worker group's placement group (one 2-CPU bundle, not the trial's 0.25-CPU driver bundle)
+    in another process than the trial's; no trial held more worker groups than its budget, nor all trials
+    together more than share_out allowed; and every group's placement group is gone once the sweep ends,
+    the stopped trial's included."""
+    from ray.util import placement_group_table
+
+    sweep, results = worker_sweep
+    assert len(results.trials) == 2 and not any(t.error for t in results.trials)
+    assert share_out(TrialNeed(0.25, WORKER_CPUS, 0, 2, False), 4, 0, None) == (AT_ONCE, GROUPS_PER_TRIAL)
+    every_span, worker_groups = [], set()
+    for trial in results.trials:
+        tasks = tasks_of(sweep, trial.trial_id)
+        assert len(tasks) >= 2 * trial.steps_done
+        driver_pids = {r["pid"] for r in tune_results(sweep, trial.trial_id)}
+        for _, _, entry in tasks:
+            assert entry["placement"]["placement_group"] and entry["placement"]["pid"] not in driver_pids
+        groups = spans(tasks)
+        assert most_at_once(groups.values()) <= GROUPS_PER_TRIAL
+        every_span += groups.values()
+        worker_groups |= set(groups)
+    assert most_at_once(every_span) <= AT_ONCE * GROUPS_PER_TRIAL
+    table = placement_group_table()
+    drivers = [pg for pg in table.values() if list(pg["bundles"].values()) == [{"CPU": 0.25}]]
+    assert len(drivers) == 2 and not worker_groups & {pg["placement_group_id"] for pg in drivers}
+    for pg in worker_groups:
+        assert list(table[pg]["bundles"].values()) == [{"CPU": WORKER_CPUS}], table[pg]
+        assert table[pg]["state"] == "REMOVED", table[pg]
+
+
+@integration
+def test_asha_stops_a_trial_on_workers_after_its_first_step(worker_sweep):
+    """One result per step, once both seeds finished it: the seeds train step by step in the trial's
+    one group, so ASHA stopped the hard trial after both seeds' first step, not after a whole seed."""
+    sweep, results = worker_sweep
+    assert [(t.params["data.difficulty"], t.status, t.steps_done) for t in results.trials] == [
+        (0.3, "complete", 2), (4.0, "stopped early", 1)]
+    for trial in results.trials:
+        tasks = tasks_of(sweep, trial.trial_id)
+        by_start = [(seed, version) for seed, version, _ in sorted(tasks, key=lambda t: t[2]["started_at"])]
+        assert by_start == [(0, 0), (1, 0), (0, 1), (1, 1)][:len(tasks)]
+        reports = tune_results(sweep, trial.trial_id)
+        assert [r["steps_done"] for r in reports] == list(range(1, trial.steps_done + 1))
+        for report in reports:  # Tune's timestamp is in whole seconds
+            finished = [e["finished_at"] for _, v, e in tasks if v == report["steps_done"] - 1]
+            assert len(finished) == 2 and report["timestamp"] >= int(max(finished))
+    assert (sweep.directory / "runs" / results.trials[0].trial_id / "metrics.json").is_file()

@@ -35,10 +35,10 @@ def test_seeds_and_upstream_models_are_tasks_of_the_same_graph():
     assert any(d.startswith("upstream/") for d in step.deps)  # the swapped-in model trains first
 
 
-def queue_for(*overrides, done=(), reuse=True):
+def queue_for(*overrides, done=(), reuse=True, step_by_step=False):
     graph = plan(load_config(None, [*TINY, *overrides]))
     tasks = list(graph.tasks.values())
-    return TaskQueue(tasks, set(done), reuse), shape_of(tasks[0])
+    return TaskQueue(tasks, set(done), reuse, step_by_step), shape_of(tasks[0])
 
 
 def test_a_group_keeps_its_chain_and_a_second_group_takes_the_other():
@@ -60,6 +60,22 @@ def test_a_group_keeps_its_chain_and_a_second_group_takes_the_other():
     assert queue.claim(b, 3) == DONE  # nothing left that it could take
     queue.complete("independent/step-002")
     assert queue.finished() and [e for e, _ in queue.events].count("finished") == 6
+
+
+@pytest.mark.parametrize("step_by_step, order", [
+    (False, ["seed-1/bct/step-000", "seed-1/bct/step-001", "seed-1/bct/step-002", "seed-2/bct/step-000"]),
+    (True, ["seed-1/bct/step-000", "seed-2/bct/step-000", "seed-1/bct/step-001", "seed-2/bct/step-001"]),
+])
+def test_one_group_takes_its_chain_or_every_seeds_step_first(step_by_step, order):
+    """A sweep's trial hands out step by step: with fewer groups than seeds, step k of every seed comes
+    before any seed's step k+1, so the trial reaches the scheduler after its first steps."""
+    queue, shape = queue_for("seeds=[1, 2]", "methods=[{name: bct}]", step_by_step=step_by_step)
+    group = queue.open_group(shape)
+    claimed = []
+    for seq in range(len(order)):
+        claimed.append(queue.claim(group, seq))
+        queue.complete(claimed[-1])
+    assert claimed == order
 
 
 def test_every_rank_and_a_restarted_group_get_the_same_answers():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from orchestrator.config.typed import from_dict, require, to_dict
+from orchestrator.config.typed import from_dict, require, require_name, to_dict
 from orchestrator.config import DataConfig, MethodSpec, ResourcesConfig, TrainingConfig, UpstreamClipConfig
 from orchestrator.config.experiment import config_digest
 from orchestrator.config.tracking import TrackingConfig
@@ -104,7 +104,7 @@ class CrossModalExperiment:
     """One cross-modal experiment: one config file, one run directory (one sub-directory per seed)."""
 
     kind: Literal["cross-modal"]  # marks the config as a cross-modal experiment
-    name: str  # the run directory is <output_dir>/<name>
+    name: str  # the run directory is <output_dir>/<name>; a safe name (letters, digits, . _ -)
     models: ModelsConfig
     seeds: list[int] = field(default_factory=lambda: [0])  # one seed-S/ directory per seed; metrics as mean ± std
     output_dir: str = "runs"  # parent directory of the run directory
@@ -116,8 +116,7 @@ class CrossModalExperiment:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / W&B / TensorBoard; not in the digest
 
     def __post_init__(self):
-        require(bool(self.name) and "/" not in self.name and self.name.strip() == self.name, "name",
-                "must be a non-empty name without '/' or surrounding spaces")
+        require_name(self.name, "name")
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds", "needs distinct seeds")
         require(bool(self.methods), "methods", "needs at least one method")
         keys = [m.key for m in self.methods]

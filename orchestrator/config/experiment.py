@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from orchestrator.config.tracking import TrackingConfig
-from orchestrator.config.typed import from_dict, require, to_dict
+from orchestrator.config.typed import from_dict, require, require_name, to_dict
 from orchestrator.errors import ConfigError, ConfigWarning
 
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
@@ -70,6 +70,7 @@ class EvaluationConfig:
     """How each matrix entry is computed from the store."""
 
     protocol: Literal["leave-one-out", "query-gallery"] = "leave-one-out"  # leave-one-out: queries are the gallery
+    # the evaluation sets by name (each a safe name: letters, digits, . _ -; it names store partitions)
     sets: dict[str, EvalSetConfig] = field(default_factory=lambda: {"test": EvalSetConfig()})
     query: str = "test"  # name of the evaluation set whose images are the queries
     gallery: Optional[str] = None  # query-gallery only
@@ -90,6 +91,8 @@ class EvaluationConfig:
 
     def __post_init__(self):
         require(bool(self.sets), "sets", "needs at least one evaluation set")
+        for name in self.sets:
+            require_name(name, f"sets.{name}")
         require(0.0 <= self.min_new_class_ratio <= 1.0, "min_new_class_ratio", "must be between 0 and 1")
         require(self.query in self.sets, "query", f"{self.query!r} is not one of sets: {', '.join(self.sets)}")
         if self.protocol == "query-gallery":
@@ -261,10 +264,16 @@ class MethodSpec:
     """One method to simulate: a registry name, a display label and its hyperparameters."""
 
     name: str  # a registered method: independent, bct, oca, stationary, er, cpe_clip, zero_shot_clip, ...
-    label: Optional[str] = None  # display name and key in the run (None: name); lets one method run with several params
+    # display name and key in the run (None: name), a safe name (letters, digits, . _ -); lets one method
+    # run with several params
+    label: Optional[str] = None
     params: dict[str, Any] = field(default_factory=dict)  # the method's hyperparameters (Method parameters below)
     # overrides of the experiment's training section (cross-modal: per stage, {text: {...}, pairs: {...}})
     training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.label is not None:
+            require_name(self.label, "label")
 
     @property
     def key(self) -> str:
@@ -317,7 +326,9 @@ class UpstreamConfig:
 class ExperimentConfig:
     """One experiment: one config file, one run directory."""
 
-    name: str  # the run directory is <output_dir>/<name>: deterministic, so a re-run resumes
+    # the run directory is <output_dir>/<name>: deterministic, so a re-run resumes; a safe name (letters,
+    # digits, . _ -, starting with a letter or digit)
+    name: str
     seed: int = 0  # drives class order, shot sampling, initialisation and batch order
     seeds: Optional[list[int]] = None  # several seeds: one run each in RUN_DIR/seed-N, metrics as mean ± std (replaces seed)
     output_dir: str = "runs"  # parent directory of the run directory
@@ -335,8 +346,7 @@ class ExperimentConfig:
     def __post_init__(self):
         require(self.upstream_clip is None or (self.model.name is not None and self.model.pretrained is None),
                 "upstream_clip", "pretrains model.name from random weights: set model.name and leave model.pretrained unset")
-        require(bool(self.name) and "/" not in self.name and self.name.strip() == self.name, "name",
-                "must be a non-empty name without '/' or surrounding spaces")
+        require_name(self.name, "name")
         require(self.seeds is None or (bool(self.seeds) and len(set(self.seeds)) == len(self.seeds)), "seeds",
                 f"must be a non-empty list of distinct seeds, got {self.seeds}")
         require(bool(self.methods), "methods", "needs at least one method")

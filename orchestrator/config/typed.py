@@ -7,6 +7,7 @@ wrong types and bad literals are reported the same way everywhere.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -132,3 +133,16 @@ def require(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError(key, message) unless ``condition``; used by ``__post_init__`` checks."""
     if not condition:
         raise ConfigError(key, message)
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def require_name(value: str, key: str) -> None:
+    """Raise ConfigError(key, ...) unless ``value`` is a safe name. Experiment names, method labels,
+    evaluation-set names and sweep names each become one segment of a path or object key in the run,
+    so each must be exactly one: letters, digits, '.', '_' and '-', starting with a letter or digit
+    (never '..', a hidden '.name', a '/' or a hive '=') and at most 100 characters."""
+    require(isinstance(value, str) and SAFE_NAME.fullmatch(value) is not None, key,
+            f"{value!r} is not a safe name: use 1 to 100 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (it names a directory in the run)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -39,24 +40,44 @@ def load_run_config(run: runfiles.Run):
     return parse_any(document)
 
 
-def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
-    """Start the run of ``cfg`` at ``run``, or check that it already belongs to ``cfg``. Returns True when
-    resuming. A replacement checkpoint that is missing, unsafe or does not fit fails here, before anything
-    is written."""
+def check_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
+    """Every check of starting or resuming ``cfg``'s run at ``run``, writing nothing: a replacement checkpoint
+    that is missing, unsafe or does not fit fails here, and so does a run of another config. Returns True
+    when ``run`` already holds ``cfg``'s run."""
     from orchestrator.engine.upstream import check_replacements
 
     if isinstance(cfg, ExperimentConfig):
         check_replacements(cfg)
-    run = RunStorage.of(run)
+    return _holds_run_of(cfg, RunStorage.of(run))
+
+
+def _holds_run_of(cfg: ExperimentConfig, run: RunStorage) -> bool:
     document = runfiles.read_config(run)
-    if document is not None:
-        existing = parse_any(document)
-        if existing.digest() != cfg.digest():
-            raise RunError(
-                f"{run.location} already holds a run of a different config (digest {existing.digest()} != "
-                f"{cfg.digest()}); resume it with `compat run --resume {run.location}`, or set another "
-                "`name`/`output_dir`, or delete it"
-            )
+    if document is None:
+        return False
+    existing = parse_any(document)
+    if existing.digest() != cfg.digest():
+        raise RunError(
+            f"{run.location} already holds a run of a different config (digest {existing.digest()} != "
+            f"{cfg.digest()}); resume it with `compat run --resume {run.location}`, or set another "
+            "`name`/`output_dir`, or delete it"
+        )
+    return True
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
+    """Start the run of ``cfg`` at ``run``, or check that it already belongs to ``cfg`` (:func:`check_run_dir`
+    first). Returns True when resuming."""
+    check_run_dir(cfg, run)
+    return start_run_dir(cfg, run)
+
+
+def start_run_dir(cfg: ExperimentConfig, run: runfiles.Run) -> bool:
+    """Write a new run's config.yaml and run.json; True (and nothing written) when ``run`` already holds
+    ``cfg``'s run. The top run calls it under its lease, so the config is checked again there: another
+    driver may have started the run since :func:`check_run_dir`."""
+    run = RunStorage.of(run)
+    if _holds_run_of(cfg, run):
         return True
     runfiles.write_config(run, cfg.to_dict())
     run.write_json(runfiles.PROVENANCE, run_provenance(cfg))
@@ -79,28 +100,46 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Location]] = None, *, progress: bool = True,
-                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None) -> dict:
+                   echo: Callable[[str], None] = print, max_groups: Optional[int] = None, step_by_step: bool = False,
+                   cancel: Optional[threading.Event] = None, wait_for_lease: bool = False) -> dict:
     """Run (or resume) the experiment: plan its task graph (every method, seed and upstream model),
     execute it, then write each run's metrics.json, CSVs, plots and report.md; the trackers of its
     ``tracking`` section follow along (orchestrator/reporting/tracking.py).
 
-    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds)."""
+    The run's lease (orchestrator/storage/lease.py) is held from the first write to the last, and every
+    write, the workers' included, is fenced by it: a second driver on a live run refuses and names the
+    holder. ``wait_for_lease`` waits instead while the holder may be gone (see ``RunLease.take``).
+    ``max_groups`` caps the worker groups training at once (default: as many as the cluster holds);
+    ``step_by_step`` trains every run's step k before any step k+1 where the groups are fewer than the
+    chains; setting ``cancel`` ends the worker groups at once and raises :class:`RunCancelled`."""
     from orchestrator.engine.validate import validate
-    from orchestrator.reporting.tracking import open_run_tracker
+    from orchestrator.storage.lease import RunLease
 
     if isinstance(cfg, CrossModalExperiment):
         from orchestrator.engine.crossmodal import run_crossmodal
 
-        return run_crossmodal(cfg, run_dir, echo=echo, progress=progress)
+        return run_crossmodal(cfg, run_dir, echo=echo, progress=progress, wait_for_lease=wait_for_lease)
     validate(cfg)
     root = RunStorage.of(run_dir or default_run_dir(cfg))
-    resuming = prepare_run_dir(cfg, root)
+    check_run_dir(cfg, root)  # before the lease is written
+    with RunLease.take(root, wait=wait_for_lease) as lease:
+        return _run_leased(cfg, lease.guard(root), progress=progress, echo=echo, max_groups=max_groups,
+                           step_by_step=step_by_step, cancel=cancel)
+
+
+def _run_leased(cfg: ExperimentConfig, root: RunStorage, **options) -> dict:
+    """:func:`run_experiment` once the lease is held; ``root`` is fenced by it. The trackers' run spans
+    the rest (closed as failed when the run raises)."""
+    from orchestrator.reporting.tracking import open_run_tracker
+
+    resuming = start_run_dir(cfg, root)
     with open_run_tracker(cfg, root) as tracker:
-        return _run_graph(cfg, root, resuming, tracker, progress=progress, echo=echo, max_groups=max_groups)
+        return _run_graph(cfg, root, resuming, tracker, **options)
 
 
 def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker, *, progress: bool,
-               echo: Callable[[str], None], max_groups: Optional[int]) -> dict:
+               echo: Callable[[str], None], max_groups: Optional[int], step_by_step: bool,
+               cancel: Optional[threading.Event]) -> dict:
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
     from orchestrator.reporting.report import render_report
@@ -134,7 +173,7 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
     for task_id in done:  # what a resumed run finished before, so its tracker run is complete
         track(task_id)
     execute(graph, root, on_finished=lambda task_id: (row_of(task_id), track(task_id)), display=display,
-            max_groups=max_groups)
+            max_groups=max_groups, step_by_step=step_by_step, cancel=cancel)
     display.close()
     finished: dict[str, dict] = {}
     for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):

@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Optional
 
 from orchestrator.engine.graph import TaskGraph
 from orchestrator.engine.queue import DONE, WAIT, TaskQueue
-from orchestrator.errors import CompatError, RunError
+from orchestrator.errors import CompatError, RunCancelled, RunError
 from orchestrator.storage.run_storage import RunStorage
 
 DRIVER_RESOURCE = "TRAIN_DRIVER_RESOURCE"  # declared by the deployment files on the head node only
@@ -30,9 +30,12 @@ _LOCAL_QUEUES: dict[str, TaskQueue] = {}  # in-process groups find their queue h
 
 
 def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], None] = lambda task_id: None,
-            display=None, max_groups: Optional[int] = None) -> None:
+            display=None, max_groups: Optional[int] = None, step_by_step: bool = False,
+            cancel: Optional[threading.Event] = None) -> None:
     """Run every unfinished task of ``graph`` (run state under ``root``); raise the first failure once
-    everything that did not depend on it has finished."""
+    everything that did not depend on it has finished. ``max_groups`` caps the worker groups open at
+    once; ``step_by_step`` hands out the lowest ready step first (see :class:`TaskQueue`); once
+    ``cancel`` is set, the open groups end at once and :class:`RunCancelled` is raised."""
     from orchestrator.storage import runfiles
 
     done = {t.id for t in graph.tasks.values() if runfiles.task_done(root.child(t.run), t.name)}
@@ -46,7 +49,7 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
     if any(t.resources.num_workers == 0 for t in todo) and os.environ.get("COMPAT_RAY_LOGS") != "1":
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process reports would log over the progress line
     reuse = next(iter(graph.runs.values())).config.resources.group_steps
-    queue = _Queue(list(graph.tasks.values()), done, remote, reuse)
+    queue = _Queue(list(graph.tasks.values()), done, remote, reuse, step_by_step)
     capacity = _Capacity(max_groups) if remote else None
     threads: list[threading.Thread] = []
     errors: dict[str, BaseException] = {}
@@ -61,6 +64,9 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
                     display.event(event, task_id)
             if queue.call("finished"):
                 break
+            if cancel is not None and cancel.is_set():
+                _end_groups(queue, threads)
+                raise RunCancelled("the run was cancelled; finished steps are kept (--resume continues)")
             _open_groups(graph, root, queue, capacity, threads, errors)
             if display is not None:
                 display.tick(queue.call("running"))
@@ -137,6 +143,18 @@ def _run_group(graph: TaskGraph, root: RunStorage, queue: "_Queue", group: str, 
         queue.call("close_group", group, error)
 
 
+def _end_groups(queue: "_Queue", threads: list[threading.Thread]) -> None:
+    """End every open worker group now: the queue answers every claim with DONE from here on, and each
+    group's workers are killed, so Ray Train ends the group the way it ends a failed one (its placement
+    group removed) instead of leaving it to a controller that dies with this process."""
+    import ray
+
+    for worker in queue.call("cancel"):
+        ray.kill(worker)
+    for thread in threads:
+        thread.join()
+
+
 def ray_storage(root: RunStorage) -> dict:
     """Where Ray Train keeps its own run state: the run's ``ray/``, on the run's filesystem."""
     if root.is_local:
@@ -185,6 +203,17 @@ def driver_resources(cluster_resources: Mapping[str, float]) -> dict[str, float]
     return {DRIVER_RESOURCE: DRIVER_SHARE} if cluster_resources.get(DRIVER_RESOURCE, 0) > 0 else {}
 
 
+def _queue_resources() -> dict[str, float]:
+    """The queue actor's custom resources: a driver share, unless this driver runs inside a placement
+    group (a sweep trial's, which Tune placed on a driver node): the actor then starts inside it, where
+    the trial's own bundle has no share left over."""
+    import ray
+
+    if ray.get_runtime_context().get_placement_group_id() is not None:
+        return {}
+    return driver_resources(ray.cluster_resources())
+
+
 class _Capacity:
     """Whether the cluster holds one more worker group of a shape next to the open ones."""
 
@@ -208,18 +237,18 @@ class _Capacity:
 class _Queue:
     """The driver's handle on the queue: a Ray actor when groups run on the cluster, else the object."""
 
-    def __init__(self, tasks, done, remote: bool, reuse_groups: bool):
+    def __init__(self, tasks, done, remote: bool, reuse_groups: bool, step_by_step: bool):
         import uuid
 
         self.remote = remote
         if remote:
             import ray
 
-            queue = ray.remote(num_cpus=0, max_concurrency=1, resources=driver_resources(ray.cluster_resources()))
-            self.actor = queue(TaskQueue).remote(tasks, done, reuse_groups)
+            queue = ray.remote(num_cpus=0, max_concurrency=1, resources=_queue_resources())
+            self.actor = queue(TaskQueue).remote(tasks, done, reuse_groups, step_by_step)
         else:
             self.name = f"queue-{uuid.uuid4().hex}"
-            _LOCAL_QUEUES[self.name] = TaskQueue(tasks, done, reuse_groups)
+            _LOCAL_QUEUES[self.name] = TaskQueue(tasks, done, reuse_groups, step_by_step)
         self.failures: dict[str, str] = {}
 
     def call(self, method: str, *args):
@@ -254,6 +283,13 @@ class QueueClient:
         import ray
 
         return ray.get(getattr(self.handle, method).remote(*args))
+
+    def join(self, group: str) -> None:
+        """A worker on the cluster hands the queue its actor handle, so that a cancelled run can end it."""
+        if not isinstance(self.handle, str):
+            import ray
+
+            self.call("join", group, ray.get_runtime_context().current_actor)
 
     def next_task(self, group: str, seq: int) -> Optional[str]:
         """The group's ``seq``-th task, waiting while one is about to become ready; None: leave."""

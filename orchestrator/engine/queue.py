@@ -2,9 +2,12 @@
 
 Worker groups pull tasks: a group asks for its next task (``claim``) whenever it is free, and the queue
 hands it a ready task of its resource shape, preferring the next task of the chain the group just
-worked on (its datasets and method are already loaded). A group with nothing ready waits while some
-task of its shape is about to become ready (a task it depends on is running), and leaves otherwise, so
-an idle group never holds resources another shape needs.
+worked on (its datasets and method are already loaded), or, ``step_by_step``, the ready task of the
+lowest step (a sweep's trial: every seed's step k before any seed's step k+1 when its groups are fewer
+than its seeds, so the scheduler judges the trial after its first steps). A group with nothing ready
+waits while some task of its shape is about to become ready (a task it depends on is running), and
+leaves otherwise, so an idle group never holds resources another shape needs. A cancelled queue
+answers every claim with DONE and hands the driver the workers to end.
 
 Every rank of a group asks with the same sequence number and gets the same answer; a group that Ray
 Train restarts after a failure asks again from sequence 0 and is handed its earlier tasks again (the
@@ -15,7 +18,7 @@ as a Ray actor when workers run on a cluster, and as an object when the one grou
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from orchestrator.engine.graph import Task
@@ -30,11 +33,13 @@ class _Group:
     working: Optional[str] = None
     last: Optional[str] = None  # the last task it claimed: its chain comes first
     open: bool = True
+    workers: list = field(default_factory=list)  # the actor handles of its workers on the cluster
 
 
 class TaskQueue:
-    def __init__(self, tasks: list[Task], done: set[str], reuse_groups: bool = True):
+    def __init__(self, tasks: list[Task], done: set[str], reuse_groups: bool = True, step_by_step: bool = False):
         self.reuse_groups = reuse_groups  # False: every group trains one task and leaves
+        self.step_by_step = step_by_step  # True: the lowest step first, whatever chain the group was on
         self.tasks = {t.id: t for t in tasks}
         self.order = {t.id: i for i, t in enumerate(tasks)}
         self.done = set(done) & set(self.tasks)
@@ -42,6 +47,7 @@ class TaskQueue:
         self.claimed: dict[str, str] = {}  # task id -> group
         self.groups: dict[str, _Group] = {}
         self.events: list[tuple[str, str]] = []  # ("started" | "finished" | "failed", task id), in order
+        self.cancelled = False
         self._ids = itertools.count()
 
     # -- groups -------------------------------------------------------------------------------
@@ -49,6 +55,14 @@ class TaskQueue:
         name = f"group-{next(self._ids)}"
         self.groups[name] = _Group(shape=shape, claims=[])
         return name
+
+    def join(self, group: str, worker) -> None:
+        self.groups[group].workers.append(worker)
+
+    def cancel(self) -> list:
+        """From now on every claim is DONE and no group is wanted; returns the open groups' workers."""
+        self.cancelled = True
+        return [w for g in self.groups.values() if g.open for w in g.workers]
 
     def close_group(self, group: str, error: Optional[str] = None) -> None:
         """The group's Train run ended. A task it was still on failed (with ``error``, or without a word),
@@ -62,6 +76,8 @@ class TaskQueue:
     def claim(self, group: str, seq: int) -> str:
         """The task id for the group's ``seq``-th claim, ``WAIT`` (ask again soon) or ``DONE`` (leave)."""
         g = self.groups[group]
+        if self.cancelled:
+            return DONE
         if seq < len(g.claims):  # a rank catching up, or a restarted group replaying its claims
             answer = g.claims[seq]
             if answer != DONE:
@@ -94,6 +110,8 @@ class TaskQueue:
         """Worker groups worth having, by resource shape: one per chain with a task that is ready or about
         to be (everything it needs is finished or running), unless a group is on that chain already. A
         group opened for a task that is about to be ready starts while that task's dependency trains."""
+        if self.cancelled:
+            return {}
         running = {g.working for g in self.groups.values() if g.open and g.working is not None}
         busy_chains = {self.tasks[t].chain for t in running}
         chains: dict[tuple, set[str]] = {}
@@ -138,6 +156,8 @@ class TaskQueue:
         ready = [t for t in self._ready() if shape_of(t) == g.shape]
         if not ready:
             return None
+        if self.step_by_step:
+            return min(ready, key=lambda t: (-1 if t.step is None else t.step, self.order[t.id])).id
         last = self.tasks.get(g.last) if g.last else None
         same_chain = [t for t in ready if last is not None and t.chain == last.chain]
         return (same_chain or ready)[0].id  # otherwise the first in plan order

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -23,6 +23,9 @@ from orchestrator.config.typed import from_dict, require, to_dict
 from orchestrator.config import (EvalSetConfig, EvaluationConfig, ExperimentConfig, MethodSpec, ResourcesConfig,
                                  ScenarioConfig, TrainingConfig)
 from orchestrator.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from methods.base import Weights
 
 
 def validate_replacements(cfg: ExperimentConfig, num_steps: int) -> None:
@@ -83,8 +86,9 @@ def upstream_seed(seed: int, index: int) -> int:
     return seed + 1000 * (index + 1)
 
 
-def replacement_checkpoint(cfg: ExperimentConfig, run: runfiles.Run, spec: MethodSpec, step: int) -> Optional[str]:
-    """The model swapped in at ``step`` for ``spec``'s method, or None when ``step`` is no replacement."""
+def replacement_checkpoint(cfg: ExperimentConfig, run: runfiles.Run, spec: MethodSpec, step: int) -> Optional[Weights]:
+    """The model swapped in at ``step`` for ``spec``'s method, or None when ``step`` is no replacement: the
+    user's checkpoint file, or upstream model k as stored in the run (on whatever filesystem it lives)."""
     sc = cfg.scenario
     if step not in sc.replace_at:
         return None

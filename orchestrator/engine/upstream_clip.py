@@ -13,7 +13,8 @@ the engine's training loop and stored in the run, under a digest of everything t
   of the run at ``root``, built once: ``model.pt`` (a state dict of tensors, loadable with
   ``create_clip(model_name, path)``), then ``meta.json``, which records the recipe and the zero-shot
   accuracy per class on the dataset's test split, and marks the entry finished.
-- ``clip_checkpoint(model_name, recipe, data, root) -> Path``: the weights file, which its task has built.
+- ``clip_checkpoint(model_name, recipe, data, root) -> Path``: the weights as a local file, which its task
+  has built (a cached copy when the run is not on the local filesystem, see the function).
 - ``zero_shot_per_class(model, tokenizer, images, labels, class_names, template, batch_size)``.
 """
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from methods.nets.clip_models import Tokenizer, clip_input_spec, create_clip, encode_images, encode_texts
 from orchestrator.config import DataConfig, ExperimentConfig, ModelConfig, UpstreamClipConfig
-from orchestrator.data import load_split
+from orchestrator.data import cache_root, load_split
 from orchestrator.data.captions import load_captioned
 from orchestrator.data.instance_captions import load_described
 from orchestrator.data.synthetic import generator_key
@@ -70,13 +71,19 @@ def clip_task(model_name: str, recipe: UpstreamClipConfig, data: DataConfig) -> 
 
 
 def clip_checkpoint(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: runfiles.Run) -> Path:
-    """The upstream CLIP's weights file (open_clip reads a local path), which its task built before any task
-    that needs them started."""
+    """The upstream CLIP's weights as a local file, which its task built before any task that needs them
+    started.
+
+    A CLIP's weights reach its method as ``model.pretrained``, a config string that names an open_clip tag
+    or a local file (validated and read as a file by methods/nets/clip_models.py, and recorded in the
+    config), so they cannot be a stream. A run on the local filesystem hands over the stored file itself;
+    a run elsewhere (an object store) hands over a copy in the cache directory, named by the SHA-256 of
+    the weights, made once per machine and bytes."""
     entry = upstream_entry(model_name, recipe, data, root)
     if not entry.exists("meta.json"):
         raise RunError(f"the upstream CLIP {model_name} is missing from {entry.location}; its task "
                        f"{clip_task(model_name, recipe, data)[0]} must finish first (rerun with --resume)")
-    return entry.local_path("model.pt")
+    return entry.local_file("model.pt", cache_root() / "stored-weights")
 
 
 def pretrain_clip(model_name: str, recipe: UpstreamClipConfig, data: DataConfig, root: runfiles.Run,

@@ -8,6 +8,7 @@ so resume and fault tolerance keep step granularity. Nothing here knows any part
 from __future__ import annotations
 
 import itertools
+import os
 from functools import partial
 import time
 from dataclasses import dataclass
@@ -36,11 +37,12 @@ from orchestrator.engine.upstream import replacement_checkpoint
 
 @dataclass
 class Worker:
-    """Where this process sits in the worker group."""
+    """Where this process sits in the worker group, and in the cluster."""
 
     rank: int
     world_size: int
     device: torch.device
+    placement: Optional[dict] = None  # node, placement group and pid, recorded in each step's manifest entry
 
     @property
     def is_chief(self) -> bool:
@@ -62,7 +64,18 @@ def current_worker(use_gpu: bool) -> Worker:
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
-    return Worker(rank=rank, world_size=world, device=device)
+    return Worker(rank=rank, world_size=world, device=device, placement=placement())
+
+
+def placement() -> dict:
+    """The node, the placement group (None outside one: an in-process group) and the process this code
+    runs in: the worker's own record of where a step trained (a sweep's test checks it against the trial)."""
+    import ray
+
+    if not ray.is_initialized():  # an in-process run without a cluster
+        return {"node": None, "placement_group": None, "pid": os.getpid()}
+    context = ray.get_runtime_context()
+    return {"node": context.get_node_id(), "placement_group": context.get_placement_group_id(), "pid": os.getpid()}
 
 
 def work(loop_config: dict) -> None:
@@ -73,6 +86,7 @@ def work(loop_config: dict) -> None:
 
     root, group = loop_config["root"], loop_config["group"]
     queue = QueueClient(loop_config["queue"])
+    queue.join(group)
     worker = current_worker(loop_config["use_gpu"])
     configs: dict[str, ExperimentConfig] = {}
     session: Optional[Session] = None
@@ -211,7 +225,7 @@ class Session:
                 "seconds": round(time.time() - started, 3), "world_size": self.worker.world_size,
                 "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,
                 "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group,
-                "losses": hooks.losses,
+                "placement": self.worker.placement, "losses": hooks.losses,
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()
@@ -239,7 +253,7 @@ class Session:
             runfiles.mark_step_done(self.run_dir, self.spec.key, 0, {
                 **entry, "method": self.spec.key, "copied_from": twin, "seconds": round(time.time() - started, 3),
                 "train_seconds": 0.0, "trained_images_per_worker": 0, "started_at": round(started, 3),
-                "finished_at": round(time.time(), 3), "group": group})
+                "finished_at": round(time.time(), 3), "group": group, "placement": self.worker.placement})
         self.worker.barrier()
         ray.train.report({"method": self.spec.key, "step": 0, "copied_from": twin})
 

@@ -41,7 +41,7 @@ from orchestrator.storage.run_storage import RunStorage
 INSTALL = "pip install 'compat-orchestrator[tracking]'"
 MODULES = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboardX"}  # config key -> module it needs
 FILES_FOLDER = "compat"  # W&B: the report's files go into the run's files/compat/
-TUNE_STATE = re.compile(r"tuner\.pkl|.*state-.*\.json")  # Tune's files in a sweep directory
+NOT_REPORTED = re.compile(r"lease\.json|tuner\.pkl|.*state-.*\.json")  # the run's lease; Tune's state in a sweep
 STEP_VALUES = ("accuracy", "accuracy_base", "accuracy_novel", "accuracy_new_classes", "accuracy_previous_classes",
                "seconds", "train_seconds")  # manifest-entry numbers logged against the version
 
@@ -201,11 +201,11 @@ def matrix_tables(metrics: dict, path: str) -> dict[str, tuple[list[str], list[l
 
 
 def copy_top_level_files(storage: RunStorage, target: Path) -> None:
-    """The files right in a run directory (report, metrics, config, matrices, plots) or a sweep
-    directory (its results, best config and plots; not Tune's own state) into ``target``."""
+    """The files right in a run directory (report, metrics, config, matrices, plots; not its lease) or a
+    sweep directory (its results, best config and plots; not Tune's own state) into ``target``."""
     target.mkdir(parents=True, exist_ok=True)
     for key in storage.list("", recursive=False):
-        if not TUNE_STATE.fullmatch(key):
+        if not NOT_REPORTED.fullmatch(key):
             (target / key).write_bytes(storage.read_bytes(key))
 
 

@@ -4,7 +4,8 @@ A run lives at a *location*: a local path today, a URI (``s3://bucket/run``, ``g
 :meth:`pyarrow.fs.FileSystem.from_uri` understands, or any ``pyarrow.fs.FileSystem`` and a root in it.
 Every key below is a relative, ``/``-separated name inside the run (``manifest/bct/step-001.json``);
 nothing here assumes a POSIX directory tree except :meth:`RunStorage.local_path`, which exists only for
-libraries that insist on a real path and refuses on other filesystems.
+libraries that insist on a real path and refuses on other filesystems, and :meth:`RunStorage.local_file`,
+which hands such a library a cached local copy when the run is not local.
 
 Atomicity, defined per operation in terms an object store keeps:
 
@@ -20,10 +21,14 @@ Atomicity, defined per operation in terms an object store keeps:
   ``_COMPLETE.json``), and that record is written after everything it vouches for. Readers decide
   "finished" from the record alone, so a crash between two writes leaves at most unreferenced objects.
 - **Deletes** are idempotent (a missing key is fine) and never needed for correctness, only for tidiness.
+- **Fenced handles.** A driver's handle (and every handle derived from it: children, the ones its workers
+  receive) carries the :class:`~orchestrator.storage.lease.Fence` of the run's lease: each write and
+  delete first checks that the lease still names that driver, so a former holder writes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -43,10 +48,11 @@ Location = Union[str, os.PathLike]
 class RunStorage:
     """A run's state on one filesystem under one root; see the module docstring for the write rules."""
 
-    def __init__(self, filesystem: pafs.FileSystem, root: str):
+    def __init__(self, filesystem: pafs.FileSystem, root: str, fence: Optional[Any] = None):
         self.filesystem = filesystem
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(filesystem, pafs.LocalFileSystem)
+        self.fence = fence  # a lease's Fence (orchestrator/storage/lease.py): checked before each write
 
     @classmethod
     def at(cls, location: Location) -> "RunStorage":
@@ -90,14 +96,46 @@ class RunStorage:
         return f"{self.root}/{key}" if self.root != "/" else f"/{key}"
 
     def child(self, sub: str) -> "RunStorage":
-        """The storage rooted at ``sub`` inside this one (a nested run, the embedding store ...)."""
-        return RunStorage(self.filesystem, self.path(sub))
+        """The storage rooted at ``sub`` inside this one (a nested run, the embedding store ...), under the same fence."""
+        return RunStorage(self.filesystem, self.path(sub), self.fence)
+
+    def fenced(self, fence: Any) -> "RunStorage":
+        """This storage with every write and delete first checking ``fence`` (a lease's, see the module docstring)."""
+        return RunStorage(self.filesystem, self.root, fence)
+
+    def _check_fence(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
 
     def local_path(self, key: str = "") -> Path:
         """A real path, only for libraries that cannot take a stream (Ray Train's storage_path ...)."""
         if not self.is_local:
             raise RunError(f"{self.location} is not on a local filesystem; this operation needs a local run directory")
         return Path(self.path(key))
+
+    def local_file(self, key: str, cache: Path) -> Path:
+        """A real file with the object's bytes, for a library that reads only paths: the object itself on
+        the local filesystem; elsewhere a copy under ``cache`` named by the SHA-256 of its bytes (and the
+        key's suffix), written once and atomically. Naming by content, not by key, means runs sharing the
+        cache never share a copy of other bytes."""
+        if self.is_local:
+            if not self.exists(key):
+                raise FileNotFoundError(self.path(key))
+            return Path(self.path(key))
+        data = self.read_bytes(key)
+        target = Path(cache) / f"{hashlib.sha256(data).hexdigest()}{Path(key).suffix}"
+        if target.is_file() and target.stat().st_size == len(data):
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
 
     # -- queries -------------------------------------------------------------------------------
     def _info(self, key: str) -> pafs.FileInfo:
@@ -151,6 +189,7 @@ class RunStorage:
                     yield handle
                     handle.flush()
                     os.fsync(handle.fileno())
+                self._check_fence()  # as late as possible: just before the object appears
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -159,6 +198,7 @@ class RunStorage:
         else:
             buffer = io.BytesIO()
             yield buffer
+            self._check_fence()
             path = self.path(key)
             parent = path.rpartition("/")[0]
             if parent:
@@ -175,6 +215,7 @@ class RunStorage:
 
     def delete(self, key: str) -> None:
         """Remove the object at ``key`` (nothing happens when there is none)."""
+        self._check_fence()
         try:
             self.filesystem.delete_file(self.path(key))
         except FileNotFoundError:

@@ -4,6 +4,7 @@
 
     config.yaml                          resolved config (seed included)
     run.json                             provenance (code revision, library versions)
+    lease.json                           the driver that works in the run (orchestrator/storage/lease.py)
     manifest/<task>.json                 one completion record per finished task (``<method>/step-NNN``, ...)
     versions/<method>/vK/model.pt        final weights of version K (tensors only), and meta.json
     epochs/<method>/step-NNN.pt          last finished epoch of an unfinished step (resume point)
@@ -22,10 +23,14 @@ Every function takes the run as a :class:`RunStorage` or a location (a path or U
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from functools import partial
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from orchestrator.errors import RunError
 from orchestrator.storage.run_storage import Location, RunStorage
+
+if TYPE_CHECKING:
+    from methods.base import StoredWeights, Weights
 
 Run = Union[RunStorage, Location]
 
@@ -79,13 +84,16 @@ def replay_key(method: str, step: int) -> str:
     return f"replay/{method}/after-step-{step:03d}.json"
 
 
-def relative_to_run(path: Optional[str], run: Run) -> Optional[str]:
-    """A location inside the run as a key relative to it (so a moved run stays valid); others unchanged."""
-    if path is None:
+def relative_to_run(checkpoint: Optional["Weights"], run: Run) -> Optional[str]:
+    """Where a checkpoint came from, for a manifest: weights stored in the run as their key relative to it
+    (so a moved run stays valid); a file from elsewhere as given."""
+    from methods.base import StoredWeights
+
+    if checkpoint is None:
         return None
     root = storage(run).root.rstrip("/") + "/"
-    target = storage(path).root
-    return target[len(root):] if target.startswith(root) else str(path)
+    target = checkpoint.name if isinstance(checkpoint, StoredWeights) else storage(checkpoint).root
+    return target[len(root):] if target.startswith(root) else str(checkpoint)
 
 
 # -- cross-modal layout -------------------------------------------------------------------------
@@ -142,9 +150,18 @@ def version_meta(run: Run, method: str, version: int) -> dict:
     return storage(run).read_json(f"{version_key(method, version)}/meta.json")
 
 
-def version_checkpoint(run: Run, method: str, version: int) -> str:
-    """The version as a checkpoint location a method's ``load_weights`` reads (a local directory today)."""
-    return str(storage(run).local_path(version_key(method, version)))
+def stored_weights(run: Run, key: str) -> "StoredWeights":
+    """The weights object at ``key`` as a method loads it (:func:`methods.base.load_state_dict`): read
+    through the run's storage when loaded, so it works on any filesystem the run lives on."""
+    from methods.base import StoredWeights
+
+    run = storage(run)
+    return StoredWeights(name=run.path(key), read=partial(run.read_bytes, key))
+
+
+def version_checkpoint(run: Run, method: str, version: int) -> "StoredWeights":
+    """The final weights of a version, as a method's ``load_weights`` takes them."""
+    return stored_weights(run, f"{version_key(method, version)}/model.pt")
 
 
 def save_epoch_state(run: Run, method: str, step: int, state: dict) -> None:

@@ -1,10 +1,11 @@
 """``compat sweep``: Ray Tune over any config key; each trial is a whole simulation, reported step by step.
 
 A sweep config is an experiment config plus a ``sweep:`` section (keys: :class:`SweepConfig`). All of
-it is validated before Ray starts. Each trial is a plain function trainable (the Train-in-Tune pattern
-of Ray 2.60, see sweep_trial.py) whose run directory is ``runs/<trial id>``: the trial id
-is stable across ``Tuner.restore``, so a resumed trial continues its run from the manifest, and the
-Train runs inside it keep their deterministic names. Outputs are written by sweep_report.py.
+it is validated before Ray starts. Each trial is a Tune trainable that drives one simulation, its steps
+on Ray Train workers within the trial's share of the cluster or in-process (see trial.py). Its run
+directory is ``runs/<trial id>``: the trial id is stable across ``Tuner.restore``, so a resumed trial
+continues its run from the manifest, and the Train runs inside it keep their deterministic names.
+Outputs are written by results.py.
 
 ::
 
@@ -29,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence
 import yaml
 
 from orchestrator.storage.run_storage import RunStorage
-from orchestrator.config.typed import from_dict, require
-from orchestrator.config import ExperimentConfig, load_raw, set_key
+from orchestrator.config.typed import from_dict, require, require_name
+from orchestrator.config import ExperimentConfig, load_raw, parse_config, set_key
 from orchestrator.engine.validate import parse_experiment
 from orchestrator.errors import ConfigError, RunError
 from orchestrator.registry import Registry
@@ -73,19 +74,19 @@ class SweepConfig:
     search: str = "random"  # random, grid, optuna or hyperopt (SEARCH_ALGORITHMS); optuna, hyperopt: pip install -e ".[sweep]"
     num_samples: Optional[int] = None  # trials to sample (grid: repeats of the grid); None: 1 for grid, else 8
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    max_concurrent: Optional[int] = None  # None: the cluster's CPUs / (trial_cpus + CPUs of a worker group)
-    trial_cpus: float = 1.0  # reserved per trial; in-process steps train on it
+    max_concurrent: Optional[int] = None  # None: as many trials as the cluster holds, each with its driver and a worker group per seed and method
+    trial_cpus: Optional[float] = None  # Tune's reservation for a trial's driver; None: 1 when a step trains in-process (on it), else 0.25
     max_failures: int = 0  # Tune restarts of a failed trial (its run resumes from the manifest)
     seed: int = 0  # seeds the search algorithm
     seeds: Optional[list[int]] = None  # evaluate every trial over these seeds (mean)
-    name: Optional[str] = None  # None: "<experiment name>-sweep"
+    name: Optional[str] = None  # a safe name (letters, digits, . _ -); None: "<experiment name>-sweep"
     output_dir: Optional[str] = None  # None: the experiment's output_dir
 
     def __post_init__(self):
         require(bool(self.space), "space", "needs at least one key to sweep")
         require(self.num_samples is None or self.num_samples >= 1, "num_samples", "must be >= 1")
         require(self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be >= 1")
-        require(self.trial_cpus > 0, "trial_cpus", "must be > 0")
+        require(self.trial_cpus is None or self.trial_cpus > 0, "trial_cpus", "must be > 0")
         require(self.max_failures >= 0, "max_failures", "must be >= 0")
         require(self.seeds is None or (bool(self.seeds) and len(set(self.seeds)) == len(self.seeds)), "seeds",
                 "must be a non-empty list of distinct seeds")
@@ -179,7 +180,7 @@ def parse_sweep(document: dict, directory: Optional[Path] = None) -> Sweep:
     if config.search in ("optuna", "hyperopt") and importlib.util.find_spec(config.search) is None:
         raise ConfigError("sweep.search", f"{config.search} is not installed; pip install 'compat-orchestrator[sweep]'")
     name = config.name or f"{experiment.name}-sweep"
-    require(name.strip() == name and "/" not in name and bool(name), "sweep.name", "must be a name without '/'")
+    require_name(name, "sweep.name")
     directory = Path(directory or Path(config.output_dir or experiment.output_dir) / name).resolve()
     return Sweep(document, config, dimensions, objective, experiment, num_versions, directory)
 
@@ -259,7 +260,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     from orchestrator.engine.executor import driver_resources
     from orchestrator.reporting.tracking import track_sweep, tune_callbacks
     from orchestrator.tuning.results import collect_results
-    from orchestrator.tuning.trial import TaskSetup, cpu_needs, run_trial
+    from orchestrator.tuning.trial import TaskSetup, Trial, share_out, trial_need
 
     storage = RunStorage.at(sweep.directory)
     resuming = storage.exists(SWEEP_STATE)
@@ -267,17 +268,19 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
         raise RunError(f"{sweep.directory} already holds a different sweep; continue it with "
                        f"`compat sweep --resume {sweep.directory}`, or set sweep.name/sweep.output_dir")
     ensure_ray()
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, setup=TaskSetup.here()),
-                                    {"cpu": sweep.config.trial_cpus, **driver_resources(ray.cluster_resources())})
+    cluster = ray.cluster_resources()
+    need = trial_need(parse_config(sweep.trial_raw({})), sweep.config.trial_cpus)
+    at_once, groups = share_out(need, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), sweep.config.max_concurrent)
+    trainable = tune.with_resources(tune.with_parameters(Trial, sweep=sweep, task_setup=TaskSetup.here(), groups=groups),
+                                    {"cpu": need.driver_cpus, **driver_resources(cluster)})
     if resuming and tune.Tuner.can_restore(str(sweep.directory)):
         echo(f"Resuming sweep {sweep.directory}")
         tuner = tune.Tuner.restore(str(sweep.directory), trainable, resume_unfinished=True, restart_errored=True)
     else:
         storage.write_text(SWEEP_STATE, yaml.safe_dump(sweep.document, sort_keys=False))
-        worker_cpus, _ = cpu_needs(sweep.experiment)
-        at_once = sweep.config.max_concurrent or _concurrency(sweep.config.trial_cpus + worker_cpus)
         echo(f"Sweep of '{sweep.experiment.name}' in {sweep.directory}: {len(sweep.dimensions)} key(s), "
-             f"objective {sweep.objective.mode} {sweep.objective.name.text} of {sweep.objective.method}")
+             f"objective {sweep.objective.mode} {sweep.objective.name.text} of {sweep.objective.method}; "
+             f"{describe_share(need, at_once, groups)}")
         tuner = tune.Tuner(
             trainable,
             param_space={d.key: d.domain(as_grid=sweep.config.search == "grid") for d in sweep.dimensions},
@@ -286,11 +289,12 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
                 scheduler=_scheduler(sweep), num_samples=_num_samples(sweep.config),
                 max_concurrent_trials=None if sweep.config.search in ("random", "grid") else at_once,
                 trial_dirname_creator=trial_id_of, trial_name_creator=trial_id_of,
-                reuse_actors=True,  # a finished trial's process (imports done) serves the next one
+                reuse_actors=False,  # a stopped trial's process ends, and with it its simulation or Train runs
             ),
             run_config=tune.RunConfig(
                 name=sweep.directory.name, storage_path=str(sweep.directory.parent),
                 failure_config=tune.FailureConfig(max_failures=sweep.config.max_failures),
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),  # a trial's state is its run directory
                 callbacks=[*tune_callbacks(sweep.experiment.tracking, sweep.directory), *callbacks],
                 verbose=1 if progress else 0,
             ),
@@ -374,7 +378,8 @@ def _num_samples(config: SweepConfig) -> int:
     return 1 if config.search == "grid" else 8
 
 
-def _concurrency(cpus_per_trial: float) -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
+def describe_share(need, at_once: int, groups: int) -> str:
+    """``up to 2 trials at once, each a driver (0.25 CPU) and up to 3 worker group(s) of 1 CPU``."""
+    where = "its steps in-process" if need.in_process and not need.group_cpus else (
+        f"up to {groups} worker group(s) of {need.group_cpus:g} CPU" + (f", {need.group_gpus:g} GPU" if need.group_gpus else ""))
+    return f"up to {at_once} trial(s) at once, each a driver ({need.driver_cpus:g} CPU) and {where}"
