@@ -132,6 +132,7 @@ def test_worker_failure_restarts_the_group_which_skips_finished_steps_and_resume
     # step 1 resumed after its first epoch's checkpoint: the second attempt trained epochs 1 and 2 only
     step1 = runfiles.manifest_entry(run_dir, METHOD, 1)
     assert step1["trained_images_per_worker"] == (EPOCHS - 1) * IMAGES_PER_RANK_EPOCH_STEP1
+    assert [point["epoch"] for point in step1["losses"]] == list(range(EPOCHS))  # the first attempt's epoch kept
     assert not runfiles.storage(run_dir).exists(runfiles.epoch_state_key(METHOD, 1))  # cleared once the step is done
     group = step1["group"]  # one worker group (one Train run) for both steps, restarted in place
     assert runfiles.manifest_entry(run_dir, METHOD, 0)["group"] == group

@@ -40,6 +40,8 @@ def test_json_round_trip_and_listing(run):
     assert run.list("manifest") == ["bct/step-000.json", "bct/step-001.json"]
     assert run.list() == ["manifest/bct/step-000.json", "manifest/bct/step-001.json", "rows/bct/row-000.json"]
     assert run.list("nothing/here") == []
+    run.write_json("metrics.json", {})
+    assert run.list(recursive=False) == ["metrics.json"] and run.list("manifest", recursive=False) == []
     assert run.exists("rows/bct/row-000.json") and not run.exists("rows/bct") and not run.exists("rows/x.json")
     assert run.read_json_or_none("rows/x.json") is None
     with pytest.raises(FileNotFoundError):

@@ -8,13 +8,13 @@ anything is written.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from orchestrator.config.typed import from_dict, require, require_name, to_dict
 from orchestrator.config import DataConfig, MethodSpec, ResourcesConfig, TrainingConfig, UpstreamClipConfig
+from orchestrator.config.experiment import config_digest
+from orchestrator.config.tracking import TrackingConfig
 
 KIND = "cross-modal"
 RESERVED_KEYS = ("old", "new")  # store keys of the two models' own embeddings
@@ -113,6 +113,7 @@ class CrossModalExperiment:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     evaluation: CrossModalEvaluationConfig = field(default_factory=CrossModalEvaluationConfig)
     methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="procrustes"), MethodSpec(name="xbt")])
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / W&B / TensorBoard; not in the digest
 
     def __post_init__(self):
         require_name(self.name, "name")
@@ -138,8 +139,7 @@ class CrossModalExperiment:
         return to_dict(self)
 
     def digest(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return config_digest(self.to_dict())
 
 
 def parse_crossmodal(data: dict) -> CrossModalExperiment:

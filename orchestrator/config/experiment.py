@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from orchestrator.config.tracking import TrackingConfig
 from orchestrator.config.typed import from_dict, require, require_name, to_dict
 from orchestrator.errors import ConfigError, ConfigWarning
 
@@ -340,6 +341,7 @@ class ExperimentConfig:
     methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="independent")])
     upstream_clip: Optional[UpstreamClipConfig] = None  # pretrain model.name offline before the scenario
     upstream: Optional[UpstreamConfig] = None  # replacement models trained elsewhere (scenario.replacements)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / W&B / TensorBoard; not in the digest
 
     def __post_init__(self):
         require(self.upstream_clip is None or (self.model.name is not None and self.model.pretrained is None),
@@ -367,12 +369,18 @@ class ExperimentConfig:
 
     def digest(self) -> str:
         """Short hash of the resolved config (seed included) that names what a run directory holds."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return config_digest(self.to_dict())
 
     def with_seed(self, seed: int) -> "ExperimentConfig":
         """This experiment with one seed: the config a run of that seed alone would have."""
         return dataclasses.replace(self, seed=seed, seeds=None)
+
+
+def config_digest(document: dict) -> str:
+    """Short hash of a resolved config mapping, without its ``tracking`` section: trackers observe a run
+    and never change what it computes (and runs from before the section existed keep their digest)."""
+    blob = json.dumps({k: v for k, v in document.items() if k != "tracking"}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def apply_override(data: dict, assignment: str) -> None:

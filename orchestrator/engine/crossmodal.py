@@ -61,10 +61,12 @@ def stage_payloads(cfg: CrossModalExperiment) -> list[tuple[str, dict, tuple[str
 def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[runfiles.Run] = None,
                    echo: Callable[[str], None] = print, progress: bool = False, wait_for_lease: bool = False) -> dict:
     """Run (or resume) every task on the engine's executor, then write metrics.json and report.md, under
-    the run's lease (as :func:`~orchestrator.engine.driver.run_experiment`)."""
+    the run's lease (as :func:`~orchestrator.engine.driver.run_experiment`); the trackers of ``tracking``
+    receive the config, and at the end the Recall@K cells and the report."""
     from orchestrator.data.crossmodal import check_data
     from orchestrator.evaluation.crossmodal import evaluate_run
     from orchestrator.reporting.crossmodal import render_crossmodal_report
+    from orchestrator.reporting.tracking import open_run_tracker
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
     from orchestrator.engine.driver import ProgressDisplay, check_run_dir, default_run_dir, start_run_dir, take_lease
@@ -78,17 +80,19 @@ def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[runfiles.Run] = 
     with take_lease(run_dir, wait_for_lease) as lease:
         run_dir = lease.guard(run_dir)
         resuming = start_run_dir(cfg, run_dir)
-        graph = plan(cfg)
-        done = sum(runfiles.task_done(run_dir, t.name) for t in graph.tasks.values())
-        echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir.location}: {len(graph.tasks)} tasks "
-             f"({len(cfg.seeds)} seed(s) x {len(cfg.methods)} method(s)), {done} already done")
-        display = ProgressDisplay(run_dir, graph, done, enabled=progress, echo=echo)
-        execute(graph, run_dir, display=display)
-        display.close()
-        metrics = evaluate_run(cfg, run_dir)
-        run_dir.write_json(runfiles.METRICS, metrics)
-        render_crossmodal_report(run_dir)
-        return metrics
+        with open_run_tracker(cfg, run_dir) as tracker:
+            graph = plan(cfg)
+            done = sum(runfiles.task_done(run_dir, t.name) for t in graph.tasks.values())
+            echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir.location}: {len(graph.tasks)} tasks "
+                 f"({len(cfg.seeds)} seed(s) x {len(cfg.methods)} method(s)), {done} already done")
+            display = ProgressDisplay(run_dir, graph, done, enabled=progress, echo=echo)
+            execute(graph, run_dir, display=display)
+            display.close()
+            metrics = evaluate_run(cfg, run_dir)
+            run_dir.write_json(runfiles.METRICS, metrics)
+            render_crossmodal_report(run_dir)
+            tracker.run_finished([("", run_dir)])
+            return metrics
 
 
 # -- workers -----------------------------------------------------------------------------------

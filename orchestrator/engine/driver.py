@@ -130,7 +130,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Lo
                    echo: Callable[[str], None] = print, max_groups: Optional[int] = None, step_by_step: bool = False,
                    cancel: Optional[threading.Event] = None, wait_for_lease: bool = False) -> dict:
     """Run (or resume) the experiment: plan its task graph (every method, seed and upstream model),
-    execute it, then write each run's metrics.json, CSVs, plots and report.md.
+    execute it, then write each run's metrics.json, CSVs, plots and report.md; the trackers of its
+    ``tracking`` section follow along (orchestrator/reporting/tracking.py).
 
     The run's lease (orchestrator/storage/lease.py) is held from the first write to the last, and every
     write, the workers' included, is fenced by it: a second driver on a live run refuses and names the
@@ -152,23 +153,32 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Lo
                            step_by_step=step_by_step, cancel=cancel)
 
 
-def _run_leased(cfg: ExperimentConfig, root: RunStorage, *, progress: bool, echo: Callable[[str], None],
-                max_groups: Optional[int], step_by_step: bool, cancel: Optional[threading.Event]) -> dict:
-    """:func:`run_experiment` once the lease is held; ``root`` is fenced by it."""
+def _run_leased(cfg: ExperimentConfig, root: RunStorage, **options) -> dict:
+    """:func:`run_experiment` once the lease is held; ``root`` is fenced by it. The trackers' run spans
+    the rest (closed as failed when the run raises)."""
+    from orchestrator.reporting.tracking import open_run_tracker
+
+    resuming = start_run_dir(cfg, root)
+    with open_run_tracker(cfg, root) as tracker:
+        return _run_graph(cfg, root, resuming, tracker, **options)
+
+
+def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker, *, progress: bool,
+               echo: Callable[[str], None], max_groups: Optional[int], step_by_step: bool,
+               cancel: Optional[threading.Event]) -> dict:
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
     from orchestrator.reporting.report import render_report
     from orchestrator.engine.upstream_clip import record_upstream
 
-    resuming = start_run_dir(cfg, root)
     graph = plan(cfg)
     for path, run in graph.runs.items():
         if path:
             prepare_run_dir(run.config, root.child(path))
-    done = sum(runfiles.task_done(root.child(t.run), t.name) for t in graph.tasks.values())
+    done = [t.id for t in graph.tasks.values() if runfiles.task_done(root.child(t.run), t.name)]
     echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {root.location}: {describe_graph(graph)}, "
-         f"{done}/{len(graph.tasks)} already done")
-    display = ProgressDisplay(root, graph, done, enabled=progress, echo=echo)
+         f"{len(done)}/{len(graph.tasks)} already done")
+    display = ProgressDisplay(root, graph, len(done), enabled=progress, echo=echo)
 
     def row_of(task_id: str) -> None:  # each matrix row as soon as its version is committed
         task = graph.tasks[task_id]
@@ -177,8 +187,19 @@ def _run_leased(cfg: ExperimentConfig, root: RunStorage, *, progress: bool, echo
         run = graph.runs[task.run]
         ensure_row(run.config, root.child(task.run), run.config.methods[task.method].key, task.step)
 
-    execute(graph, root, on_finished=row_of, display=display, max_groups=max_groups, step_by_step=step_by_step,
-            cancel=cancel)
+    def track(task_id: str) -> None:  # a version's numbers to the trackers, once per task
+        task, run = graph.tasks[task_id], graph.runs[graph.tasks[task_id].run]
+        if not tracker.enabled or task.method is None or run.role == "upstream":
+            return
+        spec, storage = run.config.methods[task.method], root.child(task.run)
+        tracker.step_finished(task.run, spec.key, task.step, runfiles.manifest_entry(storage, spec.key, task.step) or {},
+                              ensure_row(run.config, storage, spec.key, task.step),
+                              sum(run.config.method_training(spec, s).epochs for s in range(task.step)))
+
+    for task_id in done:  # what a resumed run finished before, so its tracker run is complete
+        track(task_id)
+    execute(graph, root, on_finished=lambda task_id: (row_of(task_id), track(task_id)), display=display,
+            max_groups=max_groups, step_by_step=step_by_step, cancel=cancel)
     display.close()
     finished: dict[str, dict] = {}
     for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):
@@ -190,12 +211,14 @@ def _run_leased(cfg: ExperimentConfig, root: RunStorage, *, progress: bool, echo
         render_report(root.child(path))
         finished[path] = metrics
     if cfg.seeds is None:
+        tracker.run_finished([("", root)])
         return finished[""]
     from orchestrator.evaluation.seeds import aggregate
 
     metrics = aggregate(cfg, [finished[f"seed-{seed}"] for seed in cfg.seeds])
     root.write_json(runfiles.METRICS, metrics)
     render_report(root)
+    tracker.run_finished([("", root), *((f"seed-{seed}", root.child(f"seed-{seed}")) for seed in cfg.seeds)])
     return metrics
 
 

@@ -13,6 +13,9 @@ from orchestrator.errors import ConfigError
 
 def validate(cfg):
     """Every cross-section check of ``cfg`` (either kind of experiment); returns ``cfg``."""
+    from orchestrator.reporting.tracking import check_tracking
+
+    check_tracking(cfg.tracking)
     if isinstance(cfg, CrossModalExperiment):
         validate_crossmodal(cfg)
     else:

@@ -199,7 +199,7 @@ class Session:
             start_epoch = int(resume["epoch"]) + 1
         ddp_model = distributed(model, self.worker) if trainable else model
         train_started = time.time()
-        hooks = StepHooks(self, step, model, optimizer, state, ctx)
+        hooks = StepHooks(self, step, model, optimizer, state, ctx, losses=resume.get("losses", []) if resume else [])
         progress = [ProgressFile(self.run_dir, step_name(self.spec.key, step.index), step.index, self.training.epochs)
                     ] if self.worker.is_chief else []
         means = train_epochs(
@@ -228,7 +228,7 @@ class Session:
                 "seconds": round(time.time() - started, 3), "world_size": self.worker.world_size,
                 "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,
                 "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group,
-                "placement": self.worker.placement,
+                "placement": self.worker.placement, "losses": hooks.losses,
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()
@@ -357,11 +357,13 @@ class Session:
 
 class StepHooks(Hook):
     """A method step's hooks: the method's gradient surgery after each backward, the images trained on,
-    and at each epoch's end the resume point (written by the chief)."""
+    each epoch's mean losses (the manifest entry's ``losses``, which trackers plot), and at each epoch's
+    end the resume point (written by the chief; it keeps the losses so far)."""
 
-    def __init__(self, session: "Session", step: Step, model, optimizer, state, ctx: StepContext):
+    def __init__(self, session: "Session", step: Step, model, optimizer, state, ctx: StepContext, losses: list[dict]):
         self.session, self.step, self.model, self.optimizer, self.state, self.ctx = session, step, model, optimizer, state, ctx
         self.images = 0
+        self.losses = list(losses)  # [{"epoch": e, "loss": ..., <part>: ...}], e counted from 0 within the step
 
     def after_backward(self) -> None:
         self.session.method.after_backward(self.model, self.state, self.ctx)
@@ -370,9 +372,11 @@ class StepHooks(Hook):
         self.images += len(batch[1])
 
     def after_epoch(self, epoch: int, means: dict[str, float]) -> None:
+        self.losses.append({"epoch": epoch, **{name: round(value, 6) for name, value in means.items()}})
         if self.session.worker.is_chief:
             runfiles.save_epoch_state(self.session.run_dir, self.session.spec.key, self.step.index, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch})
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
+                "losses": self.losses})
 
 
 def _fraction(hits: np.ndarray) -> Optional[float]:

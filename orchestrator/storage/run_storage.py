@@ -165,11 +165,11 @@ class RunStorage:
         info = self._info(key)
         return info.size if info.type == pafs.FileType.File else None
 
-    def list(self, prefix: str = "") -> list[str]:
-        """Every object under ``prefix`` (recursive), as keys relative to ``prefix``, sorted. Hidden names
-        (a leading ``.``: the local backend's temp files) are left out."""
+    def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
+        """Every object under ``prefix`` (only those right in it unless ``recursive``), as keys relative
+        to ``prefix``, sorted. Hidden names (a leading ``.``: the local backend's temp files) are left out."""
         base = self.path(prefix)
-        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        selector = pafs.FileSelector(base, recursive=recursive, allow_not_found=True)
         try:
             infos = self.filesystem.get_file_info(selector)
         except (FileNotFoundError, NotADirectoryError):

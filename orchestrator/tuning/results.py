@@ -122,7 +122,7 @@ def write_tables(sweep: "Sweep", trials: list[TrialOutcome], out: RunStorage) ->
 
 def write_best_config(sweep: "Sweep", best: TrialOutcome, out: RunStorage, name: str) -> None:
     """The best trial's experiment (every swept key set) as a config ``compat run`` takes as it is."""
-    raw = sweep.trial_raw(best.params)
+    raw = sweep.trial_raw(best.params, with_tracking=True)
     raw["name"] = f"{sweep.experiment.name}-best"
     subject = "".join(f", subject to {c.text}" for c in sweep.objective.constraints)
     again = (f"compat run {out.location_of(name)}" if out.is_local

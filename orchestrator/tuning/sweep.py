@@ -138,9 +138,12 @@ class Sweep:
     def experiment_raw(self) -> dict:
         return {k: v for k, v in self.document.items() if k != "sweep"}
 
-    def trial_raw(self, params: dict[str, Any]) -> dict:
-        """The experiment mapping of a trial: every swept key set, plus the sweep's seeds."""
+    def trial_raw(self, params: dict[str, Any], with_tracking: bool = False) -> dict:
+        """The experiment mapping of a trial: every swept key set, plus the sweep's seeds. Its ``tracking``
+        section only ``with_tracking`` (a trial's own run is tracked by Tune's callbacks, see run_sweep)."""
         raw = copy.deepcopy(self.experiment_raw)
+        if not with_tracking:
+            raw.pop("tracking", None)
         for key, value in params.items():
             set_key(raw, key, value)
         if self.config.seeds is not None:
@@ -257,13 +260,15 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
 
     Finished trials are never re-run; unfinished and failed ones continue from their run directories.
     Returns None when the sweep was interrupted (Ctrl-C): continue it with ``compat sweep --resume``.
-    ``callbacks`` are Ray Tune callbacks (e.g. loggers) added to the Tune run.
+    ``callbacks`` are Ray Tune callbacks (e.g. loggers) added to the Tune run, after those of the
+    experiment's ``tracking`` section.
     """
     import ray
     from ray import tune
 
     from orchestrator.engine.driver import ensure_ray
     from orchestrator.engine.executor import driver_resources
+    from orchestrator.reporting.tracking import track_sweep, tune_callbacks
     from orchestrator.tuning.results import collect_results
     from orchestrator.tuning.trial import TaskSetup, Trial, share_out, trial_need
 
@@ -301,14 +306,18 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
                 name=sweep.name, storage_path=path.rpartition("/")[0], **filesystem,
                 failure_config=tune.FailureConfig(max_failures=sweep.config.max_failures),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),  # a trial's state is its run directory
-                callbacks=list(callbacks), verbose=1 if progress else 0,
+                callbacks=[*tune_callbacks(sweep.experiment.tracking, sweep.directory), *callbacks],
+                verbose=1 if progress else 0,
             ),
         )
     grid = tuner.fit()
     if _unfinished(sweep):
         echo(f"Sweep interrupted; continue it with `compat sweep --resume {storage.location}`")
         return None
-    return collect_results(sweep, grid)
+    results = collect_results(sweep, grid)
+    track_sweep(sweep.experiment.tracking, sweep.directory.name, sweep.document, storage,
+                {t.trial_id: storage.child(f"runs/{t.trial_id}") for t in results.trials})
+    return results
 
 
 def tune_location(storage: RunStorage) -> tuple[str, dict]:
