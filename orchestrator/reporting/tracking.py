@@ -384,19 +384,19 @@ def _code_block(text: str) -> str:
 
 
 # -- sweeps ---------------------------------------------------------------------------------------------
-def tune_callbacks(tracking: TrackingConfig, directory: Path) -> list:
+def tune_callbacks(tracking: TrackingConfig, sweep: RunStorage) -> list:
     """Ray Tune logger callbacks that log every trial's per-step results (and its swept values) to the
-    configured trackers, for the sweep in ``directory``; the trials' own simulations are not tracked
+    configured trackers, for the sweep at ``sweep``; the trials' own simulations are not tracked
     separately."""
     if not tracking.enabled:
         return []
     check_tracking(tracking)
-    name = directory.name
+    name = sweep.root.rsplit("/", 1)[-1]
     callbacks: list = []
     if tracking.mlflow is not None:
         callbacks.append(_mlflow_callback(tracking.mlflow, name))
     if tracking.wandb is not None:
-        callbacks.append(_wandb_callback(tracking.wandb, name, directory))
+        callbacks.append(_wandb_callback(tracking.wandb, name, sweep))
     if tracking.tensorboard is not None:
         from ray.tune.logger import TBXLoggerCallback
 
@@ -426,8 +426,8 @@ def _flat(result: dict, prefix: str = "") -> dict:
     return out
 
 
-def _wandb_callback(section: WandbTracking, name: str, directory: Path):
-    """Ray's WandbLoggerCallback, its W&B files in ``tracking.wandb.dir`` or the sweep directory."""
+def _wandb_callback(section: WandbTracking, name: str, sweep: RunStorage):
+    """Ray's WandbLoggerCallback, its W&B files in ``tracking.wandb.dir`` or the sweep directory (a local one)."""
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     class Callback(WandbLoggerCallback):
@@ -436,7 +436,7 @@ def _wandb_callback(section: WandbTracking, name: str, directory: Path):
                 super().setup(*args, **kwargs)
 
     options = {"entity": section.entity, **({"mode": section.mode} if section.mode else {})}
-    options["dir"] = str(Path(section.dir).expanduser().absolute() if section.dir is not None else directory)
+    options["dir"] = str(_local_dir(section.dir, sweep, "", "tracking.wandb.dir"))
     return Callback(project=section.project or os.environ.get("WANDB_PROJECT") or name, group=name, **options)
 
 

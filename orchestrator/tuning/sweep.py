@@ -306,7 +306,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
                 name=sweep.name, storage_path=path.rpartition("/")[0], **filesystem,
                 failure_config=tune.FailureConfig(max_failures=sweep.config.max_failures),
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),  # a trial's state is its run directory
-                callbacks=[*tune_callbacks(sweep.experiment.tracking, sweep.directory), *callbacks],
+                callbacks=[*tune_callbacks(sweep.experiment.tracking, storage), *callbacks],
                 verbose=1 if progress else 0,
             ),
         )
@@ -315,7 +315,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
         echo(f"Sweep interrupted; continue it with `compat sweep --resume {storage.location}`")
         return None
     results = collect_results(sweep, grid)
-    track_sweep(sweep.experiment.tracking, sweep.directory.name, sweep.document, storage,
+    track_sweep(sweep.experiment.tracking, sweep.name, sweep.document, storage,
                 {t.trial_id: storage.child(f"runs/{t.trial_id}") for t in results.trials})
     return results
 
