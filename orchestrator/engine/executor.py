@@ -56,13 +56,14 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
     cursor = 0
     try:
         while True:
+            all_done = queue.call("finished")  # asked before the events, so the last task's are among them
             for event, task_id in queue.call("events_since", cursor):
                 cursor += 1
                 if event == "finished":
                     on_finished(task_id)
                 if display is not None:
                     display.event(event, task_id)
-            if queue.call("finished"):
+            if all_done:
                 break
             if cancel is not None and cancel.is_set():
                 _end_groups(queue, threads)
