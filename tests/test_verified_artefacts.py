@@ -101,6 +101,34 @@ def test_every_write_returns_the_size_and_sha256_of_the_stored_bytes(backend, tm
         assert run.child("store").artefact(key) == record
 
 
+def test_torch_saves_are_fsynced_before_they_are_published(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from orchestrator.storage import run_storage
+
+    run = RunStorage.at(tmp_path / "run")
+    synced = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        synced.append(("published", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(run_storage.os, "fsync", fsync)
+    monkeypatch.setattr(run_storage.os, "replace", replace)
+    run.save_torch("versions/m/v0/model.pt", {"w": torch.ones(2)})
+    target = str(tmp_path / "run" / "versions" / "m" / "v0" / "model.pt")
+    published = synced.index(("published", target))
+    assert any(isinstance(p, str) and "/.model.pt." in p for p in synced[:published])  # the temp file, before
+    assert synced[published + 1:] == [str(tmp_path / "run" / "versions" / "m" / "v0")]  # then the rename
+
+
 def test_a_finished_run_vouches_for_every_artefact_it_keeps(reference):
     for name, entry in entries(reference).items():
         method, step = name.removesuffix(".json").split("/step-")
