@@ -213,6 +213,9 @@ def test_damaged_embeddings_alone_keep_the_weights_and_every_later_version(chain
     assert [runfiles.read_row(chain, "m", s) is not None for s in range(3)] == [True, False, False]
     repair_run(chain_graph(), chain, digests=True, echo=lambda s: None)  # an interrupted repair, resumed: the same
     assert runfiles.task_done(chain, "m/step-002") and runfiles.pending_reembed(chain, "m/step-001") == entry
+    chain.write_bytes(weights("m", 1), b"w" * 99)  # and if the kept weights are damaged meanwhile: retrain
+    repair_run(chain_graph(), chain, digests=False, echo=lambda s: None)
+    assert not runfiles.task_done(chain, "m/step-002") and runfiles.pending_reembed(chain, "m/step-001") is None
 
 
 def test_a_manifest_entry_deleted_by_hand_recomputes_that_task_and_what_depends_on_it(chain):

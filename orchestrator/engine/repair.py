@@ -28,7 +28,7 @@ from typing import Callable
 from orchestrator.engine.graph import TaskGraph, task_id
 from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import RunStorage
-from orchestrator.storage.verify import ARTEFACTS, Verification, verify_run
+from orchestrator.storage.verify import ARTEFACTS, Verification, check_artefacts, verify_run
 
 
 def repair_run(graph: TaskGraph, root: RunStorage, digests: bool, echo: Callable[[str], None]) -> Verification:
@@ -42,9 +42,17 @@ def repair_run(graph: TaskGraph, root: RunStorage, digests: bool, echo: Callable
     waiting = {t.id for t in graph.tasks.values()  # embeddings pending from an earlier repair
                if _run(root, t.run).exists(runfiles.reembed_key(t.name)) and t.id not in finished}
     recompute, embed_again = set(), set()
+    for tid in waiting:  # the weights it is to embed with must still be the ones its former entry recorded
+        task = graph.tasks[tid]
+        kept = runfiles.pending_reembed(_run(root, task.run), task.name)[ARTEFACTS]
+        weights = {key: record for key, record in kept.items() if not runfiles.is_store_key(key)}
+        damage = check_artefacts(_run(root, task.run), weights, digests)
+        if damage:
+            found.damaged[(task.run, task.name)] = damage
+            recompute.add(tid)
     for (run, name), damage in found.damaged.items():
         tid = task_id(run, name)
-        if tid not in graph.tasks:
+        if tid not in graph.tasks or tid in recompute:
             continue
         weights_intact = found.entries[(run, name)] is not None and all(runfiles.is_store_key(d.key) for d in damage)
         (embed_again if weights_intact else recompute).add(tid)
