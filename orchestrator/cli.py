@@ -46,7 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.output_dir:
             cfg.output_dir = args.output_dir
         refuse_a_run_in_the_jobs_copy("output_dir", cfg.output_dir)
-    metrics = run_experiment(cfg, run_dir, progress=not args.no_progress)
+    metrics = run_experiment(cfg, run_dir, progress=not args.no_progress, verify=args.verify)
     print()
     print(_summary(metrics, isinstance(cfg, CrossModalExperiment)))
     return 0
@@ -90,10 +90,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.config.crossmodal import is_crossmodal
+    from orchestrator.errors import RunError
     from orchestrator.reporting.crossmodal import render_crossmodal_report
     from orchestrator.reporting.report import render_report
+    from orchestrator.storage.run_storage import RunStorage
     from orchestrator.storage.runfiles import read_config, read_metrics
+    from orchestrator.storage.verify import verify_run
 
+    found = verify_run(RunStorage.at(args.run_dir), digests=args.verify)
+    if found.unrecorded_warning():
+        print(f"warning: {found.unrecorded_warning()}", file=sys.stderr)
+    if not found.ok:
+        raise RunError(f"{found.root.location} holds damaged artefacts, so its results no longer match what it "
+                       "stores:\n  " + "\n  ".join(found.findings()) + f"\nRun `{found.advice()}`: it recomputes "
+                       "exactly the damaged tasks and what was derived from them, then writes the report again")
     crossmodal = is_crossmodal(read_config(args.run_dir) or {})
     path = (render_crossmodal_report if crossmodal else render_report)(args.run_dir)
     print(_summary(read_metrics(args.run_dir), crossmodal))
@@ -113,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set training.epochs=4 (repeatable)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the run at RUN_DIR (a path, or a URI such as s3://bucket/prefix/NAME); "
-                          "finished steps are not redone")
+                          "finished steps are not redone unless their artefacts fail verification (sizes, always)")
+    run.add_argument("--verify", action="store_true",
+                     help="when resuming, also check the SHA-256 of every finished step's artefacts")
     run.add_argument("--output-dir", help="where the run goes, as <output-dir>/<name>: a path (a shared mount on "
                                           "a multi-node cluster) or s3://bucket/prefix, gs://bucket/prefix "
                                           "(default: config output_dir)")
@@ -134,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="re-render plots and report.md of a finished run from its files")
     report.add_argument("run_dir", help="the run: a path, or a URI such as s3://bucket/prefix/NAME")
+    report.add_argument("--verify", action="store_true",
+                        help="check the SHA-256 of every finished step's artefacts, not only their sizes")
     report.set_defaults(func=_cmd_report)
 
     add_metrics_parser(sub)

@@ -9,7 +9,9 @@ from orchestrator.storage import runfiles
 from orchestrator.engine import driver
 from orchestrator.engine import executor
 from orchestrator import load_config
+from orchestrator.storage.run_storage import RunStorage
 from orchestrator.storage.store import EmbeddingStore
+from orchestrator.storage.verify import verify_run
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +33,9 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     assert groups[0] == groups[1] != groups[2]
     assert sorted(p.name for p in (run_dir / "ray").iterdir() if p.is_dir()) == [f"quickstart-{g}" for g in groups[1:]]
     assert runfiles.manifest_entry(run_dir, "bct", 2)["world_size"] == 2
+    recorded = runfiles.manifest_entry(run_dir, "bct", 2)["artefacts"]  # the chief vouches for both ranks' shards
+    assert sorted(k.rsplit("/", 1)[1] for k in recorded if runfiles.is_store_key(k)) == ["_COMPLETE.json", "part-0.arrow", "part-1.arrow"]
+    assert verify_run(RunStorage.at(run_dir), digests=True).ok
     store = EmbeddingStore(run_dir / "store")
     table = store.read("bct", 2, "test")
     assert table.embeddings.shape == (6 * 8, 16) and (np.diff(table.sample_ids) > 0).all()

@@ -243,6 +243,29 @@ def test_rerun_and_cli_resume_redo_nothing(finished_run, monkeypatch, capsys):
     assert (run_dir / "report.md").is_file()
 
 
+def test_a_damaged_stage_state_and_a_changed_encoding_recompute_exactly_those(finished_run, tmp_path, capsys):
+    """A stage's state is weights: that stage and the later stage of its method and seed are trained again.
+    An encoding is embeddings: only it runs again, and no stage trained on the corpus is redone."""
+    import json
+    import shutil
+
+    from test_verified_artefacts import flip, truncate
+
+    _, run_dir, metrics, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = {p: p.read_bytes() for p in (run_dir / "manifest").rglob("*.json")}
+    truncate(copy / "seed-0" / "states" / "xbt" / "text.pt")
+    flip(copy / "store" / "method=old" / "version=0" / "eval_set=corpus" / "part-0.arrow")
+    assert main(["report", "--verify", str(copy)]) == 2
+    assert f"compat run --resume {copy} --verify`" in capsys.readouterr().err
+    assert main(["run", "--resume", str(copy), "--verify"]) == 0
+    changed = {str(p.relative_to(run_dir / "manifest")) for p, data in before.items()
+               if (copy / p.relative_to(run_dir)).read_bytes() != data}
+    assert changed == {"encode-old.json", "seed-0/xbt/text.json", "seed-0/xbt/pairs.json"}
+    assert json.loads((copy / "metrics.json").read_text())["methods"] == json.loads(json.dumps(metrics["methods"]))
+
+
 def test_cli_errors_before_anything_is_written(tmp_path, capsys):
     bad = {**TINY, "data": {"source": "files", "eval": {"path": str(tmp_path / "nope.json")},
                             "corpus": {"path": str(tmp_path / "c.txt")}, "pairs": {"path": str(tmp_path / "p.csv")}}}

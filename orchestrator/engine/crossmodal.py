@@ -59,10 +59,11 @@ def stage_payloads(cfg: CrossModalExperiment) -> list[tuple[str, dict, tuple[str
 
 
 def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[runfiles.Run] = None,
-                   echo: Callable[[str], None] = print, progress: bool = False, wait_for_lease: bool = False) -> dict:
+                   echo: Callable[[str], None] = print, progress: bool = False, wait_for_lease: bool = False,
+                   verify: bool = False) -> dict:
     """Run (or resume) every task on the engine's executor, then write metrics.json and report.md, under
-    the run's lease (as :func:`~orchestrator.engine.driver.run_experiment`); the trackers of ``tracking``
-    receive the config, and at the end the Recall@K cells and the report."""
+    the run's lease and with a resume's verification (as :func:`~orchestrator.engine.driver.run_experiment`);
+    the trackers of ``tracking`` receive the config, and at the end the Recall@K cells and the report."""
     from orchestrator.data.crossmodal import check_data
     from orchestrator.evaluation.crossmodal import evaluate_run
     from orchestrator.reporting.crossmodal import render_crossmodal_report
@@ -82,6 +83,10 @@ def run_crossmodal(cfg: CrossModalExperiment, run_dir: Optional[runfiles.Run] = 
         resuming = start_run_dir(cfg, run_dir)
         with open_run_tracker(cfg, run_dir) as tracker:
             graph = plan(cfg)
+            if resuming:
+                from orchestrator.engine.repair import repair_run
+
+                repair_run(graph, run_dir, digests=verify, echo=echo)
             done = sum(runfiles.task_done(run_dir, t.name) for t in graph.tasks.values())
             echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {run_dir.location}: {len(graph.tasks)} tasks "
                  f"({len(cfg.seeds)} seed(s) x {len(cfg.methods)} method(s)), {done} already done")
@@ -101,12 +106,16 @@ def run_task(name: str, payload: dict, run_dir: RunStorage, worker, group: str) 
     from orchestrator.engine.crossmodal_steps import encode_step, stage_step
 
     started = time.time()
-    entry = (encode_step if payload["kind"] == "encode" else stage_step)(payload, run_dir, worker)
-    worker.barrier()
+    entry, written, partitions = (encode_step if payload["kind"] == "encode" else stage_step)(payload, run_dir, worker)
+    worker.barrier()  # every rank's shards are published before the chief records them
     if worker.is_chief:
+        artefacts = dict(written)
+        for prefix, method, version, eval_set in partitions:
+            artefacts.update(runfiles.store_records(run_dir, [(method, version, eval_set)], prefix))
         runfiles.mark_task_done(run_dir, name, {
             "step": name, "seconds": round(time.time() - started, 3), "world_size": worker.world_size,
-            "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group, **entry})
+            "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group, **entry,
+            "artefacts": artefacts})
 
 
 def resolve_clip(spec: ClipSpec, synthetic, run_dir: runfiles.Run) -> tuple[str, Optional[str]]:

@@ -66,8 +66,12 @@ def _write_eval_set(store: EmbeddingStore, key: str, data: CaptionedArrays, enco
                 data.caption_of[captions], captions, modality="text", caption_of=data.caption_of[captions], **shard)
 
 
-def encode_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> dict:
-    """The ``old`` or ``new`` model embeds the evaluation set and the corpus into RUN_DIR/store."""
+Partitions = list[tuple[str, str, int, str]]  # (store prefix in the run, method key, version, evaluation set)
+
+
+def encode_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> tuple[dict, dict, Partitions]:
+    """The ``old`` or ``new`` model embeds the evaluation set and the corpus into RUN_DIR/store. Returns
+    the manifest entry's fields, the chief's own records (none) and the partitions written."""
     cfg = parse_crossmodal(loop["config"])
     role = loop["role"]
     spec: ClipSpec = getattr(cfg.models, role)
@@ -87,8 +91,9 @@ def encode_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> dict:
     store.write(role, VERSIONS[role], "corpus", _embed_texts(encode_text, tokenizer, corpus, rows, batch_size, worker.device),
                 np.full(len(rows), -1), rows, modality="text", shard=worker.rank, num_shards=worker.world_size,
                 metadata={**meta, "normalized": True})
-    return {"role": role, "model": spec.name, "weights": recorded_weights(spec, cfg.data.synthetic),
-            "images": len(evaluation.images), "captions": len(evaluation.captions), "corpus": len(corpus)}
+    return ({"role": role, "model": spec.name, "weights": recorded_weights(spec, cfg.data.synthetic),
+             "images": len(evaluation.images), "captions": len(evaluation.captions), "corpus": len(corpus)}, {},
+            [("store", role, VERSIONS[role], name) for name in ("images", "captions", "corpus")])
 
 
 class PairBatches:
@@ -118,8 +123,9 @@ class PairBatches:
         return images, self.tokens[torch.from_numpy(self._choice[idx.numpy()])].to(self.device)
 
 
-def stage_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> dict:
-    """One stage of one method for one seed; the last stage also embeds the queries."""
+def stage_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> tuple[dict, dict, Partitions]:
+    """One stage of one method for one seed; the last stage also embeds the queries. Returns the manifest
+    entry's fields, the chief's records of the stage state and the partitions written."""
     from methods.crossmodal_base import StageContext, TextPairs, create_crossmodal
 
     seed, stage, spec = loop["seed"], loop["stage"], loop["method"]
@@ -146,8 +152,11 @@ def stage_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> dict:
                                  worker.device)
         size = len(stage_data)
     kept = method.stages()[stage](stage_data, state, ctx)
+    written = {}
     if worker.is_chief:
-        seed_dir(run_dir, seed).save_torch(state_key(spec["key"], stage), kept)
+        key = state_key(spec["key"], stage)
+        written = runfiles.artefact_records({key: seed_dir(run_dir, seed).save_torch(key, kept)}, f"seed-{seed}")
+    partitions: Partitions = []
     if loop["last"]:
         clip, tokenizer, transform = _load(new_spec, data, worker.device, run_dir)
         encoder = method.query_encoder(clip, {**state, **kept}, **dims).to(worker.device).eval()
@@ -155,4 +164,6 @@ def stage_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> dict:
                         eval_set(data, _image_size(new_spec, data)), encoder.encode_image, encoder.encode_text,
                         tokenizer, transform, loop["batch_size"], worker,
                         {"method": spec["name"], "seed": seed, "model": new_spec.name})
-    return {"method": spec["key"], "stage": stage, "seed": seed, "items": size, "params": method.describe()}
+        partitions = [(f"seed-{seed}/store", spec["key"], VERSIONS.get(spec["key"], 1), name) for name in ("images", "captions")]
+    return ({"method": spec["key"], "stage": stage, "seed": seed, "items": size, "params": method.describe()},
+            written, partitions)

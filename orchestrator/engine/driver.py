@@ -128,10 +128,14 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Location]] = None, *, progress: bool = True,
                    echo: Callable[[str], None] = print, max_groups: Optional[int] = None, step_by_step: bool = False,
-                   cancel: Optional[threading.Event] = None, wait_for_lease: bool = False) -> dict:
+                   cancel: Optional[threading.Event] = None, wait_for_lease: bool = False, verify: bool = False) -> dict:
     """Run (or resume) the experiment: plan its task graph (every method, seed and upstream model),
     execute it, then write each run's metrics.json, CSVs, plots and report.md; the trackers of its
     ``tracking`` section follow along (orchestrator/reporting/tracking.py).
+
+    Resuming first checks every finished task's artefacts against its manifest entry (sizes; SHA-256 too
+    with ``verify``) and recomputes exactly the damaged tasks and what was derived from them
+    (orchestrator/engine/repair.py).
 
     The run's lease (orchestrator/storage/lease.py) is held from the first write to the last, and every
     write, the workers' included, is fenced by it: a second driver on a live run refuses and names the
@@ -144,13 +148,13 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Lo
     if isinstance(cfg, CrossModalExperiment):
         from orchestrator.engine.crossmodal import run_crossmodal
 
-        return run_crossmodal(cfg, run_dir, echo=echo, progress=progress, wait_for_lease=wait_for_lease)
+        return run_crossmodal(cfg, run_dir, echo=echo, progress=progress, wait_for_lease=wait_for_lease, verify=verify)
     validate(cfg)
     root = RunStorage.of(run_dir or default_run_dir(cfg))
     check_run_dir(cfg, root)  # before the lease is written
     with take_lease(root, wait_for_lease) as lease:
         return _run_leased(cfg, lease.guard(root), progress=progress, echo=echo, max_groups=max_groups,
-                           step_by_step=step_by_step, cancel=cancel)
+                           step_by_step=step_by_step, cancel=cancel, verify=verify)
 
 
 def _run_leased(cfg: ExperimentConfig, root: RunStorage, **options) -> dict:
@@ -165,7 +169,7 @@ def _run_leased(cfg: ExperimentConfig, root: RunStorage, **options) -> dict:
 
 def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker, *, progress: bool,
                echo: Callable[[str], None], max_groups: Optional[int], step_by_step: bool,
-               cancel: Optional[threading.Event]) -> dict:
+               cancel: Optional[threading.Event], verify: bool) -> dict:
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
     from orchestrator.reporting.report import render_report
@@ -175,6 +179,10 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
     for path, run in graph.runs.items():
         if path:
             prepare_run_dir(run.config, root.child(path))
+    if resuming:
+        from orchestrator.engine.repair import repair_run
+
+        repair_run(graph, root, digests=verify, echo=echo)
     done = [t.id for t in graph.tasks.values() if runfiles.task_done(root.child(t.run), t.name)]
     echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {root.location}: {describe_graph(graph)}, "
          f"{len(done)}/{len(graph.tasks)} already done")

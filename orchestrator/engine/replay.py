@@ -71,17 +71,19 @@ class ReplayMemory:
         key = runfiles.replay_key(self.method_key, step.index - 1)
         if not self.run.exists(key):
             raise RunError(f"replay memory {self.run.location_of(key)} is missing although step {step.index - 1} is done; "
-                           f"delete the run directory's steps from {step.index - 1} on and resume")
+                           f"delete {self.run.location_of(runfiles.manifest_key(self.method_key, step.index - 1))} and "
+                           "resume (that step and every later one are recomputed)")
         return np.asarray(self.run.read_json(key)["indices"], dtype=np.int64)
 
-    def after(self, step: Step, trained: np.ndarray) -> np.ndarray:
-        """Add exemplars of ``step``'s new classes from the samples it ``trained`` on, save, return the memory."""
+    def after(self, step: Step, trained: np.ndarray) -> dict[str, dict]:
+        """Add exemplars of ``step``'s new classes from the samples it ``trained`` on and save the memory;
+        returns its record for the step's manifest entry."""
         rng = np.random.default_rng([self.seed, 4099, step.index])
         added = select_exemplars(trained, self.positions, range(step.num_previous, step.num_seen),
                                  self.cfg.per_class, rng)
         memory = np.concatenate([self.before(step), added])
-        self.run.write_json(runfiles.replay_key(self.method_key, step.index), {
+        key = runfiles.replay_key(self.method_key, step.index)
+        return runfiles.artefact_records({key: self.run.write_json(key, {
             "indices": memory.tolist(), "per_class": self.cfg.per_class,
             "classes": int(len(np.unique(self.positions[memory]))),
-        })
-        return memory
+        })})

@@ -124,9 +124,12 @@ def run_clip_task(name: str, payload: dict, root: RunStorage, worker, group: str
     pretrain_clip(payload["model"], recipe, data, root, worker)
     worker.barrier()
     if worker.is_chief:
+        # measured as stored: trained just now, or by an earlier attempt that stopped before committing
+        artefacts = runfiles.artefact_records({key: root.artefact(key) for key in (f"{name}/model.pt", f"{name}/meta.json")})
         runfiles.mark_task_done(root, name, {
             "step": name, "checkpoint": f"{name}/model.pt", "seconds": round(time.time() - started, 3),
-            "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group})
+            "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group,
+            "artefacts": artefacts})
 
 
 def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,

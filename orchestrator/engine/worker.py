@@ -100,6 +100,7 @@ def work(loop_config: dict) -> None:
         task = loop_config["tasks"][task_id]
         run_dir = root.child(task["run"])
         if not runfiles.task_done(run_dir, task["name"]):
+            kept = runfiles.pending_reembed(run_dir, task["name"])  # weights verified, embeddings not
             if task["action"] == PRETRAIN:
                 from orchestrator.engine.upstream_clip import run_clip_task
 
@@ -120,8 +121,12 @@ def work(loop_config: dict) -> None:
                     torch.set_num_threads(max(1, int(step.resources.cpus_per_worker)))
                 if task["action"] == COPY:
                     session.copy_first_version(cfg.methods[task["copy_from"]].key, group)
+                elif kept is not None:
+                    session.embed_again(step, kept, group)
                 else:
                     session.run_step(step, group)
+            if kept is not None and worker.is_chief:
+                run_dir.delete(runfiles.reembed_key(task["name"]))  # the task committed again
         if worker.is_chief:
             queue.call("complete", task_id)
 
@@ -214,12 +219,12 @@ class Session:
         accuracy = self._accuracy(ctx, model)
         self.worker.barrier()  # every rank's store shard is written before the manifest calls the step done
         if self.worker.is_chief:
-            if self.replay:
-                self.replay.after(step, indices)
-            runfiles.save_version(self.run_dir, self.spec.key, step.index, model.state_dict(), {
+            artefacts = self.replay.after(step, indices) if self.replay else {}
+            artefacts.update(runfiles.save_version(self.run_dir, self.spec.key, step.index, model.state_dict(), {
                 "method": self.spec.name, "version": step.index, "num_seen": step.num_seen,
                 "event": step.event, "params": self.method.describe(),
-            })
+            }))
+            artefacts.update(self._store_records(step.index))
             runfiles.mark_step_done(self.run_dir, self.spec.key, step.index, {
                 "method": self.spec.key, "version": step.index, "num_seen": step.num_seen, "num_previous": step.num_previous,
                 "event": step.event, "train_samples": int(len(indices)), **accuracy,
@@ -228,11 +233,33 @@ class Session:
                 "seconds": round(time.time() - started, 3), "world_size": self.worker.world_size,
                 "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,
                 "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group,
-                "placement": self.worker.placement, "losses": hooks.losses,
+                "placement": self.worker.placement, "losses": hooks.losses, "artefacts": artefacts,
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()
         report({"method": self.spec.key, "step": step.index, **means, **accuracy}, [hooks, *progress])
+
+    def embed_again(self, step: Step, entry: dict, group: str = "") -> None:
+        """A finished step whose weights passed verification but whose store partitions did not
+        (orchestrator/engine/repair.py): embed the evaluation sets again with the stored version and
+        commit its former manifest entry with the new partitions' records. Nothing is trained, so every
+        version trained from this one stays valid."""
+        import ray.train
+
+        model = self._load_own_version(step.index)
+        self._write_embeddings(step, model)
+        self.worker.barrier()
+        if self.worker.is_chief:
+            kept = {key: record for key, record in entry["artefacts"].items() if not runfiles.is_store_key(key)}
+            runfiles.mark_step_done(self.run_dir, self.spec.key, step.index, {
+                **entry, "artefacts": {**kept, **self._store_records(step.index)},
+                "embedded_again_at": round(time.time(), 3), "embedded_again_by": group})
+        self.worker.barrier()
+        ray.train.report({"method": self.spec.key, "step": step.index, "embedded_again": True})
+
+    def _store_records(self, version: int) -> dict[str, dict]:
+        """The records of this version's store partitions (every evaluation set), for its manifest entry."""
+        return runfiles.store_records(self.run_dir, [(self.spec.key, version, name) for name in self.cfg.evaluation.sets])
 
     # -- a version 0 shared between methods ---------------------------------------------------
     def copy_first_version(self, twin: str, group: str = "") -> None:
@@ -245,18 +272,20 @@ class Session:
         if self.worker.is_chief:
             state = runfiles.version_weights(self.run_dir, twin, 0)
             meta = runfiles.version_meta(self.run_dir, twin, 0)
-            runfiles.save_version(self.run_dir, self.spec.key, 0, state, {
+            artefacts = runfiles.save_version(self.run_dir, self.spec.key, 0, state, {
                 **meta, "method": self.spec.name, "params": self.method.describe(), "copied_from": twin})
             for name in self.cfg.evaluation.sets:
                 table = self.store.read(twin, 0, name)
                 self.store.write(self.spec.key, 0, name, table.embeddings, table.labels, table.sample_ids,
                                  session=table.sessions,
                                  metadata=self._store_metadata(table.metadata.get("normalized", True)))
-            entry = runfiles.manifest_entry(self.run_dir, twin, 0)
+            entry = {key: value for key, value in runfiles.manifest_entry(self.run_dir, twin, 0).items()
+                     if not key.startswith("embedded_again")}  # the twin's own history
             runfiles.mark_step_done(self.run_dir, self.spec.key, 0, {
                 **entry, "method": self.spec.key, "copied_from": twin, "seconds": round(time.time() - started, 3),
                 "train_seconds": 0.0, "trained_images_per_worker": 0, "started_at": round(started, 3),
-                "finished_at": round(time.time(), 3), "group": group, "placement": self.worker.placement})
+                "finished_at": round(time.time(), 3), "group": group, "placement": self.worker.placement,
+                "artefacts": {**artefacts, **self._store_records(0)}})
         self.worker.barrier()
         ray.train.report({"method": self.spec.key, "step": 0, "copied_from": twin})
 

@@ -22,6 +22,9 @@ Atomicity, defined per operation in terms an object store keeps:
   trusted once its completion record exists (a task's manifest entry; a store partition's
   ``_COMPLETE.json``), and that record is written after everything it vouches for. Readers decide
   "finished" from the record alone, so a crash between two writes leaves at most unreferenced objects.
+- **Receipts.** Every write returns the :class:`Artefact` it published (byte size and SHA-256 of the
+  object as stored), so a completion record can vouch for exact bytes; :meth:`RunStorage.artefact`
+  measures a stored object the same way, for verification.
 - **Deletes** are idempotent (a missing key is fine) and never needed for correctness, only for tidiness.
 - **Fenced handles.** A driver's handle (and every handle derived from it: children, the ones its workers
   receive) carries the :class:`~orchestrator.storage.lease.Fence` of the run's lease: each write and
@@ -37,8 +40,9 @@ import os
 import tempfile
 import urllib.parse
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -47,6 +51,45 @@ from orchestrator.errors import RunError
 
 Location = Union[str, os.PathLike]
 OBJECT_STORES = ("s3", "gcs")  # pyarrow type names of filesystems without directories (no create_dir needed)
+_BLOCK = 1 << 20  # bytes per read when hashing
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """What a completion record vouches for about one object: its byte size and the SHA-256 of its bytes."""
+
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> "Artefact":
+        return cls(len(data), hashlib.sha256(data).hexdigest())
+
+    @classmethod
+    def of_stream(cls, stream: BinaryIO) -> "Artefact":
+        digest, size = hashlib.sha256(), 0
+        for block in iter(lambda: stream.read(_BLOCK), b""):
+            digest.update(block)
+            size += len(block)
+        return cls(size, digest.hexdigest())
+
+
+class Output:
+    """:meth:`RunStorage.open_output`'s context manager: the block writes into the stream it yields; once
+    the block ends without error the object is published and :attr:`artefact` describes it."""
+
+    def __init__(self, storage: "RunStorage", key: str):
+        self.artefact: Optional[Artefact] = None
+        self._context = storage._publish(key, self)
+
+    def __enter__(self) -> BinaryIO:
+        return self._context.__enter__()
+
+    def __exit__(self, *exc_info) -> Optional[bool]:
+        return self._context.__exit__(*exc_info)
 
 
 class RunStorage:
@@ -186,15 +229,21 @@ class RunStorage:
         with self.filesystem.open_input_stream(self.path(key)) as stream:
             return stream.read()
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes) -> Artefact:
         """Publish ``data`` whole at ``key`` (see the module docstring)."""
-        with self.open_output(key) as out:
+        output = self.open_output(key)
+        with output as out:
             out.write(data)
+        return output.artefact
+
+    def open_output(self, key: str) -> Output:
+        """A writable binary stream (``with storage.open_output(key) as out``) whose bytes appear at ``key``
+        whole when the block ends without error, and not at all otherwise; the returned object's
+        ``artefact`` then holds their size and SHA-256."""
+        return Output(self, key)
 
     @contextmanager
-    def open_output(self, key: str) -> Iterator[Any]:
-        """A writable binary stream whose bytes appear at ``key`` whole when the block ends without error,
-        and not at all otherwise."""
+    def _publish(self, key: str, output: Output) -> Iterator[BinaryIO]:
         if self.is_local:
             target = Path(self.path(key))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +252,9 @@ class RunStorage:
                 with os.fdopen(fd, "wb") as handle:
                     yield handle
                     handle.flush()
-                    os.fsync(handle.fileno())
+                    os.fsync(handle.fileno())  # durable before it is published (and vouched for)
+                with open(tmp, "rb") as written:  # the bytes as stored, read back from the page cache
+                    output.artefact = Artefact.of_stream(written)
                 self._check_fence()  # as late as possible: just before the object appears
                 os.replace(tmp, target)
             except BaseException:
@@ -213,6 +264,7 @@ class RunStorage:
         else:
             buffer = io.BytesIO()
             yield buffer
+            output.artefact = Artefact.of_bytes(buffer.getbuffer())
             self._check_fence()
             path = self.path(key)
             parent = path.rpartition("/")[0]
@@ -227,6 +279,13 @@ class RunStorage:
         if self.is_local:
             return pa.memory_map(self.path(key), "r")
         return self.filesystem.open_input_file(self.path(key))
+
+    def artefact(self, key: str) -> Artefact:
+        """Size and SHA-256 of the object stored at ``key`` (read in full); FileNotFoundError when there is none."""
+        if not self.exists(key):
+            raise FileNotFoundError(self.path(key))
+        with self.filesystem.open_input_stream(self.path(key)) as stream:
+            return Artefact.of_stream(stream)
 
     def delete(self, key: str) -> None:
         """Remove the object at ``key`` (nothing happens when there is none)."""
@@ -245,8 +304,8 @@ class RunStorage:
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode()
 
-    def write_text(self, key: str, text: str) -> None:
-        self.write_bytes(key, text.encode())
+    def write_text(self, key: str, text: str) -> Artefact:
+        return self.write_bytes(key, text.encode())
 
     def read_json(self, key: str) -> Any:
         """A JSON object; a corrupt one is a RunError that says what to delete."""
@@ -259,15 +318,17 @@ class RunStorage:
         """A JSON object, or None when there is none."""
         return self.read_json(key) if self.exists(key) else None
 
-    def write_json(self, key: str, obj: Any) -> None:
-        self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    def write_json(self, key: str, obj: Any) -> Artefact:
+        return self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
-    def save_torch(self, key: str, obj: Any) -> None:
-        """``torch.save`` of tensors and plain containers, published whole."""
+    def save_torch(self, key: str, obj: Any) -> Artefact:
+        """``torch.save`` of tensors and plain containers, published whole (and, locally, fsynced first)."""
         import torch
 
-        with self.open_output(key) as out:
+        output = self.open_output(key)
+        with output as out:
             torch.save(obj, out)
+        return output.artefact
 
     def load_torch(self, key: str) -> Any:
         """``torch.load(weights_only=True)`` onto the CPU: tensors and plain containers only, never pickled code."""

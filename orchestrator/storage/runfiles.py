@@ -5,7 +5,10 @@
     config.yaml                          resolved config (seed included)
     run.json                             provenance (code revision, library versions)
     lease.json                           the driver that works in the run (orchestrator/storage/lease.py)
-    manifest/<task>.json                 one completion record per finished task (``<method>/step-NNN``, ...)
+    manifest/<task>.json                 one completion record per finished task (``<method>/step-NNN``, ...),
+                                         with the size and SHA-256 of every artefact it vouches for
+    reembed/<task>.json                  a task whose weights passed verification but whose embeddings did
+                                         not: its former manifest entry, until it commits again
     versions/<method>/vK/model.pt        final weights of version K (tensors only), and meta.json
     epochs/<method>/step-NNN.pt          last finished epoch of an unfinished step (resume point)
     rows/<method>/row-NNN.json           row K of the compatibility matrices
@@ -18,17 +21,19 @@
     metrics.json, report.md, *.png, *.csv
 
 Every function takes the run as a :class:`RunStorage` or a location (a path or URI); the write rules
-(whole objects, the manifest entry of a task written last) are :class:`RunStorage`'s.
+(whole objects, the manifest entry of a task written last) are :class:`RunStorage`'s. Keys of artefacts
+in a manifest entry are relative to the run the entry belongs to (see orchestrator/storage/verify.py).
 """
 
 from __future__ import annotations
 
+import re
 import socket
 from functools import partial
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from orchestrator.errors import RunError
-from orchestrator.storage.run_storage import Location, RunStorage
+from orchestrator.storage.run_storage import Artefact, Location, RunStorage
 
 if TYPE_CHECKING:
     from methods.base import StoredWeights, Weights
@@ -54,6 +59,49 @@ def store_dir(run: Run) -> RunStorage:
 def upstream_dir(run: Run, digest: str) -> RunStorage:
     """The nested run of an upstream (replacement) model."""
     return storage(run).child(f"upstream/{digest}")
+
+
+def runs_in(run: Run) -> list[str]:
+    """The run at ``run`` and every run nested in it (``seed-<s>``, ``upstream/<digest>``, and seeds'
+    upstream models), as paths relative to it; each is a directory holding a config.yaml."""
+    run = storage(run)
+    document = read_config(run)
+    if document is None:
+        return []
+    found = []
+    for base in ["", *(f"seed-{seed}" for seed in document.get("seeds") or [])]:
+        if base and not run.exists(f"{base}/{CONFIG}"):
+            continue  # a cross-modal run's per-seed directories hold no run of their own
+        found.append(base)
+        upstream = f"{base}/upstream" if base else "upstream"
+        found += sorted(f"{upstream}/{digest}" for digest, _, rest in
+                        (key.partition("/") for key in run.list(upstream)) if rest == CONFIG)
+    return found
+
+
+def is_store_key(key: str) -> bool:
+    """Whether a run's key (an artefact of a manifest entry) lies in one of the run's embedding stores
+    (``store/...``, a cross-modal seed's ``seed-<s>/store/...``)."""
+    parts = key.split("/")
+    return parts[0] == "store" or (len(parts) > 1 and re.fullmatch(r"seed-\d+", parts[0]) is not None
+                                   and parts[1] == "store")
+
+
+def artefact_records(artefacts: Mapping[str, Artefact], prefix: str = "") -> dict[str, dict]:
+    """A manifest entry's ``artefacts`` field: each key (under ``prefix``) with its size and SHA-256."""
+    prefix = prefix.strip("/")
+    return {f"{prefix}/{key}" if prefix else key: artefact.to_json() for key, artefact in sorted(artefacts.items())}
+
+
+def store_records(run: Run, partitions: list[tuple[str, int, str]], prefix: str = "store") -> dict[str, dict]:
+    """The records of complete store partitions ``(method, version, eval set)`` of the store at ``prefix``."""
+    from orchestrator.storage.store import EmbeddingStore
+
+    store = EmbeddingStore(storage(run).child(prefix))
+    records: dict[str, dict] = {}
+    for method, version, eval_set in partitions:
+        records.update(artefact_records(store.artefacts(method, version, eval_set), prefix))
+    return records
 
 
 def version_key(method: str, version: int) -> str:
@@ -170,14 +218,24 @@ def check_driver(run: Run) -> None:
     fence.check()
 
 
+def reembed_key(name: str) -> str:
+    """Where a task waits whose weights passed verification but whose embeddings did not."""
+    return f"reembed/{name}.json"
+
+
+def pending_reembed(run: Run, name: str) -> Optional[dict]:
+    """The former manifest entry of a task that is to embed again from its kept weights, or None."""
+    return storage(run).read_json_or_none(reembed_key(name))
+
+
 # -- weights -----------------------------------------------------------------------------------
-def save_version(run: Run, method: str, version: int, state_dict: dict, meta: dict) -> str:
+def save_version(run: Run, method: str, version: int, state_dict: dict, meta: dict) -> dict[str, dict]:
     """Final weights of a version: tensors only, so ``torch.load(weights_only=True)`` reads them.
-    Returns the version's key."""
+    Returns their records for the step's manifest entry."""
     key, run = version_key(method, version), storage(run)
-    run.save_torch(f"{key}/model.pt", {k: v.detach().cpu() for k, v in state_dict.items()})
-    run.write_json(f"{key}/meta.json", meta)
-    return key
+    weights = run.save_torch(f"{key}/model.pt", {k: v.detach().cpu() for k, v in state_dict.items()})
+    meta = run.write_json(f"{key}/meta.json", meta)
+    return artefact_records({f"{key}/model.pt": weights, f"{key}/meta.json": meta})
 
 
 def version_weights(run: Run, method: str, version: int) -> dict:
@@ -227,6 +285,10 @@ def read_row(run: Run, method: str, step: int) -> Optional[dict]:
 
 def write_row(run: Run, method: str, step: int, row: dict) -> None:
     storage(run).write_json(row_key(method, step), row)
+
+
+def delete_row(run: Run, method: str, step: int) -> None:
+    storage(run).delete(row_key(method, step))
 
 
 # -- progress ----------------------------------------------------------------------------------

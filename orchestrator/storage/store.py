@@ -21,11 +21,13 @@ filesystem); shards are memory-mapped only on the local backend, read through ra
 Completion protocol (no coordinator needed): every shard records ``shard``/``num_shards`` in its
 schema metadata and is published whole (RunStorage's rule: temp file and rename locally, one PUT on
 an object store). After publishing, the writer lists the partition; if every shard of that sharding
-is there it writes ``_COMPLETE.json`` (listing each shard's byte size), the partition's completion
-record. Whichever writer publishes last is bound to see all shards, so some writer always completes
+is there it writes ``_COMPLETE.json`` (listing each shard's byte size and SHA-256), the partition's
+completion record. Whichever writer publishes last is bound to see all shards, so some writer always completes
 the partition; two that see it at once write identical markers. A writer deletes the marker before
 replacing its shard, so a marker never vouches for objects it has not seen. Readers trust only the
-marker, so a partial partition is never returned.
+marker, so a partial partition is never returned. Reads check each shard's size against the marker;
+:meth:`EmbeddingStore.artefacts` hands the marker's record to the task that commits the partition, so its
+manifest entry vouches for every shard's bytes (verified by ``--resume`` and ``compat report``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from orchestrator.errors import StoreError
-from orchestrator.storage.run_storage import Location, RunStorage
+from orchestrator.storage.run_storage import Artefact, Location, RunStorage
 
 ArrayLike = Any  # numpy arrays, lists, CPU torch tensors: anything np.asarray accepts
 _META_KEY = b"compat"
@@ -168,9 +170,10 @@ class EmbeddingStore:
         part = f"{key.directory}/{_part_name(shard)}"
         try:
             self.storage.delete(f"{key.directory}/{_MARKER}")
-            with self.storage.open_output(part) as sink, ipc.new_file(sink, batch.schema) as writer:
+            output = self.storage.open_output(part)
+            with output as sink, ipc.new_file(sink, batch.schema) as writer:
                 writer.write_batch(batch)  # one batch per file: one chunk, so reads are zero-copy
-            self._complete_if_ready(key, num_shards)
+            self._complete_if_ready(key, num_shards, {_part_name(shard): output.artefact})
         except OSError as exc:
             raise StoreError(f"could not write {self.storage.location_of(part)}: {exc}; check free space and "
                              "permissions") from exc
@@ -220,8 +223,9 @@ class EmbeddingStore:
         return [name for name in self.storage.list(key.directory)
                 if "/" not in name and name.startswith("part-") and name.endswith(".arrow")]
 
-    def _complete_if_ready(self, key: _Key, num_shards: int) -> None:
-        """Write the marker when every shard of this sharding is present; drop shards of older shardings."""
+    def _complete_if_ready(self, key: _Key, num_shards: int, known: dict[str, Artefact]) -> None:
+        """Write the marker when every shard of this sharding is present; drop shards of older shardings.
+        ``known``: the shards this writer published itself (the others are read back to be hashed)."""
         expected = [_part_name(k) for k in range(num_shards)]
         present = self._parts(key)
         if not set(expected) <= set(present):
@@ -230,9 +234,10 @@ class EmbeddingStore:
             return  # some shard is left over from a run with another worker count; its rewrite completes it
         for stale in set(present) - set(expected):
             self.storage.delete(f"{key.directory}/{stale}")
-        sizes = {name: self.storage.size(f"{key.directory}/{name}") for name in expected}
-        self.storage.write_bytes(f"{key.directory}/{_MARKER}",
-                                 json.dumps({"num_shards": num_shards, "bytes": sizes}).encode())
+        shards = {name: known.get(name) or self.storage.artefact(f"{key.directory}/{name}") for name in expected}
+        marker = {"num_shards": num_shards, "bytes": {name: a.size for name, a in shards.items()},
+                  "sha256": {name: a.sha256 for name, a in shards.items()}}
+        self.storage.write_bytes(f"{key.directory}/{_MARKER}", json.dumps(marker, sort_keys=True).encode())
 
     # -- reading -------------------------------------------------------------------------------
     def read(self, method: str, version: int, eval_set: str) -> EmbeddingTable:
@@ -302,6 +307,24 @@ class EmbeddingStore:
             raise StoreError(f"store file {path} holds method={found[0]!r} version={found[1]} eval_set={found[2]!r} "
                              f"shard={found[3]}, which disagrees with its location; {advice}")
         return table, meta
+
+    def artefacts(self, method: str, version: int, eval_set: str) -> dict[str, Artefact]:
+        """Every object of a complete partition (its shards and marker) by key inside the store, with the
+        size and SHA-256 the marker records for each shard: what a task's manifest entry vouches for."""
+        key = _Key.checked(method, version, eval_set)
+        marker_key = f"{key.directory}/{_MARKER}"
+        try:
+            data = self.storage.read_bytes(marker_key)
+            marker = json.loads(data)
+            shards = {f"{key.directory}/{name}": Artefact(marker["bytes"][name], marker["sha256"][name])
+                      for name in marker["bytes"]}
+        except FileNotFoundError:
+            raise StoreError(f"partition {key} is not complete under {self.root}; its step did not write "
+                             "every shard") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"store marker {self.storage.path(marker_key)} is corrupt ({exc}); delete "
+                             f"{self.storage.path(key.directory)} and re-run with --resume") from exc
+        return {**shards, marker_key: Artefact.of_bytes(data)}
 
     # -- listing -------------------------------------------------------------------------------
     def has(self, method: str, version: int, eval_set: str) -> bool:
