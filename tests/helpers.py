@@ -65,3 +65,12 @@ def without_ray_settings(environ) -> dict:
 
 def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# A two-step run on one Train worker, small enough for tests that launch `compat run` as a job.
+TINY_WORKER_RUN = [
+    "data.num_classes=4", "data.train_per_class=16", "data.test_per_class=4",
+    "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=2",
+    "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.incremental={}", "training.batch_size=16",
+    "resources.num_workers=1", "methods=[{name: independent}]",
+]

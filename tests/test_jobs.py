@@ -17,17 +17,12 @@ import pytest
 
 from orchestrator import cli
 
-from helpers import free_port, kill_pids_mentioning, without_ray_settings
+from helpers import TINY_WORKER_RUN, free_port, kill_pids_mentioning, without_ray_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 WALKTHROUGH = ROOT / "deploy" / "local-walkthrough.sh"
 WALKTHROUGH_TIMEOUT_S = 300
-TINY = [
-    "data.num_classes=4", "data.train_per_class=16", "data.test_per_class=4",
-    "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=2",
-    "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.incremental={}", "training.batch_size=16",
-    "resources.num_workers=1", "methods=[{name: independent}]",
-]
+TINY = TINY_WORKER_RUN
 
 
 # -- the walkthrough -------------------------------------------------------------------------------

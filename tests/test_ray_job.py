@@ -17,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, stop_ray_head, tail
+from helpers import TINY_WORKER_RUN, free_port, stop_ray_head, tail
 
 pytestmark = pytest.mark.integration
 
 HEAD_START_TIMEOUT_S = 60  # with the job limit: the test fails within about 3 minutes
 JOB_TIMEOUT_S = 120
-TINY = [
-    "data.num_classes=4", "data.train_per_class=16", "data.test_per_class=4",
-    "scenario.initial_classes=2", "scenario.increment=2", "scenario.num_steps=2",
-    "model.width=8", "model.embedding_dim=16", "training.epochs=1", "training.incremental={}", "training.batch_size=16",
-    "resources.num_workers=1", "methods=[{name: independent}]",
-]
+TINY = TINY_WORKER_RUN
 
 
 @pytest.fixture
