@@ -177,3 +177,16 @@ def test_published_er(key, am):
     assert metrics.average_compatibility(M, ties="pass") == 0.0
     assert metrics.average_multimodel_accuracy(M) == pytest.approx(am, abs=5e-4)
     assert FIXTURES[key]["AM"] == pytest.approx(am)
+
+
+def test_negative_flips_count_only_queries_the_old_pair_got_right_and_the_new_pair_gets_wrong():
+    # queries:      0      1      2      3      4
+    old = np.array([True, True, False, False, True])
+    new = np.array([True, False, True, False, False])
+    np.testing.assert_array_equal(metrics.negative_flips(old, new), [False, True, False, False, True])
+    assert metrics.negative_flip_rate(old, new) == pytest.approx(2 / 5)
+    assert metrics.negative_flip_rate(old, old) == 0.0
+    with pytest.raises(ValueError, match="one length"):
+        metrics.negative_flip_rate(old, new[:3])
+    with pytest.raises(ValueError, match="at least one query"):
+        metrics.negative_flip_rate(np.zeros(0, bool), np.zeros(0, bool))

@@ -180,6 +180,29 @@ def recall_at_k(first_ranks: np.ndarray, k: int) -> float:
     return float(np.mean(answerable <= k))
 
 
+def negative_flips(old_correct: np.ndarray, new_correct: np.ndarray) -> np.ndarray:
+    """Per query: correct under the old model's pair (old queries, old gallery) and wrong under the new one.
+
+    A negative flip is the regression a user notices: an item the old system found and the upgraded one
+    misses (Yan et al., CVPR 2021; RACT, ICLR 2022). ``old_correct``/``new_correct`` are per-query booleans
+    (e.g. top-1 correct) for the same queries in the same order.
+    """
+    old_correct = np.asarray(old_correct, dtype=bool)
+    new_correct = np.asarray(new_correct, dtype=bool)
+    if old_correct.shape != new_correct.shape or old_correct.ndim != 1:
+        raise ValueError(f"negative flips need two per-query vectors of one length, got {old_correct.shape} "
+                         f"and {new_correct.shape}")
+    return old_correct & ~new_correct
+
+
+def negative_flip_rate(old_correct: np.ndarray, new_correct: np.ndarray) -> float:
+    """NFR: the fraction of all queries that are :func:`negative_flips` (0 = no regression)."""
+    flips = negative_flips(old_correct, new_correct)
+    if flips.size == 0:
+        raise ValueError("the negative-flip rate needs at least one query")
+    return float(flips.mean())
+
+
 def session_average(accs: list[float] | np.ndarray) -> float:
     """FSCIL "Avg": the mean accuracy over all sessions, base session included."""
     accs = np.asarray(accs, dtype=np.float64)
