@@ -5,6 +5,8 @@ from orchestrator.config.experiment import (  # noqa: F401
     DataConfig,
     EvalSetConfig,
     EvaluationConfig,
+    SearchConfig,
+    SearchIndexConfig,
     ReplayConfig,
     ReplacementSource,
     ScenarioConfig,

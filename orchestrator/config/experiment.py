@@ -66,6 +66,57 @@ class EvalSetConfig:
 
 
 @dataclass
+class SearchIndexConfig:
+    """An approximate faiss index, built once from each gallery version's vectors and never rebuilt: every
+    later version's queries search it, as a service that does not backfill does. Its metrics are reported
+    beside the exact ones (``index_cmc1``, ``index_map100``, ...)."""
+
+    type: Literal["ivf-flat", "ivf-pq", "hnsw"] = "hnsw"  # inverted lists of full vectors or of PQ codes, or an HNSW graph
+    nlist: Optional[int] = None  # ivf-*: k-means cells; None: 4·√N for a gallery of N items
+    nprobe: int = 64  # ivf-*: cells visited per query
+    pq_m: int = 16  # ivf-pq: sub-quantizers per vector (codes of pq_m × pq_bits bits); must divide the dimension
+    pq_bits: int = 8  # ivf-pq: bits per sub-quantizer code
+    hnsw_m: int = 32  # hnsw: graph neighbours per node
+    ef_construction: int = 80  # hnsw: candidate list while building
+    ef_search: int = 256  # hnsw: candidate list while searching (at least the search depth)
+
+    def __post_init__(self):
+        require(self.nlist is None or self.nlist >= 1, "nlist", "must be >= 1")
+        require(self.nprobe >= 1, "nprobe", "must be >= 1")
+        require(self.nlist is None or self.nprobe <= self.nlist, "nprobe",
+                f"visits at most nlist ({self.nlist}) cells, got {self.nprobe}")
+        require(self.pq_m >= 1, "pq_m", "must be >= 1")
+        require(1 <= self.pq_bits <= 16, "pq_bits", "must be in 1..16")
+        require(self.hnsw_m >= 2, "hnsw_m", "must be >= 2")
+        require(self.ef_construction >= 1, "ef_construction", "must be >= 1")
+        require(self.ef_search >= 1, "ef_search", "must be >= 1")
+
+    def check_dimension(self, dim: int, key: str) -> None:
+        """ConfigError (at ``key``) unless vectors of ``dim`` coordinates fit this index: PQ splits each vector
+        into pq_m equal sub-vectors, so pq_m must divide ``dim`` (and cannot exceed it)."""
+        if self.type == "ivf-pq":
+            require(self.pq_m <= dim and dim % self.pq_m == 0, f"{key}.pq_m",
+                    f"{self.pq_m} sub-quantizers cannot split {dim}-dimensional embeddings; use a divisor of {dim}")
+
+
+@dataclass
+class SearchConfig:
+    """How a matrix cell ranks the gallery: the exact full ranking, or exact faiss top-k search for large
+    galleries; optionally also through an approximate index."""
+
+    # exact: full ranking (cmc1, cmc5, map); faiss: exact top-k inner-product search (cmc1, cmc5, map<k>,
+    # mapR); auto: faiss when the gallery holds more than exact_max_gallery items
+    engine: Literal["auto", "exact", "faiss"] = "auto"
+    exact_max_gallery: int = 50000  # auto only: the largest gallery ranked in full
+    k: int = 100  # faiss and index: depth of each query's result list, the k of mAP@k (map<k>)
+    index: Optional[SearchIndexConfig] = None  # also search an approximate index built once per gallery version
+
+    def __post_init__(self):
+        require(self.exact_max_gallery >= 1, "exact_max_gallery", "must be >= 1")
+        require(self.k >= 5, "k", f"must be >= 5 (cmc5 needs the top 5), got {self.k}")
+
+
+@dataclass
 class EvaluationConfig:
     """How each matrix entry is computed from the store."""
 
@@ -88,9 +139,20 @@ class EvaluationConfig:
     # health check: a version whose top-1 accuracy on the classes its own step added is below this fraction
     # of its accuracy on the classes it knew before gets a warning in every report (0 turns the check off)
     min_new_class_ratio: float = 0.5
+    search: SearchConfig = field(default_factory=SearchConfig)  # full ranking or faiss top-k; approximate index
 
     def __post_init__(self):
         require(bool(self.sets), "sets", "needs at least one evaluation set")
+        if self.search.engine == "faiss":
+            require(self.primary != "map", "primary",
+                    "faiss top-k search gives cmc1, cmc5 and mAP@k, not the full-ranking mAP; use search.engine: "
+                    "exact (or auto), or primary: cmc1 / cmc5")
+            require(self.map_ties == "lower-index", "map_ties",
+                    "faiss top-k metrics rank ties by the lower gallery index; leave map_ties unset")
+        if self.templates:
+            require(self.search.engine != "faiss" and self.search.index is None, "search",
+                    "class-mean templates are ranked exactly (the gallery is one vector per class); remove "
+                    "search.engine: faiss and search.index")
         for name in self.sets:
             require_name(name, f"sets.{name}")
         require(0.0 <= self.min_new_class_ratio <= 1.0, "min_new_class_ratio", "must be between 0 and 1")

@@ -243,14 +243,17 @@ def describe_graph(graph) -> str:
 def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: int) -> dict:
     """Row ``version`` of every compatibility matrix, computed once from the store and cached."""
     from orchestrator.evaluation import compatibility_row
+    from orchestrator.evaluation.search import GalleryIndexes
     from orchestrator.storage.store import EmbeddingStore
 
     row = runfiles.read_row(run, method, version)
     if row is not None:
         return row
     blocks = class_blocks(cfg)
+    index = cfg.evaluation.search.index
     row = compatibility_row(EmbeddingStore(runfiles.store_dir(run)), method, version, cfg.evaluation,
-                            None if blocks is None else blocks[1])
+                            None if blocks is None else blocks[1],
+                            None if index is None else GalleryIndexes(RunStorage.of(run), index))
     runfiles.write_row(run, method, version, row)
     return row
 

@@ -91,6 +91,7 @@ def repair_run(graph: TaskGraph, root: RunStorage, digests: bool, echo: Callable
         if task.method is not None:
             for version in range(task.step, len(graph.runs[task.run].steps)):
                 runfiles.delete_row(_run(root, task.run), _method_key(graph, task), version)
+            runfiles.delete_indexes(_run(root, task.run), _method_key(graph, task), task.step)
     for run, damage in found.bad_rows:
         _run(root, run).delete(damage.key)
     for run in touched | {""}:

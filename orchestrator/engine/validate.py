@@ -76,6 +76,7 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
     for index in cfg.resources.steps:
         require(0 <= index < steps, f"resources.steps.{index}", f"no such step; steps are 0..{steps - 1}")
     validate_replacements(cfg, steps)
+    _check_index_dimension(cfg)
     _check_clip_sections(cfg, steps)
     _check_model_keys_are_read(cfg)
     for i, spec in enumerate(cfg.methods):
@@ -85,6 +86,21 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
         cfg.method_training(spec, step=1)
     if cfg.resources.use_gpu or any(r.use_gpu for r in cfg.resources.steps.values()):
         _check_gpu_request(cfg)
+
+
+def _check_index_dimension(cfg: ExperimentConfig) -> None:
+    """An approximate index that cannot hold the embeddings of a method that embeds at ``model.embedding_dim``
+    (PQ codes wider than the vectors) fails here; methods with a width of their own are checked when their
+    index is built, before it is written."""
+    from methods.base import method_class
+
+    index = cfg.evaluation.search.index
+    if index is None:
+        return
+    for i, spec in enumerate(cfg.methods):
+        keys = method_class(spec.name, f"methods.{i}.name").model_keys
+        if keys is None or "embedding_dim" in keys:
+            index.check_dimension(cfg.model.embedding_dim, "evaluation.search.index")
 
 
 def _check_model_keys_are_read(cfg: ExperimentConfig) -> None:

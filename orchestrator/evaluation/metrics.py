@@ -167,6 +167,38 @@ def average_precision_from_ranks(ranks: np.ndarray, num_relevant: np.ndarray) ->
         return total / num_relevant
 
 
+def truncated_average_precision(ranks: np.ndarray, num_listed: np.ndarray, num_relevant: np.ndarray,
+                                cutoff) -> np.ndarray:
+    """AP truncated at rank ``cutoff``, per query: (1 / min(R, cutoff)) Σ_{relevant r, rank_r <= cutoff} Precision@rank_r.
+
+    ``ranks`` concatenates, query after query, the distinct 1-based ranks of relevant items in ascending
+    order, ``num_listed[q]`` of them for query q; it must list every relevant item ranked <= the query's
+    cutoff (a top-k result list does, for cutoffs <= k) and may list more. ``num_relevant`` is R, every
+    relevant item of the query in the gallery. ``cutoff`` is one number for all queries (mAP@k, divided by
+    min(R, k) so that a perfect list scores 1) or one per query: ``cutoff = R`` gives R-precision's
+    average, MAP@R (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020). With distinct ranks the
+    i-th listed relevant item has precision i / rank_i. Queries with R = 0 get NaN.
+    """
+    ranks = np.asarray(ranks, dtype=np.float64)
+    num_listed = np.asarray(num_listed, dtype=np.int64)
+    num_relevant = np.asarray(num_relevant, dtype=np.int64)
+    if ranks.shape != (int(num_listed.sum()),) or num_relevant.shape != num_listed.shape:
+        raise ValueError(f"{ranks.size} ranks given for {int(num_listed.sum())} listed items "
+                         f"({num_relevant.size} R values for {num_listed.size} queries)")
+    if (num_listed > num_relevant).any():
+        raise ValueError("a query lists more relevant items than it has")
+    cutoff = np.broadcast_to(np.asarray(cutoff, dtype=np.float64), num_listed.shape)
+    query = np.repeat(np.arange(len(num_listed)), num_listed)
+    same_query = query[1:] == query[:-1]
+    if (ranks[1:][same_query] <= ranks[:-1][same_query]).any():
+        raise ValueError("each query's ranks must be distinct and ascending")
+    position = np.arange(len(ranks)) - np.repeat(np.cumsum(num_listed) - num_listed, num_listed) + 1
+    counted = ranks <= cutoff[query]
+    total = np.bincount(query[counted], weights=position[counted] / ranks[counted], minlength=len(num_listed))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(num_relevant > 0, total / np.minimum(num_relevant, cutoff), np.nan)
+
+
 def recall_at_k(first_ranks: np.ndarray, k: int) -> float:
     """Fraction of queries whose best-ranked relevant item has rank <= k (1-based).
 

@@ -423,9 +423,13 @@ BY_BLOCK = "cmc1_by_block"  # row entry: CMC top-1 of each class block (see clas
 
 
 def _pair_scores(query_table: "EmbeddingTable", gallery_table: "EmbeddingTable",
-                 eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None) -> dict:
+                 eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None, index=None) -> dict:
     """One matrix cell, every metric of the configured protocol; with ``block_of_label`` (and without
-    templates) also CMC top-1 per class block, from the same ranking."""
+    templates) also CMC top-1 per class block, from the same ranking. The ranking is the full one or exact
+    faiss top-k (``evaluation.search``, orchestrator/evaluation/search.py); with ``index`` (the gallery's
+    approximate index) the cell also holds the metrics of searching it, prefixed ``index_``."""
+    from orchestrator.evaluation import search
+
     if eval_cfg.protocol == "leave-one-out":
         if not np.array_equal(query_table.sample_ids, gallery_table.sample_ids):
             raise StoreError("the stored embeddings of the two versions list different samples or a different "
@@ -433,10 +437,18 @@ def _pair_scores(query_table: "EmbeddingTable", gallery_table: "EmbeddingTable",
     elif eval_cfg.templates:
         return template_top1(query_table.embeddings, query_table.labels, gallery_table.embeddings,
                              gallery_table.labels)
-    scores = per_query_scores(query_table.embeddings, query_table.labels, gallery_table.embeddings,
-                              gallery_table.labels, leave_one_out=eval_cfg.protocol == "leave-one-out",
-                              map_ties=eval_cfg.map_ties)
-    out: dict = _summarize(scores, (1, 5), with_map=True)
+    leave_one_out, k = eval_cfg.protocol == "leave-one-out", eval_cfg.search.k
+    sides = (query_table.embeddings, query_table.labels, gallery_table.embeddings, gallery_table.labels)
+    if search.engine_for(eval_cfg.search, len(gallery_table.labels)) == "faiss":
+        scores = search.search_scores(*sides, leave_one_out=leave_one_out, k=k)
+        out: dict = search.summarize(scores, k)
+    else:
+        scores = per_query_scores(*sides, leave_one_out=leave_one_out, map_ties=eval_cfg.map_ties)
+        out = _summarize(scores, (1, 5), with_map=True)
+    if index is not None:
+        out.update(search.summarize(search.index_scores(index, eval_cfg.search.index, query_table.embeddings,
+                                                        query_table.labels, gallery_table.labels,
+                                                        leave_one_out=leave_one_out, k=k), k, search.INDEX_PREFIX))
     if block_of_label is not None:
         out[BY_BLOCK] = class_block_top1(scores["first_rank"], block_of_label[query_table.labels],
                                          int(block_of_label.max()) + 1)
@@ -467,9 +479,12 @@ def evaluate_pair(store: "EmbeddingStore", method_key: str, query_version: int, 
 
 
 def compatibility_row(store: "EmbeddingStore", method_key: str, version: int,
-                      eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None) -> dict[str, list]:
+                      eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None,
+                      indexes=None) -> dict[str, list]:
     """Row ``version`` of the matrix: cells (version, j) for j = 0..version, one list per metric (and
     per-block top-1 lists under ``BY_BLOCK`` when ``block_of_label`` maps each label to its block).
+    ``indexes`` (a :class:`~orchestrator.evaluation.search.GalleryIndexes`) adds the metrics of searching
+    each gallery version's approximate index, built at its first use and reused by every later row.
 
     The query embeddings are read once; each gallery once.
     """
@@ -477,6 +492,8 @@ def compatibility_row(store: "EmbeddingStore", method_key: str, version: int,
     row: dict[str, list] = {}
     for gallery_version in range(version + 1):
         gallery_table = store.read(method_key, gallery_version, _gallery_set(eval_cfg))
-        for name, value in _pair_scores(query_table, gallery_table, eval_cfg, block_of_label).items():
+        index = None if indexes is None else indexes.get(method_key, gallery_version, _gallery_set(eval_cfg),
+                                                         gallery_table)
+        for name, value in _pair_scores(query_table, gallery_table, eval_cfg, block_of_label, index).items():
             row.setdefault(name, []).append(value)
     return row

@@ -12,6 +12,7 @@
     versions/<method>/vK/model.pt        final weights of version K (tensors only), and meta.json
     epochs/<method>/step-NNN.pt          last finished epoch of an unfinished step (resume point)
     rows/<method>/row-NNN.json           row K of the compatibility matrices
+    indexes/<method>/vK/<eval set>.faiss approximate index of version K's gallery (evaluation.search.index)
     store/                               the embedding store
     ray/                                 Ray Train run state (deterministic run names)
     progress/<method>.json               the running step's epoch and loss (for the progress display)
@@ -289,6 +290,16 @@ def write_row(run: Run, method: str, step: int, row: dict) -> None:
 
 def delete_row(run: Run, method: str, step: int) -> None:
     storage(run).delete(row_key(method, step))
+
+
+# -- approximate indexes -----------------------------------------------------------------------
+def index_key(method: str, version: int, eval_set: str) -> str:
+    return f"indexes/{method}/v{version}/{eval_set}.faiss"
+
+
+def delete_indexes(run: Run, method: str, version: int) -> None:
+    """Every approximate index of version ``version``'s galleries (they are built again from its new vectors)."""
+    storage(run).delete_all(f"indexes/{method}/v{version}")
 
 
 # -- progress ----------------------------------------------------------------------------------
