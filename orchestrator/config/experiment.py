@@ -72,12 +72,12 @@ class SearchIndexConfig:
     beside the exact ones (``index_cmc1``, ``index_map100``, ...)."""
 
     type: Literal["ivf-flat", "ivf-pq", "hnsw"] = "hnsw"  # inverted lists of full vectors or of PQ codes, or an HNSW graph
-    nlist: Optional[int] = None  # ivf-*: k-means cells; None: 4·√N for a gallery of N items
-    nprobe: int = 64  # ivf-*: cells visited per query
+    nlist: Optional[int] = None  # ivf-*: k-means cells (trained on up to 64 gallery items each); None: √N for N items
+    nprobe: int = 32  # ivf-*: cells visited per query
     pq_m: int = 16  # ivf-pq: sub-quantizers per vector (codes of pq_m × pq_bits bits); must divide the dimension
     pq_bits: int = 8  # ivf-pq: bits per sub-quantizer code
     hnsw_m: int = 32  # hnsw: graph neighbours per node
-    ef_construction: int = 80  # hnsw: candidate list while building
+    ef_construction: int = 40  # hnsw: candidate list while building (the build is single-threaded: reproducible)
     ef_search: int = 256  # hnsw: candidate list while searching (at least the search depth)
 
     def __post_init__(self):
