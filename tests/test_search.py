@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from orchestrator.config import EvaluationConfig, SearchConfig, SearchIndexConfig
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, DataError
 from orchestrator.evaluation import compatibility_row, metrics, per_query_scores, search, truncate_and_normalize
 from orchestrator.storage.run_storage import RunStorage
 from orchestrator.storage.store import EmbeddingStore
@@ -174,3 +174,10 @@ def test_an_index_that_cannot_hold_the_gallery_is_a_config_error():
     with pytest.raises(ConfigError) as err:  # found when the index is built, before it is written
         search.build_index(np.eye(8, dtype=np.float32), SearchIndexConfig(type="ivf-flat", nlist=16, nprobe=4))
     assert err.value.key == "evaluation.search.index.nlist"
+
+
+def test_a_damaged_index_is_an_error_that_says_what_to_do(chain_store, tmp_path):
+    run = RunStorage.at(tmp_path / "run")
+    run.write_bytes(search.GalleryIndexes.key("m", 0, "test"), b"not an index")
+    with pytest.raises(DataError, match="delete it and run again with --resume"):
+        search.GalleryIndexes(run, SearchIndexConfig()).get("m", 0, "test", chain_store.read("m", 0, "test"))

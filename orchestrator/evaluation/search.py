@@ -310,7 +310,11 @@ class GalleryIndexes:
         faiss = _faiss()
         key = self.key(method, version, eval_set)
         if self.run.exists(key):
-            index = faiss.deserialize_index(np.frombuffer(self.run.read_bytes(key), dtype=np.uint8))
+            try:
+                index = faiss.deserialize_index(np.frombuffer(self.run.read_bytes(key), dtype=np.uint8))
+            except RuntimeError as exc:
+                raise DataError(f"{self.run.location_of(key)} is not a readable faiss index ({str(exc).strip()}); "
+                                "delete it and run again with --resume") from None
             if index.ntotal != len(gallery.labels):
                 raise DataError(f"{self.run.location_of(key)} indexes {index.ntotal} items but the gallery holds "
                                 f"{len(gallery.labels)}; delete it and run again with --resume")
