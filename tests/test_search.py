@@ -8,6 +8,7 @@ import pytest
 from orchestrator.config import EvaluationConfig, SearchConfig, SearchIndexConfig
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.evaluation import compatibility_row, metrics, per_query_scores, search, truncate_and_normalize
+from orchestrator.evaluation.flips import TOP1_CORRECT, unpack_correct
 from orchestrator.storage.run_storage import RunStorage
 from orchestrator.storage.store import EmbeddingStore
 from ranking_reference import reference_scores
@@ -117,11 +118,21 @@ def chain_store(tmp_path):
     return store
 
 
+def rows_in_order(store, cfg, versions, indexes=None):
+    """Rows 0..versions-1, each after the older ones (whose diagonal top-1 its flips compare with), as the driver does."""
+    rows, earlier = [], []
+    for version in range(versions):
+        rows.append(compatibility_row(store, "m", version, cfg, earlier_top1=earlier, indexes=indexes))
+        earlier.append(unpack_correct(rows[-1][TOP1_CORRECT]))
+    return rows
+
+
 def test_rows_through_faiss_agree_with_the_full_ranking(chain_store):
-    exact = compatibility_row(chain_store, "m", 2, EvaluationConfig())
-    topk = compatibility_row(chain_store, "m", 2, EvaluationConfig(search=SearchConfig(engine="faiss", k=10)))
-    assert set(topk) == {"cmc1", "cmc5", "map10", "mapR"}
-    assert topk["cmc1"] == exact["cmc1"] and topk["cmc5"] == exact["cmc5"]
+    exact = rows_in_order(chain_store, EvaluationConfig(), 3)
+    topk = rows_in_order(chain_store, EvaluationConfig(search=SearchConfig(engine="faiss", k=10)), 3)
+    assert {"cmc1", "cmc5", "map10", "mapR"} <= set(topk[2]) and "map" not in topk[2]
+    for name in ("cmc1", "cmc5", TOP1_CORRECT, "nfr_new_old"):  # flips too: the same first ranks
+        assert [row.get(name) for row in topk] == [row.get(name) for row in exact]
 
 
 def test_an_index_is_built_once_and_searched_by_every_later_version(chain_store, tmp_path, monkeypatch):
@@ -135,13 +146,13 @@ def test_an_index_is_built_once_and_searched_by_every_later_version(chain_store,
         key = search.GalleryIndexes.key("m", version, "test")
         return run.artefact(key).sha256, run.filesystem.get_file_info(run.path(key)).mtime_ns
 
-    row0 = compatibility_row(chain_store, "m", 0, cfg, indexes=indexes)
+    row0, = rows_in_order(chain_store, cfg, 1, indexes)
     # a full scan of the cells (nprobe = nlist) finds what the exact search finds
     assert row0["index_cmc1"] == row0["cmc1"] and row0["index_cmc5"] == row0["cmc5"]
     first = stamp(0)
-    row1 = compatibility_row(chain_store, "m", 1, cfg, indexes=indexes)
+    _, row1 = rows_in_order(chain_store, cfg, 2, indexes)
     second = stamp(1)
-    row2 = compatibility_row(chain_store, "m", 2, cfg, indexes=indexes)
+    *_, row2 = rows_in_order(chain_store, cfg, 3, indexes)
     assert len(built) == 3  # one per gallery version, at its first use
     assert (stamp(0), stamp(1)) == (first, second)  # never rebuilt, never rewritten
     assert run.list("indexes") == ["m/v0/test.faiss", "m/v1/test.faiss", "m/v2/test.faiss"]
