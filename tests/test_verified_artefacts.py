@@ -183,6 +183,7 @@ def chain(tmp_path):
     for step in range(3):
         finish(run, f"m/step-{step:03d}", {weights("m", step): b"w" * 100, shard("m", step): b"e" * 100})
         runfiles.write_row(run, "m", step, {"cmc1": [0.5] * (step + 1)})
+        run.write_bytes(runfiles.index_key("m", step, "test"), b"index")  # evaluation.search.index's artefact
     finish(run, "other", {"other.pt": b"o" * 10})
     run.write_json(runfiles.METRICS, {})
     return run
@@ -196,6 +197,7 @@ def test_damaged_weights_recompute_the_task_and_everything_trained_from_it(chain
     assert runfiles.task_done(chain, "other")
     assert not chain.exists(weights("m", 2)) and chain.exists(weights("m", 0))  # no longer vouched for: gone
     assert [runfiles.read_row(chain, "m", s) is not None for s in range(3)] == [True, False, False]
+    assert [chain.exists(runfiles.index_key("m", s, "test")) for s in range(3)] == [True, False, False]
     assert not chain.exists(runfiles.METRICS)
     assert any("versions/m/v1/model.pt has 50 bytes, 100 recorded" in line for line in lines)
     assert any(line.startswith("Recomputing 2 finished task(s)") for line in lines)
@@ -211,6 +213,8 @@ def test_damaged_embeddings_alone_keep_the_weights_and_every_later_version(chain
     assert runfiles.pending_reembed(chain, "m/step-001") == entry  # the worker embeds again from these weights
     assert chain.exists(weights("m", 1))
     assert [runfiles.read_row(chain, "m", s) is not None for s in range(3)] == [True, False, False]
+    # version 1's gallery index goes with its vectors; version 2's gallery is intact, so its index stays
+    assert [chain.exists(runfiles.index_key("m", s, "test")) for s in range(3)] == [True, False, True]
     repair_run(chain_graph(), chain, digests=True, echo=lambda s: None)  # an interrupted repair, resumed: the same
     assert runfiles.task_done(chain, "m/step-002") and runfiles.pending_reembed(chain, "m/step-001") == entry
     chain.write_bytes(weights("m", 1), b"w" * 99)  # and if the kept weights are damaged meanwhile: retrain
