@@ -7,7 +7,7 @@ On the same clustered data (class centres plus noise; queries drawn from the sam
 
 1. **faiss exact** — the project's top-k engine (orchestrator/evaluation/search.py): faiss flat
    inner-product search, every candidate re-scored exactly, lists certified (or ranked in numpy), then
-   CMC top-1/5, mAP@k and MAP@R. All queries.
+   CMC top-1/5/k, mAP@k and MAP@R. All queries.
 2. **numpy engine** — the project's full-ranking engine (``per_query_scores``, as ``engine: exact`` runs it
    for a cell: every relevant item's rank, hence CMC and AP) on ``--numpy-queries`` queries and on half of
    them; the difference gives its cost per query, the rest its fixed cost (the gallery's exact copy), and

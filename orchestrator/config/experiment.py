@@ -104,11 +104,11 @@ class SearchConfig:
     """How a matrix cell ranks the gallery: the exact full ranking, or exact faiss top-k search for large
     galleries; optionally also through an approximate index."""
 
-    # exact: full ranking (cmc1, cmc5, map); faiss: exact top-k inner-product search (cmc1, cmc5, map<k>,
-    # mapR); auto: faiss when the gallery holds more than exact_max_gallery items
+    # exact: full ranking (cmc1, cmc5, map); faiss: exact top-k inner-product search (cmc1, cmc5, cmc<k>,
+    # map<k>, mapR); auto: faiss when the gallery holds more than exact_max_gallery items
     engine: Literal["auto", "exact", "faiss"] = "auto"
     exact_max_gallery: int = 50000  # auto only: the largest gallery ranked in full
-    k: int = 100  # faiss and index: depth of each query's result list, the k of mAP@k (map<k>)
+    k: int = 100  # faiss and index: depth of each query's result list, the k of CMC top-k and mAP@k (cmc<k>, map<k>)
     index: Optional[SearchIndexConfig] = None  # also search an approximate index built once per gallery version
 
     def __post_init__(self):

@@ -54,8 +54,8 @@ def engine_for(search: SearchConfig, gallery_size: int) -> str:
 
 
 def metric_names(k: int) -> tuple[str, ...]:
-    """The row metrics of a top-k search of depth ``k``: CMC top-1 and top-5, mAP@k and mAP@R."""
-    return ("cmc1", "cmc5", f"map{k}", "mapR")
+    """The row metrics of a top-k search of depth ``k``: CMC top-1, top-5 and top-k (= Recall@K), mAP@k, MAP@R."""
+    return ("cmc1", "cmc5", f"cmc{k}", f"map{k}", "mapR")
 
 
 def float32_error_bound(dim: int) -> float:
@@ -183,9 +183,10 @@ def summarize(scores: dict[str, np.ndarray], k: int, prefix: str = "") -> dict[s
     first_rank = scores["first_rank"]
     if np.isnan(first_rank).all():
         raise DataError("no query has a relevant gallery item (queries and gallery share no label)")
-    names = metric_names(k)
-    return {prefix + names[0]: metrics.recall_at_k(first_rank, 1), prefix + names[1]: metrics.recall_at_k(first_rank, 5),
-            prefix + names[2]: float(np.nanmean(scores["ap_k"])), prefix + names[3]: float(np.nanmean(scores["ap_r"]))}
+    cmc1, cmc5, cmck, map_k, map_r = (prefix + name for name in metric_names(k))
+    return {cmc1: metrics.recall_at_k(first_rank, 1), cmc5: metrics.recall_at_k(first_rank, 5),
+            cmck: metrics.recall_at_k(first_rank, k), map_k: float(np.nanmean(scores["ap_k"])),
+            map_r: float(np.nanmean(scores["ap_r"]))}
 
 
 def search_depth(num_relevant: np.ndarray, k: int) -> int:
