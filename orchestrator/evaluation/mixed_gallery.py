@@ -1,0 +1,204 @@
+"""Mixed galleries: a retrieval service's gallery, each item served by the version that embedded it,
+evaluated from the stored vectors (docs/guide/service.md).
+
+At step t the queries come from version t and gallery item k is the stored row of version
+``served[t, k]`` (orchestrator/evaluation/backfill.py decides it), so every (policy, budget) is a per-item
+selection of rows the store already holds: nothing is embedded again. The selection is ranked with
+the exact ranking of :func:`orchestrator.evaluation.retrieval.per_query_scores`.
+
+Per step: CMC top-1/5 and mAP on the mixed gallery, and the negative-flip rate against the service of
+the previous step (queries answered right at top-1 at step t-1 and wrong at step t, among the queries
+asked at both steps: what users of the service see regress after an upgrade). Next to each policy's
+curve: full backfill at every step (budget 100 %, the upper bound) and no backfill (budget 0 %).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+
+from orchestrator.config import EvaluationConfig, ServiceConfig
+from orchestrator.evaluation import backfill, metrics
+from orchestrator.evaluation.retrieval import MapTies, per_query_scores
+
+if TYPE_CHECKING:
+    from orchestrator.storage.store import EmbeddingStore
+
+QUALITY = ("cmc1", "cmc5", "map")  # per-step retrieval metrics; "nfr" is added from consecutive steps
+
+
+@dataclass(frozen=True)
+class StoredVersions:
+    """Every version's embeddings of one method's query and gallery sets, in store order. With
+    ``leave_one_out`` the two sets are the same samples and the queries at a step are the items present."""
+
+    queries: Sequence[np.ndarray]  # per version (Nq, d)
+    gallery: Sequence[np.ndarray]  # per version (Ng, d)
+    query_labels: np.ndarray
+    gallery_labels: np.ndarray
+    leave_one_out: bool
+
+    @classmethod
+    def read(cls, store: "EmbeddingStore", method: str, num_versions: int, eval_cfg: EvaluationConfig) -> "StoredVersions":
+        leave_one_out = eval_cfg.protocol == "leave-one-out"
+        gallery_set = eval_cfg.query if leave_one_out else eval_cfg.gallery
+        queries = [store.read(method, v, eval_cfg.query) for v in range(num_versions)]
+        gallery = queries if leave_one_out else [store.read(method, v, gallery_set) for v in range(num_versions)]
+        for tables in (queries, gallery):
+            if any(not np.array_equal(t.sample_ids, tables[0].sample_ids) for t in tables):
+                from orchestrator.errors import StoreError
+
+                raise StoreError(f"the versions of {method!r} stored different samples of one evaluation set; "
+                                 "re-encode it for every version")
+        return cls([t.embeddings for t in queries], [t.embeddings for t in gallery], queries[0].labels,
+                   gallery[0].labels, leave_one_out)
+
+    def disagreement(self, step: int, served: np.ndarray) -> np.ndarray:
+        """Per gallery item: 1 - cos(its embedding by version ``step``, its embedding by ``served[k]``);
+        0 for items not present."""
+        out = np.zeros(len(served))
+        present = np.flatnonzero(served != backfill.NOT_PRESENT)
+        new = _unit(self.gallery[step][present])
+        for version in np.unique(served[present]):
+            rows = served[present] == version
+            old = _unit(self.gallery[version][present[rows]])
+            out[present[rows]] = 1 - np.einsum("ij,ij->i", new[rows], old)
+        return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step of one history: the metrics and, per query, whether it was asked and answered at top-1."""
+
+    scores: dict[str, Optional[float]]
+    asked: np.ndarray  # bool per query index
+    correct: np.ndarray  # bool per query index: top-1 correct (False where not asked or unanswerable)
+
+
+class MixedGalleryEvaluator:
+    """Evaluates served-version histories of one method; a (step, selection) is ranked once however many
+    policies and budgets select it (the references and the 0 % and 100 % budgets coincide)."""
+
+    def __init__(self, versions: StoredVersions, map_ties: MapTies = "lower-index"):
+        self.versions, self.map_ties = versions, map_ties
+        self._done: dict[tuple[int, bytes], StepResult] = {}
+        self.rankings = 0  # distinct (step, selection) rankings computed
+
+    def gallery(self, served_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices of the items present, their vectors: item k from the stored partition of version served[k])."""
+        present = np.flatnonzero(served_row != backfill.NOT_PRESENT)
+        versions = served_row[present]
+        vectors = np.empty((len(present), self.versions.gallery[0].shape[1]), dtype=np.float32)
+        for version in np.unique(versions):
+            rows = versions == version
+            vectors[rows] = self.versions.gallery[version][present[rows]]
+        return present, vectors
+
+    def step(self, step: int, served_row: np.ndarray) -> StepResult:
+        key = (step, served_row.tobytes())
+        if key not in self._done:
+            self._done[key] = self._rank(step, served_row)
+            self.rankings += 1
+        return self._done[key]
+
+    def _rank(self, step: int, served_row: np.ndarray) -> StepResult:
+        v = self.versions
+        present, gallery = self.gallery(served_row)
+        num_queries = len(v.query_labels)
+        asked = np.zeros(num_queries, dtype=bool)
+        correct = np.zeros(num_queries, dtype=bool)
+        if len(present) == 0:
+            return StepResult({name: None for name in QUALITY}, asked, correct)
+        queries = present if v.leave_one_out else np.arange(num_queries)
+        scores = per_query_scores(v.queries[step][queries], v.query_labels[queries], gallery,
+                                  v.gallery_labels[present], leave_one_out=v.leave_one_out, map_ties=self.map_ties)
+        asked[queries] = True
+        first_rank = scores["first_rank"]
+        correct[queries] = first_rank == 1  # NaN (no relevant item) compares False
+        answerable = ~np.isnan(first_rank)
+        if not answerable.any():
+            return StepResult({name: None for name in QUALITY}, asked, correct)
+        out = {f"cmc{k}": metrics.recall_at_k(first_rank, k) for k in (1, 5)}
+        out["map"] = float(np.nanmean(scores["ap"]))
+        return StepResult(out, asked, correct)
+
+    def history(self, history: backfill.ServiceHistory) -> list[dict]:
+        """Per step: the metrics, the negative-flip rate against the previous step (None at step 0), the
+        gallery size and the items backfilled at that step."""
+        rows, previous = [], None
+        for step, served_row in enumerate(history.served):
+            result = self.step(step, served_row)
+            nfr = None
+            if previous is not None:
+                both = previous.asked & result.asked
+                if both.any():
+                    nfr = metrics.negative_flip_rate(previous.correct[both], result.correct[both])
+            rows.append({**result.scores, "nfr": nfr, "gallery": int(np.count_nonzero(served_row != backfill.NOT_PRESENT)),
+                         "backfilled": int(history.backfilled[step])})
+            previous = result
+        return rows
+
+
+def upgrade_mean(steps: list[dict], name: str) -> Optional[float]:
+    """Mean of a per-step metric over the upgrades (steps >= 1), where defined."""
+    values = [row[name] for row in steps[1:] if row.get(name) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def curve_area(fractions: Sequence[float], values: Sequence[Optional[float]]) -> Optional[float]:
+    """Area under quality against cumulative backfill fraction (trapezoids, points in budget order);
+    over a curve from 0 to 1 it is the quality averaged over the backfill effort. None with a missing point
+    or fewer than two distinct fractions."""
+    if any(v is None for v in values) or len(set(fractions)) < 2:
+        return None
+    x, y = np.asarray(fractions, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+
+def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps: int, service: ServiceConfig,
+                    seed: int, map_ties: MapTies = "lower-index") -> dict:
+    """metrics.json's ``service`` entry of one method: both references per step, then per policy one
+    point per budget (cumulative backfill fraction, forward passes used and saved, the mean over upgrades
+    of every metric, the per-step rows) and the area under each metric's curve.
+
+    ``first_step[k]``: the step that first trains gallery item k's class (num_steps: none does)."""
+    seed = service.seed if service.seed is not None else seed
+    arrival = backfill.arrival_steps(first_step, num_steps, service.arrival_rate, np.random.default_rng([seed, 0]))
+    query_counts = None
+    if service.popularity is not None:
+        present = np.array([(arrival != backfill.NOT_PRESENT) & (arrival <= t) for t in range(num_steps)])
+        query_counts = backfill.zipf_query_counts(present, service.popularity.zipf,
+                                                  service.popularity.queries_per_step, np.random.default_rng([seed, 1]))
+    evaluator = MixedGalleryEvaluator(versions, map_ties)
+    no_priority = backfill.random_priority(seed)  # any order: the references backfill nothing or everything
+
+    def run(budget: float, priority: backfill.Priority) -> tuple[backfill.ServiceHistory, list[dict]]:
+        history = backfill.simulate(arrival, num_steps, budget, priority)
+        return history, evaluator.history(history)
+
+    out: dict = {"references": {name: run(budget, no_priority)[1]
+                                for name, budget in (("full_backfill", 100.0), ("no_backfill", 0.0))},
+                 "policies": {}}
+    for policy in service.policies:
+        priority = backfill.priority_for(policy, arrival=arrival, labels=versions.gallery_labels, seed=seed,
+                                         query_counts=query_counts, disagreement=versions.disagreement)
+        points = []
+        for budget in sorted(service.budgets):
+            history, steps = run(budget, priority)
+            points.append({"budget": budget, "backfill_fraction": history.backfill_fraction,
+                           "forward_passes": int(history.backfilled.sum()), "passes_saved": history.passes_saved,
+                           "mean": {name: upgrade_mean(steps, name) for name in (*QUALITY, "nfr")}, "steps": steps})
+        fractions = [p["backfill_fraction"] for p in points]
+        out["policies"][policy] = {
+            "points": points,
+            "area": {name: curve_area(fractions, [p["mean"][name] for p in points]) for name in (*QUALITY, "nfr")}}
+    out["gallery_items"] = int(np.count_nonzero(arrival != backfill.NOT_PRESENT))
+    out["rankings"] = evaluator.rankings
+    return out
