@@ -354,6 +354,9 @@ class ExperimentConfig:
         require(bool(self.methods), "methods", "needs at least one method")
         require(self.service is None or not self.evaluation.templates, "service",
                 "ranks the mixed gallery item by item; class-mean templates (evaluation.templates) have no items")
+        ranked = {self.evaluation.query, self.evaluation.gallery or self.evaluation.query}
+        require(self.service is None or all(self.evaluation.sets[name].classes == "all" for name in ranked), "service",
+                "needs every version to embed the same items: set classes: all on the query and gallery sets")
         keys = [m.key for m in self.methods]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         require(not dup, "methods", f"duplicate method label(s) {dup}; give each a distinct 'label'")

@@ -202,3 +202,23 @@ def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps:
     out["gallery_items"] = int(np.count_nonzero(arrival != backfill.NOT_PRESENT))
     out["rankings"] = evaluator.rankings
     return out
+
+
+def service_metrics(store: "EmbeddingStore", cfg, num_versions: int, block_of_label: Optional[np.ndarray]) -> dict:
+    """metrics.json's ``service`` section of a run: the settings and :func:`service_results` per method.
+    ``block_of_label[c]``: the step that first trains class c (None: every item may arrive from step 0)."""
+    service, eval_cfg = cfg.service, cfg.evaluation
+    out: dict = {"arrival_rate": service.arrival_rate, "budgets": sorted(service.budgets),
+                 "policies": list(service.policies), "primary": eval_cfg.primary,
+                 "seed": service.seed if service.seed is not None else cfg.seed, "methods": {}}
+    for spec in cfg.methods:
+        versions = StoredVersions.read(store, spec.key, num_versions, eval_cfg)
+        labels = versions.gallery_labels
+        if block_of_label is None:
+            first_step = np.zeros(len(labels), dtype=np.int64)
+        else:  # labels beyond the table belong to no step
+            known = labels < len(block_of_label)
+            first_step = np.where(known, block_of_label[np.where(known, labels, 0)], num_versions)
+        out["methods"][spec.key] = service_results(versions, first_step, num_versions, service, cfg.seed,
+                                                   eval_cfg.map_ties)
+    return out
