@@ -150,18 +150,12 @@ def two_version_gallery(leave_one_out=True):
     return StoredVersions([v0, v1], [v0, v1], labels, labels, leave_one_out)
 
 
-def test_the_mixed_gallery_takes_each_item_from_its_version():
-    versions = two_version_gallery()
-    present, vectors = MixedGalleryEvaluator(versions).gallery(np.array([1, 0, NOT_PRESENT, 1]))
-    assert present.tolist() == [0, 1, 3]
-    assert np.array_equal(vectors, np.stack([versions.gallery[1][0], versions.gallery[0][1], versions.gallery[1][3]]))
-
-
 def test_mixed_gallery_scores_and_negative_flips_by_hand():
     evaluator = MixedGalleryEvaluator(two_version_gallery())
     arrival = np.zeros(4, dtype=np.int64)
-    none = evaluator.history(simulate(arrival, 2, 0.0, constant(np.zeros(4))))
-    full = evaluator.history(simulate(arrival, 2, 100.0, constant(np.zeros(4))))
+    # class 0 backfilled (half the gallery) in the third history
+    none, full, half = evaluator.histories([simulate(arrival, 2, budget, constant([0, 0, 1, 1]))
+                                            for budget in (0.0, 100.0, 50.0)])
     assert none[0]["cmc1"] == full[0]["cmc1"] == 1.0 and none[0]["nfr"] is None
     # no backfill at step 1 (v1 queries, v0 gallery), similarities to the other three items:
     # q0 (0,-1): item 1 -0.0995, item 2 -1, item 3 -0.995 -> item 1 (class 0) first
@@ -172,9 +166,8 @@ def test_mixed_gallery_scores_and_negative_flips_by_hand():
     assert none[1]["map"] == pytest.approx((1 + 1 + 1 / 3 + 1 / 3) / 4)
     assert none[1]["nfr"] == 0.5  # q2 and q3 were right at step 0 and are wrong now
     assert full[1] == {"cmc1": 1.0, "cmc5": 1.0, "map": 1.0, "nfr": 0.0, "gallery": 4, "backfilled": 4}
-    # class 0 backfilled (half the gallery): q2 (1,0) sees item 1 (v1) and item 3 (v0) at the same
-    # similarity 0.1/|(.1,1)|; the tie goes to the lower index, item 1 of the other class: rank 2
-    half = evaluator.history(simulate(arrival, 2, 50.0, constant([0, 0, 1, 1])))
+    # class 0 backfilled: q2 (1,0) sees item 1 (v1) and item 3 (v0) at the same similarity 0.1/|(.1,1)|;
+    # the tie goes to the lower index, item 1 of the other class: rank 2
     assert half[1]["cmc1"] == 0.75 and half[1]["map"] == pytest.approx((1 + 1 + 0.5 + 1) / 4)
     assert half[1]["nfr"] == 0.25 and half[1]["backfilled"] == 2
     assert evaluator.rankings == 4  # step 0 is one selection for all three histories

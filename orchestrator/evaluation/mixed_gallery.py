@@ -3,8 +3,9 @@ evaluated from the stored vectors (docs/guide/service.md).
 
 At step t the queries come from version t and gallery item k is the stored row of version
 ``served[t, k]`` (orchestrator/evaluation/backfill.py decides it), so every (policy, budget) is a per-item
-selection of rows the store already holds: nothing is embedded again. The selection is ranked with
-the exact ranking of :func:`orchestrator.evaluation.retrieval.per_query_scores`.
+selection of rows the store already holds: nothing is embedded again. All selections of a step are
+ranked together, with results equal to the exact ranking of
+:func:`orchestrator.evaluation.retrieval.per_query_scores` on each assembled gallery.
 
 Per step: CMC top-1/5 and mAP on the mixed gallery, and the negative-flip rate against the service of
 the previous step (queries answered right at top-1 at step t-1 and wrong at step t, among the queries
@@ -15,13 +16,15 @@ curve: full backfill at every step (budget 100 %, the upper bound) and no backfi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from orchestrator.config import EvaluationConfig, ServiceConfig
 from orchestrator.evaluation import backfill, metrics
-from orchestrator.evaluation.retrieval import MapTies, per_query_scores
+from orchestrator.evaluation.retrieval import MapTies
+from orchestrator.evaluation.selection_ranking import rank_selections
 
 if TYPE_CHECKING:
     from orchestrator.storage.store import EmbeddingStore
@@ -59,18 +62,17 @@ class StoredVersions:
         """Per gallery item: 1 - cos(its embedding by version ``step``, its embedding by ``served[k]``);
         0 for items not present."""
         out = np.zeros(len(served))
-        present = np.flatnonzero(served != backfill.NOT_PRESENT)
-        new = _unit(self.gallery[step][present])
-        for version in np.unique(served[present]):
-            rows = served[present] == version
-            old = _unit(self.gallery[version][present[rows]])
-            out[present[rows]] = 1 - np.einsum("ij,ij->i", new[rows], old)
+        unit = self._unit_gallery
+        for version in np.unique(served[served != backfill.NOT_PRESENT]):
+            items = np.flatnonzero(served == version)
+            out[items] = 1 - np.einsum("ij,ij->i", unit[step][items], unit[version][items])
         return out
 
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    @cached_property
+    def _unit_gallery(self) -> list[np.ndarray]:
+        """The gallery of every version, rows L2-normalised (float64)."""
+        return [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+                for x in (np.asarray(g, dtype=np.float64) for g in self.gallery)]
 
 
 @dataclass(frozen=True)
@@ -83,67 +85,68 @@ class StepResult:
 
 
 class MixedGalleryEvaluator:
-    """Evaluates served-version histories of one method; a (step, selection) is ranked once however many
-    policies and budgets select it (the references and the 0 % and 100 % budgets coincide)."""
+    """Evaluates served-version histories of one method. At each step, every distinct selection among
+    the histories is ranked once, all of them together (orchestrator/evaluation/selection_ranking.py):
+    the references and the 0 % and 100 % budgets coincide, and one more budget costs a count over the
+    items it serves differently, not another ranking from scratch."""
 
     def __init__(self, versions: StoredVersions, map_ties: MapTies = "lower-index"):
         self.versions, self.map_ties = versions, map_ties
-        self._done: dict[tuple[int, bytes], StepResult] = {}
-        self.rankings = 0  # distinct (step, selection) rankings computed
+        self.rankings = 0  # distinct (step, selection) pairs ranked
 
-    def gallery(self, served_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(indices of the items present, their vectors: item k from the stored partition of version served[k])."""
-        present = np.flatnonzero(served_row != backfill.NOT_PRESENT)
-        versions = served_row[present]
-        vectors = np.empty((len(present), self.versions.gallery[0].shape[1]), dtype=np.float32)
-        for version in np.unique(versions):
-            rows = versions == version
-            vectors[rows] = self.versions.gallery[version][present[rows]]
-        return present, vectors
-
-    def step(self, step: int, served_row: np.ndarray) -> StepResult:
-        key = (step, served_row.tobytes())
-        if key not in self._done:
-            self._done[key] = self._rank(step, served_row)
-            self.rankings += 1
-        return self._done[key]
-
-    def _rank(self, step: int, served_row: np.ndarray) -> StepResult:
+    def _rank_step(self, step: int, served_rows: list[np.ndarray]) -> list[StepResult]:
+        """Every selection (served versions of step ``step``, one row each; the same items present)."""
         v = self.versions
-        present, gallery = self.gallery(served_row)
+        present = np.flatnonzero(served_rows[0] != backfill.NOT_PRESENT)
         num_queries = len(v.query_labels)
-        asked = np.zeros(num_queries, dtype=bool)
-        correct = np.zeros(num_queries, dtype=bool)
         if len(present) == 0:
-            return StepResult({name: None for name in QUALITY}, asked, correct)
+            return [StepResult({name: None for name in QUALITY}, np.zeros(num_queries, bool),
+                               np.zeros(num_queries, bool)) for _ in served_rows]
+        served = np.stack([row[present] for row in served_rows])
+        used, selections = np.unique(served, return_inverse=True)
         queries = present if v.leave_one_out else np.arange(num_queries)
-        scores = per_query_scores(v.queries[step][queries], v.query_labels[queries], gallery,
-                                  v.gallery_labels[present], leave_one_out=v.leave_one_out, map_ties=self.map_ties)
-        asked[queries] = True
-        first_rank = scores["first_rank"]
-        correct[queries] = first_rank == 1  # NaN (no relevant item) compares False
-        answerable = ~np.isnan(first_rank)
-        if not answerable.any():
-            return StepResult({name: None for name in QUALITY}, asked, correct)
-        out = {f"cmc{k}": metrics.recall_at_k(first_rank, k) for k in (1, 5)}
-        out["map"] = float(np.nanmean(scores["ap"]))
-        return StepResult(out, asked, correct)
+        ranked = rank_selections(v.queries[step][queries], v.query_labels[queries],
+                                 [v.gallery[version][present] for version in used], v.gallery_labels[present],
+                                 selections.reshape(served.shape), leave_one_out=v.leave_one_out, map_ties=self.map_ties)
+        self.rankings += len(served_rows)
+        results = []
+        for scores in ranked:
+            asked, correct = np.zeros(num_queries, bool), np.zeros(num_queries, bool)
+            asked[queries] = True
+            first_rank = scores["first_rank"]
+            correct[queries] = first_rank == 1  # NaN (no relevant item) compares False
+            if np.isnan(first_rank).all():
+                results.append(StepResult({name: None for name in QUALITY}, asked, correct))
+                continue
+            out = {f"cmc{k}": metrics.recall_at_k(first_rank, k) for k in (1, 5)}
+            out["map"] = float(np.nanmean(scores["ap"]))
+            results.append(StepResult(out, asked, correct))
+        return results
 
-    def history(self, history: backfill.ServiceHistory) -> list[dict]:
-        """Per step: the metrics, the negative-flip rate against the previous step (None at step 0), the
-        gallery size and the items backfilled at that step."""
-        rows, previous = [], None
-        for step, served_row in enumerate(history.served):
-            result = self.step(step, served_row)
-            nfr = None
-            if previous is not None:
-                both = previous.asked & result.asked
-                if both.any():
-                    nfr = metrics.negative_flip_rate(previous.correct[both], result.correct[both])
-            rows.append({**result.scores, "nfr": nfr, "gallery": int(np.count_nonzero(served_row != backfill.NOT_PRESENT)),
-                         "backfilled": int(history.backfilled[step])})
-            previous = result
-        return rows
+    def histories(self, histories: Sequence[backfill.ServiceHistory]) -> list[list[dict]]:
+        """Per history and step: the metrics, the negative-flip rate against the previous step (None at
+        step 0), the gallery size and the items backfilled at that step."""
+        num_steps = len(histories[0].served)
+        by_step: list[dict[bytes, StepResult]] = []
+        for step in range(num_steps):
+            distinct = {h.served[step].tobytes(): h.served[step] for h in histories}
+            by_step.append(dict(zip(distinct, self._rank_step(step, list(distinct.values())))))
+        out = []
+        for history in histories:
+            rows, previous = [], None
+            for step, served_row in enumerate(history.served):
+                result = by_step[step][served_row.tobytes()]
+                nfr = None
+                if previous is not None:
+                    both = previous.asked & result.asked
+                    if both.any():
+                        nfr = metrics.negative_flip_rate(previous.correct[both], result.correct[both])
+                rows.append({**result.scores, "nfr": nfr,
+                             "gallery": int(np.count_nonzero(served_row != backfill.NOT_PRESENT)),
+                             "backfilled": int(history.backfilled[step])})
+                previous = result
+            out.append(rows)
+        return out
 
 
 def upgrade_mean(steps: list[dict], name: str) -> Optional[float]:
@@ -176,29 +179,27 @@ def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps:
         present = np.array([(arrival != backfill.NOT_PRESENT) & (arrival <= t) for t in range(num_steps)])
         query_counts = backfill.zipf_query_counts(present, service.popularity.zipf,
                                                   service.popularity.queries_per_step, np.random.default_rng([seed, 1]))
-    evaluator = MixedGalleryEvaluator(versions, map_ties)
     no_priority = backfill.random_priority(seed)  # any order: the references backfill nothing or everything
-
-    def run(budget: float, priority: backfill.Priority) -> tuple[backfill.ServiceHistory, list[dict]]:
-        history = backfill.simulate(arrival, num_steps, budget, priority)
-        return history, evaluator.history(history)
-
-    out: dict = {"references": {name: run(budget, no_priority)[1]
-                                for name, budget in (("full_backfill", 100.0), ("no_backfill", 0.0))},
-                 "policies": {}}
+    runs = [("reference", "full_backfill", 100.0, no_priority), ("reference", "no_backfill", 0.0, no_priority)]
     for policy in service.policies:
         priority = backfill.priority_for(policy, arrival=arrival, labels=versions.gallery_labels, seed=seed,
                                          query_counts=query_counts, disagreement=versions.disagreement)
-        points = []
-        for budget in sorted(service.budgets):
-            history, steps = run(budget, priority)
-            points.append({"budget": budget, "backfill_fraction": history.backfill_fraction,
-                           "forward_passes": int(history.backfilled.sum()), "passes_saved": history.passes_saved,
-                           "mean": {name: upgrade_mean(steps, name) for name in (*QUALITY, "nfr")}, "steps": steps})
-        fractions = [p["backfill_fraction"] for p in points]
-        out["policies"][policy] = {
-            "points": points,
-            "area": {name: curve_area(fractions, [p["mean"][name] for p in points]) for name in (*QUALITY, "nfr")}}
+        runs += [("policy", policy, budget, priority) for budget in sorted(service.budgets)]
+    histories = [backfill.simulate(arrival, num_steps, budget, priority) for _, _, budget, priority in runs]
+    evaluator = MixedGalleryEvaluator(versions, map_ties)
+    out: dict = {"references": {}, "policies": {}}
+    for (kind, name, budget, _), history, steps in zip(runs, histories, evaluator.histories(histories)):
+        if kind == "reference":
+            out["references"][name] = steps
+            continue
+        out["policies"].setdefault(name, {"points": []})["points"].append({
+            "budget": budget, "backfill_fraction": history.backfill_fraction,
+            "forward_passes": int(history.backfilled.sum()), "passes_saved": history.passes_saved,
+            "mean": {metric: upgrade_mean(steps, metric) for metric in (*QUALITY, "nfr")}, "steps": steps})
+    for curve in out["policies"].values():
+        fractions = [p["backfill_fraction"] for p in curve["points"]]
+        curve["area"] = {metric: curve_area(fractions, [p["mean"][metric] for p in curve["points"]])
+                         for metric in (*QUALITY, "nfr")}
     out["gallery_items"] = int(np.count_nonzero(arrival != backfill.NOT_PRESENT))
     out["rankings"] = evaluator.rankings
     return out
