@@ -198,3 +198,16 @@ def test_curves_are_monotone_where_the_old_vectors_are_useless():
 def test_curve_area_is_the_trapezoid_rule():
     assert curve_area([0, 0.5, 1], [0.2, 0.6, 1.0]) == pytest.approx(0.6)
     assert curve_area([0, 1], [None, 1.0]) is None
+
+
+def test_a_service_needs_items_ranked_one_by_one_and_an_upgrade():
+    from orchestrator.engine.validate import parse_experiment
+
+    templates = {"protocol": "query-gallery", "gallery": "g", "templates": True,
+                 "sets": {"test": {}, "g": {"split": "train"}}}
+    for data, key in (({"evaluation": templates}, "service"),
+                      ({"evaluation": {"sets": {"test": {"classes": "seen"}}}}, "service"),
+                      ({"scenario": {"num_steps": 1}}, "service")):
+        with pytest.raises(ConfigError) as info:
+            parse_experiment({"name": "x", "service": {}, **data})
+        assert info.value.key == key
