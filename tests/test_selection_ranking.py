@@ -37,3 +37,13 @@ def test_every_selection_equals_the_exact_ranking_of_its_gallery(leave_one_out, 
         want = per_query_scores(queries, query_labels, gallery, labels, leave_one_out=leave_one_out, map_ties=map_ties)
         np.testing.assert_array_equal(scores["first_rank"], want["first_rank"])
         np.testing.assert_allclose(scores["ap"], want["ap"], rtol=1e-12)
+
+
+def test_grid_buckets_equal_a_binary_search():
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.uniform(-1, 1, 5000), np.linspace(-1, 1, 41), [0.9, 2.0, -3.0]]).reshape(2, -1)
+    for thresholds in (np.unique(rng.uniform(-0.5, 0.9, 37)), np.linspace(-1, 1, 41), np.array([0.3])):
+        buckets, near = selection_ranking._buckets(thresholds, values)
+        np.testing.assert_array_equal(buckets, np.searchsorted(thresholds, values))
+        equal = np.flatnonzero(np.isin(values.ravel(), thresholds))
+        assert set(equal) <= set(near)  # every value equal to a threshold is searched exactly

@@ -88,14 +88,21 @@ def simulate(arrival: np.ndarray, num_steps: int, budget_percent: float, priorit
         stale = np.flatnonzero((current != NOT_PRESENT) & (current < step))
         stale_counts[step] = len(stale)
         count = min(budget_items(budget_percent, int(np.count_nonzero(current != NOT_PRESENT))), len(stale))
-        if count:
-            before = served[step - 1]
-            keys = np.asarray(priority(step, before), dtype=np.float64)[stale]
-            chosen = stale[np.lexsort((stale, keys))[:count]]
-            current[chosen] = step
+        if count == len(stale):  # everything stale: no order needed
+            current[stale] = step
+        elif count:
+            keys = np.asarray(priority(step, served[step - 1]), dtype=np.float64)[stale]
+            current[stale[_first(keys, count)]] = step
         backfilled[step] = count
         served[step] = current
     return ServiceHistory(served, backfilled, stale_counts)
+
+
+def _first(keys: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the ``count`` lowest keys, ties to the lower position (a partition, not a sort)."""
+    kth = np.partition(keys, count - 1)[count - 1]
+    below = np.flatnonzero(keys < kth)
+    return np.concatenate([below, np.flatnonzero(keys == kth)[:count - len(below)]])
 
 
 # -- policies: each maps (step, served versions before the step) to priority keys over all items -------------

@@ -62,17 +62,22 @@ class StoredVersions:
         """Per gallery item: 1 - cos(its embedding by version ``step``, its embedding by ``served[k]``);
         0 for items not present."""
         out = np.zeros(len(served))
-        unit = self._unit_gallery
         for version in np.unique(served[served != backfill.NOT_PRESENT]):
             items = np.flatnonzero(served == version)
-            out[items] = 1 - np.einsum("ij,ij->i", unit[step][items], unit[version][items])
+            out[items] = 1 - self._cosines(step, int(version))[items]
         return out
 
+    def _cosines(self, a: int, b: int) -> np.ndarray:
+        """Per gallery item, the cosine between its embeddings by versions a and b (computed once)."""
+        if (a, b) not in self._cosine_cache:
+            unit = [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+                    for x in (np.asarray(self.gallery[v], dtype=np.float64) for v in (a, b))]
+            self._cosine_cache[(a, b)] = np.einsum("ij,ij->i", *unit)
+        return self._cosine_cache[(a, b)]
+
     @cached_property
-    def _unit_gallery(self) -> list[np.ndarray]:
-        """The gallery of every version, rows L2-normalised (float64)."""
-        return [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
-                for x in (np.asarray(g, dtype=np.float64) for g in self.gallery)]
+    def _cosine_cache(self) -> dict[tuple[int, int], np.ndarray]:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -103,11 +108,13 @@ class MixedGalleryEvaluator:
             return [StepResult({name: None for name in QUALITY}, np.zeros(num_queries, bool),
                                np.zeros(num_queries, bool)) for _ in served_rows]
         served = np.stack([row[present] for row in served_rows])
-        used, selections = np.unique(served, return_inverse=True)
+        used = np.flatnonzero(np.bincount(served.ravel()))  # the versions serving some item
+        position = np.zeros(used[-1] + 1, dtype=np.int64)
+        position[used] = np.arange(len(used))
         queries = present if v.leave_one_out else np.arange(num_queries)
         ranked = rank_selections(v.queries[step][queries], v.query_labels[queries],
                                  [v.gallery[version][present] for version in used], v.gallery_labels[present],
-                                 selections.reshape(served.shape), leave_one_out=v.leave_one_out, map_ties=self.map_ties)
+                                 position[served], leave_one_out=v.leave_one_out, map_ties=self.map_ties)
         self.rankings += len(served_rows)
         results = []
         for scores in ranked:

@@ -113,13 +113,12 @@ def _rank_block(query: np.ndarray, vectors: list[np.ndarray], relevant: _Relevan
         items = cols[bounds[row]:bounds[row + 1]]
         row_sims = sims[:, row, :]
         thresholds = np.unique(row_sims[:, items])
-        buckets = np.searchsorted(thresholds, row_sims)  # thresholds strictly below each value
-        if _has_ties(buckets, row_sims, thresholds):
+        buckets, near = _buckets(thresholds, row_sims)
+        if _has_ties(buckets, row_sims, thresholds, near):
             exact.append((row, *_exact_row(row_sims, items, plans, shared_ties)))
             sorted_ranks[:, bounds[row]:bounds[row + 1]] = np.arange(1, len(items) + 1)  # placeholder, replaced
             continue
         size = len(thresholds) + 2  # buckets 0..m, and an empty one past the top
-        buckets = buckets.astype(np.int32)
         flat = buckets.ravel()
         base = [np.bincount(b, minlength=size) for b in buckets]
         histograms = []
@@ -142,13 +141,52 @@ def _rank_block(query: np.ndarray, vectors: list[np.ndarray], relevant: _Relevan
     return first, ap
 
 
-def _has_ties(buckets: np.ndarray, row_sims: np.ndarray, thresholds: np.ndarray) -> bool:
+_CELLS_PER_THRESHOLD = 16
+
+
+def _buckets(thresholds: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.searchsorted(thresholds, values)`` (how many thresholds lie strictly below each value, int32),
+    and the flat indices of the values that share a grid cell with a threshold (only they can equal one).
+
+    A binary search per value is the bulk of the work, so values go first to a uniform grid of cells
+    over the thresholds' range. The cell of x is a monotone function of x (subtracting, scaling and
+    flooring are monotone in IEEE arithmetic), so every threshold in a lower cell is below x and every
+    one in a higher cell above it: a table per cell gives the count, and only values in a cell that
+    holds a threshold are searched exactly."""
+    low, high = thresholds[0], thresholds[-1]
+    if high == low:
+        return np.searchsorted(thresholds, values).astype(np.int32), np.flatnonzero(values.ravel() == low)
+    cells = _CELLS_PER_THRESHOLD * len(thresholds)
+    scale = cells / (high - low)
+    offset = low * scale - 1  # cell 0: below every threshold, cells + 1: above
+
+    def cell_of(x: np.ndarray) -> np.ndarray:  # any monotone map works; this one spreads the range evenly
+        t = np.multiply(x, scale)
+        t -= offset
+        np.floor(t, out=t)
+        return np.clip(t, 0, cells + 1, out=t).astype(np.int32)
+
+    threshold_cells = cell_of(thresholds)
+    below = np.searchsorted(threshold_cells, np.arange(cells + 2)).astype(np.int32)  # thresholds in lower cells
+    occupied = np.zeros(cells + 2, dtype=bool)
+    occupied[threshold_cells] = True
+    value_cells = cell_of(values)
+    buckets = below[value_cells]
+    near = np.flatnonzero(occupied[value_cells].ravel())
+    flat = buckets.reshape(-1)
+    flat[near] = np.searchsorted(thresholds, values.reshape(-1)[near])
+    return buckets, near
+
+
+def _has_ties(buckets: np.ndarray, row_sims: np.ndarray, thresholds: np.ndarray, near: np.ndarray) -> bool:
     """Whether two different items reach the value of one threshold (under any versions): their order
-    then follows the tie rule, which the histogram cannot see."""
-    hits = thresholds[np.minimum(buckets, len(thresholds) - 1)] == row_sims
-    versions, items = np.nonzero(hits)
-    pairs = np.unique(buckets[versions, items] * row_sims.shape[1] + items)  # distinct (threshold, item)
-    return len(np.unique(pairs // row_sims.shape[1])) < len(pairs)
+    then follows the tie rule, which the histogram cannot see. Only the values ``near`` (sharing a cell
+    with a threshold) can equal one."""
+    near_buckets = buckets.reshape(-1)[near]
+    hits = near[thresholds[np.minimum(near_buckets, len(thresholds) - 1)] == row_sims.reshape(-1)[near]]
+    n = row_sims.shape[1]
+    pairs = np.unique(buckets.reshape(-1)[hits].astype(np.int64) * n + hits % n)  # distinct (threshold, item)
+    return len(np.unique(pairs // n)) < len(pairs)
 
 
 def _exact_row(row_sims: np.ndarray, items: np.ndarray, plans: list[_Selection],
