@@ -218,7 +218,7 @@ def service_metrics(store: "EmbeddingStore", cfg, num_versions: int, block_of_la
     service, eval_cfg = cfg.service, cfg.evaluation
     out: dict = {"arrival_rate": service.arrival_rate, "budgets": sorted(service.budgets),
                  "policies": list(service.policies), "primary": eval_cfg.primary,
-                 "seed": service.seed if service.seed is not None else cfg.seed, "methods": {}}
+                 "methods": {}}
     for spec in cfg.methods:
         versions = StoredVersions.read(store, spec.key, num_versions, eval_cfg)
         labels = versions.gallery_labels
