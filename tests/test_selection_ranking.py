@@ -47,3 +47,10 @@ def test_grid_buckets_equal_a_binary_search():
         np.testing.assert_array_equal(buckets, np.searchsorted(thresholds, values))
         equal = np.flatnonzero(np.isin(values.ravel(), thresholds))
         assert set(equal) <= set(near)  # every value equal to a threshold is searched exactly
+
+
+def test_values_off_the_thresholds_range_are_counted_without_a_search():
+    thresholds = np.array([0.1, 0.2, 0.7])
+    values = np.array([[-2.0, -0.5, 0.05, 0.75, 0.99]])
+    buckets, near = selection_ranking._buckets(thresholds, values)
+    assert buckets.tolist() == [[0, 0, 0, 3, 3]] and near.size == 0

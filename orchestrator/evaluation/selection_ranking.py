@@ -158,17 +158,19 @@ def _buckets(thresholds: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
         return np.searchsorted(thresholds, values).astype(np.int32), np.flatnonzero(values.ravel() == low)
     cells = _CELLS_PER_THRESHOLD * len(thresholds)
     scale = cells / (high - low)
-    offset = low * scale - 1  # cell 0: below every threshold, cells + 1: above
+    # the thresholds fill cells 1 .. cells + 1 (half a cell of margin against rounding at both ends);
+    # cell 0 holds the values below them all, cell cells + 2 those above
+    offset = low * scale - 1.5
 
     def cell_of(x: np.ndarray) -> np.ndarray:  # any monotone map works; this one spreads the range evenly
         t = np.multiply(x, scale)
         t -= offset
         np.floor(t, out=t)
-        return np.clip(t, 0, cells + 1, out=t).astype(np.int32)
+        return np.clip(t, 0, cells + 2, out=t).astype(np.int32)
 
     threshold_cells = cell_of(thresholds)
-    below = np.searchsorted(threshold_cells, np.arange(cells + 2)).astype(np.int32)  # thresholds in lower cells
-    occupied = np.zeros(cells + 2, dtype=bool)
+    below = np.searchsorted(threshold_cells, np.arange(cells + 3)).astype(np.int32)  # thresholds in lower cells
+    occupied = np.zeros(cells + 3, dtype=bool)
     occupied[threshold_cells] = True
     value_cells = cell_of(values)
     buckets = below[value_cells]
