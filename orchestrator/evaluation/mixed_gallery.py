@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from orchestrator.config import EvaluationConfig, ServiceConfig
+from orchestrator.config import EvaluationConfig, ExperimentConfig, ServiceConfig
+from orchestrator.errors import StoreError
 from orchestrator.evaluation import backfill, metrics
 from orchestrator.evaluation.retrieval import MapTies
 from orchestrator.evaluation.selection_ranking import rank_selections
@@ -51,8 +52,6 @@ class StoredVersions:
         gallery = queries if leave_one_out else [store.read(method, v, gallery_set) for v in range(num_versions)]
         for tables in (queries, gallery):
             if any(not np.array_equal(t.sample_ids, tables[0].sample_ids) for t in tables):
-                from orchestrator.errors import StoreError
-
                 raise StoreError(f"the versions of {method!r} stored different samples of one evaluation set; "
                                  "re-encode it for every version")
         return cls([t.embeddings for t in queries], [t.embeddings for t in gallery], queries[0].labels,
@@ -212,7 +211,7 @@ def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps:
     return out
 
 
-def service_metrics(store: "EmbeddingStore", cfg, num_versions: int, block_of_label: Optional[np.ndarray]) -> dict:
+def service_metrics(store: "EmbeddingStore", cfg: ExperimentConfig, num_versions: int, block_of_label: Optional[np.ndarray]) -> dict:
     """metrics.json's ``service`` section of a run: the settings and :func:`service_results` per method.
     ``block_of_label[c]``: the step that first trains class c (None: every item may arrive from step 0)."""
     service, eval_cfg = cfg.service, cfg.evaluation
