@@ -76,6 +76,7 @@ def test_oldest_first_takes_the_lowest_versions_then_the_earliest_arrivals():
     keys = backfill.oldest_priority(arrival)(2, served)
     order = np.lexsort((np.arange(6), keys))
     assert order.tolist() == [2, 4, 1, 0, 3, 5]  # version 0 first, then version 1 by arrival, then index
+    assert chosen(backfill.oldest_priority(arrival), served) == ({2, 4, 1}, 3)
 
 
 def test_policies_choose_the_expected_items():
