@@ -103,8 +103,8 @@ def _rank_block(query: np.ndarray, vectors: list[np.ndarray], relevant: _Relevan
     sims = np.empty((len(vectors), len(query), len(vectors[0])))  # (versions, rows, n)
     for version, gallery in enumerate(vectors):
         np.matmul(query, gallery.T, out=sims[version])  # exact: see ranking_vectors
-        rows, cols = relevant_pairs(sims[version], relevant, start, stop, leave_one_out=leave_one_out)
-    num_rows, n = stop - start, sims.shape[2]
+        rows, cols = relevant_pairs(sims[version], relevant, start, stop, leave_one_out=leave_one_out)  # the same pairs each time
+    num_rows = stop - start
     count = np.bincount(rows, minlength=num_rows)
     bounds = np.concatenate([[0], np.cumsum(count)])
     sorted_ranks = np.zeros((len(plans), len(rows)))
