@@ -101,9 +101,9 @@ def _rank_block(query: np.ndarray, vectors: list[np.ndarray], relevant: _Relevan
                 start: int, stop: int, *, leave_one_out: bool, shared_ties: bool) -> tuple[np.ndarray, np.ndarray]:
     """(first_rank, ap), each (selections, rows), of queries start..stop-1."""
     sims = np.empty((len(vectors), len(query), len(vectors[0])))  # (versions, rows, n)
-    for version, gallery in enumerate(vectors):
+    for version, gallery in enumerate(vectors):  # (rows, cols): the same relevant pairs for every version
         np.matmul(query, gallery.T, out=sims[version])  # exact: see ranking_vectors
-        rows, cols = relevant_pairs(sims[version], relevant, start, stop, leave_one_out=leave_one_out)  # the same pairs each time
+        rows, cols = relevant_pairs(sims[version], relevant, start, stop, leave_one_out=leave_one_out)
     num_rows = stop - start
     count = np.bincount(rows, minlength=num_rows)
     bounds = np.concatenate([[0], np.cumsum(count)])
