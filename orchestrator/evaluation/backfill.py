@@ -23,6 +23,9 @@ from typing import Callable, Optional
 import numpy as np
 
 NOT_PRESENT = -1  # served version of an item that has not arrived yet
+# Every random draw of the simulation has its own stream, numpy.random.default_rng([seed, STREAM, ...]),
+# so no two of them (arrivals, the query log, the orders of two policies) are the same permutation.
+ARRIVALS, QUERY_LOG, RANDOM_ORDER, CLASS_ORDER = range(4)
 POLICIES = ("random", "oldest", "popular", "uncertainty", "class-balanced")
 
 # A policy's order of the stale items at one step: priority keys, lower first (ties: lower item index).
@@ -110,7 +113,7 @@ def random_priority(seed: int) -> Priority:
     """A fresh seeded random order at every step."""
     def priority(step: int, served: np.ndarray) -> np.ndarray:
         keys = np.empty(len(served))
-        keys[np.random.default_rng([seed, step]).permutation(len(served))] = np.arange(len(served))
+        keys[np.random.default_rng([seed, RANDOM_ORDER, step]).permutation(len(served))] = np.arange(len(served))
         return keys
 
     return priority
@@ -144,7 +147,7 @@ def class_balanced_priority(labels: np.ndarray, seed: int) -> Priority:
     num_classes = int(class_index.max(initial=-1)) + 1
 
     def priority(step: int, served: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng([seed, step])
+        rng = np.random.default_rng([seed, CLASS_ORDER, step])
         order = rng.permutation(len(labels))
         order = order[(served[order] != NOT_PRESENT) & (served[order] < step)]  # the stale items, shuffled
         grouped = order[np.argsort(class_index[order], kind="stable")]  # by class, shuffled within each

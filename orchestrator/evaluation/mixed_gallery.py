@@ -179,12 +179,12 @@ def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps:
 
     ``first_step[k]``: the step that first trains gallery item k's class (num_steps: none does)."""
     seed = service.seed if service.seed is not None else seed
-    arrival = backfill.arrival_steps(first_step, num_steps, service.arrival_rate, np.random.default_rng([seed, 0]))
+    arrival = backfill.arrival_steps(first_step, num_steps, service.arrival_rate, np.random.default_rng([seed, backfill.ARRIVALS]))
     query_counts = None
     if service.popularity is not None:
         present = np.array([(arrival != backfill.NOT_PRESENT) & (arrival <= t) for t in range(num_steps)])
         query_counts = backfill.zipf_query_counts(present, service.popularity.zipf,
-                                                  service.popularity.queries_per_step, np.random.default_rng([seed, 1]))
+                                                  service.popularity.queries_per_step, np.random.default_rng([seed, backfill.QUERY_LOG]))
     no_priority = backfill.random_priority(seed)  # any order: the references backfill nothing or everything
     runs = [("reference", "full_backfill", 100.0, no_priority), ("reference", "no_backfill", 0.0, no_priority)]
     for policy in service.policies:
