@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -105,7 +106,9 @@ class Throughput(Hook):
     def _counting(self, batch: Any):
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, warnings.catch_warnings():
+            # the counter's module tracker is a global hook; a compiled module warns about it (harmless here)
+            warnings.filterwarnings("ignore", message=".*global hooks on modules.*")
             yield
         self.flops_per_image = counter.get_total_flops() / max(self.count(batch), 1)
 
