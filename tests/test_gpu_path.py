@@ -104,7 +104,7 @@ def test_autocast_trains_on_cpu(precision):
     convolution computes in the low precision, the weights stay fp32, and the loss falls."""
     dtypes = []
     setup = Precision("cpu", precision)
-    losses, net = train(setup, hooks=[])
+    losses, net = train(setup)
     with setup.autocast():
         handle = net[0].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
         net(tiny_problem()[0][:2])
@@ -116,26 +116,25 @@ def test_autocast_trains_on_cpu(precision):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_fp16_hooks_see_unscaled_gradients():
-    """A method's gradient surgery (after_backward) sees the true gradient, not the scaler's multiple."""
-    seen = {}
+def first_gradient(precision: Precision | None) -> torch.Tensor:
+    """The first layer's weight gradient as an ``after_backward`` hook (a method's gradient surgery) sees it."""
+    net, (images, labels), seen = tiny_net(), tiny_problem(), []
 
     class Grad(Hook):
         def after_backward(self):
-            seen.setdefault("grad", next(iter(self.net.parameters())).grad.clone())
+            seen.append(net[0].weight.grad.clone())
 
-    fp32, fp16 = Grad(), Grad()
-    fp32.net, fp16.net = tiny_net(), tiny_net()
-    images, labels = tiny_problem()
-    for hook, precision in ((fp32, None), (fp16, Precision("cpu", "fp16"))):
-        seen.clear()
-        optimizer = torch.optim.SGD(hook.net.parameters(), lr=0.1)
-        train_epochs(hook.net, optimizer, 1, lr=None, precision=precision, hooks=[hook],
-                     batches=lambda epoch: [(images, labels)],
-                     loss=lambda batch, epoch, net=hook.net: (F.cross_entropy(net(batch[0]), batch[1]), {}))
-        hook.grad = seen["grad"]
-    assert fp16.grad.abs().max() > 0
-    torch.testing.assert_close(fp16.grad, fp32.grad, rtol=0.05, atol=1e-3)
+    train_epochs(net, torch.optim.SGD(net.parameters(), lr=0.1), 1, lr=None, precision=precision, hooks=[Grad()],
+                 batches=lambda epoch: [(images, labels)],
+                 loss=lambda batch, epoch: (F.cross_entropy(net(batch[0]), batch[1]), {}))
+    return seen[0]
+
+
+def test_fp16_hooks_see_unscaled_gradients():
+    """The scaler multiplies the loss by 2**16; the hooks see the gradient divided back (fp16 rounding aside)."""
+    fp32, fp16 = first_gradient(None), first_gradient(Precision("cpu", "fp16"))
+    assert fp16.abs().max() > 0
+    torch.testing.assert_close(fp16, fp32, rtol=0.05, atol=1e-3)
 
 
 def test_channels_last_trains_like_nchw():
