@@ -143,7 +143,7 @@ def test_invalid_config_writes_nothing(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-RECORD_KEYS = {"seconds", "train_seconds", "started_at", "finished_at", "group"}  # when and where, not what
+RECORD_KEYS = {"seconds", "train_seconds", "started_at", "finished_at", "group", "throughput"}  # when and where, not what
 
 
 def without_store_records(entry: dict) -> dict:
@@ -167,6 +167,16 @@ def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path):
             groups.add(b["group"])
             assert a == {k: x for k, x in b.items() if k not in RECORD_KEYS}  # the same weights
     assert len(groups) == 6  # one Train run per step and method
+
+
+def test_every_trained_step_records_its_throughput(finished_run):
+    """images/s of the timed batches, FLOPs counted on the first batch; on CPU no MFU, and why."""
+    _, run_dir, _ = finished_run
+    for v in range(3):
+        record = runfiles.manifest_entry(run_dir, "independent", v)["throughput"]
+        assert record["images_per_second"] > 0 and record["timed_images"] > 0 and record["train_flops_per_image"] > 0
+        assert record["mfu"] is None and "cpu" in record["mfu_note"]
+        assert (record["precision"], record["channels_last"], record["compile"]) == ("fp32", False, False)
 
 
 def test_one_worker_group_trains_every_method_in_process(finished_run):
