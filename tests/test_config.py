@@ -189,3 +189,27 @@ def test_replacing_the_method_list_warns_about_the_settings_it_drops():
         warnings.simplefilter("error")  # nothing dropped: no warning
         load_config(None, ["methods=[{name: independent}, {name: bct, params: {variant: paper}}, {name: oca}]"])
         load_config(None, ["methods.1.params.weight=2"])
+
+
+def test_digest_hashes_only_what_differs_from_the_defaults_so_new_keys_keep_old_digests():
+    from dataclasses import dataclass, field
+
+    from orchestrator.config.typed import explicit_dict
+
+    @dataclass
+    class Before:
+        lr: float = 0.1
+        tags: list = field(default_factory=list)
+
+    @dataclass
+    class After(Before):  # the schema grew a key whose default keeps the old behaviour
+        precision: str = "fp32"
+
+    assert explicit_dict(Before(lr=0.5)) == explicit_dict(After(lr=0.5)) == {"lr": 0.5}
+    assert explicit_dict(After(precision="bf16", tags=["a"])) == {"tags": ["a"], "precision": "bf16"}
+    cfg = load_config(None, ["training.epochs=3"])
+    explicit = explicit_dict(cfg)
+    assert explicit["training"]["epochs"] == 3 and "precision" not in explicit["training"]
+    # a run's stored config (every key written out) re-parses to the same digest
+    assert parse_experiment(cfg.to_dict()).digest() == cfg.digest()
+    assert load_config(None, ["training.precision=fp32"]).digest() == load_config(None).digest()

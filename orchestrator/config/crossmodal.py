@@ -139,7 +139,7 @@ class CrossModalExperiment:
         return to_dict(self)
 
     def digest(self) -> str:
-        return config_digest(self.to_dict())
+        return config_digest(self)
 
 
 def parse_crossmodal(data: dict) -> CrossModalExperiment:

@@ -19,7 +19,7 @@ import yaml
 
 from orchestrator.config.service import ServiceConfig
 from orchestrator.config.tracking import TrackingConfig
-from orchestrator.config.typed import from_dict, require, require_name, to_dict
+from orchestrator.config.typed import explicit_dict, from_dict, require, require_name, to_dict
 from orchestrator.errors import ConfigError, ConfigWarning
 
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
@@ -444,19 +444,21 @@ class ExperimentConfig:
 
     def digest(self) -> str:
         """Short hash of the resolved config (seed included) that names what a run directory holds."""
-        return config_digest(self.to_dict())
+        return config_digest(self)
 
     def with_seed(self, seed: int) -> "ExperimentConfig":
         """This experiment with one seed: the config a run of that seed alone would have."""
         return dataclasses.replace(self, seed=seed, seeds=None)
 
 
-def config_digest(document: dict) -> str:
-    """Short hash of a resolved config mapping, without its ``tracking`` section: trackers observe a run
-    and never change what it computes (and runs from before the section existed keep their digest). An
-    unset ``service`` section is left out too, so runs from before it existed keep theirs."""
-    blob = json.dumps({k: v for k, v in document.items()
-                       if k != "tracking" and not (k == "service" and v is None)}, sort_keys=True).encode()
+def config_digest(cfg: Any) -> str:
+    """Short hash of a typed config: the values that differ from the schema's defaults
+    (:func:`~orchestrator.config.typed.explicit_dict`), without the ``tracking`` section, which observes a
+    run and never changes what it computes. A section or key added later at its default keeps every
+    digest, and with it every run's identity and upstream cache location."""
+    document = explicit_dict(cfg)
+    document.pop("tracking", None)
+    blob = json.dumps(document, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -129,6 +129,29 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def explicit_dict(obj: Any) -> Any:
+    """Like :func:`to_dict`, but a dataclass field equal to its default is left out.
+
+    What a config digest hashes: a key added to the schema later, at a default that keeps the old
+    behaviour, leaves every existing digest (and the run locations named by one) unchanged.
+    """
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+                continue
+            out[f.name] = explicit_dict(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [explicit_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: explicit_dict(v) for k, v in obj.items()}
+    return obj
+
+
 def require(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError(key, message) unless ``condition``; used by ``__post_init__`` checks."""
     if not condition:
