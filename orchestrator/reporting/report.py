@@ -113,7 +113,18 @@ def _metric_order(metrics: dict[str, Any]) -> list[str]:
 
 
 def _metric_title(metrics: dict[str, Any], name: str) -> str:
-    title = _METRIC_TITLES.get(name, name)
+    """A matrix's title for people: ``cmc20`` → CMC top-20 (= Recall@20), ``map100`` → mAP@100, ``mapR`` →
+    MAP@R, an approximate index's ``index_`` cells → "… (index)"."""
+    indexed = name.startswith("index_")
+    base = name.removeprefix("index_")
+    title = _METRIC_TITLES.get(base)
+    if title is None and re.fullmatch(r"cmc\d+", base):
+        title = f"CMC top-{base[3:]}"
+    elif title is None and re.fullmatch(r"map\d+", base):
+        title = f"mAP@{base[3:]}"
+    elif title is None:
+        title = "MAP@R" if base == "mapR" else base
+    title = f"{title} (index)" if indexed else title
     return f"{title} (primary)" if name == _primary(metrics) else title
 
 
