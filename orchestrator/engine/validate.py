@@ -68,6 +68,7 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
             f"{steps} steps of {sc.initial_classes} + {sc.increment} per step need {needed} classes, "
             f"but dataset {cfg.data.dataset!r} has {available}; allowed: at most "
             f"{1 + (available - sc.initial_classes) // sc.increment}")
+    _check_file_splits(cfg)
     for name, eval_set in cfg.evaluation.sets.items():
         if eval_set.data is not None:
             dataset_num_classes(eval_set.data)  # raises a clear error for a missing/unknown dataset
@@ -85,6 +86,18 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
         cfg.method_training(spec, step=1)
     if cfg.resources.use_gpu or any(r.use_gpu for r in cfg.resources.steps.values()):
         _check_gpu_request(cfg)
+
+
+def _check_file_splits(cfg: ExperimentConfig) -> None:
+    """Datasets read from files: both splits list and index cleanly (unreadable shards, missing columns,
+    test labels that are not train classes), before any worker starts. Indexes are cached, so the
+    workers reuse them."""
+    from orchestrator.config.experiment import STREAMABLE_DATASETS
+    from orchestrator.data.encoded import check_splits
+
+    for data in [cfg.data, *(s.data for s in cfg.evaluation.sets.values())]:
+        if data is not None and data.dataset in STREAMABLE_DATASETS:
+            check_splits(data)
 
 
 def _check_model_keys_are_read(cfg: ExperimentConfig) -> None:
