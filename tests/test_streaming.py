@@ -154,7 +154,7 @@ def test_a_streamed_run_on_a_train_worker_matches_the_in_memory_run(ray_local, r
     decodes everything into memory; same seed, same numbers."""
     common = ["data.dataset=imagefolder", f"data.root={roots['imagefolder']}", "data.image_size=8",
               "scenario.initial_classes=3", "scenario.num_steps=1", "model.width=4", "model.embedding_dim=8",
-              "training.epochs=2", "training.batch_size=8",
+              "training.epochs=1", "training.batch_size=8", "data.normalization=imagenet",
               "methods=[{name: independent}]", "evaluation.batch_size=5"]
     runs = {}
     for loading, workers in (("stream", 1), ("memory", 0)):

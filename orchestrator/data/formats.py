@@ -262,15 +262,15 @@ def _read_webdataset(source: Source, rows: dict[str, np.ndarray]) -> list[tuple[
 # ---- image folders ---------------------------------------------------------------------------------
 
 def _read_imagefolder(source: Source, rows: dict[str, np.ndarray]) -> list[tuple[bytes, str]]:
+    fs, base = filesystem(source.root)
     out = []
     for rel in rows["path"].tolist():
-        path = _join(source.root, rel.decode())
-        fs, p = filesystem(path)
+        rel = rel.decode()
         try:
-            with fs.open_input_file(p) as f:
-                out.append((f.read(), path))
+            with fs.open_input_file(_join(base, rel)) as f:
+                out.append((f.read(), _join(source.root, rel)))
         except OSError as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from None
+            raise DataError(f"cannot read image {_join(source.root, rel)}: {exc}") from None
     return out
 
 
