@@ -64,6 +64,30 @@ def test_every_format_decodes_the_same_pixels(roots):
             np.testing.assert_array_equal(read_images(index.source, index.rows(picked)), ref.images[picked])
 
 
+def test_parquet_as_hugging_face_stores_it(tmp_path):
+    """An image struct {bytes, path} and integer labels (a Hugging Face ``datasets`` image column as
+    written to Parquet): classes "0".."3" in numeric order, the same pixels."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.export import png_bytes
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    images, labels = _images(np.random.default_rng(5), 2)
+    column = [{"bytes": png_bytes(im), "path": f"{i}.png"} for i, im in enumerate(images)]
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"image": column, "label": pa.array(labels.tolist(), pa.int64())}),
+                       tmp_path / split / "data.parquet")
+    cfg = DataConfig(dataset="parquet", root=str(tmp_path), image_size=8)
+    data = load_split(cfg, "test")
+    assert data.class_names == ["0", "1", "2", "3"] and data.labels.tolist() == labels.tolist()
+    write_imagefolder(tmp_path / "folder", "train", images, labels, CLASSES)
+    write_imagefolder(tmp_path / "folder", "test", images, labels, CLASSES)
+    folder = load_split(DataConfig(dataset="imagefolder", root=str(tmp_path / "folder"), image_size=8), "test")
+    np.testing.assert_array_equal(data.images, folder.images)
+
+
 def test_loading_modes_and_their_config_errors(roots):
     assert not streams(DataConfig())  # synthetic data is always in memory
     assert not streams(_cfg(roots, "parquet", "auto"))  # small: under the default limit

@@ -93,8 +93,7 @@ def filesystem(uri: str):
 def split_root(cfg: DataConfig, split: str) -> str:
     if cfg.root is None:
         raise DataError(f"dataset {cfg.dataset!r} needs data.root: a directory (or URI) holding train/ and test/")
-    root = cfg.root.rstrip("/")
-    return f"{root}/{split}" if "://" in root else str(Path(root).expanduser().resolve() / split)
+    return _join(cfg.root, split) if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve() / split)
 
 
 def list_files(root: str, suffix: str) -> list[tuple[str, int, int]]:
@@ -113,7 +112,9 @@ def list_files(root: str, suffix: str) -> list[tuple[str, int, int]]:
 
 
 def _join(root: str, name: str) -> str:
-    return f"{root}/{name}"
+    """``root/name``; a URI keeps its options (``s3://bucket/data?endpoint_override=...``) at the end."""
+    path, mark, options = root.partition("?")
+    return f"{path.rstrip('/')}/{name}{mark}{options}"
 
 
 @lru_cache(maxsize=64)
