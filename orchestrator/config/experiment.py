@@ -25,12 +25,18 @@ from orchestrator.errors import ConfigError, ConfigWarning
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
 
+STREAMABLE_DATASETS = ("imagefolder", "parquet", "webdataset")  # encoded files read by sample (orchestrator/data/formats.py)
+
+
 @dataclass
 class DataConfig:
     """Which dataset to read and how to transform it."""
 
-    dataset: str = "synthetic"  # synthetic (built in, generated and cached), cifar10, cifar100 or imagefolder
-    root: Optional[str] = None  # local directory for cifar10/cifar100/imagefolder
+    # synthetic (built in, generated and cached), cifar10, cifar100, imagefolder (train|test/<class>/<image>),
+    # parquet (train|test/*.parquet, columns image and label) or webdataset (train|test/*.tar, <key>.png + <key>.cls)
+    dataset: str = "synthetic"
+    # cifar10/cifar100/imagefolder: a local directory; parquet/webdataset: a directory or a URI (s3://, gs://, ...)
+    root: Optional[str] = None
     download: bool = False  # CIFAR only: fetch when missing (needs network)
     num_classes: int = 20  # synthetic only
     train_per_class: int = 120  # synthetic only
@@ -45,6 +51,11 @@ class DataConfig:
     # classes are of ImageNet's; None: each variant draws super-classes of its own (variants share nothing)
     super_classes: Optional[int] = None
     class_names_file: Optional[str] = None  # lines "<class> <name used in text>" (e.g. wnid -> WordNet name)
+    # memory: decode each split once into one array per worker; stream: read batches through Ray Data
+    # (imagefolder, parquet, webdataset), decoded by Ray tasks, never the whole split in one process;
+    # auto: stream when a split decoded would exceed memory_limit_gb (file-backed datasets only)
+    loading: Literal["memory", "stream", "auto"] = "auto"
+    memory_limit_gb: float = 4.0  # auto only: the decoded size (images x image_size^2 x 3 bytes) above which to stream
 
     def __post_init__(self):
         require(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
@@ -55,6 +66,10 @@ class DataConfig:
         require(self.super_classes is None or self.super_classes >= 1, "super_classes", "must be >= 1")
         require(self.super_classes is None or self.dataset == "synthetic", "super_classes",
                 f"only applies to the synthetic dataset, not {self.dataset!r}; remove it")
+        require(self.memory_limit_gb > 0, "memory_limit_gb", "must be > 0")
+        require(self.loading != "stream" or self.dataset in STREAMABLE_DATASETS, "loading",
+                f"only the file-backed datasets ({', '.join(STREAMABLE_DATASETS)}) stream; dataset "
+                f"{self.dataset!r} is loaded into memory (set loading: memory or auto)")
 
 
 @dataclass

@@ -50,6 +50,11 @@ class LabeledImages:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batches(self, order: np.ndarray, batch_size: int):
+        """uint8 (B, H, W, 3) tensors of the samples ``order`` lists, ``batch_size`` at a time (the
+        interface a streamed split shares, orchestrator/data/streaming.py)."""
+        return array_batches(self.images, order, batch_size)
+
     def subset(self, indices: np.ndarray) -> "LabeledImages":
         """The samples at ``indices`` (ints or a boolean mask), keeping their original sample ids."""
         return LabeledImages(self.images[indices], self.labels[indices], self.class_names,
@@ -146,12 +151,26 @@ def read_array(entry: Path, name: str) -> np.ndarray:
     return np.load(entry / f"{name}.npy")
 
 
+def array_batches(images: np.ndarray, order: np.ndarray, batch_size: int):
+    """uint8 tensors of ``images[order]``, ``batch_size`` at a time."""
+    import torch
+
+    for start in range(0, len(order), batch_size):
+        yield torch.from_numpy(images[order[start:start + batch_size]])
+
+
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std in [0, 1] units, from 256-bin histograms (no float copy of the images)."""
+    return histogram_stats(np.stack([np.bincount(images[..., c].ravel(), minlength=256) for c in range(3)]))
+
+
+def histogram_stats(counts: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units of (3, 256) grey-level counts (sums of several batches'
+    counts give the same numbers as the whole array's, so a streamed pass matches the in-memory one)."""
     levels = np.arange(256, dtype=np.float64) / 255.0
     mean, std = [], []
     for c in range(3):
-        hist = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+        hist = counts[c].astype(np.float64)
         hist /= hist.sum()
         m = float(hist @ levels)
         mean.append(m)
@@ -160,7 +179,7 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
 
 # Importing the built-in sources registers them.
-from orchestrator.data import cifar, imagefolder, synthetic  # noqa: E402,F401
+from orchestrator.data import cifar, encoded, imagefolder, synthetic  # noqa: E402,F401
 
 __all__ = [
     "DatasetSource",

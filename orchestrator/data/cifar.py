@@ -1,16 +1,19 @@
-"""CIFAR-10 and CIFAR-100 from their official python-format directories, read through torchvision."""
+"""CIFAR-10 and CIFAR-100 from their official python-format directories, read through torchvision.
+
+torch and torchvision are imported when a CIFAR split is loaded, not when the dataset registry is:
+processes that only decode image files (Ray Data's decoding tasks) start without them.
+"""
 
 from __future__ import annotations
 
+import functools
 import pickle
 from pathlib import Path
 
 import numpy as np
-from torchvision import datasets
 
 from orchestrator.config import DataConfig
 from orchestrator.data import DatasetSource, LabeledImages, Split, register_dataset
-from orchestrator.data.transforms import CIFAR10_STATS, CIFAR100_STATS, Stats, resize_images
 from orchestrator.errors import DataError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -29,7 +32,15 @@ CIFAR100_CLASSES = [
 ]
 
 
-def _files_checked_by_existence(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
+@functools.cache
+def _reader(name: str):
+    """torchvision's class ``name`` (CIFAR10 or CIFAR100), see :func:`_files_checked_by_existence`."""
+    from torchvision import datasets
+
+    return _files_checked_by_existence(getattr(datasets, name))
+
+
+def _files_checked_by_existence(cls):
     """torchvision's class with per-file MD5 checks dropped (the downloaded archive is still verified),
     so re-packed or subset directories in the official format load too, without hashing 170 MB per load."""
     return type(cls.__name__, (cls,), {
@@ -41,9 +52,13 @@ def _files_checked_by_existence(cls: type[datasets.CIFAR10]) -> type[datasets.CI
 
 @register_dataset("cifar10")
 class Cifar10(DatasetSource):
-    reader = _files_checked_by_existence(datasets.CIFAR10)
+    torchvision_name = "CIFAR10"
     names = CIFAR10_CLASSES
-    stats: Stats = CIFAR10_STATS
+    stats_name = "CIFAR10_STATS"  # in orchestrator/data/transforms.py
+
+    @property
+    def reader(self):
+        return _reader(self.torchvision_name)
 
     def class_names(self, cfg: DataConfig) -> list[str]:
         return list(self.names)
@@ -65,14 +80,16 @@ class Cifar10(DatasetSource):
             raise DataError(f"{cfg.dataset} at {expected} is unreadable or malformed: {exc}") from None
         if list(ds.classes) != self.names:
             raise DataError(f"{expected} does not hold {cfg.dataset}: its meta file lists other class names")
-        images = resize_images(np.ascontiguousarray(ds.data), cfg.image_size)
+        from orchestrator.data import transforms
+
+        images = transforms.resize_images(np.ascontiguousarray(ds.data), cfg.image_size)
         labels = np.asarray(ds.targets, dtype=np.int64)
         return LabeledImages(images, labels, self.class_names(cfg), np.arange(len(labels), dtype=np.int64),
-                             *self.stats)
+                             *getattr(transforms, self.stats_name))
 
 
 @register_dataset("cifar100")
 class Cifar100(Cifar10):
-    reader = _files_checked_by_existence(datasets.CIFAR100)
+    torchvision_name = "CIFAR100"
     names = CIFAR100_CLASSES
-    stats = CIFAR100_STATS
+    stats_name = "CIFAR100_STATS"

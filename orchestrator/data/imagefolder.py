@@ -10,14 +10,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from orchestrator.config import DataConfig
 from orchestrator.data import (DatasetSource, LabeledImages, Split, cache_entry, channel_stats, read_array, read_meta,
                                register_dataset)
+from orchestrator.data.formats import IMAGE_EXTENSIONS as EXTENSIONS
+from orchestrator.data.formats import decode_image
 from orchestrator.errors import DataError
-
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def _split_dir(cfg: DataConfig, split: Split) -> Path:
@@ -55,20 +54,23 @@ def _listing(split_dir: Path, classes: list[str]) -> list[tuple[int, str, int, i
 def _decode(split_dir: Path, files: list[tuple[int, str, int, int]], size: int) -> tuple[dict[str, np.ndarray], dict]:
     images = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, (_, rel, _, _) in enumerate(files):
-        try:
-            with Image.open(split_dir / rel) as img:
-                images[i] = np.asarray(ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot decode image {split_dir / rel}: {exc}") from None
+        images[i] = decode_image(split_dir / rel, size, str(split_dir / rel))
     labels = np.array([label for label, *_ in files], dtype=np.int64)
     mean, std = channel_stats(images)
     return {"images": images, "labels": labels}, {"mean": mean, "std": std}
 
 
+def folder_listing(cfg: DataConfig, split: Split) -> tuple[list[str], list[tuple[int, str, int, int]]]:
+    """The classes and (label, ``<class>/<file>``, mtime_ns, size) of every image of ``split`` in
+    sample-id order, without decoding anything."""
+    classes = ImageFolder().class_names(cfg)
+    return classes, _listing(_split_dir(cfg, split).resolve(), classes)
+
+
 def image_paths(cfg: DataConfig, split: Split) -> list[str]:
-    """``<class>/<file>`` of every image of ``split`` in sample-id order, without decoding anything
-    (FSCIL session index files name images by path)."""
-    return [rel for _, rel, _, _ in _listing(_split_dir(cfg, split), ImageFolder().class_names(cfg))]
+    """``<class>/<file>`` of every image of ``split`` in sample-id order (FSCIL session index files name
+    images by path)."""
+    return [rel for _, rel, _, _ in folder_listing(cfg, split)[1]]
 
 
 @register_dataset("imagefolder")

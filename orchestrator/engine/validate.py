@@ -70,6 +70,7 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
             f"{1 + (available - sc.initial_classes) // sc.increment}")
     require(cfg.service is None or steps >= 2, "service",
             f"simulates upgrades between versions, but the scenario has {steps} step; add steps or remove the section")
+    _check_file_splits(cfg)
     for name, eval_set in cfg.evaluation.sets.items():
         if eval_set.data is not None:
             dataset_num_classes(eval_set.data)  # raises a clear error for a missing/unknown dataset
@@ -103,6 +104,18 @@ def _check_index_dimension(cfg: ExperimentConfig) -> None:
         keys = method_class(spec.name, f"methods.{i}.name").model_keys
         if keys is None or "embedding_dim" in keys:
             index.check_dimension(cfg.model.embedding_dim, "evaluation.search.index")
+
+
+def _check_file_splits(cfg: ExperimentConfig) -> None:
+    """Datasets read from files: both splits list and index cleanly (unreadable shards, missing columns,
+    test labels that are not train classes), before any worker starts. Indexes are cached, so the
+    workers reuse them."""
+    from orchestrator.config.experiment import STREAMABLE_DATASETS
+    from orchestrator.data.encoded import check_splits
+
+    for data in [cfg.data, *(s.data for s in cfg.evaluation.sets.values())]:
+        if data is not None and data.dataset in STREAMABLE_DATASETS:
+            check_splits(data)
 
 
 def _check_model_keys_are_read(cfg: ExperimentConfig) -> None:

@@ -22,7 +22,8 @@ from methods.base import Method, StepContext, create_method
 from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import RunStorage
 from orchestrator.config import ExperimentConfig, MethodSpec, parse_config
-from orchestrator.data import LabeledImages, load_split
+from orchestrator.data import LabeledImages, array_batches
+from orchestrator.data.streaming import open_split
 from orchestrator.data.display_names import display_names
 from orchestrator.data.transforms import BatchTransform, make_transform
 from orchestrator.engine.graph import COPY, PRETRAIN, step_name
@@ -149,7 +150,7 @@ class Session:
         self.positions[self.order] = np.arange(num_classes)
         self.steps = plan_steps(cfg, num_classes)
         self.store = EmbeddingStore(runfiles.store_dir(run_dir))
-        self.train_data = load_split(cfg.data, "train")
+        self.train_data = open_split(cfg.data, "train")  # in memory, or streamed by Ray Data (data.loading)
         self.sessions = session_plan(cfg, self.steps, self.train_data.labels, num_classes)
         if self.sessions is not None:  # the session files fix the class order
             self.order = self.sessions.order
@@ -157,7 +158,6 @@ class Session:
         names = display_names(cfg.data, self.train_data.class_names)
         self.class_names = [names[label] for label in self.order]  # in class order, as text-based methods need
         self.train_positions = self.positions[self.train_data.labels]
-        self.train_images = torch.from_numpy(np.ascontiguousarray(self.train_data.images))
         self.train_tf = input_transform(self.method, cfg.data, self.train_data, train=True)
         self.test_tf = input_transform(self.method, cfg.data, self.train_data, train=False)
         replay = cfg.scenario.replay
@@ -326,9 +326,7 @@ class Session:
         rank = self.worker.rank if shuffle_epoch is not None else 0  # the unsharded pass is the same on every rank
         gen = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + (shuffle_epoch or 0) * 101 + rank) % 2**31)
         pin = self.worker.device.type == "cuda"
-        for start in range(0, len(order), bs):
-            idx = torch.from_numpy(order[start:start + bs])
-            images = self.train_images[idx]
+        for start, images in zip(range(0, len(order), bs), self.train_data.batches(order, bs)):
             if pin:
                 images = images.pin_memory()
             images = transform(images.to(self.worker.device, non_blocking=True), generator=gen)
@@ -347,8 +345,8 @@ class Session:
                 keep = keep[self.positions[data.labels] < step.num_seen]
             shard = keep[self.worker.rank::self.worker.world_size]
             transform = input_transform(self.method, eval_set.data or self.cfg.data, data, train=False)
-            feats = embed_array(lambda x: self.method.embed(model, x), data.images, shard, transform,
-                                self.cfg.evaluation.batch_size, self.worker.device)
+            feats = embed_images(lambda x: self.method.embed(model, x), data.batches, shard, transform,
+                                 self.cfg.evaluation.batch_size, self.worker.device)
             self.store.write(self.spec.key, step.index, name, feats, data.labels[shard].astype(np.int32),
                              data.sample_ids[shard], session=step.index, shard=self.worker.rank,
                              num_shards=self.worker.world_size,
@@ -359,7 +357,7 @@ class Session:
         cache = getattr(self, "_eval_cache", {})
         self._eval_cache = cache
         if name not in cache:
-            cache[name] = load_split(eval_set.data or self.cfg.data, eval_set.split)
+            cache[name] = open_split(eval_set.data or self.cfg.data, eval_set.split)
         return cache[name]
 
     @torch.no_grad()
@@ -372,13 +370,14 @@ class Session:
                    "accuracy_previous_classes": None, "accuracy_new_classes": None}
         if not self.worker.is_chief:
             return unknown
-        test = load_split(self.cfg.data, "test")
+        test = open_split(self.cfg.data, "test")
         positions = self.positions[test.labels]
         keep = np.flatnonzero(positions < ctx.num_seen)
         correct = np.zeros(len(keep), dtype=bool)
-        for start in range(0, len(keep), self.cfg.evaluation.batch_size):
-            idx = keep[start:start + self.cfg.evaluation.batch_size]
-            images = self.test_tf(torch.from_numpy(test.images[idx]).to(self.worker.device))
+        batch_size = self.cfg.evaluation.batch_size
+        for start, batch in zip(range(0, len(keep), batch_size), test.batches(keep, batch_size)):
+            idx = keep[start:start + batch_size]
+            images = self.test_tf(batch.to(self.worker.device))
             logits = self.method.classify(model, images, ctx)
             if logits is None:
                 return unknown
@@ -431,13 +430,16 @@ def input_transform(method: Method, data_cfg, data: LabeledImages, train: bool) 
 
 
 @torch.no_grad()
-def embed_array(embed, images: np.ndarray, indices: np.ndarray, transform, batch_size: int, device) -> np.ndarray:
-    """Embed ``images[indices]`` in batches; returns float32 (len(indices), d)."""
-    chunks = []
-    for start in range(0, len(indices), batch_size):
-        batch = torch.from_numpy(images[indices[start:start + batch_size]]).to(device)
-        chunks.append(embed(transform(batch)).float().cpu().numpy())
+def embed_images(embed, batches, indices: np.ndarray, transform, batch_size: int, device) -> np.ndarray:
+    """Embed the images at ``indices``, read by ``batches(indices, batch_size)`` (an in-memory or a
+    streamed split's); returns float32 (len(indices), d)."""
+    chunks = [embed(transform(batch.to(device))).float().cpu().numpy() for batch in batches(indices, batch_size)]
     if not chunks:
-        probe = embed(transform(torch.from_numpy(images[:1]).to(device)))
+        probe = embed(transform(next(iter(batches(np.zeros(1, dtype=np.int64), 1))).to(device)))
         return np.zeros((0, probe.shape[1]), dtype=np.float32)
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
+
+
+def embed_array(embed, images: np.ndarray, indices: np.ndarray, transform, batch_size: int, device) -> np.ndarray:
+    """Embed ``images[indices]`` in batches; returns float32 (len(indices), d)."""
+    return embed_images(embed, partial(array_batches, images), indices, transform, batch_size, device)

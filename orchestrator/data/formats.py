@@ -1,0 +1,299 @@
+"""Encoded images on storage, read by sample index: image folders, Parquet files, WebDataset shards.
+
+Each split has an *index*: every sample's label and a small locator (a relative path; a Parquet file,
+row group and row; a tar shard, byte offset and size), in sample-id order, cached as ``.npy`` arrays
+that workers memory-map. :func:`read_images` decodes any set of samples from their locators alone, so
+the same function fills the in-memory array of a small dataset and the Ray Data tasks that stream a
+large one (orchestrator/data/streaming.py): both paths see identical pixels.
+
+Formats (``data.root`` holds ``train/`` and ``test/``; a local path or any URI pyarrow.fs opens):
+
+* ``imagefolder``: ``<split>/<class>/<image>`` (orchestrator/data/imagefolder.py lists them).
+* ``parquet``: ``<split>/*.parquet`` with an ``image`` column (encoded bytes, or a struct with a
+  ``bytes`` field as Hugging Face's ``Image`` feature writes) and a ``label`` column (an integer or a
+  class name). Random access reads a whole row group: write files with small row groups (~1000 rows).
+* ``webdataset``: ``<split>/*.tar``; a sample is the members sharing a key (``dir/name`` before the
+  first dot): one image (``.png``, ``.jpg``, ...) and a ``.cls`` member holding the label as text.
+
+Classes of ``parquet`` and ``webdataset`` are the distinct labels of the train split, sorted (numbers
+numerically); a test label outside them is an error before any training.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from orchestrator.config import DataConfig
+from orchestrator.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def decode_image(source, size: int, where: str) -> np.ndarray:
+    """One image (a path, a file object or encoded bytes) as uint8 (size, size, 3): RGB, scaled so its
+    shorter side fits and centre-cropped, bilinear. ``where`` names it in the error a bad image raises."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as img:
+            return np.asarray(ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR))
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"cannot decode image {where}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a reader needs to open a split's samples: small and picklable (it travels to Ray Data tasks)."""
+
+    kind: str  # imagefolder, parquet or webdataset
+    root: str  # the split's directory (path or URI)
+    files: tuple[str, ...]  # parquet files / tar shards, relative to root (empty for imagefolder)
+    image_size: int
+
+
+@dataclass
+class SplitIndex:
+    """Labels and locators of one split, in sample-id order (arrays may be memory-mapped)."""
+
+    source: Source
+    labels: np.ndarray  # int64 (N,), class indices into class_names
+    class_names: list[str]
+    locators: dict[str, np.ndarray]  # per-format columns, each (N,)
+    digest: str  # names the index's cache entry (changes with the files), for caches derived from it
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The locator columns of ``indices``: all :func:`read_images` needs to decode them."""
+        return {name: np.asarray(column[indices]) for name, column in self.locators.items()}
+
+
+# ---- storage ---------------------------------------------------------------------------------------
+
+def filesystem(uri: str):
+    """(pyarrow filesystem, path) of a local path or a URI (s3://, gs://, ...)."""
+    import pyarrow.fs as pafs
+
+    if "://" not in uri:
+        uri = str(Path(uri).expanduser().resolve())
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"cannot open {uri}: {exc}") from None
+
+
+def split_root(cfg: DataConfig, split: str) -> str:
+    if cfg.root is None:
+        raise DataError(f"dataset {cfg.dataset!r} needs data.root: a directory (or URI) holding train/ and test/")
+    return _join(cfg.root, split) if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve() / split)
+
+
+def list_files(root: str, suffix: str) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of the files ending in ``suffix`` directly under ``root``, in name order."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(root)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        raise DataError(f"split directory {root} does not exist (expected {root}/*{suffix})")
+    found = sorted((f.base_name, f.size, f.mtime_ns or 0) for f in fs.get_file_info(pafs.FileSelector(path))
+                   if f.type == pafs.FileType.File and f.base_name.endswith(suffix) and not f.base_name.startswith("."))
+    if not found:
+        raise DataError(f"{root} holds no {suffix} files")
+    return found
+
+
+def _join(root: str, name: str) -> str:
+    """``root/name``; a URI keeps its options (``s3://bucket/data?endpoint_override=...``) at the end."""
+    path, mark, options = root.partition("?")
+    return f"{path.rstrip('/')}/{name}{mark}{options}"
+
+
+@lru_cache(maxsize=64)
+def _open(path: str):
+    """A random-access file, kept open per process (a Ray Data task reads many samples of one file)."""
+    fs, p = filesystem(path)
+    try:
+        return fs.open_input_file(p)
+    except OSError as exc:
+        raise DataError(f"cannot open {path}: {exc}") from None
+
+
+@lru_cache(maxsize=16)
+def _parquet(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(_open(path))
+    except (OSError, ValueError) as exc:  # a damaged file: ArrowInvalid (a ValueError) or OSError
+        raise DataError(f"cannot read Parquet file {path}: {exc}") from None
+
+
+# ---- labels -> classes -------------------------------------------------------------------------------
+
+def classes_of(values: list) -> list[str]:
+    """Class names: the distinct label values, sorted (numbers numerically, names alphabetically)."""
+    distinct = set(values)
+    if all(isinstance(v, (int, np.integer)) for v in distinct):
+        return [str(v) for v in sorted(int(v) for v in distinct)]
+    return sorted(str(v) for v in distinct)
+
+
+def encode_labels(values: list, class_names: list[str], where: str) -> np.ndarray:
+    """Class indices of raw label values (compared as text: the label 3 is the class named "3")."""
+    lookup = {name: i for i, name in enumerate(class_names)}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        if str(v) not in lookup:
+            raise DataError(f"{where}: label {v!r} is not one of the train split's {len(class_names)} classes; "
+                            f"the splits must have the same classes")
+        out[i] = lookup[str(v)]
+    return out
+
+
+# ---- Parquet ---------------------------------------------------------------------------------------
+
+def parquet_listing(root: str, files: list[tuple[str, int, int]]) -> tuple[dict[str, np.ndarray], list]:
+    """Locator columns (file, row_group, row) and raw label values of a Parquet split's ``files``."""
+    columns = {"file": [], "row_group": [], "row": []}
+    values: list = []
+    for f, (name, _, _) in enumerate(files):
+        path = _join(root, name)
+        pf = _parquet(path)
+        names = pf.schema_arrow.names
+        if "image" not in names or "label" not in names:
+            raise DataError(f"Parquet file {path} needs columns 'image' and 'label', has {', '.join(names)}")
+        for g in range(pf.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            columns["file"].append(np.full(n, f, dtype=np.int32))
+            columns["row_group"].append(np.full(n, g, dtype=np.int32))
+            columns["row"].append(np.arange(n, dtype=np.int32))
+        values.extend(pf.read(columns=["label"]).column("label").to_pylist())
+    if any(v is None for v in values):
+        raise DataError(f"{root}: a Parquet row has no label")
+    return {k: np.concatenate(v) for k, v in columns.items()}, values
+
+
+def _read_parquet(source: Source, rows: dict[str, np.ndarray]) -> list[tuple[bytes, str]]:
+    out: list = [None] * len(rows["file"])
+    keys = rows["file"].astype(np.int64) << 32 | rows["row_group"].astype(np.int64)
+    for key in np.unique(keys):
+        at = np.flatnonzero(keys == key)
+        f, g = int(key >> 32), int(key & 0xFFFFFFFF)
+        path = _join(source.root, source.files[f])
+        parquet = _parquet(path)
+        try:
+            column = parquet.read_row_group(g, columns=["image"]).column("image")
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read row group {g} of Parquet file {path}: {exc}") from None
+        taken = column.take(rows["row"][at]).to_pylist()
+        for i, value in zip(at, taken):
+            data = value.get("bytes") if isinstance(value, dict) else value
+            out[i] = (data, f"{path} (row group {g}, row {int(rows['row'][i])})")
+    return out
+
+
+# ---- WebDataset ------------------------------------------------------------------------------------
+
+def _split_key(member: str) -> tuple[str, str]:
+    """WebDataset's convention: the key is the path up to the first dot of the file name."""
+    directory, _, name = member.rpartition("/")
+    stem, dot, ext = name.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), (dot + ext).lower()
+
+
+def webdataset_listing(root: str, shards: list[tuple[str, int, int]]) -> tuple[dict[str, np.ndarray], list]:
+    """Locator columns (shard, offset, size) and raw label values of a WebDataset split's ``shards``:
+    one sequential read of each shard's member headers (and labels)."""
+    shard_col, offsets, sizes, values = [], [], [], []
+    for s, (name, _, _) in enumerate(shards):
+        path = _join(root, name)
+        samples: dict[str, dict] = {}
+        fs, p = filesystem(path)
+        try:
+            with fs.open_input_stream(p) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_key(member.name)
+                    sample = samples.setdefault(key, {})
+                    if ext in IMAGE_EXTENSIONS:
+                        sample["image"] = (member.offset_data, member.size)
+                    elif ext == ".cls":
+                        sample["label"] = tar.extractfile(member).read().decode().strip()
+        except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read WebDataset shard {path}: {exc}") from None
+        for key, sample in samples.items():
+            missing = [part for part in ("image", "label") if part not in sample]
+            if missing:
+                raise DataError(f"WebDataset shard {path}: sample {key!r} has no {' and no '.join(missing)} "
+                                f"(expected {key}.png|.jpg|... and {key}.cls)")
+            shard_col.append(s)
+            offsets.append(sample["image"][0])
+            sizes.append(sample["image"][1])
+            label = sample["label"]
+            values.append(int(label) if label.lstrip("-").isdigit() else label)
+    columns = {"shard": np.array(shard_col, dtype=np.int32), "offset": np.array(offsets, dtype=np.int64),
+               "size": np.array(sizes, dtype=np.int64)}
+    return columns, values
+
+
+def _read_webdataset(source: Source, rows: dict[str, np.ndarray]) -> list[tuple[bytes, str]]:
+    out = []
+    for s, offset, size in zip(rows["shard"].tolist(), rows["offset"].tolist(), rows["size"].tolist()):
+        path = _join(source.root, source.files[s])
+        try:
+            data = _open(path).read_at(size, offset)
+        except OSError as exc:
+            raise DataError(f"cannot read WebDataset shard {path}: {exc}") from None
+        if len(data) != size:
+            raise DataError(f"WebDataset shard {path} is truncated (sample at byte {offset})")
+        out.append((data, f"{path} (member at byte {offset})"))
+    return out
+
+
+# ---- image folders ---------------------------------------------------------------------------------
+
+def _read_imagefolder(source: Source, rows: dict[str, np.ndarray]) -> list[tuple[bytes, str]]:
+    fs, base = filesystem(source.root)
+    out = []
+    for rel in rows["path"].tolist():
+        rel = rel.decode()
+        try:
+            with fs.open_input_file(_join(base, rel)) as f:
+                out.append((f.read(), _join(source.root, rel)))
+        except OSError as exc:
+            raise DataError(f"cannot read image {_join(source.root, rel)}: {exc}") from None
+    return out
+
+
+_READERS = {"imagefolder": _read_imagefolder, "parquet": _read_parquet, "webdataset": _read_webdataset}
+
+
+def read_images(source: Source, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """Decode the samples whose locator columns are ``rows`` (see :meth:`SplitIndex.rows`), in order:
+    uint8 (n, size, size, 3). A file that cannot be read or decoded raises a DataError naming it."""
+    encoded = _READERS[source.kind](source, rows)
+    size = source.image_size
+    images = np.empty((len(encoded), size, size, 3), dtype=np.uint8)
+    for i, (data, where) in enumerate(encoded):
+        images[i] = decode_image(data, size, where)
+    return images
+
+
+def read_all(index: SplitIndex, chunk: int = 1024) -> np.ndarray:
+    """Every image of a split, decoded in sample-id order (the in-memory path of a small dataset)."""
+    size = index.source.image_size
+    images = np.empty((len(index), size, size, 3), dtype=np.uint8)
+    for start in range(0, len(index), chunk):
+        stop = min(start + chunk, len(index))
+        images[start:stop] = read_images(index.source, index.rows(np.arange(start, stop)))
+    return images

@@ -1,0 +1,127 @@
+"""Splits in memory or streamed through Ray Data, behind one interface: ``batches(order, batch_size)``.
+
+The training loop decides *which* samples a batch holds (a seeded permutation of the step's indices,
+sharded by rank, or the replay sampler's balanced batches: orchestrator/engine/worker.py); the data
+only delivers their pixels. In memory that is a gather from one uint8 array. Streamed, the rank's
+order for the epoch becomes a Ray Dataset of locator rows (a path; a Parquet row; a tar offset) whose
+``map_batches`` tasks read and decode the images wherever the cluster has free CPUs, running ahead of
+training; ``preserve_order`` keeps their output in the order asked for. So a step's selection of
+classes, shots and replay memory is a set of indices, never a copy, each worker reads only its own
+shard, and the same seed gives the same batches in both modes, pixel for pixel. Augmentation (random
+crop and flip) and normalisation stay the batch transform's, on the worker's device, for the same
+reason: the seeded generator of a step draws them in one sequence.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Iterator, Union
+
+import numpy as np
+
+from orchestrator.config import DataConfig
+from orchestrator.config.experiment import STREAMABLE_DATASETS
+from orchestrator.data import LabeledImages, Split, cache_entry, cache_root, histogram_stats, load_split, read_meta
+from orchestrator.data.encoded import decoded_bytes, split_index
+from orchestrator.data.formats import Source, SplitIndex, read_images
+from orchestrator.errors import DataError
+
+BLOCK_ROWS = 256  # at least this many images per decoding task (a whole number of batches)
+PREFETCH_BATCHES = 4  # batches the iterator keeps decoded ahead of training
+DECODE_CPUS = 1.0  # logical CPUs each decoding task asks Ray for
+
+
+def streams(cfg: DataConfig) -> bool:
+    """Whether ``cfg``'s splits stream: ``loading: stream``, or ``auto`` and the train split decoded
+    would exceed ``memory_limit_gb``."""
+    if cfg.loading == "memory" or cfg.dataset not in STREAMABLE_DATASETS:
+        return False
+    return cfg.loading == "stream" or decoded_bytes(split_index(cfg, "train")) > cfg.memory_limit_gb * 2 ** 30
+
+
+def open_split(cfg: DataConfig, split: Split) -> Union[LabeledImages, "StreamedImages"]:
+    """One split, decoded in memory or streamed, per ``cfg.loading`` (see :func:`streams`)."""
+    if streams(cfg):
+        return StreamedImages(split_index(cfg, split), split_index(cfg, "train"))
+    return load_split(cfg, split)
+
+
+class StreamedImages:
+    """A split read on demand: labels and locators in memory (memory-mapped), images decoded by Ray
+    Data tasks batch by batch. Quacks like :class:`LabeledImages` except for ``images``."""
+
+    def __init__(self, index: SplitIndex, train_index: SplitIndex):
+        self.index, self.train_index = index, train_index
+        self.labels = np.asarray(index.labels, dtype=np.int64)
+        self.class_names = index.class_names
+        self.sample_ids = np.arange(len(index), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self._stats[0]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self._stats[1]
+
+    @cached_property
+    def _stats(self):
+        """The train split's exact channel stats (as the in-memory path computes them), from one streamed
+        pass the first time any worker needs them, then cached. Fixed normalisations never ask."""
+        def build():
+            hist = np.zeros((3, 256), dtype=np.int64)
+            for images in stream_images(self.train_index, np.arange(len(self.train_index)), BLOCK_ROWS):
+                for c in range(3):
+                    hist[c] += np.bincount(images[..., c].ravel(), minlength=256)
+            mean, std = histogram_stats(hist)
+            return {}, {"mean": mean, "std": std}
+
+        entry = cache_entry(cache_root(), "stats", {"index": self.train_index.digest,
+                                                    "image_size": self.train_index.source.image_size}, build)
+        meta = read_meta(entry)
+        return tuple(meta["mean"]), tuple(meta["std"])
+
+    def batches(self, order: np.ndarray, batch_size: int) -> Iterator["torch.Tensor"]:  # noqa: F821
+        """uint8 (B, H, W, 3) tensors of the samples ``order`` lists, ``batch_size`` at a time."""
+        import torch
+
+        for images in stream_images(self.index, np.asarray(order, dtype=np.int64), batch_size):
+            yield torch.from_numpy(images if images.flags.writeable else images.copy())  # Ray hands out read-only views
+
+
+def stream_images(index: SplitIndex, order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Decoded uint8 batches of ``order``'s samples, in that order, through a Ray Data pipeline."""
+    import pyarrow as pa
+    import ray.data
+
+    if len(order) == 0:
+        return
+    rows = batch_size * max(1, -(-BLOCK_ROWS // batch_size))
+    tables = [pa.table(index.rows(order[start:start + rows])) for start in range(0, len(order), rows)]
+    ds = ray.data.from_arrow(tables).map_batches(
+        _decode_block, fn_kwargs={"source": index.source}, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS)
+    ds.context.execution_options.preserve_order = True  # this dataset's own context: others keep theirs
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES):
+        failed = batch["error"][batch["error"] != ""]
+        if len(failed):
+            raise DataError(str(failed[0]))
+        yield batch["image"]
+
+
+def _decode_block(rows: dict[str, np.ndarray], source: Source) -> dict[str, np.ndarray]:
+    """Decode one block. A bad file's DataError travels back as data (Ray would wrap a raised one in
+    exceptions that lose it), so the worker raises the reader's own sentence, naming the file."""
+    try:
+        images, error = read_images(source, rows), ""
+    except DataError as exc:
+        size = source.image_size
+        images, error = np.zeros((len(next(iter(rows.values()))), size, size, 3), dtype=np.uint8), str(exc)
+    return {"image": images, "error": np.full(len(images), error, dtype=object)}
+
+
+__all__ = ["StreamedImages", "open_split", "stream_images", "streams"]

@@ -1,0 +1,197 @@
+"""File-backed datasets (image folders, Parquet, WebDataset shards) in memory and streamed by Ray Data:
+the same pixels, the same batches, the same run; bad files named before or when they are read."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import ray
+
+from orchestrator import load_config, run_experiment
+from orchestrator.config import DataConfig
+from orchestrator.data import load_split
+from orchestrator.data.encoded import check_splits, split_index
+from orchestrator.data.export import WRITERS, write_imagefolder
+from orchestrator.data.formats import read_images
+from orchestrator.data.streaming import StreamedImages, open_split, streams
+from orchestrator.errors import ConfigError, DataError
+from orchestrator.storage.runfiles import manifest_entry
+
+CLASSES = ["ant", "bee", "cat", "dog"]
+KINDS = list(WRITERS)
+
+
+def _images(rng, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class-grouped random images of uneven sizes (so decoding resizes and crops)."""
+    labels = np.repeat(np.arange(len(CLASSES)), per_class)
+    return rng.integers(0, 256, (len(labels), 14, 11, 3), dtype=np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """The same small dataset in every format: ``{kind: root}``. Sample order is class then index in
+    every format, so sample ids agree across formats."""
+    base = tmp_path_factory.mktemp("formats")
+    rng = np.random.default_rng(0)
+    splits = {"train": _images(rng, 8), "test": _images(rng, 3)}
+    options = {"parquet": {"row_group_size": 5}, "webdataset": {"samples_per_shard": 7}, "imagefolder": {}}
+    for kind, write in WRITERS.items():
+        for split, (images, labels) in splits.items():
+            write(base / kind, split, images, labels, CLASSES, **options[kind])
+    return {kind: str(base / kind) for kind in KINDS}
+
+
+def _cfg(roots, kind: str, loading: str = "memory") -> DataConfig:
+    return DataConfig(dataset=kind, root=roots[kind], image_size=8, loading=loading)
+
+
+# ---- no Ray --------------------------------------------------------------------------------------------
+
+def test_every_format_decodes_the_same_pixels(roots):
+    reference = {split: load_split(_cfg(roots, "imagefolder"), split) for split in ("train", "test")}
+    for kind in KINDS:
+        for split, ref in reference.items():
+            data = load_split(_cfg(roots, kind), split)
+            assert data.class_names == CLASSES and data.labels.tolist() == ref.labels.tolist()
+            np.testing.assert_array_equal(data.images, ref.images)
+            assert (data.mean, data.std) == (ref.mean, ref.std)  # the train split's, for both splits
+            index = split_index(_cfg(roots, kind), split)
+            picked = np.array([5, 0, len(index) - 1, 5])  # random access, repeats included
+            np.testing.assert_array_equal(read_images(index.source, index.rows(picked)), ref.images[picked])
+
+
+def test_parquet_as_hugging_face_stores_it(tmp_path):
+    """An image struct {bytes, path} and integer labels (a Hugging Face ``datasets`` image column as
+    written to Parquet): classes "0".."3" in numeric order, the same pixels."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.export import png_bytes
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    images, labels = _images(np.random.default_rng(5), 2)
+    column = [{"bytes": png_bytes(im), "path": f"{i}.png"} for i, im in enumerate(images)]
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"image": column, "label": pa.array(labels.tolist(), pa.int64())}),
+                       tmp_path / split / "data.parquet")
+    cfg = DataConfig(dataset="parquet", root=str(tmp_path), image_size=8)
+    data = load_split(cfg, "test")
+    assert data.class_names == ["0", "1", "2", "3"] and data.labels.tolist() == labels.tolist()
+    write_imagefolder(tmp_path / "folder", "train", images, labels, CLASSES)
+    write_imagefolder(tmp_path / "folder", "test", images, labels, CLASSES)
+    folder = load_split(DataConfig(dataset="imagefolder", root=str(tmp_path / "folder"), image_size=8), "test")
+    np.testing.assert_array_equal(data.images, folder.images)
+
+
+def test_loading_modes_and_their_config_errors(roots):
+    assert not streams(DataConfig())  # synthetic data is always in memory
+    assert not streams(_cfg(roots, "parquet", "auto"))  # small: under the default limit
+    assert streams(DataConfig(dataset="parquet", root=roots["parquet"], memory_limit_gb=1e-9))
+    assert streams(_cfg(roots, "webdataset", "stream")) and not streams(_cfg(roots, "webdataset", "memory"))
+    with pytest.raises(ConfigError, match="data.loading.*file-backed"):
+        load_config(None, ["data.loading=stream"])
+    with pytest.raises(ConfigError, match="data.loading.*allowed values"):
+        load_config(None, ["data.loading=lazy"])
+    with pytest.raises(ConfigError, match="data.memory_limit_gb"):
+        load_config(None, ["data.memory_limit_gb=0"])
+
+
+def test_bad_files_are_named(roots, tmp_path):
+    rng = np.random.default_rng(1)
+    images, labels = _images(rng, 2)
+    # an undecodable image, in memory: the error names the file
+    write_imagefolder(tmp_path / "folder", "train", images, labels, CLASSES)
+    (tmp_path / "folder" / "train" / "bee" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot decode image .*bee/2\.png"):
+        load_split(DataConfig(dataset="imagefolder", root=str(tmp_path / "folder")), "train")
+    # a truncated shard: named while indexing, before any training
+    WRITERS["webdataset"](tmp_path / "wds", "train", images, labels, CLASSES, samples_per_shard=4)
+    shard = tmp_path / "wds" / "train" / "shard-00001.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    with pytest.raises(DataError, match="shard-00001.tar"):
+        split_index(DataConfig(dataset="webdataset", root=str(tmp_path / "wds")), "train")
+    # a sample without its label
+    with tarfile.open(tmp_path / "wds" / "train" / "shard-00001.tar", "w") as tar:
+        tar.add(str(tmp_path / "folder" / "train" / "ant" / "0.png"), arcname="x9.png")
+    with pytest.raises(DataError, match=r"'x9' has no label"):
+        split_index(DataConfig(dataset="webdataset", root=str(tmp_path / "wds")), "train")
+    # a Parquet file without the expected columns
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq" / "train").mkdir(parents=True)
+    pq.write_table(pa.table({"img": [b"x"], "label": [1]}), tmp_path / "pq" / "train" / "a.parquet")
+    with pytest.raises(DataError, match=r"a\.parquet needs columns 'image' and 'label'"):
+        split_index(DataConfig(dataset="parquet", root=str(tmp_path / "pq")), "train")
+
+
+def test_splits_with_different_classes_fail_before_work(roots, tmp_path):
+    rng = np.random.default_rng(2)
+    images, labels = _images(rng, 2)
+    WRITERS["parquet"](tmp_path, "train", images, labels, CLASSES)
+    WRITERS["parquet"](tmp_path, "test", images, labels, ["ant", "bee", "cat", "eel"])
+    with pytest.raises(DataError, match="label 'eel' is not one of the train split's 4 classes"):
+        check_splits(DataConfig(dataset="parquet", root=str(tmp_path)))
+    with pytest.raises(DataError, match="eel"):
+        load_config(None, ["data.dataset=parquet", f"data.root={tmp_path}", "scenario.initial_classes=2",
+                           "scenario.increment=1"])
+
+
+# ---- Ray Data ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_streamed_batches_equal_in_memory_batches(ray_local, roots):
+    order = np.random.default_rng(3).permutation(32)[:27]  # a selection, shuffled: a step's epoch
+    for kind in KINDS:
+        memory, streamed = open_split(_cfg(roots, kind), "train"), open_split(_cfg(roots, kind, "stream"), "train")
+        assert isinstance(streamed, StreamedImages) and not hasattr(streamed, "images")
+        expected = [b.numpy() for b in memory.batches(order, 4)]
+        got = [b.numpy() for b in streamed.batches(order, 4)]
+        assert [len(b) for b in got] == [4] * 6 + [3]
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b)
+        assert (streamed.mean, streamed.std) == (memory.mean, memory.std)  # one streamed pass, exact
+
+
+def test_a_streamed_undecodable_image_is_named(ray_local, tmp_path):
+    images, labels = _images(np.random.default_rng(4), 2)
+    write_imagefolder(tmp_path, "train", images, labels, CLASSES)
+    (tmp_path / "train" / "cat" / "5.png").write_bytes(b"\x89PNG broken")
+    data = open_split(DataConfig(dataset="imagefolder", root=str(tmp_path), loading="stream"), "train")
+    with pytest.raises(DataError, match=r"cannot decode image .*cat/5\.png"):
+        list(data.batches(np.arange(len(data)), 4))
+
+
+def test_a_streamed_run_on_a_train_worker_matches_the_in_memory_run(ray_local, roots, tmp_path):
+    """One Train worker streams (training batches, store embeddings, accuracy); the in-process run
+    decodes everything into memory; same seed, same numbers."""
+    common = ["data.dataset=imagefolder", f"data.root={roots['imagefolder']}", "data.image_size=8",
+              "scenario.initial_classes=3", "scenario.num_steps=1", "model.width=4", "model.embedding_dim=8",
+              "training.epochs=1", "training.batch_size=8", "data.normalization=imagenet",
+              "methods=[{name: independent}]", "evaluation.batch_size=5"]
+    runs = {}
+    for loading, workers in (("stream", 1), ("memory", 0)):
+        cfg = load_config(None, [*common, f"data.loading={loading}", f"resources.num_workers={workers}",
+                                 f"output_dir={tmp_path / loading}", f"name=run-{loading}"])
+        run_experiment(cfg, progress=False, echo=lambda *_: None)
+        runs[loading] = tmp_path / loading / f"run-{loading}"
+    streamed, in_memory = (manifest_entry(runs[k], "independent", 0) for k in runs)
+    assert streamed["placement"]["pid"] != os.getpid() == in_memory["placement"]["pid"]  # a Train worker's
+    assert streamed["train_samples"] == in_memory["train_samples"] == 24  # 3 of the 4 classes
+    for key in ("losses", "accuracy", "accuracy_new_classes"):
+        assert streamed[key] == in_memory[key], key
+    metrics = [json.loads((runs[k] / "metrics.json").read_text())["methods"]["independent"] for k in runs]
+    for m in metrics:
+        m.pop("seconds")  # wall-clock
+    assert metrics[0] == metrics[1]  # the compatibility matrices: same embeddings in the store
