@@ -248,9 +248,11 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
     row = runfiles.read_row(run, method, version)
     if row is not None:
         return row
+    from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
+
     blocks = class_blocks(cfg)
     row = compatibility_row(EmbeddingStore(runfiles.store_dir(run)), method, version, cfg.evaluation,
-                            None if blocks is None else blocks[1])
+                            None if blocks is None else blocks[1], stored_vector_upgrade(run, method, version))
     runfiles.write_row(run, method, version, row)
     return row
 

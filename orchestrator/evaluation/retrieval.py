@@ -14,11 +14,12 @@ as scikit-learn's ``average_precision_score`` does).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -467,9 +468,12 @@ def evaluate_pair(store: "EmbeddingStore", method_key: str, query_version: int, 
 
 
 def compatibility_row(store: "EmbeddingStore", method_key: str, version: int,
-                      eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None) -> dict[str, list]:
+                      eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None,
+                      upgrade: Optional[Callable[[int, int, np.ndarray], np.ndarray]] = None) -> dict[str, list]:
     """Row ``version`` of the matrix: cells (version, j) for j = 0..version, one list per metric (and
     per-block top-1 lists under ``BY_BLOCK`` when ``block_of_label`` maps each label to its block).
+    ``upgrade(j, version, vectors)``, when given, is what the stored gallery of version j becomes before
+    version ``version``'s queries search it (vectors upgraded in place instead of re-embedded).
 
     The query embeddings are read once; each gallery once.
     """
@@ -477,6 +481,9 @@ def compatibility_row(store: "EmbeddingStore", method_key: str, version: int,
     row: dict[str, list] = {}
     for gallery_version in range(version + 1):
         gallery_table = store.read(method_key, gallery_version, _gallery_set(eval_cfg))
+        if upgrade is not None and gallery_version < version:
+            gallery_table = dataclasses.replace(
+                gallery_table, embeddings=upgrade(gallery_version, version, gallery_table.embeddings))
         for name, value in _pair_scores(query_table, gallery_table, eval_cfg, block_of_label).items():
             row.setdefault(name, []).append(value)
     return row
