@@ -45,9 +45,9 @@ class AdapterParams:
     # untrained; None: each version trains here, exactly as independent's would
     base: Optional[str] = None
     rank: Optional[int] = None  # low_rank only: the rank of the linear part (required there)
-    hidden: Optional[int] = None  # residual_mlp only: width of the hidden layer (default 256)
-    fit_steps: Optional[int] = None  # residual_mlp only: full-batch Adam steps (default 500)
-    fit_lr: Optional[float] = None  # residual_mlp only: Adam's learning rate (default 0.003)
+    hidden: Optional[int] = None  # residual_mlp only: width of the hidden layer (default 128)
+    fit_steps: Optional[int] = None  # residual_mlp only: full-batch Adam steps (default 300)
+    fit_lr: Optional[float] = None  # residual_mlp only: Adam's learning rate (default 0.01)
 
     def __post_init__(self):
         require(self.pairs >= 1, "pairs", "must be >= 1")
@@ -61,7 +61,7 @@ class AdapterParams:
     @property
     def resolved(self) -> dict:
         """The residual MLP's optimisation settings, defaults filled in."""
-        return {"hidden": self.hidden or 256, "steps": self.fit_steps or 500, "lr": self.fit_lr or 3e-3}
+        return {"hidden": self.hidden or 128, "steps": self.fit_steps or 300, "lr": self.fit_lr or 1e-2}
 
 
 def minimum_pairs(kind: str, dim: int) -> int:

@@ -99,6 +99,18 @@ def test_fewer_pairs_than_dimensions_is_a_config_error(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_an_adapter_on_a_base_waits_for_the_same_step_of_its_base(tmp_path):
+    from helpers import config_under
+
+    from orchestrator.engine.graph import COPY, TRAIN, plan
+
+    cfg = config_under(tmp_path, "methods=[{name: independent}, {name: adapter, label: a, params: {base: independent}}]")
+    tasks = plan(cfg).tasks
+    assert tasks["a/step-000"].action == COPY and tasks["a/step-000"].deps == ("independent/step-000",)
+    assert tasks["a/step-002"].action == TRAIN
+    assert tasks["a/step-002"].deps == ("a/step-001", "independent/step-002")
+
+
 @pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory):
     """Three versions of independent and two adapters, in-process, on tiny synthetic data: an affine map

@@ -137,7 +137,7 @@ def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> 
             if m in bases:  # its versions are another method's, loaded untrained
                 deps.append(task_id(path, step_name(cfg.methods[bases[m]].key, step.index)))
             twin = twins.get(m) if step.index == 0 else None
-            if twin is not None:
+            if twin is not None and twin != bases.get(m):
                 deps.append(task_id(path, step_name(cfg.methods[twin].key, 0)))
             name = step_name(spec.key, step.index)
             graph.add(Task(id=task_id(path, name), run=path, name=name, method=m, step=step.index,
