@@ -20,6 +20,7 @@ from common import ClassifierNet, served_embedding
 
 from orchestrator.config import EvaluationConfig, ModelConfig
 from orchestrator.evaluation import compatibility_row, retrieval_scores
+from orchestrator.evaluation.flips import TOP1_CORRECT, unpack_correct
 from orchestrator.storage.store import EmbeddingStore
 
 
@@ -55,10 +56,12 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         store = EmbeddingStore(tmp)
-        store_matrix = []
+        store_matrix, diagonal_top1 = [], []
         for t, model in enumerate(models):
             store.write("m", t, "test", embed(model), labels.astype(np.int32), np.arange(n), metadata={"normalized": True})
-            store_matrix.append(compatibility_row(store, "m", t, eval_cfg)["cmc1"])
+            row = compatibility_row(store, "m", t, eval_cfg, earlier_top1=diagonal_top1)
+            store_matrix.append(row["cmc1"])
+            diagonal_top1.append(unpack_correct(row[TOP1_CORRECT]))
     store_seconds, store_passes = time.time() - started, embed.passes
 
     embed = CountingEmbedder(images)

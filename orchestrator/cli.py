@@ -1,4 +1,4 @@
-"""The ``compat`` command: run, sweep, report, metrics, compare.
+"""The ``compat`` command: run, sweep, report, metrics, compare, check.
 
 Errors the user can act on (bad config, missing data, corrupt files) are printed as one sentence
 with a non-zero exit code; ``--debug`` shows the traceback instead.
@@ -111,6 +111,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 def build_parser() -> argparse.ArgumentParser:
+    from orchestrator.evaluation.gate import add_check_parser
     from orchestrator.evaluation.standalone import add_compare_parser, add_metrics_parser
 
     parser = argparse.ArgumentParser(prog="compat", description=__doc__.splitlines()[0])
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_metrics_parser(sub)
     add_compare_parser(sub)
+    add_check_parser(sub)
     return parser
 
 

@@ -38,6 +38,6 @@ def _one_torch_thread():
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never a cluster found running
     yield
     ray.shutdown()

@@ -8,6 +8,7 @@ import pytest
 
 from orchestrator.config import EvalSetConfig, EvaluationConfig
 from orchestrator.errors import DataError, StoreError
+from orchestrator.evaluation.flips import FLIP_KEYS, TOP1_CORRECT, pack_correct, row_flips, unpack_correct
 from ranking_reference import reference, reference_scores, sklearn_ap
 from orchestrator.evaluation import (BY_BLOCK, CompatibilityMatrix, class_block_top1, compatibility_row, cross_modal_recall, evaluate_pair,
                                      per_query_scores, retrieval_scores, template_top1, truncate_and_normalize)
@@ -292,6 +293,15 @@ def make_table(embeddings, labels, sample_ids=None):
                            sample_ids=np.arange(len(labels)) if sample_ids is None else sample_ids)
 
 
+def diagonal_top1(store, cfg, version, block_of_label=None):
+    """The top-1 correctness rows 0..version-1 record for their diagonal cells, row by row as the driver does."""
+    earlier = []
+    for v in range(version):
+        earlier.append(unpack_correct(compatibility_row(store, "m", v, cfg, block_of_label,
+                                                        earlier_top1=earlier)[TOP1_CORRECT]))
+    return earlier
+
+
 def test_evaluate_pair_and_row_leave_one_out():
     rng = np.random.default_rng(5)
     labels = rng.integers(0, 4, 40)
@@ -302,8 +312,8 @@ def test_evaluate_pair_and_row_leave_one_out():
     cfg = EvaluationConfig()
     cell = evaluate_pair(store, "m", 2, 0, cfg)
     assert cell == retrieval_scores(versions[2], labels, versions[0], labels, leave_one_out=True)
-    row = compatibility_row(store, "m", 2, cfg)
-    assert set(row) == {"cmc1", "cmc5", "map"} and all(len(v) == 3 for v in row.values())
+    row = compatibility_row(store, "m", 2, cfg, earlier_top1=diagonal_top1(store, cfg, 2))
+    assert set(row) == {"cmc1", "cmc5", "map", *FLIP_KEYS} and all(len(row[k]) == 3 for k in ("cmc1", "map"))
     assert row["map"][0] == cell["map"]
     assert store.reads[-4:] == [("m", 2, "test"), ("m", 0, "test"), ("m", 1, "test"), ("m", 2, "test")]
     store.tables[(1, "test")] = make_table(versions[1], labels, np.arange(40)[::-1])
@@ -339,10 +349,54 @@ def test_row_by_block_splits_top1_by_the_classes_of_each_block():
     versions = [rng.standard_normal((60, 8)).astype(np.float32) for _ in range(2)]
     store = FakeStore({(v, "test"): make_table(x, labels) for v, x in enumerate(versions)})
     block_of_label = np.array([0, 0, 0, 1, 1, 2])
-    row = compatibility_row(store, "m", 1, EvaluationConfig(), block_of_label)
-    assert row["cmc1"] == compatibility_row(store, "m", 1, EvaluationConfig())["cmc1"]  # unchanged by blocks
+    earlier = diagonal_top1(store, EvaluationConfig(), 1)
+    row = compatibility_row(store, "m", 1, EvaluationConfig(), block_of_label, earlier_top1=earlier)
+    assert row["cmc1"] == compatibility_row(store, "m", 1, EvaluationConfig(), earlier_top1=earlier)["cmc1"]
     for j in range(2):
         counts = np.bincount(block_of_label[labels], minlength=3)
         assert np.dot(row[BY_BLOCK][j], counts) / counts.sum() == pytest.approx(row["cmc1"][j])
     templates = EvaluationConfig(protocol="query-gallery", query="test", gallery="test", templates=True)
-    assert BY_BLOCK not in compatibility_row(store, "m", 1, templates, block_of_label)
+    assert BY_BLOCK not in compatibility_row(store, "m", 1, templates, block_of_label,
+                                             earlier_top1=diagonal_top1(store, templates, 1))
+
+
+# ---- negative flips of a row ---------------------------------------------------------------------------------
+
+def test_row_flips_by_hand():
+    # Row 2. Queries 0..4; query 4 has no relevant item (NaN) and is left out of every rate.
+    first_ranks = [np.array([1, 2, 1, 3, np.nan]),   # cell (2, 0)
+                   np.array([2, 1, 1, 1, np.nan]),   # cell (2, 1)
+                   np.array([1, 1, 2, 2, np.nan])]   # cell (2, 2)
+    earlier = [np.array([True, True, False, True, False]),   # cell (0, 0) right on 0, 1, 3
+               np.array([True, False, True, True, False])]   # cell (1, 1) right on 0, 2, 3
+    flips = row_flips(first_ranks, earlier)
+    # new/old: (2,0) wrong on 1, 3 -> flips {1, 3} of 4 queries; (2,1) wrong on 0 -> flips {0}.
+    assert flips["nfr_new_old"] == [0.5, 0.25, None]
+    # new/new: (2,2) wrong on 2, 3 -> against (0,0): {3}; against (1,1): {2, 3}.
+    assert flips["nfr_new_new"] == [0.25, 0.5, None]
+    np.testing.assert_array_equal(unpack_correct(flips[TOP1_CORRECT]), [True, True, False, False, False])
+    assert row_flips([np.array([1.0, 2.0])], [])["nfr_new_old"] == [None]
+    with pytest.raises(ValueError, match="older diagonal"):
+        row_flips(first_ranks, earlier[:1])
+    with pytest.raises(StoreError, match="same evaluation set"):
+        row_flips(first_ranks, [earlier[0][:3], earlier[1]])
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 1001])
+def test_packed_correctness_round_trips(size):
+    correct = np.random.default_rng(size).random(size) < 0.5
+    np.testing.assert_array_equal(unpack_correct(pack_correct(correct)), correct)
+
+
+def test_row_flip_rates_match_the_float64_reference():
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 5, 50)
+    versions = [rng.standard_normal((50, 6)).astype(np.float32) + labels[:, None] % 2 for _ in range(3)]
+    store = FakeStore({(v, "test"): make_table(x, labels) for v, x in enumerate(versions)})
+    row = compatibility_row(store, "m", 2, EvaluationConfig(), earlier_top1=diagonal_top1(store, EvaluationConfig(), 2))
+    right = {(i, j): reference(versions[i], labels, versions[j], labels, True)[0] == 1
+             for i, j in ((0, 0), (1, 1), (2, 0), (2, 1), (2, 2))}
+    for j in range(2):
+        assert row["nfr_new_old"][j] == pytest.approx(np.mean(right[j, j] & ~right[2, j]))
+        assert row["nfr_new_new"][j] == pytest.approx(np.mean(right[j, j] & ~right[2, 2]))
+    assert row["nfr_new_old"][2] is None and 0 < max(row["nfr_new_old"][:2])

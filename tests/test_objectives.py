@@ -95,3 +95,13 @@ def test_table_values_skip_accuracy_without_a_classifier():
     assert "accuracy" not in table_values([entry(accuracy=None)], "cmc1")
     with pytest.raises(ConfigError, match="cmc5"):
         parse_name("AM", "k").value(entry(), "cmc5")
+
+
+def test_flagged_counts_the_versions_the_health_check_flags_and_gates_a_sweep():
+    health = {"versions": [{"warning": None}, {"warning": True}, {"warning": False}]}
+    assert value("flagged", {**entry(), "health": health}) == 1.0
+    healthy = {"versions": [{"warning": None}, {"warning": False}, {"warning": False}]}
+    assert value("flagged", {**entry(), "health": healthy}) == 0.0
+    assert math.isnan(value("flagged"))  # no health table (no classifier): undefined, not a violation
+    gate = parse_constraint("flagged <= 0", "sweep.constraints.0")
+    assert not gate.holds(1.0) and gate.holds(0.0) and gate.holds(float("nan"))

@@ -138,3 +138,19 @@ def test_ties_decide_every_verdict_of_metrics_json_and_the_report(tmp_path, ties
     assert f"| 1 vs 0 | cmc1 | 0.500 | 0.500 | 0.700 | {'yes' if tied else 'no'} |" in text
     # AM: map (.3 + .35 + .4 + .4 + .5 + .6) / 6 = 42.5 %, cmc1 (.5 + .5 + .7 + .6 + .8 + .9) / 6 = 66.667 %
     assert f"| independent | 1.000 | 42.500 | yes | {'1.000' if tied else '0.667'} | 66.667 | {'yes' if tied else 'no'} |" in text
+
+
+def test_negative_flips_are_reported_per_pair_with_their_spread_over_seeds(tmp_path):
+    metrics = json.loads(json.dumps(METRICS))
+    metrics["methods"]["bct"]["negative_flip_rate"] = {
+        "new_old": [[None, None, None], [0.05, None, None], [0.125, 0.02, None]],
+        "new_new": [[None, None, None], [0.04, None, None], [0.1, 0.01, None]]}
+    metrics["methods_std"] = {"bct": {"negative_flip_rate": {
+        "new_old": [[None, None, None], [0.01, None, None], [0.025, 0.005, None]],
+        "new_new": [[None] * 3] * 3}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    text = Path(render_report(tmp_path)).read_text()
+    assert "## Negative flips (%)" in text and "| independent |" not in text.split("## Negative flips")[1].split("##")[0]
+    assert "| bct | 1 vs 0 | 0.510 | 5.00 ± 1.00 | 4.00 |" in text
+    assert "| bct | 2 vs 1 | 0.700 | 2.00 ± 0.50 | 1.00 |" in text
+    assert "| bct | 2 vs 0 | 0.510 | 12.50 ± 2.50 | 10.00 |" in text

@@ -60,6 +60,9 @@ def test_every_metric_is_reported_as_mean_and_sample_std(two_seeds):
     cell = [m["methods"]["bct"]["matrices"]["map"][1][0] for m in per_seed]
     assert metrics["methods"]["bct"]["matrices"]["map"][1][0] == pytest.approx(np.mean(cell))
     assert metrics["methods_std"]["bct"]["matrices"]["map"][1][0] == pytest.approx(np.std(cell, ddof=1))
+    flips = [m["methods"]["bct"]["negative_flip_rate"]["new_old"][1][0] for m in per_seed]
+    assert metrics["methods"]["bct"]["negative_flip_rate"]["new_old"][1][0] == pytest.approx(np.mean(flips))
+    assert metrics["methods_std"]["bct"]["negative_flip_rate"]["new_old"][1][0] == pytest.approx(np.std(flips, ddof=1))
     flags = [m["methods"]["bct"]["ecc"]["cmc1"][1][0] for m in per_seed]
     assert metrics["methods"]["bct"]["ecc"]["cmc1"][1][0] == all(flags)
     assert "Over seeds 0, 1" in (parent / "report.md").read_text()

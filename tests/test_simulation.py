@@ -4,6 +4,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,7 +143,7 @@ def test_invalid_config_writes_nothing(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-RECORD_KEYS = {"seconds", "train_seconds", "started_at", "finished_at", "group"}  # when and where, not what
+RECORD_KEYS = {"seconds", "train_seconds", "started_at", "finished_at", "group", "throughput"}  # when and where, not what
 
 
 def without_store_records(entry: dict) -> dict:
@@ -166,6 +167,16 @@ def test_grouping_does_not_change_manifest_or_results(finished_run, tmp_path):
             groups.add(b["group"])
             assert a == {k: x for k, x in b.items() if k not in RECORD_KEYS}  # the same weights
     assert len(groups) == 6  # one Train run per step and method
+
+
+def test_every_trained_step_records_its_throughput(finished_run):
+    """images/s of the timed batches, FLOPs counted on the first batch; on CPU no MFU, and why."""
+    _, run_dir, _ = finished_run
+    for v in range(3):
+        record = runfiles.manifest_entry(run_dir, "independent", v)["throughput"]
+        assert record["images_per_second"] > 0 and record["timed_images"] > 0 and record["train_flops_per_image"] > 0
+        assert record["mfu"] is None and "cpu" in record["mfu_note"]
+        assert (record["precision"], record["channels_last"], record["compile"]) == ("fp32", False, False)
 
 
 def test_one_worker_group_trains_every_method_in_process(finished_run):
@@ -252,3 +263,48 @@ def test_a_failed_task_stops_its_chain_and_nothing_else(tmp_path):
     assert runfiles.step_done(run_dir, "test_broken", 0)
     assert not runfiles.step_done(run_dir, "test_broken", 1) and not runfiles.step_done(run_dir, "test_broken", 2)
     assert all(runfiles.step_done(run_dir, "independent", v) for v in range(3))  # the other chain finished
+
+
+def test_negative_flip_rates_of_every_pair_match_the_reference_and_rows_hold_them(finished_run):
+    """metrics.json's NFR cells against top-1 correctness from the independent float64 ranking of the
+    stored embeddings; an old row without the recorded correctness is computed again to the same scores."""
+    from orchestrator.storage.store import EmbeddingStore
+    from ranking_reference import reference
+
+    cfg, run_dir, metrics = finished_run
+    store = EmbeddingStore(runfiles.store_dir(run_dir))
+    tables = [store.read("bct", v, cfg.evaluation.query) for v in range(3)]
+    labels = tables[0].labels
+
+    right = {(i, j): reference(tables[i].embeddings, labels, tables[j].embeddings, labels, True)[0] == 1
+             for i in range(3) for j in range(i + 1)}
+    flips = metrics["methods"]["bct"]["negative_flip_rate"]
+    for i, j in ((1, 0), (2, 0), (2, 1)):
+        assert flips["new_old"][i][j] == pytest.approx(np.mean(right[j, j] & ~right[i, j]))
+        assert flips["new_new"][i][j] == pytest.approx(np.mean(right[j, j] & ~right[i, i]))
+    assert flips["new_old"][1][1] is None and flips["new_new"][0][1] is None
+    assert "## Negative flips (%)" in (run_dir / "report.md").read_text()
+    row = runfiles.read_row(run_dir, "bct", 1)
+    runfiles.write_row(run_dir, "bct", 1, {k: v for k, v in row.items() if k != "top1_correct"})
+    assert driver.ensure_row(cfg, run_dir, "bct", 1) == row
+
+
+def test_check_reads_two_versions_of_a_run_and_agrees_with_its_metrics(finished_run, capsys):
+    """`compat check` on run-directory input: its cells and negative-flip rate are the run's own numbers."""
+    _, run_dir, metrics = finished_run
+    argv = ["check", "--old", str(run_dir), "--old-method", "bct", "--old-version", "0", "--new", str(run_dir),
+            "--new-method", "bct", "--new-version", "2", "--json", "--resamples", "100"]
+    code = main(argv)
+    result = json.loads(capsys.readouterr().out)
+    entry = metrics["methods"]["bct"]
+    assert code == (0 if result["compatible"] else 1) and result["protocol"] == "leave-one-out"
+    assert result["old_old"]["cmc1"] == pytest.approx(entry["matrices"]["cmc1"][0][0])
+    assert result["new_old"]["map"] == pytest.approx(entry["matrices"]["map"][2][0])
+    assert result["new_new"]["cmc5"] == pytest.approx(entry["matrices"]["cmc5"][2][2])
+    assert result["negative_flip_rate"]["new_old"]["estimate"] == pytest.approx(entry["negative_flip_rate"]["new_old"][2][0])
+    assert result["negative_flip_rate"]["new_new"]["estimate"] == pytest.approx(entry["negative_flip_rate"]["new_new"][2][0])
+    assert main(argv[:7] + ["--new", str(run_dir), "--new-method", "nope", "--new-version", "2"]) == 2
+    assert "--new-method 'nope' is not a method of that run: " in capsys.readouterr().err
+    assert main(argv[:3] + ["--old-method", "bct", "--new", str(run_dir), "--new-method", "bct", "--new-version", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--old-version is needed" in err and "finished versions 0, 1, 2" in err

@@ -214,6 +214,12 @@ class TrainingConfig:
     label_smoothing: Optional[float] = None
     lr_schedule: Optional[list[float]] = None  # explicit lr of each epoch; replaces lr/schedule/warm-up when set
     incremental: dict[str, Any] = field(default_factory=dict)  # overrides of this section for every step after the first
+    # arithmetic of the forward and the loss: fp32, or autocast to bf16 or fp16 (fp16 with a gradient scaler);
+    # weights and optimiser state stay fp32. Both work on CPU too; whether they are faster depends on the
+    # processor (docs/performance.md, "On a GPU")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # NHWC memory format for the network and its image batches (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the network before training (slow first batches, faster later ones)
 
     def __post_init__(self):
         require(self.epochs >= 1, "epochs", "must be >= 1")

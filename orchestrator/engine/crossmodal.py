@@ -142,16 +142,18 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
     """The engine's loop for every stage: seeded sharded batches, the step's optimiser and schedule,
     DDP across workers, a progress line per epoch and one report per stage."""
     from orchestrator.engine.loop import ProgressFile, build_optimizer, distributed, lr_at, report, train_epochs
+    from orchestrator.engine.precision import Precision
 
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         return
     optimizer = build_optimizer(params, training)
-    wrapped = distributed(module, worker)
+    precision = Precision.of(training, worker.device)
+    wrapped = precision.prepare(module, partial(distributed, worker=worker))
     means = train_epochs(
         module, optimizer, training.epochs, lr=partial(lr_at, training=training), hooks=[ProgressFile(run_dir, label, label, training.epochs)] if worker.is_chief else [],
         batches=lambda epoch: epoch_batches(num_items, training.batch_size, seed, epoch, worker.rank, worker.world_size),
-        loss=lambda idx, epoch: loss_fn(wrapped, torch.from_numpy(idx).to(worker.device), epoch))
+        loss=lambda idx, epoch: loss_fn(wrapped, torch.from_numpy(idx).to(worker.device), epoch), precision=precision)
     report({"step": label, **means})
     module.eval()
 

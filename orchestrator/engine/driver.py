@@ -241,18 +241,24 @@ def describe_graph(graph) -> str:
 
 
 def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: int) -> dict:
-    """Row ``version`` of every compatibility matrix, computed once from the store and cached."""
+    """Row ``version`` of every compatibility matrix, computed once from the store and cached.
+
+    Its negative flips compare with the top-1 correctness the older rows recorded, so those rows come
+    first; a row written before rows held flips (no ``top1_correct``) is computed again, to the same scores."""
     from orchestrator.evaluation import compatibility_row
+    from orchestrator.evaluation.flips import TOP1_CORRECT, unpack_correct
     from orchestrator.storage.store import EmbeddingStore
 
     row = runfiles.read_row(run, method, version)
-    if row is not None:
+    if row is not None and TOP1_CORRECT in row:
         return row
     from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
 
+    earlier = [unpack_correct(ensure_row(cfg, run, method, j)[TOP1_CORRECT]) for j in range(version)]
     blocks = class_blocks(cfg)
     row = compatibility_row(EmbeddingStore(runfiles.store_dir(run)), method, version, cfg.evaluation,
-                            None if blocks is None else blocks[1], stored_vector_upgrade(run, method, version))
+                            None if blocks is None else blocks[1], earlier_top1=earlier,
+                            upgrade=stored_vector_upgrade(run, method, version))
     runfiles.write_row(run, method, version, row)
     return row
 
@@ -287,6 +293,7 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
     configured ``evaluation.ties``; ``primary`` only picks which metric's summary is ``summary``."""
     from orchestrator.evaluation import metrics as M
     from orchestrator.evaluation import BY_BLOCK, CompatibilityMatrix
+    from orchestrator.evaluation.flips import FLIP_KEYS, flip_matrices
     from orchestrator.evaluation.health import version_health
 
     blocks = class_blocks(cfg)
@@ -299,7 +306,7 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
     for spec in cfg.methods:
         rows = [runfiles.read_row(run, spec.key, v) for v in range(num_versions)]
         matrices, summaries, ecc = {}, {}, {}
-        for name in [n for n in rows[0] if n != BY_BLOCK]:
+        for name in [n for n in rows[0] if n != BY_BLOCK and n not in FLIP_KEYS]:
             matrix = CompatibilityMatrix(num_versions)
             for i, row in enumerate(rows):
                 for j, value in enumerate(row[name]):
@@ -327,6 +334,7 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
             "health": version_health(entries, matrices, cfg.evaluation.min_new_class_ratio),
             "trainable_parameters": entries[-1].get("trainable_parameters"),
             "seconds": [e.get("seconds") for e in entries],
+            "negative_flip_rate": flip_matrices(rows),
         }
         if blocks is not None and all(BY_BLOCK in row for row in rows):
             out["methods"][spec.key][BY_BLOCK] = {

@@ -4,15 +4,20 @@ A task (a method's step, a cross-modal stage) brings its batches and its loss; t
 order of operations — learning rate of the epoch, forward, ``zero_grad``, backward, the
 ``after_backward`` hooks, the optimiser step — so that every task trains the same way and nothing
 grows a loop of its own. Checkpoints, the progress file, gradient surgery of a method and counters
-plug in as :class:`Hook` objects.
+plug in as :class:`Hook` objects; how the device computes (autocast, gradient scaling, memory
+format, batches copied ahead) is a :class:`~orchestrator.engine.precision.Precision`. The module
+imports only torch, so the loop runs where Ray is not installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+
+from orchestrator.engine.precision import Precision
 
 
 class Hook:
@@ -26,6 +31,10 @@ class Hook:
     def after_report(self, result: dict) -> None: ...
 
     def before_epoch(self, epoch: int) -> None: ...
+
+    def during_batch(self, batch: Any) -> contextlib.AbstractContextManager:
+        """A context around one batch's forward, loss and backward (e.g. a FLOP counter)."""
+        return contextlib.nullcontext()
 
     def after_backward(self) -> None: ...
 
@@ -52,12 +61,16 @@ def train_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, epoc
                  lr: Optional[Callable[[int], float]],
                  batches: Callable[[int], Iterable[Any]],
                  loss: Callable[[Any, int], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-                 hooks: Sequence[Hook] = (), start_epoch: int = 0) -> dict[str, float]:
+                 hooks: Sequence[Hook] = (), start_epoch: int = 0,
+                 precision: Optional[Precision] = None) -> dict[str, float]:
     """Epochs ``start_epoch .. epochs-1``; returns the last epoch's mean of every loss part.
 
     ``lr(epoch)`` is the epoch's learning rate (None: a hook schedules it); ``batches(epoch)`` yields
     the epoch's batches, ``loss(batch, epoch)`` returns (loss, named parts) of one batch, forward
-    included; ``module`` is put in train mode at every epoch."""
+    included; ``module`` is put in train mode at every epoch. ``precision`` (default: fp32, nothing
+    ahead) runs the forward and loss under autocast, scales fp16 gradients and fetches batches ahead.
+    Loss values stay on the device until the epoch ends (no per-batch synchronisation)."""
+    precision = precision or Precision()
     means: dict[str, float] = {}
     for hook in hooks:
         hook.before_step()
@@ -67,21 +80,26 @@ def train_epochs(module: torch.nn.Module, optimizer: torch.optim.Optimizer, epoc
         module.train()
         for hook in hooks:
             hook.before_epoch(epoch)
-        totals: dict[str, float] = {}
+        values: dict[str, list[torch.Tensor]] = {}
         count = 0
-        for batch in batches(epoch):
-            value, parts = loss(batch, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
+        for batch in precision.batches(batches(epoch)):
+            with contextlib.ExitStack() as around:
+                for hook in hooks:
+                    around.enter_context(hook.during_batch(batch))
+                with precision.autocast():
+                    value, parts = loss(batch, epoch)
+                optimizer.zero_grad(set_to_none=True)
+                precision.backward(value)
+            precision.unscale(optimizer)
             for hook in hooks:
                 hook.after_backward()
-            optimizer.step()
+            precision.step(optimizer)
             count += 1
             for name, part in {"loss": value, **parts}.items():
-                totals[name] = totals.get(name, 0.0) + float(part.detach())
+                values.setdefault(name, []).append(part.detach())
             for hook in hooks:
                 hook.after_batch(batch, value)
-        means = {k: v / max(count, 1) for k, v in totals.items()}
+        means = {k: sum(float(v) for v in vs) / max(count, 1) for k, vs in values.items()}
         for hook in hooks:
             hook.after_epoch(epoch, means)
     for hook in hooks:

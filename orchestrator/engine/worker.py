@@ -27,6 +27,8 @@ from orchestrator.data.display_names import display_names
 from orchestrator.data.transforms import BatchTransform, make_transform
 from orchestrator.engine.graph import COPY, PRETRAIN, step_name
 from orchestrator.engine.loop import Hook, ProgressFile, build_optimizer, distributed, lr_at, report, train_epochs
+from orchestrator.engine.precision import Precision
+from orchestrator.engine.throughput import Throughput
 from orchestrator.engine.replay import ReplayMemory, balanced_order
 from orchestrator.engine.scenarios import Step, class_order, plan_steps, train_indices
 from orchestrator.engine.session_files import session_plan
@@ -205,14 +207,17 @@ class Session:
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
             start_epoch = int(resume["epoch"]) + 1
-        ddp_model = distributed(model, self.worker) if trainable else model
+        precision = Precision.of(self.training, device)
+        ddp_model = precision.prepare(model, partial(distributed, worker=self.worker)) if trainable else model
+        throughput = Throughput(device, self.training.precision, warmup_batches=2 if self.training.compile else 1,
+                                count=lambda batch: len(batch[1]))  # first: its timing ends before the checkpoint
         train_started = time.time()
         hooks = StepHooks(self, step, model, optimizer, state, ctx, losses=resume.get("losses", []) if resume else [])
         progress = [ProgressFile(self.run_dir, step_name(self.spec.key, step.index), step.index, self.training.epochs)
                     ] if self.worker.is_chief else []
         means = train_epochs(
             ddp_model, optimizer, self.training.epochs, lr=partial(lr_at, training=self.training),
-            start_epoch=start_epoch, hooks=[hooks, *progress],
+            start_epoch=start_epoch, hooks=[throughput, hooks, *progress], precision=precision,
             batches=lambda epoch: self._batches(indices, self.train_tf, shuffle_epoch=epoch, memory=memory),
             loss=lambda batch, epoch: self.method.loss(ddp_model(batch[0]), batch[0], batch[1], state, ctx))
         trained_images = hooks.images
@@ -240,6 +245,7 @@ class Session:
                 "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,
                 "started_at": round(started, 3), "finished_at": round(time.time(), 3), "group": group,
                 "placement": self.worker.placement, "losses": hooks.losses, "artefacts": artefacts,
+                "throughput": {**throughput.record(self.worker.world_size), **precision.describe()},
             })
             runfiles.clear_epoch_state(self.run_dir, self.spec.key, step.index)
         self.worker.barrier()
@@ -332,7 +338,8 @@ class Session:
             if pin:
                 images = images.pin_memory()
             images = transform(images.to(self.worker.device, non_blocking=True), generator=gen)
-            labels = torch.from_numpy(self.train_positions[order[start:start + bs]]).to(self.worker.device)
+            labels = torch.from_numpy(self.train_positions[order[start:start + bs]])
+            labels = (labels.pin_memory() if pin else labels).to(self.worker.device, non_blocking=True)
             yield images, labels
 
     # -- evaluation ----------------------------------------------------------------------------

@@ -203,6 +203,42 @@ def negative_flip_rate(old_correct: np.ndarray, new_correct: np.ndarray) -> floa
     return float(flips.mean())
 
 
+# Elements of one block of resampled per-query values: bounds the bootstrap's memory (~32 MiB of float64).
+_BOOTSTRAP_BLOCK = 1 << 22
+
+
+def paired_bootstrap(per_query: np.ndarray, *, resamples: int, confidence: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means of ``k`` per-query statistics with percentile-bootstrap confidence intervals over queries.
+
+    ``per_query`` is (k, n): k statistics of the same n queries (e.g. per query new/old top-1 minus
+    old/old top-1, the AP difference, a negative flip). Each of ``resamples`` resamples draws n queries
+    with replacement and applies that one draw to every row: the resampling is paired, so a query's old
+    and new outcomes stay together and the k intervals come from the same resamples. Returns
+    (mean, low, high), each of shape (k,): the sample means and the (1 - confidence)/2 and
+    (1 + confidence)/2 quantiles of the resampled means. The same ``seed`` gives the same intervals.
+    """
+    values = np.asarray(per_query, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise ValueError(f"the bootstrap needs a (statistics, queries) array with at least one query, got {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError("per-query values must be finite (leave out queries without a relevant item)")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    if resamples < 1:
+        raise ValueError(f"the bootstrap needs at least one resample, got {resamples}")
+    k, n = values.shape
+    rng = np.random.default_rng(seed)
+    means = np.empty((k, resamples))
+    step = max(1, _BOOTSTRAP_BLOCK // (k * n))
+    for start in range(0, resamples, step):
+        stop = min(start + step, resamples)
+        drawn = rng.integers(0, n, size=(stop - start, n))
+        means[:, start:stop] = values[:, drawn].mean(axis=2)
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2], axis=1)
+    return values.mean(axis=1), low, high
+
+
 def session_average(accs: list[float] | np.ndarray) -> float:
     """FSCIL "Avg": the mean accuracy over all sessions, base session included."""
     accs = np.asarray(accs, dtype=np.float64)

@@ -11,6 +11,8 @@ only, while a run is in progress), on one of its matrices:
 ``min_margin``     the smallest margin over every pair j < i (> 0: ECC holds on every pair)
 ``accuracy``       classification accuracy of the newest version; ``accuracy[i]`` of version i
 ``Avg`` ``PD``     session average and performance drop of the accuracies (FSCIL)
+``flagged``        how many versions the health check flags as under-trained on their new classes
+                   (:mod:`orchestrator.evaluation.health`); ``"flagged <= 0"`` keeps a sweep to healthy trials
 =================  =======================================================================================
 
 Negative indexes count from the newest version (``M[-1][0]``: newest queries against the first
@@ -32,7 +34,7 @@ from orchestrator.evaluation import metrics as M
 from orchestrator.errors import ConfigError
 
 SUMMARY_NAMES = ("AC", "AM", "BC", "FC")
-PLAIN_NAMES = (*SUMMARY_NAMES, "min_margin", "accuracy", "Avg", "PD")
+PLAIN_NAMES = (*SUMMARY_NAMES, "min_margin", "accuracy", "Avg", "PD", "flagged")
 TABLE_NAMES = ("AC", "AM", "BC", "FC", "M[-1][-1]", "min_margin", "accuracy", "Avg")  # columns of seed and sweep tables
 _INDEXED = re.compile(r"^(M|margin)\[(-?\d+)\]\[(-?\d+)\]$|^(accuracy)\[(-?\d+)\]$")
 _CONSTRAINT = re.compile(r"^\s*(\S+)\s*(>=|<=|>|<)\s*(\S+)\s*$")
@@ -68,6 +70,8 @@ class MetricName:
     def value(self, entry: dict, matrix: str) -> float:
         """The number in one method entry of metrics.json (its ``num_versions`` versions); NaN if undefined."""
         size = entry["num_versions"]
+        if self.kind == "flagged":
+            return flagged_versions(entry.get("health"))
         if self.kind in SUMMARY_NAMES:
             return _number(entry["summary_by_metric"][_matrix_name(entry, matrix)][self.kind])
         if self.kind in ("accuracy", "Avg", "PD"):
@@ -185,6 +189,13 @@ def table_values(entries: Sequence[dict], matrix: str) -> dict[str, float]:
         if not (math.isnan(value) and text in ("accuracy", "Avg")):
             out[text] = value
     return out
+
+
+def flagged_versions(health: Optional[dict]) -> float:
+    """The number of versions whose health warning is on; NaN when no version could be checked (no
+    classifier, or a single version), so a constraint on it does not count as violated."""
+    warnings = [row["warning"] for row in (health or {}).get("versions", []) if row["warning"] is not None]
+    return float(sum(warnings)) if warnings else float("nan")
 
 
 def _matrix_name(entry: dict, matrix: str) -> str:

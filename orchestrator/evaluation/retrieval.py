@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence
 import numpy as np
 
 from orchestrator.evaluation import metrics
+from orchestrator.evaluation.flips import row_flips
 from orchestrator.config import EvaluationConfig
 from orchestrator.errors import DataError, StoreError
 
@@ -152,14 +153,20 @@ def template_top1(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarr
     The class means are taken over the normalised gallery features and re-normalised, so this is
     nearest-class-mean classification with the gallery model's class means (exact inner product).
     """
+    first_rank = _template_first_rank(query, query_labels, gallery, gallery_labels)
+    return {"cmc1": metrics.recall_at_k(_answerable(first_rank), 1)}
+
+
+def _template_first_rank(query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
+                         gallery_labels: np.ndarray) -> np.ndarray:
+    """Per query: the rank of its class's template among the class templates (see :func:`template_top1`)."""
     query, gallery = truncate_and_normalize(query, gallery)
     classes, inverse = np.unique(np.asarray(gallery_labels, dtype=np.int64), return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse))[:-1]])
     sums = np.add.reduceat(gallery[order].astype(np.float64), bounds, axis=0)
     templates = sums / np.linalg.norm(sums, axis=1, keepdims=True)
-    scores = per_query_scores(query, query_labels, templates, classes, leave_one_out=False, with_ap=False)
-    return {"cmc1": metrics.recall_at_k(_answerable(scores["first_rank"]), 1)}
+    return per_query_scores(query, query_labels, templates, classes, leave_one_out=False, with_ap=False)["first_rank"]
 
 
 def cross_modal_recall(image_q: np.ndarray, text_gallery: np.ndarray, caption_of: np.ndarray,
@@ -424,16 +431,18 @@ BY_BLOCK = "cmc1_by_block"  # row entry: CMC top-1 of each class block (see clas
 
 
 def _pair_scores(query_table: "EmbeddingTable", gallery_table: "EmbeddingTable",
-                 eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None) -> dict:
-    """One matrix cell, every metric of the configured protocol; with ``block_of_label`` (and without
-    templates) also CMC top-1 per class block, from the same ranking."""
+                 eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None) -> tuple[dict, np.ndarray]:
+    """One matrix cell, every metric of the configured protocol, and its per-query first relevant ranks
+    (for the negative flips); with ``block_of_label`` (and without templates) also CMC top-1 per class
+    block, from the same ranking."""
     if eval_cfg.protocol == "leave-one-out":
         if not np.array_equal(query_table.sample_ids, gallery_table.sample_ids):
             raise StoreError("the stored embeddings of the two versions list different samples or a different "
                              "order; re-encode the evaluation set for both versions")
     elif eval_cfg.templates:
-        return template_top1(query_table.embeddings, query_table.labels, gallery_table.embeddings,
-                             gallery_table.labels)
+        first_rank = _template_first_rank(query_table.embeddings, query_table.labels, gallery_table.embeddings,
+                                          gallery_table.labels)
+        return {"cmc1": metrics.recall_at_k(_answerable(first_rank), 1)}, first_rank
     scores = per_query_scores(query_table.embeddings, query_table.labels, gallery_table.embeddings,
                               gallery_table.labels, leave_one_out=eval_cfg.protocol == "leave-one-out",
                               map_ties=eval_cfg.map_ties)
@@ -441,7 +450,7 @@ def _pair_scores(query_table: "EmbeddingTable", gallery_table: "EmbeddingTable",
     if block_of_label is not None:
         out[BY_BLOCK] = class_block_top1(scores["first_rank"], block_of_label[query_table.labels],
                                          int(block_of_label.max()) + 1)
-    return out
+    return out, scores["first_rank"]
 
 
 def class_block_top1(first_rank: np.ndarray, query_blocks: np.ndarray, num_blocks: int) -> list[Optional[float]]:
@@ -464,14 +473,15 @@ def evaluate_pair(store: "EmbeddingStore", method_key: str, query_version: int, 
     """Cell (query_version, gallery_version): scores of the new queries against the stored old gallery."""
     query_table = store.read(method_key, query_version, eval_cfg.query)
     gallery_table = store.read(method_key, gallery_version, _gallery_set(eval_cfg))
-    return _pair_scores(query_table, gallery_table, eval_cfg)
+    return _pair_scores(query_table, gallery_table, eval_cfg)[0]
 
 
-def compatibility_row(store: "EmbeddingStore", method_key: str, version: int,
-                      eval_cfg: EvaluationConfig, block_of_label: Optional[np.ndarray] = None,
+def compatibility_row(store: "EmbeddingStore", method_key: str, version: int, eval_cfg: EvaluationConfig,
+                      block_of_label: Optional[np.ndarray] = None, *, earlier_top1: Sequence[np.ndarray],
                       upgrade: Optional[Callable[[int, int, np.ndarray], np.ndarray]] = None) -> dict[str, list]:
     """Row ``version`` of the matrix: cells (version, j) for j = 0..version, one list per metric (and
-    per-block top-1 lists under ``BY_BLOCK`` when ``block_of_label`` maps each label to its block).
+    per-block top-1 lists under ``BY_BLOCK`` when ``block_of_label`` maps each label to its block), and
+    its negative flips against each older version's own pair (``earlier_top1``: see flips.row_flips).
     ``upgrade(j, version, vectors)``, when given, is what the stored gallery of version j becomes before
     version ``version``'s queries search it (vectors upgraded in place instead of re-embedded).
 
@@ -479,11 +489,15 @@ def compatibility_row(store: "EmbeddingStore", method_key: str, version: int,
     """
     query_table = store.read(method_key, version, eval_cfg.query)
     row: dict[str, list] = {}
+    first_ranks = []
     for gallery_version in range(version + 1):
         gallery_table = store.read(method_key, gallery_version, _gallery_set(eval_cfg))
         if upgrade is not None and gallery_version < version:
             gallery_table = dataclasses.replace(
                 gallery_table, embeddings=upgrade(gallery_version, version, gallery_table.embeddings))
-        for name, value in _pair_scores(query_table, gallery_table, eval_cfg, block_of_label).items():
+        scores, first_rank = _pair_scores(query_table, gallery_table, eval_cfg, block_of_label)
+        for name, value in scores.items():
             row.setdefault(name, []).append(value)
+        first_ranks.append(first_rank)
+    row.update(row_flips(first_ranks, earlier_top1))
     return row

@@ -104,7 +104,7 @@ def run_compare(args: argparse.Namespace) -> int:
         cells = {name: retrieval_scores(q[0], q[1], g[0], g[1], leave_one_out=True, map_ties=args.map_ties)
                  for name, q, g in (("old_old", old, old), ("new_old", new, old), ("new_new", new, new))}
     else:
-        old_sides, new_sides = _split_sides(args.old, old), _split_sides(args.new, new)
+        old_sides, new_sides = split_sides(args.old, old), split_sides(args.new, new)
         cells = {name: retrieval_scores(*q["query"], *g["gallery"], leave_one_out=False, map_ties=args.map_ties)
                  for name, q, g in (("old_old", old_sides, old_sides), ("new_old", new_sides, old_sides),
                                     ("new_new", new_sides, new_sides))}
@@ -206,7 +206,7 @@ def _embedding_matrix(path: Path, column: pa.ChunkedArray) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(array), dim)
 
 
-def _split_sides(path: Path, data: tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]) -> dict:
+def split_sides(path: Path, data: tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]) -> dict:
     """{'query': (embeddings, labels), 'gallery': (...)} selected by the file's split column."""
     embeddings, labels, split = data
     if split is None:

@@ -391,6 +391,31 @@ def _block_section(metrics: dict[str, Any]) -> list[str]:
             "cross-model cell at or below the gallery version's own self-test on that block.", "", *lines]
 
 
+def _flips_section(metrics: dict[str, Any]) -> list[str]:
+    """Negative-flip rates (metrics.json's ``negative_flip_rate``) of the consecutive pairs and (last, first):
+    the queries the old model's own pair got right at top-1 that the new model gets wrong, without
+    backfilling (new/old) and with the gallery re-embedded (new/new); ± std over seeds where there are several."""
+    rows = []
+    for key, method in metrics["methods"].items():
+        flips = method.get("negative_flip_rate")
+        if not flips:
+            continue
+        spread = ((metrics.get("methods_std") or {}).get(key) or {}).get("negative_flip_rate") or {}
+        cmc1 = (method.get("matrices") or {}).get("cmc1")
+        for new, old in _pairs(len(flips["new_old"])):
+            rows.append([key, f"{new} vs {old}", _fmt(_cell(cmc1, old, old)),
+                         *(_percent(_cell(flips[cell], new, old), _cell(spread.get(cell), new, old))
+                           for cell in ("new_old", "new_new"))])
+    if not rows:
+        return []
+    over = " Means ± std over seeds." if metrics.get("seeds") else ""
+    return ["## Negative flips (%)", "",
+            "The share of queries that the old version's own pair (old/old: its queries, its gallery) gets right "
+            "at top-1 and the new version gets wrong: against the old gallery (NFR new/old, no backfill) and "
+            f"against its own re-embedded gallery (NFR new/new). Lower is better; 0 = no regression.{over}", "",
+            *_md_table(("method", "new vs old", "old/old top-1", "NFR new/old", "NFR new/new"), rows)]
+
+
 def _percent(value: Optional[float], std: Optional[float] = None) -> str:
     """A fraction as a percentage, with ``± std`` when a multi-seed run gives one."""
     if value is None:
@@ -480,6 +505,7 @@ def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str])
         lines += _seeds_section(metrics)
     lines += _health_section(metrics)
     lines += _update_section(metrics)
+    lines += _flips_section(metrics)
     lines += _block_section(metrics)
     lines += _session_accuracy_section(metrics)
     for key, method in metrics["methods"].items():

@@ -1,0 +1,282 @@
+"""``compat check``: a release gate that says whether a candidate model may serve queries against a gallery
+embedded by the live model, with confidence intervals, and exits non-zero when it may not.
+
+Both models' embeddings of the same evaluation data come from an embedding file (what ``compat compare``
+reads: Parquet or .npz) or from a run directory's store (a method and a version of a finished run).
+Three retrieval cells are scored per query: old/old (the gallery model's own pair), new/old (candidate
+queries against the old gallery) and new/new. The gate holds when, on CMC top-1 and on mAP, the lower
+bound of the paired-bootstrap interval of new/old - old/old is above 0 (at or above 0 with ``--ties
+pass``). Exit codes: 0 compatible, 1 not compatible, 2 bad input (nothing is scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
+from orchestrator.errors import CompatError, DataError, RunError
+from orchestrator.evaluation import metrics
+from orchestrator.evaluation.retrieval import per_query_scores
+from orchestrator.evaluation.standalone import read_embedding_file, split_sides
+from orchestrator.storage import runfiles
+from orchestrator.storage.run_storage import RunStorage
+from orchestrator.storage.store import EmbeddingStore
+
+COMPATIBLE, INCOMPATIBLE = 0, 1  # bad input exits with the CLI's error code, 2
+GATED = ("cmc1", "map")  # the metrics whose ECC decides the verdict
+_TITLES = {"cmc1": "CMC top-1", "map": "mAP"}
+PROTOCOLS = ("leave-one-out", "query-gallery")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One model's embeddings of the evaluation data: queries and gallery (the same rows for leave-one-out)."""
+
+    source: str  # what the user passed, for messages
+    protocol: Optional[str]  # a run's own protocol; None for a file (the --protocol flag decides)
+    query: tuple[np.ndarray, np.ndarray]  # embeddings, labels
+    gallery: tuple[np.ndarray, np.ndarray]
+    query_ids: Optional[np.ndarray] = None  # sample ids where a store gave them
+    gallery_ids: Optional[np.ndarray] = None
+    split: Optional[np.ndarray] = None  # a file's split column (its rows are the query and the gallery until split)
+
+    def under(self, protocol: str) -> "Side":
+        """The side as ``protocol`` sees it: a file's rows separated by its split column for query-gallery
+        (an error naming the file without one); leave-one-out ranks every row against the others."""
+        if self.protocol is not None or protocol == "leave-one-out":
+            return self
+        sides = split_sides(Path(self.source), (*self.query, self.split))
+        return replace(self, query=sides["query"], gallery=sides["gallery"])
+
+
+# -- the pure parts --------------------------------------------------------------------------------
+def class_breaks(labels: np.ndarray, old_correct: np.ndarray, new_correct: np.ndarray,
+                 min_queries: int) -> list[dict]:
+    """Classes with at least ``min_queries`` queries whose top-1 under new/old is below old/old, the
+    largest drop first: where a gallery served to the candidate loses.
+
+    Per class a tie is not a break (a class both models get 100 % right cannot do better), so the
+    per-class rule is a strict drop whatever ``--ties`` says about the overall verdict."""
+    labels = np.asarray(labels)
+    old_correct, new_correct = np.asarray(old_correct, dtype=bool), np.asarray(new_correct, dtype=bool)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    old_top1 = np.bincount(inverse, weights=old_correct) / counts
+    new_top1 = np.bincount(inverse, weights=new_correct) / counts
+    flips = np.bincount(inverse, weights=metrics.negative_flips(old_correct, new_correct))
+    broken = (counts >= min_queries) & ~metrics.ecc_holds(new_top1, old_top1, ties="pass")
+    found = [{"label": int(classes[c]), "queries": int(counts[c]), "old_old": float(old_top1[c]),
+              "new_old": float(new_top1[c]), "negative_flips": int(flips[c])} for c in np.flatnonzero(broken)]
+    return sorted(found, key=lambda b: (b["new_old"] - b["old_old"], b["label"]))
+
+
+def gate(old: Side, new: Side, protocol: str, *, confidence: float, resamples: int, seed: int,
+         ties: metrics.Ties, min_class_queries: int) -> dict:
+    """The gate's result (the JSON ``compat check --json`` prints): scores of the three cells, the
+    bootstrap intervals of new/old - old/old and of both negative-flip rates, the per-class breaks and
+    ``compatible``. Sides must have passed :func:`check_sides`."""
+    leave_one_out = protocol == "leave-one-out"
+    cells = {name: per_query_scores(*q.query, *g.gallery, leave_one_out=leave_one_out)
+             for name, q, g in (("old_old", old, old), ("new_old", new, old), ("new_new", new, new))}
+    answerable = ~np.isnan(cells["old_old"]["first_rank"])  # the same queries in every cell (same labels)
+    if not answerable.any():
+        raise DataError("no query has a relevant gallery item (queries and gallery share no label)")
+    top1 = {name: cell["first_rank"][answerable] == 1 for name, cell in cells.items()}
+    ap = {name: cell["ap"][answerable] for name, cell in cells.items()}
+    rows = np.stack([top1["new_old"].astype(float) - top1["old_old"], ap["new_old"] - ap["old_old"],
+                     metrics.negative_flips(top1["old_old"], top1["new_old"]),
+                     metrics.negative_flips(top1["old_old"], top1["new_new"])])
+    mean, low, high = metrics.paired_bootstrap(rows, resamples=resamples, confidence=confidence, seed=seed)
+    interval = [{"estimate": float(m), "low": float(lo), "high": float(hi)} for m, lo, hi in zip(mean, low, high)]
+    difference = {"cmc1": interval[0], "map": interval[1]}
+    verdicts = {name: bool(metrics.ecc_holds(difference[name]["low"], 0.0, ties)) for name in GATED}
+    first_rank = {name: cell["first_rank"][answerable] for name, cell in cells.items()}
+    scores = {name: {"cmc1": float(top1[name].mean()), "cmc5": metrics.recall_at_k(first_rank[name], 5),
+                     "map": float(ap[name].mean())} for name in cells}
+    return {
+        "old": old.source, "new": new.source, "protocol": protocol, "queries": int(answerable.sum()),
+        "confidence": confidence, "resamples": resamples, "seed": seed, "ties": ties,
+        **scores,
+        "difference": difference,
+        "negative_flip_rate": {"new_old": interval[2], "new_new": interval[3]},
+        "ecc": verdicts,
+        "class_breaks": class_breaks(old.query[1][answerable], top1["old_old"], top1["new_old"], min_class_queries),
+        "min_class_queries": min_class_queries,
+        "compatible": all(verdicts.values()),
+    }
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def load_side(flag: str, location: str, method: Optional[str], version: Optional[int]) -> Side:
+    """``--old``/``--new``: an embedding file, or a run directory with ``--<flag>-method`` and ``-version``."""
+    path = Path(location)
+    is_file = "://" not in location and path.is_file()
+    if is_file or path.suffix in (".npz", ".parquet", ".pq"):
+        if method is not None or version is not None:
+            raise CompatError(f"{flag} {location} is an embedding file; --{flag[2:]}-method and --{flag[2:]}-version "
+                              "select a version in a run directory, drop them")
+        embeddings, labels, split = read_embedding_file(path)  # a missing file is a StoreError naming it
+        return Side(location, None, (embeddings, labels), (embeddings, labels), split=split)
+    try:
+        document = runfiles.read_config(RunStorage.at(location))
+    except OSError as exc:
+        raise RunError(f"{flag} {location}: cannot read it ({str(exc).strip()})") from None
+    if document is None:
+        raise RunError(f"{flag} {location} is neither an embedding file (.parquet, .npz) nor a run directory "
+                       "(no config.yaml); pass one of those")
+    return _run_side(flag, location, document, method, version)
+
+
+def _run_side(flag: str, location: str, document: dict, method: Optional[str], version: Optional[int]) -> Side:
+    """The stored embeddings of a finished version, under the run's protocol (a run evaluated against class
+    templates is ranked against every gallery vector here)."""
+    cfg = parse_any(document)
+    name = flag[2:]
+    if isinstance(cfg, CrossModalExperiment):
+        raise RunError(f"{flag} {location} is a cross-modal run; compat check compares image retrieval "
+                       "galleries (class-incremental, few-shot or replacement runs)")
+    if cfg.seeds is not None:
+        raise RunError(f"{flag} {location} holds a run per seed; pass one of them, e.g. {location}/seed-{cfg.seeds[0]}")
+    methods = [m.key for m in cfg.methods]
+    if method is None or method not in methods:
+        given = "is needed" if method is None else f"'{method}' is not a method of that run"
+        raise RunError(f"--{name}-method {given}: {location} has {', '.join(methods)}")
+    run = RunStorage.at(location)
+    done = _done_versions(run, method)
+    if version is None or version not in done:
+        given = "is needed" if version is None else f"{version} is not a finished version of {method}"
+        raise RunError(f"--{name}-version {given}: {location} has finished versions "
+                       f"{', '.join(map(str, done)) or 'none'} of {method}")
+    ev = cfg.evaluation
+    store = EmbeddingStore(runfiles.store_dir(run))
+    query = store.read(method, version, ev.query)
+    gallery = query if ev.protocol == "leave-one-out" else store.read(method, version, ev.gallery)
+    return Side(f"{location} ({method} v{version})", ev.protocol, (query.embeddings, query.labels),
+                (gallery.embeddings, gallery.labels), query.sample_ids, gallery.sample_ids)
+
+
+def _done_versions(run: RunStorage, method: str) -> list[int]:
+    """The versions of ``method`` whose steps are finished, counted up from 0."""
+    done = []
+    while runfiles.step_done(run, method, len(done)):
+        done.append(len(done))
+    return done
+
+
+def resolve_protocol(flag: Optional[str], old: Side, new: Side) -> str:
+    """The protocol: the runs' own (they must agree with each other and with ``--protocol``), else the flag,
+    else leave-one-out."""
+    runs = {side.protocol for side in (old, new) if side.protocol is not None}
+    if len(runs) > 1:
+        raise RunError(f"{old.source} evaluates with {old.protocol} and {new.source} with {new.protocol}; "
+                       "both sides need the same protocol")
+    if runs and flag is not None and flag not in runs:
+        raise CompatError(f"--protocol {flag} contradicts the run's own protocol {next(iter(runs))}; drop --protocol")
+    return next(iter(runs), None) or flag or "leave-one-out"
+
+
+def check_sides(old: Side, new: Side, protocol: str) -> None:
+    """The same queries and the same gallery items on both sides (lengths, labels row by row, and sample
+    ids where both come from stores), before anything is ranked."""
+    for part in ("query", "gallery"):
+        (_, old_labels), (_, new_labels) = getattr(old, part), getattr(new, part)
+        what = "rows" if protocol == "leave-one-out" else f"{part} rows"
+        if len(old_labels) != len(new_labels):
+            raise DataError(f"{old.source} has {len(old_labels)} {what} and {new.source} has {len(new_labels)}; "
+                            f"both models must embed the same {part} items")
+        if not np.array_equal(old_labels, new_labels):
+            row = int(np.flatnonzero(old_labels != new_labels)[0])
+            raise DataError(f"{old.source} and {new.source} list different labels ({what}, first at row {row}); "
+                            f"both models must embed the same {part} items in the same order")
+        old_ids, new_ids = getattr(old, f"{part}_ids"), getattr(new, f"{part}_ids")
+        if old_ids is not None and new_ids is not None and not np.array_equal(old_ids, new_ids):
+            raise DataError(f"{old.source} and {new.source} hold different {part} samples (sample ids differ); "
+                            "compare versions that embedded the same evaluation set")
+
+
+# -- the command -----------------------------------------------------------------------------------
+def add_check_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "check", help="release gate: is a candidate model compatible with the gallery's model? (exit 0 = yes)",
+        description="Score old/old, new/old and new/new retrieval per query, bootstrap the queries for "
+                    "confidence intervals of new/old - old/old on CMC top-1 and mAP and of the negative-flip "
+                    "rates, and list the classes whose top-1 drops. Exit 0 when the lower bound of the "
+                    "interval is above 0 on both metrics, 1 when not, 2 on bad input. Each side is an "
+                    "embedding file (Parquet or .npz, as compat compare reads) or a run directory with "
+                    "--old-method/--old-version (--new-method/--new-version).")
+    parser.add_argument("--old", required=True, help="the gallery's model: an embedding file or a run directory")
+    parser.add_argument("--new", required=True, help="the candidate model: an embedding file or a run directory")
+    for side in ("old", "new"):
+        parser.add_argument(f"--{side}-method", help=f"with a run directory as --{side}: the method (its label)")
+        parser.add_argument(f"--{side}-version", type=int, help=f"with a run directory as --{side}: the version")
+    parser.add_argument("--protocol", choices=PROTOCOLS,
+                        help="for embedding files (default leave-one-out; see compat compare); a run directory "
+                             "brings its own")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="two-sided confidence of every interval, in (0, 1) (default 0.95)")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the queries (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    parser.add_argument("--ties", choices=metrics.TIES, default="fail",
+                        help="fail (default): the lower bound must be above 0; pass: at or above 0")
+    parser.add_argument("--min-class-queries", type=int, default=10,
+                        help="classes with fewer queries are not listed as breaks (default 10)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.set_defaults(func=run_check)
+    return parser
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``compat check``: every flag and both inputs checked before anything is scored."""
+    if not 0 < args.confidence < 1:
+        raise CompatError(f"--confidence must lie strictly between 0 and 1 (e.g. 0.95), got {args.confidence}")
+    if args.resamples < 1:
+        raise CompatError(f"--resamples must be at least 1, got {args.resamples}")
+    if args.min_class_queries < 1:
+        raise CompatError(f"--min-class-queries must be at least 1, got {args.min_class_queries}")
+    old = load_side("--old", args.old, args.old_method, args.old_version)
+    new = load_side("--new", args.new, args.new_method, args.new_version)
+    protocol = resolve_protocol(args.protocol, old, new)
+    old, new = old.under(protocol), new.under(protocol)
+    check_sides(old, new, protocol)
+    result = gate(old, new, protocol, confidence=args.confidence, resamples=args.resamples, seed=args.seed,
+                  ties=args.ties, min_class_queries=args.min_class_queries)
+    print(json.dumps(result) if args.json else format_check(result))
+    return COMPATIBLE if result["compatible"] else INCOMPATIBLE
+
+
+def format_check(result: dict) -> str:
+    """The human summary of :func:`gate`'s result."""
+    level = f"{100 * result['confidence']:g} %"
+    rule = metrics.ECC_COMPARISON[result["ties"]]
+    lines = [f"old (gallery model): {result['old']}", f"new (candidate):     {result['new']}",
+             f"{result['protocol']}, {result['queries']} queries, {result['resamples']} bootstrap resamples "
+             f"(seed {result['seed']}), {level} intervals", "",
+             f"{'':11}{'old/old':>9}{'new/old':>9}{'new/new':>9}   new/old − old/old [{level}]    ECC (low {rule} 0)"]
+    for name in GATED:
+        d = result["difference"][name]
+        lines.append(f"{_TITLES[name]:11}" + "".join(f"{result[c][name]:>9.4f}" for c in ("old_old", "new_old", "new_new"))
+                     + f"   {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+                     + f"   {'holds' if result['ecc'][name] else 'FAILS'}")
+    for cell, what in (("new_old", "new/old (no backfill)"), ("new_new", "new/new (backfilled)")):
+        f = result["negative_flip_rate"][cell]
+        lines.append(f"Negative flips, {what}: {100 * f['estimate']:.2f} % [{100 * f['low']:.2f}, {100 * f['high']:.2f}] "
+                     "of the queries old/old gets right at top-1")
+    breaks = result["class_breaks"]
+    lines.append(f"Classes whose top-1 drops under new/old (>= {result['min_class_queries']} queries): "
+                 + ("none" if not breaks else f"{len(breaks)}"))
+    lines += [f"  class {b['label']}: {b['old_old']:.3f} -> {b['new_old']:.3f} ({b['queries']} queries, "
+              f"{b['negative_flips']} negative flips)" for b in breaks[:10]]
+    if len(breaks) > 10:
+        lines.append(f"  ... and {len(breaks) - 10} more (--json lists them all)")
+    verdict = "COMPATIBLE" if result["compatible"] else "NOT COMPATIBLE"
+    failed = [_TITLES[n] for n in GATED if not result["ecc"][n]]
+    why = (f"the lower bound is {'above' if result['ties'] == 'fail' else 'at or above'} 0 on CMC top-1 and mAP"
+           if not failed else f"the lower bound is not {'above' if result['ties'] == 'fail' else 'at or above'} 0 "
+                              f"on {' and '.join(failed)}")
+    lines += ["", f"{verdict} at {level}: {why} (ties {result['ties']})"]
+    return "\n".join(lines)
