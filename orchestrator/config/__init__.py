@@ -23,3 +23,4 @@ from orchestrator.config.experiment import (  # noqa: F401
     parse_config,
     load_config,
 )
+from orchestrator.config.service import PopularityConfig, ServiceConfig  # noqa: F401

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from orchestrator.config.service import ServiceConfig
 from orchestrator.config.tracking import TrackingConfig
 from orchestrator.config.typed import from_dict, require, require_name, to_dict
 from orchestrator.errors import ConfigError, ConfigWarning
@@ -348,6 +349,7 @@ class ExperimentConfig:
     upstream_clip: Optional[UpstreamClipConfig] = None  # pretrain model.name offline before the scenario
     upstream: Optional[UpstreamConfig] = None  # replacement models trained elsewhere (scenario.replacements)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow / W&B / TensorBoard; not in the digest
+    service: Optional[ServiceConfig] = None  # mixed-gallery and partial-backfill simulation over the versions
 
     def __post_init__(self):
         require(self.upstream_clip is None or (self.model.name is not None and self.model.pretrained is None),
@@ -356,6 +358,11 @@ class ExperimentConfig:
         require(self.seeds is None or (bool(self.seeds) and len(set(self.seeds)) == len(self.seeds)), "seeds",
                 f"must be a non-empty list of distinct seeds, got {self.seeds}")
         require(bool(self.methods), "methods", "needs at least one method")
+        require(self.service is None or not self.evaluation.templates, "service",
+                "ranks the mixed gallery item by item; class-mean templates (evaluation.templates) have no items")
+        ranked = {self.evaluation.query, self.evaluation.gallery or self.evaluation.query}
+        require(self.service is None or all(self.evaluation.sets[name].classes == "all" for name in ranked), "service",
+                "needs every version to embed the same items: set classes: all on the query and gallery sets")
         keys = [m.key for m in self.methods]
         dup = sorted({k for k in keys if keys.count(k) > 1})
         require(not dup, "methods", f"duplicate method label(s) {dup}; give each a distinct 'label'")
@@ -384,8 +391,10 @@ class ExperimentConfig:
 
 def config_digest(document: dict) -> str:
     """Short hash of a resolved config mapping, without its ``tracking`` section: trackers observe a run
-    and never change what it computes (and runs from before the section existed keep their digest)."""
-    blob = json.dumps({k: v for k, v in document.items() if k != "tracking"}, sort_keys=True).encode()
+    and never change what it computes (and runs from before the section existed keep their digest). An
+    unset ``service`` section is left out too, so runs from before it existed keep theirs."""
+    blob = json.dumps({k: v for k, v in document.items()
+                       if k != "tracking" and not (k == "service" and v is None)}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

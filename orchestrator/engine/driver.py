@@ -343,6 +343,12 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
                           for i, row in enumerate(rows)],
             }
     add_update_gain(out)
+    if cfg.service is not None and num_versions >= 2:
+        from orchestrator.evaluation.mixed_gallery import service_metrics
+        from orchestrator.storage.store import EmbeddingStore
+
+        out["service"] = service_metrics(EmbeddingStore(runfiles.store_dir(run)), cfg, num_versions,
+                                         None if blocks is None else blocks[1])
     return out
 
 

@@ -68,6 +68,8 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
             f"{steps} steps of {sc.initial_classes} + {sc.increment} per step need {needed} classes, "
             f"but dataset {cfg.data.dataset!r} has {available}; allowed: at most "
             f"{1 + (available - sc.initial_classes) // sc.increment}")
+    require(cfg.service is None or steps >= 2, "service",
+            f"simulates upgrades between versions, but the scenario has {steps} step; add steps or remove the section")
     for name, eval_set in cfg.evaluation.sets.items():
         if eval_set.data is not None:
             dataset_num_classes(eval_set.data)  # raises a clear error for a missing/unknown dataset

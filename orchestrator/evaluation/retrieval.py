@@ -242,14 +242,29 @@ class _RelevantItems:
 def _score_block(query: np.ndarray, gallery: np.ndarray, relevant: _RelevantItems, start: int, stop: int,
                  *, leave_one_out: bool, with_ap: bool, shared_ties: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """First relevant rank (and AP) of queries start..stop-1 from one similarity block."""
-    num_rows = stop - start
     sims = query @ gallery.T  # exact: see ranking_vectors
+    rows, cols = relevant_pairs(sims, relevant, start, stop, leave_one_out=leave_one_out)
+    return scores_from_similarities(sims, rows, cols, with_ap=with_ap, shared_ties=shared_ties)
+
+
+def relevant_pairs(sims: np.ndarray, relevant: "_RelevantItems", start: int, stop: int,
+                   *, leave_one_out: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(row in block, gallery index) of the relevant items of queries start..stop-1; with
+    ``leave_one_out`` each query's own item is dropped from them and marked below every cosine in ``sims``."""
     rows, cols = relevant.pairs(start, stop)
     if leave_one_out:
-        own = np.arange(num_rows)
+        own = np.arange(stop - start)
         sims[own, start + own] = _LEFT_OUT
         keep = cols != start + rows
         rows, cols = rows[keep], cols[keep]
+    return rows, cols
+
+
+def scores_from_similarities(sims: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, with_ap: bool,
+                             shared_ties: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """First relevant rank (and AP) of every row of an exact similarity block, its relevant items at
+    (``rows``, ``cols``) in row-major order."""
+    num_rows = len(sims)
     count = np.bincount(rows, minlength=num_rows)
     values = sims[rows, cols]
     group_start = np.cumsum(count) - count
@@ -261,13 +276,13 @@ def _score_block(query: np.ndarray, gallery: np.ndarray, relevant: _RelevantItem
         # Only the best relevant item matters: its rank is a count, no sort needed.
         best = np.maximum.reduceat(values, group_start[answerable])
         is_best = values == np.repeat(best, count[answerable])
-        best_col = np.minimum.reduceat(np.where(is_best, cols, len(gallery)), group_start[answerable])
+        best_col = np.minimum.reduceat(np.where(is_best, cols, sims.shape[1]), group_start[answerable])
         first_rank[answerable] = _counted_ranks(sims, np.flatnonzero(answerable), best, best_col)[0]
         return first_rank, None
     ranks, tie_ends = _relevant_ranks(sims, rows, cols, values, tie_ends=shared_ties)
-    ranks = _ascending_per_row(ranks, rows, len(gallery))
+    ranks = _ascending_per_row(ranks, rows, sims.shape[1])
     first_rank[answerable] = ranks[group_start[answerable]]
-    ap_ranks = ranks if tie_ends is None else _ascending_per_row(tie_ends, rows, len(gallery))
+    ap_ranks = ranks if tie_ends is None else _ascending_per_row(tie_ends, rows, sims.shape[1])
     return first_rank, metrics.average_precision_from_ranks(ap_ranks, count)
 
 

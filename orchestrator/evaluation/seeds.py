@@ -42,7 +42,12 @@ def aggregate(cfg: ExperimentConfig, per_seed: Sequence[dict]) -> dict:
     primary = first["primary"]
     table = {str(seed): {key: table_values([m["methods"][key]], primary) for key in m["methods"]}
              for seed, m in zip(cfg.seeds, per_seed)}
+    service = {}
+    if all("service" in m for m in per_seed):  # the service simulation: every number as mean and std over seeds
+        service = {"service": _combine([m["service"] for m in per_seed], "mean"),
+                   "service_std": _combine([m["service"] for m in per_seed], "std")}
     return {
+        **service,
         "schema_version": first["schema_version"], "experiment": cfg.name, "seed": None,
         "config_digest": cfg.digest(), "protocol": first["protocol"], "primary": primary,
         "methods": {key: _with_health(_combine([m["methods"][key] for m in per_seed], "mean"),

@@ -43,8 +43,10 @@ def render_report(run_dir: Union[RunStorage, Location]) -> str:
     for key, method in metrics["methods"].items():
         for metric, matrix in (method.get("matrices") or {}).items():
             _write_csv(run, f"matrix_{slugs[key]}_{metric}.csv", matrix)
-    images = _heatmaps(run, metrics, slugs) + _accuracy_plot(run, metrics)
-    run.write_text(runfiles.REPORT, _markdown(metrics, slugs, images))
+    from orchestrator.reporting.service_report import service_plots, service_section
+
+    images = _heatmaps(run, metrics, slugs) + _accuracy_plot(run, metrics) + service_plots(run, metrics)
+    run.write_text(runfiles.REPORT, _markdown(metrics, slugs, images) + "\n".join(["", *service_section(metrics, images)]))
     return run.location_of(runfiles.REPORT)
 
 
