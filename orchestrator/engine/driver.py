@@ -245,6 +245,7 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
 
     Its negative flips compare with the top-1 correctness the older rows recorded, so those rows come
     first; a row written before rows held flips (no ``top1_correct``) is computed again, to the same scores."""
+    from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
     from orchestrator.evaluation import compatibility_row
     from orchestrator.evaluation.flips import TOP1_CORRECT, unpack_correct
     from orchestrator.storage.store import EmbeddingStore
@@ -252,8 +253,6 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
     row = runfiles.read_row(run, method, version)
     if row is not None and TOP1_CORRECT in row:
         return row
-    from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
-
     earlier = [unpack_correct(ensure_row(cfg, run, method, j)[TOP1_CORRECT]) for j in range(version)]
     blocks = class_blocks(cfg)
     row = compatibility_row(EmbeddingStore(runfiles.store_dir(run)), method, version, cfg.evaluation,
