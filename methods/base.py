@@ -179,6 +179,10 @@ class Method(ABC):
         """Raise ConfigError (naming ``key``, the model section) when ``self.model_cfg`` does not fit this
         method; called by config validation, before anything is written."""
 
+    def check_params(self, key: str) -> None:
+        """Raise ConfigError (naming a key under ``key``, the method's params) when the params do not fit
+        the model section (e.g. too few pairs for the embedding width); called by config validation."""
+
     def input_spec(self) -> Optional["InputSpec"]:
         """The input size and normalisation this method's network needs (e.g. a pretrained CLIP's), or
         ``None`` for the data section's own transform."""
@@ -189,6 +193,17 @@ class Method(ABC):
         seeding, given the same config): an experiment trains it once and copies it to the others
         (``resources.share_first_version``). ``None``, the default, never shares."""
         return None
+
+    def weights_from(self) -> Optional[str]:
+        """The label of an earlier method of the experiment whose version k is this method's version k
+        before :meth:`after_training` (a training-free method on top of trained ones): the engine loads its
+        weights and trains nothing. ``None``, the default, trains."""
+        return None
+
+    def upgrades_stored_vectors(self) -> bool:
+        """Whether :meth:`after_training` returns a map that upgrades older versions' stored vectors (which
+        an approximate index of the stored vectors cannot serve: validation refuses the two together)."""
+        return False
 
     def anchor_checkpoint(self, ctx: StepContext) -> Optional[Union[int, Weights]]:
         """The model :meth:`prepare` receives, frozen, as ``previous`` (when ``needs_previous``): an int
@@ -228,6 +243,15 @@ class Method(ABC):
 
     def after_backward(self, model: nn.Module, state: dict, ctx: StepContext) -> None:
         """Hook between ``backward()`` and ``optimizer.step()`` (e.g. gradient scaling)."""
+
+    def after_training(self, ctx: StepContext, model: nn.Module, previous: Optional[nn.Module],
+                       loader) -> Optional[dict[str, torch.Tensor]]:
+        """Hook after training, before the version embeds anything (e.g. fit a training-free adapter on
+        ``loader``'s images, unaugmented). May return the tensors of a map that upgrades the vectors a
+        gallery stores from version ``index-1`` into this version's space (consumed by
+        :func:`methods.alignment.apply_map`; the protocol applies it to every older gallery); None, the
+        default, serves stored vectors as they are."""
+        return None
 
     # -- serving -------------------------------------------------------------------------------
     @abstractmethod

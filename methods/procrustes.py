@@ -4,30 +4,17 @@ Fitted in closed form on paired embeddings of the same captions (docs/methods/pr
 SVD X_newᵀ X_old = U Σ Vᵀ, the map is W = U Vᵀ (d_new × d_old). When d_new ≥ d_old, W has orthonormal
 columns (WᵀW = I: the new space is projected onto d_old orthonormal directions); when d_new < d_old,
 orthonormal rows (WWᵀ = I: the new space is embedded isometrically in the old one). Either way W is the
-semi-orthogonal matrix closest to the cross-covariance, i.e. it maximises tr(Wᵀ X_newᵀ X_old).
+semi-orthogonal matrix closest to the cross-covariance, i.e. it maximises tr(Wᵀ X_newᵀ X_old). The fit is
+the one the image adapters use (methods/alignment.py).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from methods.alignment import orthogonal_procrustes
 from methods.crossmodal_base import CrossModalMethod, ProjectedCLIP, StageContext, State, TextPairs, register_crossmodal
-
-
-def orthogonal_procrustes(x_new: np.ndarray, x_old: np.ndarray) -> np.ndarray:
-    """The semi-orthogonal W (d_new × d_old) aligning rows of ``x_new`` to rows of ``x_old``.
-
-    Inputs are used as given (normalise them first, as the baseline does). Computed in float64 so the
-    map is orthogonal to machine precision even for poorly conditioned pairs.
-    """
-    x_new = np.asarray(x_new, dtype=np.float64)
-    x_old = np.asarray(x_old, dtype=np.float64)
-    if x_new.ndim != 2 or x_old.ndim != 2 or len(x_new) != len(x_old) or len(x_new) == 0:
-        raise ValueError(f"need paired (N, d) arrays with the same N > 0, got {x_new.shape} and {x_old.shape}")
-    u, _, vt = np.linalg.svd(x_new.T @ x_old, full_matrices=False)
-    return u @ vt
 
 
 class FixedMap(nn.Module):

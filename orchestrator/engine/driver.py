@@ -245,6 +245,7 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
 
     Its negative flips compare with the top-1 correctness the older rows recorded, so those rows come
     first; a row written before rows held flips (no ``top1_correct``) is computed again, to the same scores."""
+    from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
     from orchestrator.evaluation import compatibility_row
     from orchestrator.evaluation.search import GalleryIndexes
     from orchestrator.evaluation.flips import TOP1_CORRECT, unpack_correct
@@ -258,7 +259,8 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
     index = cfg.evaluation.search.index
     row = compatibility_row(EmbeddingStore(runfiles.store_dir(run)), method, version, cfg.evaluation,
                             None if blocks is None else blocks[1], earlier_top1=earlier,
-                            indexes=None if index is None else GalleryIndexes(RunStorage.of(run), index))
+                            indexes=None if index is None else GalleryIndexes(RunStorage.of(run), index),
+                            upgrade=stored_vector_upgrade(run, method, version))
     runfiles.write_row(run, method, version, row)
     return row
 

@@ -6,6 +6,7 @@ run; it may start once every task it depends on is committed to the manifest:
 
 - a method's step t needs its step t-1 (the previous version is the model it starts from or aligns to);
 - a step that swaps in upstream model k needs the upstream run that trains it;
+- a method that adapts another method's versions (``Method.weights_from``) needs that method's same step;
 - a version 0 that is another method's version 0 (``resources.share_first_version``) is a copy task
   that needs that method's step 0;
 - a cross-modal stage needs both CLIPs' encodings and its method's earlier stage;
@@ -118,6 +119,7 @@ def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> 
     steps = tuple(plan_steps(cfg, dataset_num_classes(cfg.data)))
     graph.add_run(RunPlan(path, cfg, steps, role))
     twins = first_version_twins(cfg, steps)
+    bases = weight_sources(cfg)
     clip = () if cfg.upstream_clip is None else (_pretrain(graph, cfg.model.name, cfg.upstream_clip, cfg.data, steps[0].resources),)
     for m, spec in enumerate(cfg.methods):
         upstream_tasks = {}
@@ -132,8 +134,10 @@ def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> 
                 source = cfg.scenario.replacements[cfg.scenario.replace_at.index(step.index)]
                 if source.upstream is not None:
                     deps.append(upstream_tasks[source.upstream])
+            if m in bases:  # its versions are another method's, loaded untrained
+                deps.append(task_id(path, step_name(cfg.methods[bases[m]].key, step.index)))
             twin = twins.get(m) if step.index == 0 else None
-            if twin is not None:
+            if twin is not None and twin != bases.get(m):
                 deps.append(task_id(path, step_name(cfg.methods[twin].key, 0)))
             name = step_name(spec.key, step.index)
             graph.add(Task(id=task_id(path, name), run=path, name=name, method=m, step=step.index,
@@ -169,6 +173,17 @@ def _pretrain(graph: TaskGraph, model_name: str, recipe, data, resources: Resour
     name, payload = clip_task(model_name, recipe, data)
     graph.add(Task(id=name, run="", name=name, action=PRETRAIN, resources=resources, payload=payload))
     return name
+
+
+def weight_sources(cfg: ExperimentConfig) -> dict[int, int]:
+    """Method index -> the earlier method whose versions it loads instead of training
+    (:meth:`Method.weights_from`); its step k needs that method's step k. Validation guarantees the
+    label names an earlier method."""
+    from methods.base import create_method
+
+    keys = [spec.key for spec in cfg.methods]
+    sources = {m: create_method(spec.name, spec.params, cfg.model).weights_from() for m, spec in enumerate(cfg.methods)}
+    return {m: keys.index(label) for m, label in sources.items() if label is not None}
 
 
 def first_version_twins(cfg: ExperimentConfig, steps: tuple[Step, ...]) -> dict[int, int]:

@@ -84,7 +84,17 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
     _check_model_keys_are_read(cfg)
     for i, spec in enumerate(cfg.methods):
         parse_params(spec.name, spec.params, f"methods.{i}.params")
-        create_method(spec.name, spec.params, cfg.model, f"methods.{i}").check_model("model")
+        method = create_method(spec.name, spec.params, cfg.model, f"methods.{i}")
+        method.check_model("model")
+        method.check_params(f"methods.{i}.params")
+        source = method.weights_from()
+        earlier = [s.key for s in cfg.methods[:i]]
+        require(source is None or source in earlier, f"methods.{i}.params",
+                f"takes the versions of method {source!r}, but no earlier method of the experiment has that label; "
+                f"list it before this one (earlier labels: {', '.join(earlier) or 'none'})")
+        require(cfg.evaluation.search.index is None or not method.upgrades_stored_vectors(), f"methods.{i}.params",
+                "upgrades the stored vectors of older galleries, which an approximate index "
+                "(evaluation.search.index) cannot serve; drop the index or use direction: new_to_old")
         cfg.method_training(spec)
         cfg.method_training(spec, step=1)
     if cfg.resources.use_gpu or any(r.use_gpu for r in cfg.resources.steps.values()):

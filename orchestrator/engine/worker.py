@@ -185,6 +185,9 @@ class Session:
         self.training = ctx.training  # the step's own recipe (incremental steps may override it)
         device = self.worker.device
         model = self.method.init_model(ctx).to(device)
+        source = self.method.weights_from()
+        if source is not None:  # another method's version, loaded untrained (a training-free method on top of it)
+            self.method.load_weights(model, runfiles.version_checkpoint(self.run_dir, source, step.index), strict=False)
         previous = None
         anchor = self.method.anchor_checkpoint(ctx) if self.method.needs_previous else None
         if isinstance(anchor, int):  # one of this method's earlier versions, loaded into that version's network
@@ -196,7 +199,7 @@ class Session:
         memory = self.replay.before(step) if self.replay else None
         prepare_tf = self.train_tf if self.method.prepare_transform() == "train" else self.test_tf
         state = self.method.prepare(ctx, model, previous, self._batches(indices, prepare_tf, shuffle_epoch=None, memory=memory))
-        trainable = list(self.method.trainable_parameters(model))
+        trainable = [] if source is not None else list(self.method.trainable_parameters(model))
         optimizer = build_optimizer(trainable, self.training) if trainable else None  # None: nothing to train
         start_epoch = 0 if trainable else self.training.epochs
         resume = runfiles.load_epoch_state(self.run_dir, self.spec.key, step.index)
@@ -220,6 +223,7 @@ class Session:
         trained_images = hooks.images
         train_seconds = time.time() - train_started
         model.eval()
+        upgrade = self.method.after_training(ctx, model, previous, self._batches(indices, self.test_tf, shuffle_epoch=None))
         self._write_embeddings(step, model)
         accuracy = self._accuracy(ctx, model)
         self.worker.barrier()  # every rank's store shard is written before the manifest calls the step done
@@ -229,11 +233,13 @@ class Session:
                 "method": self.spec.name, "version": step.index, "num_seen": step.num_seen,
                 "event": step.event, "params": self.method.describe(),
             }))
+            if upgrade is not None:
+                artefacts.update(runfiles.save_gallery_upgrade(self.run_dir, self.spec.key, step.index, upgrade))
             artefacts.update(self._store_records(step.index))
             runfiles.mark_step_done(self.run_dir, self.spec.key, step.index, {
                 "method": self.spec.key, "version": step.index, "num_seen": step.num_seen, "num_previous": step.num_previous,
                 "event": step.event, "train_samples": int(len(indices)), **accuracy,
-                "trainable_parameters": sum(p.numel() for p in trainable),
+                "trainable_parameters": sum(p.numel() for p in trainable), "weights_from": source,
                 "init_checkpoint": runfiles.relative_to_run(ctx.init_checkpoint, self.run_dir), "replay_samples": 0 if memory is None else int(len(memory)),
                 "seconds": round(time.time() - started, 3), "world_size": self.worker.world_size,
                 "train_seconds": round(train_seconds, 3), "trained_images_per_worker": trained_images,

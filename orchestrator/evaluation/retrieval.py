@@ -14,11 +14,12 @@ as scikit-learn's ``average_precision_score`` does).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -504,13 +505,17 @@ def evaluate_pair(store: "EmbeddingStore", method_key: str, query_version: int, 
 
 
 def compatibility_row(store: "EmbeddingStore", method_key: str, version: int, eval_cfg: EvaluationConfig,
-                      block_of_label: Optional[np.ndarray] = None, *,
-                      earlier_top1: Sequence[np.ndarray], indexes=None) -> dict[str, list]:
+                      block_of_label: Optional[np.ndarray] = None, *, earlier_top1: Sequence[np.ndarray],
+                      indexes=None,
+                      upgrade: Optional[Callable[[int, int, np.ndarray], np.ndarray]] = None) -> dict[str, list]:
     """Row ``version`` of the matrix: cells (version, j) for j = 0..version, one list per metric (and
     per-block top-1 lists under ``BY_BLOCK`` when ``block_of_label`` maps each label to its block), and
     its negative flips against each older version's own pair (``earlier_top1``: see flips.row_flips).
     ``indexes`` (a :class:`~orchestrator.evaluation.search.GalleryIndexes`) adds the metrics of searching
     each gallery version's approximate index, built at its first use and reused by every later row.
+    ``upgrade(j, version, vectors)``, when given, is what the stored gallery of version j becomes before
+    version ``version``'s queries search it (vectors upgraded in place instead of re-embedded); an index
+    holds stored vectors, so the two do not combine (refused when the config is validated).
 
     The query embeddings are read once; each gallery once.
     """
@@ -519,6 +524,12 @@ def compatibility_row(store: "EmbeddingStore", method_key: str, version: int, ev
     first_ranks = []
     for gallery_version in range(version + 1):
         gallery_table = store.read(method_key, gallery_version, _gallery_set(eval_cfg))
+        upgraded = upgrade is not None and gallery_version < version
+        if upgraded and indexes is not None:
+            raise ValueError("an approximate index holds stored vectors; it cannot serve an upgraded gallery")
+        if upgraded:
+            gallery_table = dataclasses.replace(
+                gallery_table, embeddings=upgrade(gallery_version, version, gallery_table.embeddings))
         index = None if indexes is None else indexes.get(method_key, gallery_version, _gallery_set(eval_cfg),
                                                          gallery_table)
         scores, first_rank = _pair_scores(query_table, gallery_table, eval_cfg, block_of_label, index)

@@ -239,6 +239,19 @@ def save_version(run: Run, method: str, version: int, state_dict: dict, meta: di
     return artefact_records({f"{key}/model.pt": weights, f"{key}/meta.json": meta})
 
 
+def save_gallery_upgrade(run: Run, method: str, version: int, tensors: dict) -> dict[str, dict]:
+    """The map a version declares for the vectors a gallery stores from the version before it (an
+    old-to-new adapter: stored vectors are upgraded, not re-embedded). Returns its manifest records."""
+    key = f"{version_key(method, version)}/gallery_upgrade.pt"
+    return artefact_records({key: storage(run).save_torch(key, {k: v.detach().cpu() for k, v in tensors.items()})})
+
+
+def gallery_upgrade(run: Run, method: str, version: int) -> Optional[dict]:
+    """The tensors :func:`save_gallery_upgrade` stored for ``version``, or None when it declares no map."""
+    key, run = f"{version_key(method, version)}/gallery_upgrade.pt", storage(run)
+    return run.load_torch(key) if run.exists(key) else None
+
+
 def version_weights(run: Run, method: str, version: int) -> dict:
     return storage(run).load_torch(f"{version_key(method, version)}/model.pt")
 
