@@ -54,9 +54,8 @@ RUN = ["data.num_classes=4", "data.train_per_class=16", "data.test_per_class=4",
 
 @dataclass
 class KillableParams:
-    hold: str = ""  # while this file exists, step ``hold_step`` waits at its first batch after an epoch checkpoint
+    hold: str = ""  # while this file exists, step 1 waits at its first batch after an epoch checkpoint
     run: str = ""  # the run's location, where that epoch checkpoint appears
-    hold_step: int = 1
 
 
 @register
@@ -69,13 +68,13 @@ class KillableIndependent(Independent):
 
     def loss(self, outputs, images, labels, state, ctx):
         hold = Path(self.params.hold) if self.params.hold else None
-        if (hold is not None and ctx.index == self.params.hold_step and hold.exists()
+        if (hold is not None and ctx.index == 1 and hold.exists()
                 and runfiles.storage(self.params.run).exists(runfiles.epoch_state_key(METHOD, ctx.index))):
             import ray
 
-            record = hold.with_name(f"{hold.name}.{os.getpid()}.json")
-            record.write_text(json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                                          "at": time.time()}))
+            record, partial = (hold.with_name(f"{hold.name}.{os.getpid()}.{ext}") for ext in ("json", "partial"))
+            partial.write_text(json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}))
+            partial.replace(record)  # whole, so the test never reads half of it
             deadline = time.time() + 300  # never hang a broken test forever
             while hold.exists() and time.time() < deadline:
                 time.sleep(0.05)
