@@ -12,6 +12,7 @@ pass``). Exit codes: 0 compatible, 1 not compatible, 2 bad input (nothing is sco
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -173,11 +174,14 @@ def version_gates(store: EmbeddingStore, evaluation: EvaluationConfig, method: s
     confidence, resamples, seed and class threshold and ``--ties`` set to the run's ``evaluation.ties``,
     read from the stored vectors. Each entry is that JSON with ``new_version``/``old_version`` in place
     of the two sources."""
-    sides = {v: stored_side(store, evaluation, method, v, f"{method} v{v}") for v in range(num_versions)}
+    @functools.lru_cache(maxsize=3)  # consecutive pairs share a version; a long chain is not held at once
+    def side(version: int) -> Side:
+        return stored_side(store, evaluation, method, version, f"{method} v{version}")
+
     entries = []
     for new, old in metrics.upgrade_pairs(num_versions):
-        check_sides(sides[old], sides[new], evaluation.protocol)
-        result = gate(sides[old], sides[new], evaluation.protocol, confidence=CONFIDENCE, resamples=RESAMPLES,
+        check_sides(side(old), side(new), evaluation.protocol)
+        result = gate(side(old), side(new), evaluation.protocol, confidence=CONFIDENCE, resamples=RESAMPLES,
                       seed=SEED, ties=evaluation.ties, min_class_queries=MIN_CLASS_QUERIES)
         entries.append({"new_version": new, "old_version": old,
                         **{k: v for k, v in result.items() if k not in ("old", "new")}})
