@@ -346,11 +346,13 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
             }
     add_update_gain(out)
     if cfg.service is not None and num_versions >= 2:
+        from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
         from orchestrator.evaluation.mixed_gallery import service_metrics
         from orchestrator.storage.store import EmbeddingStore
 
         out["service"] = service_metrics(EmbeddingStore(runfiles.store_dir(run)), cfg, num_versions,
-                                         None if blocks is None else blocks[1])
+                                         None if blocks is None else blocks[1],
+                                         lambda method: stored_vector_upgrade(run, method, num_versions - 1))
     return out
 
 
