@@ -118,7 +118,8 @@ def test_an_adapter_on_a_base_waits_for_the_same_step_of_its_base(tmp_path):
 def adapter_run(tmp_path_factory):
     """Three versions of independent and two adapters, in-process, on tiny synthetic data: an affine map
     into version 0's space on a chain it trains itself, and a residual MLP upgrading stored vectors on
-    independent's versions (loaded, not trained again)."""
+    independent's versions (loaded, not trained again); with a service simulation (every item arrives
+    with the step that first trains its class)."""
     from orchestrator import load_config
     from orchestrator.engine import driver
 
@@ -131,6 +132,7 @@ def adapter_run(tmp_path_factory):
         "methods=[{name: independent}, {name: adapter, label: to-old, params: {kind: affine, pairs: 20}}, "
         "{name: adapter, label: upgrade, params: {kind: residual_mlp, direction: old_to_new, pairs: 20, "
         "hidden: 8, fit_steps: 50, base: independent}}]",
+        "service={budgets: [0, 50, 100], policies: [random, uncertainty]}",
     ])
     cfg.output_dir = str(tmp)
     return tmp / cfg.name, driver.run_experiment(cfg, progress=False, echo=lambda s: None)
@@ -186,3 +188,85 @@ def test_old_to_new_cells_search_the_upgraded_stored_gallery(adapter_run):
     entry = runfiles.manifest_entry(run_dir, "upgrade", 2)
     assert entry["weights_from"] == "independent" and entry["trainable_parameters"] == 0
     assert any(key.endswith("v2/gallery_upgrade.pt") for key in entry["artefacts"])
+
+
+def _served_as_of(maps, tables, version, step, items):
+    """Version ``version``'s stored vectors of ``items`` as the service holds them at ``step``: passed
+    through the maps of versions version+1..step in turn (none for a method without maps)."""
+    vectors = tables[version].embeddings[items].astype(np.float64)
+    for k in range(version + 1, step + 1):
+        if maps[k] is not None:
+            vectors = _numpy_map(maps[k], vectors)
+    return vectors
+
+
+def test_the_service_serves_upgraded_stored_vectors_and_mapped_queries(adapter_run):
+    """No backfill: at step t each item keeps the vector of the version of its arrival, upgraded through
+    the maps up to t (old_to_new) or as stored (new_to_old: every version's vectors, queries included,
+    already live in version 0's space); recomputed here from the store and the saved maps."""
+    from orchestrator.engine.driver import class_blocks, load_run_config
+    from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
+    from orchestrator.evaluation import retrieval_scores
+    from orchestrator.evaluation.mixed_gallery import StoredVersions
+    from orchestrator.storage import runfiles
+    from orchestrator.storage.store import EmbeddingStore
+
+    run_dir, metrics = adapter_run
+    cfg = load_run_config(run_dir)
+    store = EmbeddingStore(runfiles.store_dir(run_dir))
+    for method in ("upgrade", "to-old"):
+        tables = [store.read(method, v, "test") for v in range(3)]
+        labels = tables[0].labels
+        arrival = class_blocks(cfg)[1][labels]
+        maps = [None, *(runfiles.gallery_upgrade(run_dir, method, v) for v in (1, 2))]
+        service = metrics["service"]["methods"][method]
+        for step in range(3):
+            present = np.flatnonzero(arrival <= step)
+            gallery = np.concatenate([_served_as_of(maps, tables, int(version), step, present[arrival[present] == version])
+                                      for version in np.unique(arrival[present])])
+            order = np.concatenate([present[arrival[present] == version] for version in np.unique(arrival[present])])
+            manual = retrieval_scores(tables[step].embeddings[order], labels[order], gallery.astype(np.float32),
+                                      labels[order], leave_one_out=True)
+            row = service["references"]["no_backfill"][step]
+            assert row["map"] == pytest.approx(manual["map"], abs=1e-6), (method, step)
+            assert row["cmc1"] == pytest.approx(manual["cmc1"], abs=1e-6), (method, step)
+        assert len(np.unique(arrival)) == 3  # step 2's gallery mixes all three versions
+    assert stored_vector_upgrade(run_dir, "to-old", 2) is None
+    # uncertainty-first backfills where the served (upgraded) vector disagrees most with the new embedding
+    tables = [store.read("upgrade", v, "test") for v in range(3)]
+    maps = [None, *(runfiles.gallery_upgrade(run_dir, "upgrade", v) for v in (1, 2))]
+    versions = StoredVersions.read(store, "upgrade", 3, cfg.evaluation, stored_vector_upgrade(run_dir, "upgrade", 2))
+    served = np.arange(len(labels)) % 3
+    expected = np.empty(len(labels))
+    for version in range(3):
+        items = np.flatnonzero(served == version)
+        upgraded = _served_as_of(maps, tables, version, 2, items)
+        new = tables[2].embeddings[items].astype(np.float64)
+        expected[items] = 1 - np.sum(upgraded * new, axis=1) / np.linalg.norm(new, axis=1) / np.linalg.norm(upgraded, axis=1)
+    np.testing.assert_allclose(versions.disagreement(2, served), expected, atol=1e-5)
+
+
+def test_the_release_gate_upgrades_the_old_gallery_of_an_old_to_new_run(adapter_run, capsys):
+    """compat check between two versions of one old_to_new method: its cells are the run's matrix cells
+    (new/old on the upgraded gallery); against a gallery its maps cannot reach it refuses (exit 2)."""
+    import json
+
+    from orchestrator.cli import main
+
+    run_dir, metrics = adapter_run
+    matrix = metrics["methods"]["upgrade"]["matrices"]
+    for old, new in ((0, 2), (1, 2), (0, 1)):
+        code = main(["check", "--old", str(run_dir), "--old-method", "upgrade", "--old-version", str(old),
+                     "--new", str(run_dir), "--new-method", "upgrade", "--new-version", str(new),
+                     "--resamples", "20", "--json"])
+        result = json.loads(capsys.readouterr().out)
+        assert code in (0, 1) and result["old_gallery_upgraded"] is True
+        for cell, (i, j) in (("old_old", (old, old)), ("new_old", (new, old)), ("new_new", (new, new))):
+            assert result[cell]["cmc1"] == pytest.approx(matrix["cmc1"][i][j], abs=1e-9), (old, new, cell)
+            assert result[cell]["map"] == pytest.approx(matrix["map"][i][j], abs=1e-9), (old, new, cell)
+        for cell, flips in metrics["methods"]["upgrade"]["negative_flip_rate"].items():
+            assert result["negative_flip_rate"][cell]["estimate"] == pytest.approx(flips[new][old], abs=1e-9)
+    for old_method, old_version in (("independent", 0), ("upgrade", 2)):
+        code = main(["check", "--old", str(run_dir), "--old-method", old_method, "--old-version", str(old_version),
+                     "--new", str(run_dir), "--new-method", "upgrade", "--new-version", "1", "--resamples", "20"])
+        assert code == 2 and "--old-version K with K <= 1" in capsys.readouterr().err

@@ -347,23 +347,25 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
             }
     add_update_gain(out)
     if cfg.service is not None and num_versions >= 2:
+        from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
         from orchestrator.evaluation.mixed_gallery import service_metrics
         from orchestrator.storage.store import EmbeddingStore
 
         out["service"] = service_metrics(EmbeddingStore(runfiles.store_dir(run)), cfg, num_versions,
-                                         None if blocks is None else blocks[1])
+                                         None if blocks is None else blocks[1],
+                                         lambda method: stored_vector_upgrade(run, method, num_versions - 1))
     return out
 
 
 def add_release_gates(cfg: ExperimentConfig, run: runfiles.Run, metrics: dict) -> None:
     """Each method's ``gate``: the release gate of every upgrade, from the stored vectors (see
     gate.version_gates). Kept out of :func:`assemble_metrics`, which tuning trials call after every step."""
+    from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
     from orchestrator.evaluation.gate import version_gates
-    from orchestrator.storage.store import EmbeddingStore
 
-    store = EmbeddingStore(runfiles.store_dir(run))
     for key, entry in metrics["methods"].items():
-        entry["gate"] = version_gates(store, cfg.evaluation, key, entry["num_versions"])
+        entry["gate"] = version_gates(RunStorage.of(run), cfg.evaluation, key, entry["num_versions"],
+                                      stored_vector_upgrade)
 
 
 def _primary_summary(summaries: dict[str, dict], primary: str) -> dict:

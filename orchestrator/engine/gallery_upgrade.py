@@ -9,15 +9,15 @@ next map was fitted on (unit vectors). Versions that declare no map leave the ve
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from methods.alignment import apply_map
+from orchestrator.evaluation.retrieval import Upgrade
 from orchestrator.storage import runfiles
 
-Upgrade = Callable[[int, int, np.ndarray], np.ndarray]
 
 
 def stored_vector_upgrade(run: runfiles.Run, method: str, version: int) -> Optional[Upgrade]:

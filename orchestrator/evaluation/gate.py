@@ -7,6 +7,12 @@ Three retrieval cells are scored per query: old/old (the gallery model's own pai
 queries against the old gallery) and new/new. The gate holds when, on CMC top-1 and on mAP, the lower
 bound of the paired-bootstrap interval of new/old - old/old is above 0 (at or above 0 with ``--ties
 pass``). Exit codes: 0 compatible, 1 not compatible, 2 bad input (nothing is scored).
+
+A candidate whose method upgrades stored vectors (an old-to-new map per version) searches the old gallery
+after the maps of the versions in between have transformed it, exactly as the run's compatibility matrix
+does: new/old is that matrix's cell. Those maps are only known within one run and method, so such a
+candidate is refused against any other gallery. The evaluation layer does not know which methods upgrade
+vectors: the CLI hands the gate the engine's upgrade function (``upgrade_of``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -24,7 +30,7 @@ from orchestrator.config import EvaluationConfig
 from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
 from orchestrator.errors import CompatError, DataError, RunError
 from orchestrator.evaluation import metrics
-from orchestrator.evaluation.retrieval import per_query_scores
+from orchestrator.evaluation.retrieval import Upgrade, per_query_scores
 from orchestrator.evaluation.standalone import read_embedding_file, split_sides
 from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import RunStorage
@@ -36,6 +42,9 @@ _TITLES = {"cmc1": "CMC top-1", "map": "mAP"}
 PROTOCOLS = ("leave-one-out", "query-gallery")
 # The command's defaults, which are also what every run's report uses (see version_gates).
 CONFIDENCE, RESAMPLES, SEED, MIN_CLASS_QUERIES = 0.95, 1000, 0, 10
+# (run, method, version) -> how galleries of older versions are upgraded before that version's queries
+# search them, or None when the method does not upgrade stored vectors
+UpgradeOf = Callable[[RunStorage, str, int], Optional[Upgrade]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class Side:
     query_ids: Optional[np.ndarray] = None  # sample ids where a store gave them
     gallery_ids: Optional[np.ndarray] = None
     split: Optional[np.ndarray] = None  # a file's split column (its rows are the query and the gallery until split)
+    version_of: Optional[tuple[RunStorage, str, int]] = None  # (run, method, version) where a run gave it
 
     def under(self, protocol: str) -> "Side":
         """The side as ``protocol`` sees it: a file's rows separated by its split column for query-gallery
@@ -80,13 +90,15 @@ def class_breaks(labels: np.ndarray, old_correct: np.ndarray, new_correct: np.nd
 
 
 def gate(old: Side, new: Side, protocol: str, *, confidence: float, resamples: int, seed: int,
-         ties: metrics.Ties, min_class_queries: int) -> dict:
+         ties: metrics.Ties, min_class_queries: int, upgraded_gallery: Optional[np.ndarray] = None) -> dict:
     """The gate's result (the JSON ``compat check --json`` prints): scores of the three cells, the
     bootstrap intervals of new/old - old/old and of both negative-flip rates, the per-class breaks and
-    ``compatible``. Sides must have passed :func:`check_sides`."""
+    ``compatible``. Sides must have passed :func:`check_sides`. ``upgraded_gallery``: the old gallery's
+    vectors as the candidate's queries search them (see :func:`upgraded_old_gallery`); None: as stored."""
     leave_one_out = protocol == "leave-one-out"
-    cells = {name: per_query_scores(*q.query, *g.gallery, leave_one_out=leave_one_out)
-             for name, q, g in (("old_old", old, old), ("new_old", new, old), ("new_new", new, new))}
+    served = old.gallery if upgraded_gallery is None else (upgraded_gallery, old.gallery[1])
+    cells = {name: per_query_scores(*q.query, *g, leave_one_out=leave_one_out)
+             for name, q, g in (("old_old", old, old.gallery), ("new_old", new, served), ("new_new", new, new.gallery))}
     answerable = ~np.isnan(cells["old_old"]["first_rank"])  # the same queries in every cell (same labels)
     if not answerable.any():
         raise DataError("no query has a relevant gallery item (queries and gallery share no label)")
@@ -104,6 +116,7 @@ def gate(old: Side, new: Side, protocol: str, *, confidence: float, resamples: i
                      "map": float(ap[name].mean())} for name in cells}
     return {
         "old": old.source, "new": new.source, "protocol": protocol, "queries": int(answerable.sum()),
+        "old_gallery_upgraded": upgraded_gallery is not None,
         "confidence": confidence, "resamples": resamples, "seed": seed, "ties": ties,
         **scores,
         "difference": difference,
@@ -156,19 +169,40 @@ def _run_side(flag: str, location: str, document: dict, method: Optional[str], v
         given = "is needed" if version is None else f"{version} is not a finished version of {method}"
         raise RunError(f"--{name}-version {given}: {location} has finished versions "
                        f"{', '.join(map(str, done)) or 'none'} of {method}")
-    return stored_side(EmbeddingStore(runfiles.store_dir(run)), cfg.evaluation, method, version,
-                       f"{location} ({method} v{version})")
+    return stored_side(run, cfg.evaluation, method, version, f"{location} ({method} v{version})")
 
 
-def stored_side(store: EmbeddingStore, evaluation: EvaluationConfig, method: str, version: int, source: str) -> Side:
+def stored_side(run: RunStorage, evaluation: EvaluationConfig, method: str, version: int, source: str) -> Side:
     """A finished version's stored embeddings of the run's evaluation sets, under the run's protocol."""
+    store = EmbeddingStore(runfiles.store_dir(run))
     query = store.read(method, version, evaluation.query)
     gallery = query if evaluation.protocol == "leave-one-out" else store.read(method, version, evaluation.gallery)
     return Side(source, evaluation.protocol, (query.embeddings, query.labels),
-                (gallery.embeddings, gallery.labels), query.sample_ids, gallery.sample_ids)
+                (gallery.embeddings, gallery.labels), query.sample_ids, gallery.sample_ids,
+                version_of=(run, method, version))
 
 
-def version_gates(store: EmbeddingStore, evaluation: EvaluationConfig, method: str, num_versions: int) -> list[dict]:
+def upgraded_old_gallery(old: Side, new: Side, upgrade_of: UpgradeOf) -> Optional[np.ndarray]:
+    """The old gallery's vectors upgraded into the candidate's space, when the candidate is a version whose
+    method upgrades stored vectors (None otherwise: the candidate searches them as stored). The maps are
+    the run's, so the old side must be the same or an older version of the same run and method."""
+    if new.version_of is None:
+        return None
+    run, method, version = new.version_of
+    upgrade = upgrade_of(run, method, version)
+    if upgrade is None:
+        return None
+    if old.version_of is None or old.version_of[:2] != (run, method) or old.version_of[2] > version:
+        raise RunError(f"--new {new.source} searches stored galleries only after its method's maps have upgraded "
+                       "them (old-to-new), and those maps reach no gallery outside that run and method: pass "
+                       f"--old {run.location} --old-method {method} --old-version K with K <= {version}")
+    if old.version_of[2] == version:
+        return None
+    return upgrade(old.version_of[2], version, old.gallery[0])
+
+
+def version_gates(run: RunStorage, evaluation: EvaluationConfig, method: str, num_versions: int,
+                  upgrade_of: UpgradeOf) -> list[dict]:
     """The gate of every upgrade of one method of a run (each version against the one before it, and
     the newest against version 0): what ``compat check`` on the run directory prints with its default
     confidence, resamples, seed and class threshold and ``--ties`` set to the run's ``evaluation.ties``,
@@ -176,13 +210,14 @@ def version_gates(store: EmbeddingStore, evaluation: EvaluationConfig, method: s
     of the two sources."""
     @functools.lru_cache(maxsize=3)  # consecutive pairs share a version; a long chain is not held at once
     def side(version: int) -> Side:
-        return stored_side(store, evaluation, method, version, f"{method} v{version}")
+        return stored_side(run, evaluation, method, version, f"{method} v{version}")
 
     entries = []
     for new, old in metrics.upgrade_pairs(num_versions):
         check_sides(side(old), side(new), evaluation.protocol)
         result = gate(side(old), side(new), evaluation.protocol, confidence=CONFIDENCE, resamples=RESAMPLES,
-                      seed=SEED, ties=evaluation.ties, min_class_queries=MIN_CLASS_QUERIES)
+                      seed=SEED, ties=evaluation.ties, min_class_queries=MIN_CLASS_QUERIES,
+                      upgraded_gallery=upgraded_old_gallery(side(old), side(new), upgrade_of))
         entries.append({"new_version": new, "old_version": old,
                         **{k: v for k, v in result.items() if k not in ("old", "new")}})
     return entries
@@ -228,7 +263,8 @@ def check_sides(old: Side, new: Side, protocol: str) -> None:
 
 
 # -- the command -----------------------------------------------------------------------------------
-def add_check_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_check_parser(subparsers: "argparse._SubParsersAction", upgrade_of: UpgradeOf) -> argparse.ArgumentParser:
+    """``compat check``; ``upgrade_of`` is the engine's stored-vector upgrade (the CLI passes it)."""
     parser = subparsers.add_parser(
         "check", help="release gate: is a candidate model compatible with the gallery's model? (exit 0 = yes)",
         description="Score old/old, new/old and new/new retrieval per query, bootstrap the queries for "
@@ -255,11 +291,11 @@ def add_check_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     parser.add_argument("--min-class-queries", type=int, default=MIN_CLASS_QUERIES,
                         help=f"classes with fewer queries are not listed as breaks (default {MIN_CLASS_QUERIES})")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.set_defaults(func=run_check)
+    parser.set_defaults(func=lambda args: run_check(args, upgrade_of))
     return parser
 
 
-def run_check(args: argparse.Namespace) -> int:
+def run_check(args: argparse.Namespace, upgrade_of: UpgradeOf) -> int:
     """``compat check``: every flag and both inputs checked before anything is scored."""
     if not 0 < args.confidence < 1:
         raise CompatError(f"--confidence must lie strictly between 0 and 1 (e.g. 0.95), got {args.confidence}")
@@ -272,8 +308,9 @@ def run_check(args: argparse.Namespace) -> int:
     protocol = resolve_protocol(args.protocol, old, new)
     old, new = old.under(protocol), new.under(protocol)
     check_sides(old, new, protocol)
+    upgraded = upgraded_old_gallery(old, new, upgrade_of)
     result = gate(old, new, protocol, confidence=args.confidence, resamples=args.resamples, seed=args.seed,
-                  ties=args.ties, min_class_queries=args.min_class_queries)
+                  ties=args.ties, min_class_queries=args.min_class_queries, upgraded_gallery=upgraded)
     print(json.dumps(result) if args.json else format_check(result))
     return COMPATIBLE if result["compatible"] else INCOMPATIBLE
 
@@ -283,6 +320,8 @@ def format_check(result: dict) -> str:
     level = f"{100 * result['confidence']:g} %"
     rule = metrics.ECC_COMPARISON[result["ties"]]
     lines = [f"old (gallery model): {result['old']}", f"new (candidate):     {result['new']}",
+             *(["new/old searches the old gallery upgraded by the candidate's maps (old-to-new), as stored "
+                "vectors are upgraded in the service"] if result["old_gallery_upgraded"] else []),
              f"{result['protocol']}, {result['queries']} queries, {result['resamples']} bootstrap resamples "
              f"(seed {result['seed']}), {level} intervals", "",
              f"{'':11}{'old/old':>9}{'new/old':>9}{'new/new':>9}   new/old − old/old [{level}]    ECC (low {rule} 0)"]

@@ -3,7 +3,10 @@ evaluated from the stored vectors (docs/guide/service.md).
 
 At step t the queries come from version t and gallery item k is the stored row of version
 ``served[t, k]`` (orchestrator/evaluation/backfill.py decides it), so every (policy, budget) is a per-item
-selection of rows the store already holds: nothing is embedded again. All selections of a step are
+selection of rows the store already holds: nothing is embedded again. Where the method upgrades stored
+vectors (an old-to-new map per version), the row of version j < t is first passed through the maps of
+versions j+1..t, as the service would transform its store at each upgrade: a cheap transform, not a
+forward pass, so the item still counts as served by version j. All selections of a step are
 ranked together, with results equal to the exact ranking of
 :func:`orchestrator.evaluation.retrieval.per_query_scores` on each assembled gallery.
 
@@ -17,14 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
 from orchestrator.config import EvaluationConfig, ExperimentConfig, ServiceConfig
 from orchestrator.errors import StoreError
 from orchestrator.evaluation import backfill, metrics
-from orchestrator.evaluation.retrieval import MapTies
+from orchestrator.evaluation.retrieval import MapTies, Upgrade
 from orchestrator.evaluation.selection_ranking import rank_selections
 
 if TYPE_CHECKING:
@@ -36,16 +39,22 @@ QUALITY = ("cmc1", "cmc5", "map")  # per-step retrieval metrics; "nfr" is added 
 @dataclass(frozen=True)
 class StoredVersions:
     """Every version's embeddings of one method's query and gallery sets, in store order. With
-    ``leave_one_out`` the two sets are the same samples and the queries at a step are the items present."""
+    ``leave_one_out`` the two sets are the same samples and the queries at a step are the items present.
+    ``upgrade(j, t, vectors)``, when given, is what version j's stored gallery vectors become once the
+    service has upgraded its store to version t (the engine's
+    :func:`~orchestrator.engine.gallery_upgrade.stored_vector_upgrade`); None: stored vectors are served
+    as they are."""
 
     queries: Sequence[np.ndarray]  # per version (Nq, d)
-    gallery: Sequence[np.ndarray]  # per version (Ng, d)
+    gallery: Sequence[np.ndarray]  # per version (Ng, d), as stored
     query_labels: np.ndarray
     gallery_labels: np.ndarray
     leave_one_out: bool
+    upgrade: Optional[Upgrade] = None
 
     @classmethod
-    def read(cls, store: "EmbeddingStore", method: str, num_versions: int, eval_cfg: EvaluationConfig) -> "StoredVersions":
+    def read(cls, store: "EmbeddingStore", method: str, num_versions: int, eval_cfg: EvaluationConfig,
+             upgrade: Optional[Upgrade] = None) -> "StoredVersions":
         leave_one_out = eval_cfg.protocol == "leave-one-out"
         gallery_set = eval_cfg.query if leave_one_out else eval_cfg.gallery
         queries = [store.read(method, v, eval_cfg.query) for v in range(num_versions)]
@@ -55,11 +64,25 @@ class StoredVersions:
                 raise StoreError(f"the versions of {method!r} stored different samples of one evaluation set; "
                                  "re-encode it for every version")
         return cls([t.embeddings for t in queries], [t.embeddings for t in gallery], queries[0].labels,
-                   gallery[0].labels, leave_one_out)
+                   gallery[0].labels, leave_one_out, upgrade)
+
+    def served_gallery(self, version: int, step: int) -> np.ndarray:
+        """The gallery vectors of ``version`` as the service holds them at ``step`` (upgraded into version
+        ``step``'s space where the method upgrades stored vectors; computed once per pair)."""
+        if self.upgrade is None or version >= step:
+            return self.gallery[version]
+        if (version, step) not in self._upgraded:
+            self._upgraded[(version, step)] = self.upgrade(version, step, self.gallery[version])
+        return self._upgraded[(version, step)]
+
+    @cached_property
+    def _upgraded(self) -> dict[tuple[int, int], np.ndarray]:
+        return {}
 
     def disagreement(self, step: int, served: np.ndarray) -> np.ndarray:
-        """Per gallery item: 1 - cos(its embedding by version ``step``, its embedding by ``served[k]``);
-        0 for items not present."""
+        """Per gallery item: 1 - cos(its embedding by version ``step``, its vector as served: the embedding
+        by ``served[k]``, upgraded to version ``step`` where the method upgrades stored vectors); 0 for
+        items not present."""
         out = np.zeros(len(served))
         for version in np.unique(served[served != backfill.NOT_PRESENT]):
             items = np.flatnonzero(served == version)
@@ -67,10 +90,11 @@ class StoredVersions:
         return out
 
     def _cosines(self, a: int, b: int) -> np.ndarray:
-        """Per gallery item, the cosine between its embeddings by versions a and b (computed once)."""
+        """Per gallery item, the cosine between its embedding by version a and its vector of version b as
+        served at step a (computed once)."""
         if (a, b) not in self._cosine_cache:
             unit = [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float64).tiny)
-                    for x in (np.asarray(self.gallery[v], dtype=np.float64) for v in (a, b))]
+                    for x in (np.asarray(self.served_gallery(v, a), dtype=np.float64) for v in (a, b))]
             self._cosine_cache[(a, b)] = np.einsum("ij,ij->i", *unit)
         return self._cosine_cache[(a, b)]
 
@@ -112,7 +136,7 @@ class MixedGalleryEvaluator:
         position[used] = np.arange(len(used))
         queries = present if v.leave_one_out else np.arange(num_queries)
         ranked = rank_selections(v.queries[step][queries], v.query_labels[queries],
-                                 [v.gallery[version][present] for version in used], v.gallery_labels[present],
+                                 [v.served_gallery(version, step)[present] for version in used], v.gallery_labels[present],
                                  position[served], leave_one_out=v.leave_one_out, map_ties=self.map_ties)
         self.rankings += len(served_rows)
         results = []
@@ -211,15 +235,19 @@ def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps:
     return out
 
 
-def service_metrics(store: "EmbeddingStore", cfg: ExperimentConfig, num_versions: int, block_of_label: Optional[np.ndarray]) -> dict:
+def service_metrics(store: "EmbeddingStore", cfg: ExperimentConfig, num_versions: int, block_of_label: Optional[np.ndarray],
+                    upgrade_of: Optional[Callable[[str], Optional[Upgrade]]] = None) -> dict:
     """metrics.json's ``service`` section of a run: the settings and :func:`service_results` per method.
-    ``block_of_label[c]``: the step that first trains class c (None: every item may arrive from step 0)."""
+    ``block_of_label[c]``: the step that first trains class c (None: every item may arrive from step 0).
+    ``upgrade_of(method)``: how that method's stored vectors are upgraded between versions (see
+    :class:`StoredVersions`), or None."""
     service, eval_cfg = cfg.service, cfg.evaluation
     out: dict = {"arrival_rate": service.arrival_rate, "budgets": sorted(service.budgets),
                  "policies": list(service.policies), "primary": eval_cfg.primary,
                  "methods": {}}
     for spec in cfg.methods:
-        versions = StoredVersions.read(store, spec.key, num_versions, eval_cfg)
+        versions = StoredVersions.read(store, spec.key, num_versions, eval_cfg,
+                                       None if upgrade_of is None else upgrade_of(spec.key))
         labels = versions.gallery_labels
         if block_of_label is None:
             first_step = np.zeros(len(labels), dtype=np.int64)

@@ -39,6 +39,9 @@ _LEFT_OUT = -2.0
 # Unit-vector coordinates are rounded to multiples of 2**-_GRID_BITS before ranking (ranking_vectors).
 _GRID_BITS = 26
 MapTies = Literal["lower-index", "shared"]
+# upgrade(j, i, vectors): version j's stored gallery vectors as version i's queries search them
+# (orchestrator/engine/gallery_upgrade.py provides it for methods that upgrade stored vectors)
+Upgrade = Callable[[int, int, np.ndarray], np.ndarray]
 MAP_TIES = ("lower-index", "shared")
 
 
@@ -507,7 +510,7 @@ def evaluate_pair(store: "EmbeddingStore", method_key: str, query_version: int, 
 def compatibility_row(store: "EmbeddingStore", method_key: str, version: int, eval_cfg: EvaluationConfig,
                       block_of_label: Optional[np.ndarray] = None, *, earlier_top1: Sequence[np.ndarray],
                       indexes=None,
-                      upgrade: Optional[Callable[[int, int, np.ndarray], np.ndarray]] = None) -> dict[str, list]:
+                      upgrade: Optional[Upgrade] = None) -> dict[str, list]:
     """Row ``version`` of the matrix: cells (version, j) for j = 0..version, one list per metric (and
     per-block top-1 lists under ``BY_BLOCK`` when ``block_of_label`` maps each label to its block), and
     its negative flips against each older version's own pair (``earlier_top1``: see flips.row_flips).
