@@ -266,6 +266,11 @@ def test_the_release_gate_upgrades_the_old_gallery_of_an_old_to_new_run(adapter_
             assert result[cell]["map"] == pytest.approx(matrix["map"][i][j], abs=1e-9), (old, new, cell)
         for cell, flips in metrics["methods"]["upgrade"]["negative_flip_rate"].items():
             assert result["negative_flip_rate"][cell]["estimate"] == pytest.approx(flips[new][old], abs=1e-9)
+    for entry in metrics["methods"]["upgrade"]["gate"]:  # every run's own gate searches upgraded galleries too
+        new, old = entry["new_version"], entry["old_version"]
+        assert entry["old_gallery_upgraded"] is True
+        assert entry["new_old"]["cmc1"] == pytest.approx(matrix["cmc1"][new][old], abs=1e-9)
+        assert entry["new_old"]["map"] == pytest.approx(matrix["map"][new][old], abs=1e-9)
     for old_method, old_version in (("independent", 0), ("upgrade", 2)):
         code = main(["check", "--old", str(run_dir), "--old-method", old_method, "--old-version", str(old_version),
                      "--new", str(run_dir), "--new-method", "upgrade", "--new-version", "1", "--resamples", "20"])
