@@ -154,3 +154,42 @@ def test_negative_flips_are_reported_per_pair_with_their_spread_over_seeds(tmp_p
     assert "| bct | 1 vs 0 | 0.510 | 5.00 ± 1.00 | 4.00 |" in text
     assert "| bct | 2 vs 1 | 0.700 | 2.00 ± 0.50 | 1.00 |" in text
     assert "| bct | 2 vs 0 | 0.510 | 12.50 ± 2.50 | 10.00 |" in text
+
+
+def gate_entry(new, old, cmc1, flips, compatible, **extra):
+    """A metrics.json ``gate`` pair: (estimate, low, high) of new/old - old/old top-1 (mAP at half), flips."""
+    interval = lambda e, lo, hi: {"estimate": e, "low": lo, "high": hi}  # noqa: E731
+    return {"new_version": new, "old_version": old, "confidence": 0.95, "resamples": 1000, "seed": 0, "ties": "fail",
+            **extra, "queries": 40, "difference": {"cmc1": interval(*cmc1), "map": interval(*(v / 2 for v in cmc1))},
+            "negative_flip_rate": {"new_old": interval(*flips), "new_new": interval(0.0, 0.0, 0.0)},
+            "ecc": {"cmc1": compatible, "map": compatible}, "compatible": compatible}
+
+
+def test_the_gate_of_every_upgrade_with_its_intervals_and_over_seeds(tmp_path):
+    metrics = json.loads(json.dumps(METRICS))
+    del metrics["seeds"]
+    metrics["methods"]["bct"]["gate"] = [gate_entry(1, 0, (0.05, 0.025, 0.075), (0.025, 0.0, 0.05), True),
+                                         gate_entry(2, 1, (0.0, -0.05, 0.05), (0.125, 0.05, 0.2), False)]
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    text = Path(render_report(tmp_path)).read_text()
+    section = text.split("## Release gate of every upgrade")[1].split("\n## ")[0]
+    assert "(1000 resamples, seed 0)" in section and "lower bound is above 0" in section and "ties fail" in section
+    assert ("| method | new vs old | new/old − old/old CMC top-1 [95 %] | new/old − old/old mAP [95 %] | "
+            "NFR new/old % [95 %] | verdict |") in section
+    assert "| bct | 1 vs 0 | +0.0500 [+0.0250, +0.0750] | +0.0250 [+0.0125, +0.0375] | 2.50 [0.00, 5.00] | compatible |" in section
+    assert ("| bct | 2 vs 1 | +0.0000 [-0.0500, +0.0500] | +0.0000 [-0.0250, +0.0250] | 12.50 [5.00, 20.00] | "
+            "**not compatible** |") in section
+    assert "| independent |" not in section
+
+    over_seeds = json.loads(json.dumps(METRICS))
+    by_seed = {"3": gate_entry(1, 0, (0.05, 0.025, 0.075), (0.025, 0.0, 0.05), True),
+               "4": gate_entry(1, 0, (0.0, -0.05, 0.05), (0.125, 0.05, 0.2), False)}
+    over_seeds["methods"]["bct"]["gate"] = [{**{k: by_seed["3"][k] for k in ("new_version", "old_version", "confidence",
+                                                                             "resamples", "seed", "ties")},
+                                             "by_seed": by_seed, "compatible_seeds": 1}]
+    (tmp_path / "metrics.json").write_text(json.dumps(over_seeds))
+    section = Path(render_report(tmp_path)).read_text().split("## Release gate of every upgrade")[1].split("\n## ")[0]
+    assert "compat check" in section and "on RUN/seed-N" in section
+    assert "| bct | 1 vs 0 | seed 3 | +0.0500 [+0.0250, +0.0750] |" in section
+    assert "| bct | 1 vs 0 | seed 4 | +0.0000 [-0.0500, +0.0500] |" in section
+    assert "| bct | 1 vs 0 | all |  |  |  | **1/2 seeds compatible** |" in section

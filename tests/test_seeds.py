@@ -128,3 +128,19 @@ def test_seed_verdicts_on_every_metric():
     assert lines[2].split() == ["bct", "mAP", "(primary)", "0.667", "±", "0.577", "40.000", "±", "0.000", "2/3"]
     assert lines[3].split() == ["bct", "CMC", "top-1", "0.667", "±", "0.577", "60.000", "±", "0.000", "2/3"]
     assert "on map" in text and " AC " not in text.split("on map")[1]  # the rest, without repeating AC/AM
+
+
+def test_the_gate_of_every_seed_and_how_many_pass(two_seeds):
+    """Over seeds the gate is not averaged: each seed's verdict and intervals as its own run has them."""
+    parent, _ = two_seeds
+    metrics, per_seed = read(parent), {s: read(parent / f"seed-{s}") for s in (0, 1)}
+    (pair,) = metrics["methods"]["bct"]["gate"]
+    assert (pair["new_version"], pair["old_version"]) == (1, 0) and "gate" not in metrics["methods_std"]["bct"]
+    passed = 0
+    for seed, run in per_seed.items():
+        (own,) = run["methods"]["bct"]["gate"]
+        assert pair["by_seed"][str(seed)] == {k: own[k] for k in ("queries", "difference", "negative_flip_rate",
+                                                                   "ecc", "compatible")}
+        passed += own["compatible"]
+    assert pair["compatible_seeds"] == passed
+    assert f"| bct | 1 vs 0 | all |  |  |  | **{passed}/2 seeds compatible** |" in (parent / "report.md").read_text()

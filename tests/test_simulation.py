@@ -363,3 +363,26 @@ def test_check_on_checkpoints_equals_the_run_directory(finished_run, tmp_path, c
         code, out, err = check(*old, *argv)
         assert code == 2 and out is None, (argv, out)
         assert all(f in err for f in fragments), (argv, err)
+
+
+def test_every_upgrade_carries_the_gate_that_compat_check_gives_on_the_run(finished_run, capsys):
+    """metrics.json's ``gate`` of every upgrade is exactly what `compat check` prints for that pair of the
+    run directory (same defaults, the run's ties), and report.md shows it."""
+    cfg, run_dir, metrics = finished_run
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("independent", "bct"):
+        gates = on_disk["methods"][key]["gate"]
+        assert [(g["new_version"], g["old_version"]) for g in gates] == [(1, 0), (2, 1), (2, 0)]
+        for entry in gates:
+            code = main(["check", "--old", str(run_dir), "--old-method", key, "--old-version", str(entry["old_version"]),
+                         "--new", str(run_dir), "--new-method", key, "--new-version", str(entry["new_version"]),
+                         "--ties", cfg.evaluation.ties, "--json"])
+            result = json.loads(capsys.readouterr().out)
+            assert code == (0 if entry["compatible"] else 1)
+            assert {k: v for k, v in result.items() if k not in ("old", "new")} == {
+                k: v for k, v in entry.items() if k not in ("new_version", "old_version")}
+            assert entry["resamples"] == 1000 and entry["confidence"] == 0.95 and entry["seed"] == 0
+    report = (run_dir / "report.md").read_text().split("## Release gate of every upgrade")[1].split("\n## ")[0]
+    bct = on_disk["methods"]["bct"]["gate"][2]
+    d = bct["difference"]["cmc1"]
+    assert f"| bct | 2 vs 0 | {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] |" in report

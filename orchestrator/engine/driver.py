@@ -215,6 +215,7 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
             row_of(task.id)
         record_upstream(run.config, root.child(path), root)
         metrics = assemble_metrics(run.config, root.child(path), len(run.steps))
+        add_release_gates(run.config, root.child(path), metrics)
         root.child(path).write_json(runfiles.METRICS, metrics)
         render_report(root.child(path))
         finished[path] = metrics
@@ -352,6 +353,17 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
         out["service"] = service_metrics(EmbeddingStore(runfiles.store_dir(run)), cfg, num_versions,
                                          None if blocks is None else blocks[1])
     return out
+
+
+def add_release_gates(cfg: ExperimentConfig, run: runfiles.Run, metrics: dict) -> None:
+    """Each method's ``gate``: the release gate of every upgrade, from the stored vectors (see
+    gate.version_gates). Kept out of :func:`assemble_metrics`, which tuning trials call after every step."""
+    from orchestrator.evaluation.gate import version_gates
+    from orchestrator.storage.store import EmbeddingStore
+
+    store = EmbeddingStore(runfiles.store_dir(run))
+    for key, entry in metrics["methods"].items():
+        entry["gate"] = version_gates(store, cfg.evaluation, key, entry["num_versions"])
 
 
 def _primary_summary(summaries: dict[str, dict], primary: str) -> dict:

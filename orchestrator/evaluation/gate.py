@@ -14,6 +14,7 @@ pass``). Exit codes: 0 compatible, 1 not compatible, 2 bad input (nothing is sco
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from orchestrator.config import ExperimentConfig, MethodSpec, apply_override
+from orchestrator.config import EvaluationConfig, ExperimentConfig, MethodSpec, apply_override
 from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
 from orchestrator.config.experiment import load_raw
 from orchestrator.errors import CheckpointError, CompatError, DataError, RunError
@@ -37,6 +38,8 @@ COMPATIBLE, INCOMPATIBLE = 0, 1  # bad input exits with the CLI's error code, 2
 GATED = ("cmc1", "map")  # the metrics whose ECC decides the verdict
 _TITLES = {"cmc1": "CMC top-1", "map": "mAP"}
 PROTOCOLS = ("leave-one-out", "query-gallery")
+# The command's defaults, which are also what every run's report uses (see version_gates).
+CONFIDENCE, RESAMPLES, SEED, MIN_CLASS_QUERIES = 0.95, 1000, 0, 10
 
 
 @dataclass(frozen=True)
@@ -164,11 +167,15 @@ def _run_side(flag: str, location: str, document: dict, method: Optional[str], v
         given = "is needed" if version is None else f"{version} is not a finished version of {method}"
         raise RunError(f"--{name}-version {given}: {location} has finished versions "
                        f"{', '.join(map(str, done)) or 'none'} of {method}")
-    ev = cfg.evaluation
-    store = EmbeddingStore(runfiles.store_dir(run))
-    query = store.read(method, version, ev.query)
-    gallery = query if ev.protocol == "leave-one-out" else store.read(method, version, ev.gallery)
-    return Side(f"{location} ({method} v{version})", ev.protocol, (query.embeddings, query.labels),
+    return stored_side(EmbeddingStore(runfiles.store_dir(run)), cfg.evaluation, method, version,
+                       f"{location} ({method} v{version})")
+
+
+def stored_side(store: EmbeddingStore, evaluation: EvaluationConfig, method: str, version: int, source: str) -> Side:
+    """A finished version's stored embeddings of the run's evaluation sets, under the run's protocol."""
+    query = store.read(method, version, evaluation.query)
+    gallery = query if evaluation.protocol == "leave-one-out" else store.read(method, version, evaluation.gallery)
+    return Side(source, evaluation.protocol, (query.embeddings, query.labels),
                 (gallery.embeddings, gallery.labels), query.sample_ids, gallery.sample_ids)
 
 
@@ -245,6 +252,26 @@ def _checkpoint_side(flag: str, location: str, config: str, method: Optional[str
     return Side(f"{location} ({method} v{version} of {config})", ev.protocol, query, gallery, query_ids, gallery_ids)
 
 
+def version_gates(store: EmbeddingStore, evaluation: EvaluationConfig, method: str, num_versions: int) -> list[dict]:
+    """The gate of every upgrade of one method of a run (each version against the one before it, and
+    the newest against version 0): what ``compat check`` on the run directory prints with its default
+    confidence, resamples, seed and class threshold and ``--ties`` set to the run's ``evaluation.ties``,
+    read from the stored vectors. Each entry is that JSON with ``new_version``/``old_version`` in place
+    of the two sources."""
+    @functools.lru_cache(maxsize=3)  # consecutive pairs share a version; a long chain is not held at once
+    def side(version: int) -> Side:
+        return stored_side(store, evaluation, method, version, f"{method} v{version}")
+
+    entries = []
+    for new, old in metrics.upgrade_pairs(num_versions):
+        check_sides(side(old), side(new), evaluation.protocol)
+        result = gate(side(old), side(new), evaluation.protocol, confidence=CONFIDENCE, resamples=RESAMPLES,
+                      seed=SEED, ties=evaluation.ties, min_class_queries=MIN_CLASS_QUERIES)
+        entries.append({"new_version": new, "old_version": old,
+                        **{k: v for k, v in result.items() if k not in ("old", "new")}})
+    return entries
+
+
 def _done_versions(run: RunStorage, method: str) -> list[int]:
     """The versions of ``method`` whose steps are finished, counted up from 0."""
     done = []
@@ -315,14 +342,15 @@ def add_check_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     parser.add_argument("--protocol", choices=PROTOCOLS,
                         help="for embedding files (default leave-one-out; see compat compare); a run directory "
                              "brings its own")
-    parser.add_argument("--confidence", type=float, default=0.95,
-                        help="two-sided confidence of every interval, in (0, 1) (default 0.95)")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the queries (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    parser.add_argument("--confidence", type=float, default=CONFIDENCE,
+                        help=f"two-sided confidence of every interval, in (0, 1) (default {CONFIDENCE})")
+    parser.add_argument("--resamples", type=int, default=RESAMPLES,
+                        help=f"bootstrap resamples of the queries (default {RESAMPLES})")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the resampling (default {SEED})")
     parser.add_argument("--ties", choices=metrics.TIES, default="fail",
                         help="fail (default): the lower bound must be above 0; pass: at or above 0")
-    parser.add_argument("--min-class-queries", type=int, default=10,
-                        help="classes with fewer queries are not listed as breaks (default 10)")
+    parser.add_argument("--min-class-queries", type=int, default=MIN_CLASS_QUERIES,
+                        help=f"classes with fewer queries are not listed as breaks (default {MIN_CLASS_QUERIES})")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.set_defaults(func=run_check)
     return parser

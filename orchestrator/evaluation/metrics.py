@@ -239,6 +239,13 @@ def negative_flip_rate(old_correct: np.ndarray, new_correct: np.ndarray) -> floa
 _BOOTSTRAP_BLOCK = 1 << 22
 
 
+def upgrade_pairs(num_versions: int) -> list[tuple[int, int]]:
+    """(new, old) version pairs a report judges: each consecutive upgrade, plus the newest against
+    version 0 when that is not already one of them."""
+    pairs = [(i, i - 1) for i in range(1, num_versions)]
+    return pairs + [(num_versions - 1, 0)] if num_versions > 2 else pairs
+
+
 def paired_bootstrap(per_query: np.ndarray, *, resamples: int, confidence: float,
                      seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Means of ``k`` per-query statistics with percentile-bootstrap confidence intervals over queries.

@@ -9,7 +9,8 @@
                             standard deviations; ``seeds``: the table names of objectives.py per seed
                             on the primary metric, with their mean and std, and ``verdicts``: AC and AM
                             (mean, std) and the seeds where ECC held on every pair, on every metric;
-                            each method's ``health``: the mean table, a version flagged when any seed flagged it
+                            each method's ``health``: the mean table, a version flagged when any seed flagged it;
+                            each method's ``gate``: per upgrade every seed's verdict and how many passed
     RUN_DIR/report.md       heatmaps of the mean matrices plus the mean ± std table
 
 A seed's run never depends on the others: its tasks are independent chains of the experiment's task
@@ -50,10 +51,8 @@ def aggregate(cfg: ExperimentConfig, per_seed: Sequence[dict]) -> dict:
         **service,
         "schema_version": first["schema_version"], "experiment": cfg.name, "seed": None,
         "config_digest": cfg.digest(), "protocol": first["protocol"], "primary": primary,
-        "methods": {key: _with_health(_combine([m["methods"][key] for m in per_seed], "mean"),
-                                      [m["methods"][key] for m in per_seed], cfg.seeds)
-                    for key in first["methods"]},
-        "methods_std": {key: _combine([_without_health(m["methods"][key]) for m in per_seed], "std")
+        "methods": {key: _mean_entry([m["methods"][key] for m in per_seed], cfg.seeds) for key in first["methods"]},
+        "methods_std": {key: _combine([_without(m["methods"][key], "health", "gate") for m in per_seed], "std")
                         for key in first["methods"]},
         "seeds": {"values": list(cfg.seeds), "runs": {str(s): f"seed-{s}" for s in cfg.seeds}, "per_seed": table,
                   "mean": _combine(list(table.values()), "mean"), "std": _combine(list(table.values()), "std"),
@@ -74,6 +73,12 @@ def verdicts(entries: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
+def _mean_entry(entries: Sequence[dict], seeds: Sequence) -> dict:
+    """One method's entry over seeds: every number's mean, with health and gate combined as below."""
+    mean = _combine([_without(e, "gate") for e in entries], "mean")
+    return _with_gate(_with_health(mean, entries, seeds), entries, seeds)
+
+
 def _with_health(mean: dict, entries: Sequence[dict], seeds: Sequence) -> dict:
     """The mean entry with the health table of every seed combined (a version is flagged when it was
     flagged in any seed; see health.combine_health)."""
@@ -82,8 +87,29 @@ def _with_health(mean: dict, entries: Sequence[dict], seeds: Sequence) -> dict:
     return mean
 
 
-def _without_health(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if k != "health"}
+def _with_gate(mean: dict, entries: Sequence[dict], seeds: Sequence) -> dict:
+    """The mean entry with the release gate of every seed side by side (a verdict is not averaged: each
+    seed's interval comes from its own queries), and per upgrade the number of seeds where it passed."""
+    if all("gate" in e for e in entries):
+        mean["gate"] = gate_over_seeds([e["gate"] for e in entries], seeds)
+    return mean
+
+
+def gate_over_seeds(per_seed: Sequence[list[dict]], seeds: Sequence) -> list[dict]:
+    """Per upgrade (new_version, old_version): each seed's verdict with its intervals under ``by_seed``
+    (keyed by the seed, as ``seeds.per_seed``) and ``compatible_seeds``, the seeds where the gate passed."""
+    out = []
+    for pairs in zip(*per_seed):
+        first = pairs[0]
+        by_seed = {str(seed): {k: entry[k] for k in ("queries", "difference", "negative_flip_rate", "ecc", "compatible")}
+                   for seed, entry in zip(seeds, pairs)}
+        out.append({**{k: first[k] for k in ("new_version", "old_version", "confidence", "resamples", "seed", "ties")},
+                    "by_seed": by_seed, "compatible_seeds": sum(entry["compatible"] for entry in pairs)})
+    return out
+
+
+def _without(entry: dict, *keys: str) -> dict:
+    return {k: v for k, v in entry.items() if k not in keys}
 
 
 def _combine(values: list, how: str) -> Any:

@@ -22,7 +22,7 @@ from matplotlib.patches import Rectangle
 
 from orchestrator.errors import RunError
 from orchestrator.evaluation import BY_BLOCK
-from orchestrator.evaluation.metrics import ECC_COMPARISON
+from orchestrator.evaluation.metrics import ECC_COMPARISON, upgrade_pairs
 from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import Location, RunStorage
 
@@ -281,12 +281,6 @@ def _md_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> lis
             *("| " + " | ".join(row) + " |" for row in rows), ""]
 
 
-def _pairs(size: int) -> list[tuple[int, int]]:
-    """(new, old) for each consecutive pair, plus (last, first) when that is not already one of them."""
-    pairs = [(i, i - 1) for i in range(1, size)]
-    return pairs + [(size - 1, 0)] if size > 2 else pairs
-
-
 def _method_section(key: str, method: dict[str, Any], slug: str, images: list[str], rule: str) -> list[str]:
     matrices = method.get("matrices") or {}
     lines = [f"## {key}", "", f"- method: `{method.get('method', key)}`",
@@ -300,7 +294,7 @@ def _method_section(key: str, method: dict[str, Any], slug: str, images: list[st
                            [[m, *(_fmt(s.get(k)) for k in _SUMMARY_KEYS)] for m, s in by_metric.items()])
     size = max((len(m) for m in matrices.values()), default=0)
     rows = []
-    for new, old in _pairs(size):
+    for new, old in upgrade_pairs(size):
         for metric, matrix in matrices.items():
             ecc = (method.get("ecc") or {}).get(metric)
             rows.append([f"{new} vs {old}", metric, _fmt(_cell(matrix, old, old)), _fmt(_cell(matrix, new, old)),
@@ -387,7 +381,7 @@ def _block_section(metrics: dict[str, Any]) -> list[str]:
         if size <= 6:  # every cell, column by column
             shown = [(i, j) for j in range(size) for i in range(j, size)]
         else:  # the consecutive pairs and (last, first), each after its gallery's self-test
-            shown = sorted({(j, j) for _, j in _pairs(size)} | set(_pairs(size)), key=lambda c: (c[1], c[0]))
+            shown = sorted({(j, j) for _, j in upgrade_pairs(size)} | set(upgrade_pairs(size)), key=lambda c: (c[1], c[0]))
         rows = []
         for i, j in shown:
             values = []
@@ -415,7 +409,7 @@ def _flips_section(metrics: dict[str, Any]) -> list[str]:
             continue
         spread = ((metrics.get("methods_std") or {}).get(key) or {}).get("negative_flip_rate") or {}
         cmc1 = (method.get("matrices") or {}).get("cmc1")
-        for new, old in _pairs(len(flips["new_old"])):
+        for new, old in upgrade_pairs(len(flips["new_old"])):
             rows.append([key, f"{new} vs {old}", _fmt(_cell(cmc1, old, old)),
                          *(_percent(_cell(flips[cell], new, old), _cell(spread.get(cell), new, old))
                            for cell in ("new_old", "new_new"))])
@@ -427,6 +421,48 @@ def _flips_section(metrics: dict[str, Any]) -> list[str]:
             "at top-1 and the new version gets wrong: against the old gallery (NFR new/old, no backfill) and "
             f"against its own re-embedded gallery (NFR new/new). Lower is better; 0 = no regression.{over}", "",
             *_md_table(("method", "new vs old", "old/old top-1", "NFR new/old", "NFR new/new"), rows)]
+
+
+def _gate_section(metrics: dict[str, Any]) -> list[str]:
+    """The release gate of every upgrade (metrics.json's ``gate``, what ``compat check`` prints for the
+    pair): new/old − old/old on CMC top-1 and mAP and the negative-flip rate, each with its interval, and
+    the verdict; over seeds, every seed's row and how many seeds passed."""
+    rows, first = [], None
+    for key, method in metrics["methods"].items():
+        for pair in method.get("gate") or []:
+            first = first or pair
+            upgrade = f"{pair['new_version']} vs {pair['old_version']}"
+            if "by_seed" not in pair:
+                rows.append([key, upgrade, *_gate_cells(pair)])
+                continue
+            rows += [[key, upgrade, f"seed {seed}", *_gate_cells(entry)] for seed, entry in pair["by_seed"].items()]
+            rows.append([key, upgrade, "all", "", "", "", f"**{pair['compatible_seeds']}/{len(pair['by_seed'])} seeds "
+                                                            "compatible**"])
+    if first is None:
+        return []
+    level = f"{100 * first['confidence']:g} %"
+    beyond = "above" if first["ties"] == "fail" else "at or above"
+    seeds = metrics.get("seeds")
+    command = "`compat check --old RUN --old-method M --old-version j --new RUN --new-method M --new-version i`"
+    header = ["method", "new vs old", *(["seed"] if seeds else []), f"new/old − old/old CMC top-1 [{level}]",
+              f"new/old − old/old mAP [{level}]", f"NFR new/old % [{level}]", "verdict"]
+    return ["## Release gate of every upgrade", "",
+            f"Each upgrade as {command} judges it{' on RUN/seed-N' if seeds else ''} (ties {first['ties']}): "
+            f"the paired-bootstrap interval over the queries ({first['resamples']} resamples, seed {first['seed']}) "
+            f"of new/old − old/old, compatible when its lower bound is {beyond} 0 on CMC top-1 and on mAP; the "
+            "negative-flip rate (NFR) of new/old is reported, not gated. See docs/guide/release-gate.md.", "",
+            *_md_table(header, rows)]
+
+
+def _gate_cells(entry: dict[str, Any]) -> list[str]:
+    """Both differences and the new/old flip rate with their intervals, and the verdict, of one gate."""
+    def interval(value: dict[str, float], scale: float, digits: int, sign: str) -> str:
+        return (f"{scale * value['estimate']:{sign}.{digits}f} [{scale * value['low']:{sign}.{digits}f}, "
+                f"{scale * value['high']:{sign}.{digits}f}]")
+
+    return [interval(entry["difference"]["cmc1"], 1, 4, "+"), interval(entry["difference"]["map"], 1, 4, "+"),
+            interval(entry["negative_flip_rate"]["new_old"], 100, 2, ""),
+            "compatible" if entry["compatible"] else "**not compatible**"]
 
 
 def _percent(value: Optional[float], std: Optional[float] = None) -> str:
@@ -519,6 +555,7 @@ def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str])
     lines += _health_section(metrics)
     lines += _update_section(metrics)
     lines += _flips_section(metrics)
+    lines += _gate_section(metrics)
     lines += _block_section(metrics)
     lines += _session_accuracy_section(metrics)
     for key, method in metrics["methods"].items():
