@@ -141,6 +141,8 @@ def test_bad_input_names_the_file_or_flag_before_any_work(files, tmp_path, capsy
         (["--new", files["better"], "--confidence", 0], ["--confidence"]),
         (["--new", files["better"], "--resamples", 0], ["--resamples"]),
         (["--new", files["better"], "--new-version", 1], ["embedding file", "--new-version"]),
+        (["--new", files["better"], "--new-config", tmp_path], ["better.npz is an embedding file", "--new-config"]),
+        (["--new", tmp_path / "model.pt"], ["model.pt is a checkpoint", "--new-config is needed"]),
         (["--new", files["better"], "--protocol", "query-gallery"], ["old.npz has no 'split' column"]),
     ]
     for argv, fragments in cases:

@@ -310,6 +310,61 @@ def test_check_reads_two_versions_of_a_run_and_agrees_with_its_metrics(finished_
     assert "--old-version is needed" in err and "finished versions 0, 1, 2" in err
 
 
+class NotATensor:
+    """A pickled object a weights-only load must refuse."""
+
+
+def test_check_on_checkpoints_equals_the_run_directory(finished_run, tmp_path, capsys):
+    """`compat check` on v0's and v1's weights files, with the run directory or its config YAML as the config,
+    embeds the evaluation sets on the CPU exactly as the run's store holds them: the same scores, intervals
+    and verdict. Then the checkpoint errors, each naming the flag or the file."""
+    _, run_dir, _ = finished_run
+    weights = {v: run_dir / "versions" / "bct" / f"v{v}" / "model.pt" for v in range(3)}
+    common = ["--json", "--resamples", "100"]
+
+    def check(*argv):
+        code = main(["check", *map(str, argv)])
+        out, err = capsys.readouterr()
+        return code, (json.loads(out) if out else None), err
+
+    stored = check("--old", run_dir, "--old-method", "bct", "--old-version", 0,
+                   "--new", run_dir, "--new-method", "bct", "--new-version", 1, *common)
+    embedded = check("--old", weights[0], "--old-config", run_dir, "--old-method", "bct", "--old-version", 0,
+                     "--new", weights[1], "--new-config", run_dir / "config.yaml", "--new-method", "bct",
+                     "--new-version", 1, *common)
+    assert embedded[0] == stored[0] in (0, 1)
+    sources = ("old", "new")
+    assert {k: v for k, v in embedded[1].items() if k not in sources} == {
+        k: v for k, v in stored[1].items() if k not in sources}
+    assert "model.pt (bct v1 of " in embedded[1]["new"]
+
+    state = torch.load(weights[0], weights_only=True)
+    first = next(iter(state))
+    misfit = {**{k: v for k, v in state.items() if k != first}, "stray.weight": torch.zeros(1)}
+    torch.save(misfit, tmp_path / "misfit.pt")
+    torch.save({**state, "note": NotATensor()}, tmp_path / "unsafe.pt")
+    old = ["--old", run_dir, "--old-method", "bct", "--old-version", 0]
+    new = ["--new-config", run_dir, "--new-method", "bct"]
+    cases = [
+        (["--new", weights[1], "--new-method", "bct", "--new-version", 1], ["--new", "is a checkpoint", "--new-config"]),
+        (["--new", weights[2], *new, "--new-version", 0], ["--new:", "v2/model.pt", "does not fit", "size mismatch"]),
+        (["--new", tmp_path / "misfit.pt", *new, "--new-version", 0],
+         ["--new:", "misfit.pt", f'Missing key(s) in state_dict: "{first}"', 'Unexpected key(s) in state_dict: "stray.weight"']),
+        (["--new", tmp_path / "unsafe.pt", *new, "--new-version", 0],
+         ["--new:", "unsafe.pt", "cannot be loaded safely", "NotATensor"]),
+        (["--new", weights[1], *new], ["--new-version is needed", "0 to 2"]),
+        (["--new", weights[1], "--new-config", tmp_path / "none.yaml", "--new-method", "bct"],
+         ["--new-config", "none.yaml does not exist"]),
+        (["--new", weights[1], "--new-config", run_dir, "--new-method", "oca", "--new-version", 1],
+         ["--new-method 'oca'", "independent, bct"]),
+        (["--new", run_dir, "--new-method", "bct", "--new-version", 1, "--set", "seed=3"], ["--set", "neither side"]),
+    ]
+    for argv, fragments in cases:
+        code, out, err = check(*old, *argv)
+        assert code == 2 and out is None, (argv, out)
+        assert all(f in err for f in fragments), (argv, err)
+
+
 def test_every_upgrade_carries_the_gate_that_compat_check_gives_on_the_run(finished_run, capsys):
     """metrics.json's ``gate`` of every upgrade is exactly what `compat check` prints for that pair of the
     run directory (same defaults, the run's ties), and report.md shows it."""

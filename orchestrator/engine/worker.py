@@ -344,19 +344,28 @@ class Session:
     @torch.no_grad()
     def _write_embeddings(self, step: Step, model) -> None:
         """Embed each evaluation set once with this version; each rank writes its own shard."""
-        for name, eval_set in self.cfg.evaluation.sets.items():
-            data = self._eval_data(name)
-            keep = np.arange(len(data.labels))
-            if eval_set.classes == "seen":  # only allowed on the experiment's own dataset (validated)
-                keep = keep[self.positions[data.labels] < step.num_seen]
-            shard = keep[self.worker.rank::self.worker.world_size]
-            transform = input_transform(self.method, eval_set.data or self.cfg.data, data, train=False)
-            feats = embed_images(lambda x: self.method.embed(model, x), data.batches, shard, transform,
-                                 self.cfg.evaluation.batch_size, self.worker.device)
+        for name in self.cfg.evaluation.sets:
+            data, shard, feats = self.embed_evaluation_set(name, step, model)
             self.store.write(self.spec.key, step.index, name, feats, data.labels[shard].astype(np.int32),
                              data.sample_ids[shard], session=step.index, shard=self.worker.rank,
                              num_shards=self.worker.world_size,
                              metadata=self._store_metadata())
+
+    @torch.no_grad()
+    def embed_evaluation_set(self, name: str, step: Step, model) -> tuple[LabeledImages, np.ndarray, np.ndarray]:
+        """This rank's share of evaluation set ``name`` as ``model`` (the version of ``step``) embeds it:
+        the set's data, the rows embedded and their features. What the store holds for a version, and what
+        ``compat check`` computes from a checkpoint without a run."""
+        eval_set = self.cfg.evaluation.sets[name]
+        data = self._eval_data(name)
+        keep = np.arange(len(data.labels))
+        if eval_set.classes == "seen":  # only allowed on the experiment's own dataset (validated)
+            keep = keep[self.positions[data.labels] < step.num_seen]
+        shard = keep[self.worker.rank::self.worker.world_size]
+        transform = input_transform(self.method, eval_set.data or self.cfg.data, data, train=False)
+        feats = embed_images(lambda x: self.method.embed(model, x), data.batches, shard, transform,
+                             self.cfg.evaluation.batch_size, self.worker.device)
+        return data, shard, feats
 
     def _eval_data(self, name: str) -> LabeledImages:
         eval_set = self.cfg.evaluation.sets[name]

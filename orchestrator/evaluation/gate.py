@@ -2,7 +2,9 @@
 embedded by the live model, with confidence intervals, and exits non-zero when it may not.
 
 Both models' embeddings of the same evaluation data come from an embedding file (what ``compat compare``
-reads: Parquet or .npz) or from a run directory's store (a method and a version of a finished run).
+reads: Parquet or .npz), from a run directory's store (a method and a version of a finished run), or from
+a checkpoint: a version's weights, embedded here (in-process, on the CPU) on the evaluation sets of the
+experiment config that describes its model, exactly as a run's worker embeds them for its store.
 Three retrieval cells are scored per query: old/old (the gallery model's own pair), new/old (candidate
 queries against the old gallery) and new/new. The gate holds when, on CMC top-1 and on mAP, the lower
 bound of the paired-bootstrap interval of new/old - old/old is above 0 (at or above 0 with ``--ties
@@ -22,13 +24,15 @@ import functools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
-from orchestrator.config import EvaluationConfig
+from orchestrator.config import EvaluationConfig, ExperimentConfig, MethodSpec, apply_override
 from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
-from orchestrator.errors import CompatError, DataError, RunError
+from orchestrator.config.experiment import load_raw
+from orchestrator.errors import CheckpointError, CompatError, DataError, RunError
 from orchestrator.evaluation import metrics
 from orchestrator.evaluation.retrieval import Upgrade, per_query_scores
 from orchestrator.evaluation.standalone import read_embedding_file, split_sides
@@ -129,11 +133,26 @@ def gate(old: Side, new: Side, protocol: str, *, confidence: float, resamples: i
 
 
 # -- inputs ----------------------------------------------------------------------------------------
-def load_side(flag: str, location: str, method: Optional[str], version: Optional[int]) -> Side:
-    """``--old``/``--new``: an embedding file, or a run directory with ``--<flag>-method`` and ``-version``."""
+EMBEDDING_SUFFIXES = (".npz", ".parquet", ".pq")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def load_side(flag: str, location: str, method: Optional[str], version: Optional[int],
+              config: Optional[str] = None, overrides: Sequence[str] = ()) -> Side:
+    """``--old``/``--new``: an embedding file; a run directory with ``--<flag>-method`` and ``-version``; or
+    a checkpoint (a weights file or a version directory) with ``--<flag>-config`` and ``-method``."""
     path = Path(location)
+    name = flag[2:]
+    if config is not None:
+        if path.suffix in EMBEDDING_SUFFIXES:
+            raise CompatError(f"{flag} {location} is an embedding file; --{name}-config describes the model of a "
+                              "checkpoint, drop it")
+        return _checkpoint_side(flag, location, config, method, version, overrides)
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        raise CompatError(f"{flag} {location} is a checkpoint: --{name}-config is needed (the experiment config "
+                          f"YAML that describes its model, or the run directory it came from), with --{name}-method")
     is_file = "://" not in location and path.is_file()
-    if is_file or path.suffix in (".npz", ".parquet", ".pq"):
+    if is_file or path.suffix in EMBEDDING_SUFFIXES:
         if method is not None or version is not None:
             raise CompatError(f"{flag} {location} is an embedding file; --{flag[2:]}-method and --{flag[2:]}-version "
                               "select a version in a run directory, drop them")
@@ -152,17 +171,9 @@ def load_side(flag: str, location: str, method: Optional[str], version: Optional
 def _run_side(flag: str, location: str, document: dict, method: Optional[str], version: Optional[int]) -> Side:
     """The stored embeddings of a finished version, under the run's protocol (a run evaluated against class
     templates is ranked against every gallery vector here)."""
-    cfg = parse_any(document)
     name = flag[2:]
-    if isinstance(cfg, CrossModalExperiment):
-        raise RunError(f"{flag} {location} is a cross-modal run; compat check compares image retrieval "
-                       "galleries (class-incremental, few-shot or replacement runs)")
-    if cfg.seeds is not None:
-        raise RunError(f"{flag} {location} holds a run per seed; pass one of them, e.g. {location}/seed-{cfg.seeds[0]}")
-    methods = [m.key for m in cfg.methods]
-    if method is None or method not in methods:
-        given = "is needed" if method is None else f"'{method}' is not a method of that run"
-        raise RunError(f"--{name}-method {given}: {location} has {', '.join(methods)}")
+    cfg = _image_experiment(flag, location, document)
+    _method_spec(name, location, cfg, method)
     run = RunStorage.at(location)
     done = _done_versions(run, method)
     if version is None or version not in done:
@@ -199,6 +210,79 @@ def upgraded_old_gallery(old: Side, new: Side, upgrade_of: UpgradeOf) -> Optiona
     if old.version_of[2] == version:
         return None
     return upgrade(old.version_of[2], version, old.gallery[0])
+
+
+def _image_experiment(flag: str, location: str, document: dict) -> ExperimentConfig:
+    """The experiment a run or a config describes, if it is one whose versions embed image galleries."""
+    cfg = parse_any(document)
+    if isinstance(cfg, CrossModalExperiment):
+        raise RunError(f"{flag} {location} is a cross-modal experiment; compat check compares image retrieval "
+                       "galleries (class-incremental, few-shot or replacement runs)")
+    if cfg.seeds is not None:
+        raise RunError(f"{flag} {location} holds a run per seed; pass one of them, e.g. {location}/seed-{cfg.seeds[0]}"
+                       " (a config YAML: set seeds to null and seed to the run's seed)")
+    return cfg
+
+
+def _method_spec(name: str, location: str, cfg: ExperimentConfig, method: Optional[str]) -> MethodSpec:
+    """The method ``--<name>-method`` names (its label in the experiment)."""
+    specs = {m.key: m for m in cfg.methods}
+    if method is None or method not in specs:
+        given = "is needed" if method is None else f"'{method}' is not a method of that run"
+        raise RunError(f"--{name}-method {given}: {location} has {', '.join(specs)}")
+    return specs[method]
+
+
+def _checkpoint_side(flag: str, location: str, config: str, method: Optional[str], version: Optional[int],
+                     overrides: Sequence[str]) -> Side:
+    """A version's weights, built into its method's network for the config's step ``version`` and loaded
+    safely (strictly: every tensor must fit), then the config's query and gallery sets embedded on the CPU
+    by the very code that fills a run's store (:meth:`orchestrator.engine.worker.Session.embed_evaluation_set`)."""
+    from orchestrator.engine.driver import default_run_dir
+    from orchestrator.engine.worker import Session, Worker
+
+    name = flag[2:]
+    config_flag = f"--{name}-config"
+    is_run = "://" in config or Path(config).is_dir()
+    if is_run:
+        try:
+            document = runfiles.read_config(RunStorage.at(config))
+        except OSError as exc:
+            raise RunError(f"{config_flag} {config}: cannot read it ({str(exc).strip()})") from None
+        if document is None:
+            raise RunError(f"{config_flag} {config} is a directory but no run directory (no config.yaml); pass a "
+                           "config YAML or the run directory the checkpoint came from")
+        for assignment in overrides:
+            apply_override(document, assignment)
+    else:
+        if not Path(config).is_file():
+            raise CompatError(f"{config_flag} {config} does not exist; pass a config YAML or the run directory "
+                              "the checkpoint came from")
+        document = load_raw(config, overrides)
+    cfg = _image_experiment(config_flag, config, document)
+    spec = _method_spec(name, config, cfg, method)
+    run = RunStorage.at(config) if is_run else default_run_dir(cfg)
+    session = Session(cfg, spec, run, Worker(rank=0, world_size=1, device=torch.device("cpu")), run)
+    steps = len(session.steps)
+    if version is None and steps == 1:
+        version = 0
+    if version is None or not 0 <= version < steps:
+        given = "is needed" if version is None else f"{version} is not a version of that experiment"
+        raise CompatError(f"--{name}-version {given}: the step whose network {location} is loaded into, "
+                          f"0 to {steps - 1} for {config}")
+    step = session.steps[version]
+    try:
+        model = session.method.load_version(session.context(step), location)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{flag}: {exc} (built from {config_flag} {config}, {method} v{version})") from None
+    ev = cfg.evaluation
+    gallery_set = ev.query if ev.protocol == "leave-one-out" else ev.gallery
+    embedded = {}
+    for part in {ev.query, gallery_set}:
+        data, rows, feats = session.embed_evaluation_set(part, step, model)
+        embedded[part] = (feats, data.labels[rows].astype(np.int32)), data.sample_ids[rows]
+    (query, query_ids), (gallery, gallery_ids) = embedded[ev.query], embedded[gallery_set]
+    return Side(f"{location} ({method} v{version} of {config})", ev.protocol, query, gallery, query_ids, gallery_ids)
 
 
 def version_gates(run: RunStorage, evaluation: EvaluationConfig, method: str, num_versions: int,
@@ -271,13 +355,26 @@ def add_check_parser(subparsers: "argparse._SubParsersAction", upgrade_of: Upgra
                     "confidence intervals of new/old - old/old on CMC top-1 and mAP and of the negative-flip "
                     "rates, and list the classes whose top-1 drops. Exit 0 when the lower bound of the "
                     "interval is above 0 on both metrics, 1 when not, 2 on bad input. Each side is an "
-                    "embedding file (Parquet or .npz, as compat compare reads) or a run directory with "
-                    "--old-method/--old-version (--new-method/--new-version).")
-    parser.add_argument("--old", required=True, help="the gallery's model: an embedding file or a run directory")
-    parser.add_argument("--new", required=True, help="the candidate model: an embedding file or a run directory")
+                    "embedding file (Parquet or .npz, as compat compare reads), a run directory with "
+                    "--old-method/--old-version (--new-method/--new-version), or a checkpoint (model.pt, "
+                    ".safetensors or a version directory) with --old-config and --old-method (--new-config, "
+                    "--new-method): embedded here, on the CPU, on the config's evaluation sets.")
+    parser.add_argument("--old", required=True,
+                        help="the gallery's model: an embedding file, a run directory or a checkpoint")
+    parser.add_argument("--new", required=True,
+                        help="the candidate model: an embedding file, a run directory or a checkpoint")
     for side in ("old", "new"):
-        parser.add_argument(f"--{side}-method", help=f"with a run directory as --{side}: the method (its label)")
-        parser.add_argument(f"--{side}-version", type=int, help=f"with a run directory as --{side}: the version")
+        parser.add_argument(f"--{side}-method", help=f"with a run directory or a checkpoint as --{side}: the method "
+                                                     "(its label in the experiment)")
+        parser.add_argument(f"--{side}-version", type=int,
+                            help=f"with a run directory as --{side}: the version; with a checkpoint: the step whose "
+                                 "network it is loaded into (optional when the experiment has one step)")
+        parser.add_argument(f"--{side}-config", help=f"with a checkpoint as --{side}: the experiment config that "
+                                                     "describes its model (a config YAML or the run directory it "
+                                                     "came from); its evaluation sets are embedded")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of every checkpoint's config (repeatable), e.g. evaluation data: "
+                             "--set data.root=/data/eval")
     parser.add_argument("--protocol", choices=PROTOCOLS,
                         help="for embedding files (default leave-one-out; see compat compare); a run directory "
                              "brings its own")
@@ -303,8 +400,11 @@ def run_check(args: argparse.Namespace, upgrade_of: UpgradeOf) -> int:
         raise CompatError(f"--resamples must be at least 1, got {args.resamples}")
     if args.min_class_queries < 1:
         raise CompatError(f"--min-class-queries must be at least 1, got {args.min_class_queries}")
-    old = load_side("--old", args.old, args.old_method, args.old_version)
-    new = load_side("--new", args.new, args.new_method, args.new_version)
+    if args.overrides and args.old_config is None and args.new_config is None:
+        raise CompatError("--set overrides the config of a checkpoint (--old-config, --new-config); neither side "
+                          "is a checkpoint, drop it")
+    old = load_side("--old", args.old, args.old_method, args.old_version, args.old_config, args.overrides)
+    new = load_side("--new", args.new, args.new_method, args.new_version, args.new_config, args.overrides)
     protocol = resolve_protocol(args.protocol, old, new)
     old, new = old.under(protocol), new.under(protocol)
     check_sides(old, new, protocol)
