@@ -110,15 +110,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(f"\nReport written to {path}")
     return 0
 
-def _stored_vector_upgrade(run, method: str, version: int):
-    """The engine's upgrade of stored vectors, for ``compat check`` (imported only when a run is checked)."""
-    from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
-
-    return stored_vector_upgrade(run, method, version)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from orchestrator.evaluation.gate import add_check_parser
+    from orchestrator.engine.check import add_check_parser
     from orchestrator.evaluation.standalone import add_compare_parser, add_metrics_parser
 
     parser = argparse.ArgumentParser(prog="compat", description=__doc__.splitlines()[0])
@@ -160,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_metrics_parser(sub)
     add_compare_parser(sub)
-    add_check_parser(sub, _stored_vector_upgrade)
+    add_check_parser(sub)
     return parser
 
 
