@@ -1,4 +1,5 @@
-"""A real local Ray cluster: a 3-step simulation with one step on 2 DDP workers, then resume."""
+"""A real local Ray cluster: a 3-step simulation with one step on 2 DDP workers, its matrix rows as Ray
+tasks (bitwise the driver's), then resume."""
 
 import json
 
@@ -26,7 +27,19 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     ])
     cfg.output_dir = str(tmp_path)
     run_dir = tmp_path / cfg.name
-    metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
+    import orchestrator.evaluation as evaluation
+
+    in_driver = evaluation.compatibility_row
+    with monkeypatch.context() as patch:  # every version trained on Ray: its row is a Ray task, never the driver's
+        patch.setattr(evaluation, "compatibility_row", lambda *a, **k: pytest.fail("a row was computed in the driver"))
+        metrics = driver.run_experiment(cfg, progress=False, echo=lambda s: None)
+    assert evaluation.compatibility_row is in_driver
+    row_files = [run_dir / runfiles.row_key("bct", v) for v in range(3)]
+    from_tasks = [path.read_bytes() for path in row_files]
+    for path in row_files:
+        path.unlink()
+    driver.ensure_row(cfg, run_dir, "bct", 2)  # the same rows computed in the driver: the same bits
+    assert [path.read_bytes() for path in row_files] == from_tasks
 
     # two worker groups: steps 0-1 on one worker, step 2 on two DDP workers
     groups = [runfiles.manifest_entry(run_dir, "bct", v)["group"] for v in range(3)]

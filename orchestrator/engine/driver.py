@@ -2,7 +2,8 @@
 
 The driver holds no tensors of the workers: versions, embeddings and progress pass through the run
 directory. A finished step is never recomputed, and a matrix row is computed once, from the store,
-right after its version exists.
+right after its version exists: as a Ray task next to the data when the version trained on the
+cluster (orchestrator/engine/rows.py), else in the driver.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
                cancel: Optional[threading.Event], verify: bool) -> dict:
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
+    from orchestrator.engine.rows import RowTasks
     from orchestrator.reporting.report import render_report
     from orchestrator.engine.upstream_clip import record_upstream
 
@@ -188,13 +190,6 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
          f"{len(done)}/{len(graph.tasks)} already done")
     display = ProgressDisplay(root, graph, len(done), enabled=progress, echo=echo)
 
-    def row_of(task_id: str) -> None:  # each matrix row as soon as its version is committed
-        task = graph.tasks[task_id]
-        if task.method is None:
-            return  # the upstream CLIP: no version of a method
-        run = graph.runs[task.run]
-        ensure_row(run.config, root.child(task.run), run.config.methods[task.method].key, task.step)
-
     def track(task_id: str) -> None:  # a version's numbers to the trackers, once per task
         task, run = graph.tasks[task_id], graph.runs[graph.tasks[task_id].run]
         if not tracker.enabled or task.method is None or run.role == "upstream":
@@ -206,13 +201,21 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
 
     for task_id in done:  # what a resumed run finished before, so its tracker run is complete
         track(task_id)
-    execute(graph, root, on_finished=lambda task_id: (row_of(task_id), track(task_id)), display=display,
-            max_groups=max_groups, step_by_step=step_by_step, cancel=cancel)
+    rows = RowTasks(graph, root, on_row=track)  # each row once its version is committed (orchestrator/engine/rows.py)
+    try:
+        execute(graph, root, on_finished=rows.submit, display=display, max_groups=max_groups,
+                step_by_step=step_by_step, cancel=cancel)
+        rows.collect()
+    except BaseException:
+        rows.cancel()
+        raise
     display.close()
     finished: dict[str, dict] = {}
     for path, run in sorted(graph.runs.items(), key=lambda item: item[1].role != "upstream"):
-        for task in graph.tasks_of(path):
-            row_of(task.id)
+        for task in graph.tasks_of(path):  # rows written above are read; one a resumed run lacks is computed here
+            if task.method is not None:
+                spec = run.config.methods[task.method]
+                ensure_row(run.config, root.child(path), spec.key, task.step)
         record_upstream(run.config, root.child(path), root)
         metrics = assemble_metrics(run.config, root.child(path), len(run.steps))
         add_release_gates(run.config, root.child(path), metrics)
