@@ -27,6 +27,7 @@ from orchestrator.errors import RunError
 from orchestrator.engine.scenarios import plan_steps
 
 if TYPE_CHECKING:
+    import numpy as np
     from orchestrator.storage.lease import RunLease
 
 SCHEMA_VERSION = 1
