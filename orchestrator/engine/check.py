@@ -55,15 +55,21 @@ def load_side(flag: str, location: str, method: Optional[str], version: Optional
                               "select a version in a run directory, drop them")
         embeddings, labels, split = read_embedding_file(path)  # a missing file is a StoreError naming it
         return Side(location, None, (embeddings, labels), (embeddings, labels), split=split)
+    document = _run_config(flag, location, "is neither an embedding file (.parquet, .npz) nor a run directory "
+                                           "(no config.yaml); pass one of those")
+    return _run_side(flag, location, document, method, version)
+
+
+def _run_config(flag: str, location: str, missing: str) -> dict:
+    """The config document of the run at ``location``; a RunError naming ``flag`` when it cannot be read
+    or there is none (``missing`` says what to pass instead)."""
     try:
         document = runfiles.read_config(RunStorage.at(location))
     except OSError as exc:
         raise RunError(f"{flag} {location}: cannot read it ({str(exc).strip()})") from None
     if document is None:
-        raise RunError(f"{flag} {location} is neither an embedding file (.parquet, .npz) nor a run directory "
-                       "(no config.yaml); pass one of those")
-    return _run_side(flag, location, document, method, version)
-
+        raise RunError(f"{flag} {location} {missing}")
+    return document
 
 
 def _run_side(flag: str, location: str, document: dict, method: Optional[str], version: Optional[int]) -> Side:
@@ -81,7 +87,6 @@ def _run_side(flag: str, location: str, document: dict, method: Optional[str], v
     return stored_side(run, cfg.evaluation, method, version, f"{location} ({method} v{version})")
 
 
-
 def _image_experiment(flag: str, location: str, document: dict) -> ExperimentConfig:
     """The experiment a run or a config describes, if it is one whose versions embed image galleries."""
     cfg = parse_any(document)
@@ -94,7 +99,6 @@ def _image_experiment(flag: str, location: str, document: dict) -> ExperimentCon
     return cfg
 
 
-
 def _method_spec(name: str, location: str, cfg: ExperimentConfig, method: Optional[str]) -> MethodSpec:
     """The method ``--<name>-method`` names (its label in the experiment)."""
     specs = {m.key: m for m in cfg.methods}
@@ -102,7 +106,6 @@ def _method_spec(name: str, location: str, cfg: ExperimentConfig, method: Option
         given = "is needed" if method is None else f"'{method}' is not a method of that run"
         raise RunError(f"--{name}-method {given}: {location} has {', '.join(specs)}")
     return specs[method]
-
 
 
 def _checkpoint_side(flag: str, location: str, config: str, method: Optional[str], version: Optional[int],
@@ -117,13 +120,8 @@ def _checkpoint_side(flag: str, location: str, config: str, method: Optional[str
     config_flag = f"--{name}-config"
     is_run = "://" in config or Path(config).is_dir()
     if is_run:
-        try:
-            document = runfiles.read_config(RunStorage.at(config))
-        except OSError as exc:
-            raise RunError(f"{config_flag} {config}: cannot read it ({str(exc).strip()})") from None
-        if document is None:
-            raise RunError(f"{config_flag} {config} is a directory but no run directory (no config.yaml); pass a "
-                           "config YAML or the run directory the checkpoint came from")
+        document = _run_config(config_flag, config, "is a directory but no run directory (no config.yaml); pass a "
+                                                    "config YAML or the run directory the checkpoint came from")
         for assignment in overrides:
             apply_override(document, assignment)
     else:
@@ -157,14 +155,12 @@ def _checkpoint_side(flag: str, location: str, config: str, method: Optional[str
     return Side(f"{location} ({method} v{version} of {config})", ev.protocol, query, gallery, query_ids, gallery_ids)
 
 
-
 def _done_versions(run: RunStorage, method: str) -> list[int]:
     """The versions of ``method`` whose steps are finished, counted up from 0."""
     done = []
     while runfiles.step_done(run, method, len(done)):
         done.append(len(done))
     return done
-
 
 
 def resolve_protocol(flag: Optional[str], old: Side, new: Side) -> str:
@@ -177,7 +173,6 @@ def resolve_protocol(flag: Optional[str], old: Side, new: Side) -> str:
     if runs and flag is not None and flag not in runs:
         raise CompatError(f"--protocol {flag} contradicts the run's own protocol {next(iter(runs))}; drop --protocol")
     return next(iter(runs), None) or flag or "leave-one-out"
-
 
 
 def add_check_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -225,7 +220,6 @@ def add_check_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     return parser
 
 
-
 def run_check(args: argparse.Namespace) -> int:
     """``compat check``: every flag and both inputs checked before anything is scored."""
     if not 0 < args.confidence < 1:
@@ -247,7 +241,6 @@ def run_check(args: argparse.Namespace) -> int:
                   ties=args.ties, min_class_queries=args.min_class_queries, upgraded_gallery=upgraded)
     print(json.dumps(result) if args.json else format_check(result))
     return COMPATIBLE if result["compatible"] else INCOMPATIBLE
-
 
 
 def format_check(result: dict) -> str:
