@@ -128,8 +128,16 @@ def test_protocol_presets_plan_the_standard_sessions(tmp_path):
     assert [s.num_seen for s in plan_steps(cifar, 100)] == [60 + 5 * t for t in range(9)]
     assert cifar.model.name == "ViT-B-16-quickgelu" and cifar.model.pretrained == "openai"
     root, lists = tmp_path / "cub", tmp_path / "lists"
-    for c in range(200):
-        (root / "train" / f"{c + 1:03d}.Bird_{c}").mkdir(parents=True)
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(png, format="PNG")
+    for c in range(200):  # a readable image per class: validation indexes the splits before planning
+        for split in ("train", "test"):
+            (root / split / f"{c + 1:03d}.Bird_{c}").mkdir(parents=True)
+            (root / split / f"{c + 1:03d}.Bird_{c}" / "0.png").write_bytes(png.getvalue())
     lists.mkdir()
     for t in range(11):
         (lists / f"session_{t + 1}.txt").write_text("x\n")
