@@ -231,6 +231,11 @@ def test_the_service_serves_upgraded_stored_vectors_and_mapped_queries(adapter_r
             assert row["map"] == pytest.approx(manual["map"], abs=1e-6), (method, step)
             assert row["cmc1"] == pytest.approx(manual["cmc1"], abs=1e-6), (method, step)
         assert len(np.unique(arrival)) == 3  # step 2's gallery mixes all three versions
+        # the run stored the same bookkeeping: without backfill each item is served by its arrival's version
+        served = runfiles.read_served_versions(run_dir, method).to_pandas()
+        kept = served[(served.policy == "no_backfill") & (served.step == 2)].sort_values("sample_id")
+        assert np.array_equal(kept.served_version.to_numpy(), arrival[np.argsort(tables[0].sample_ids)])
+        assert np.array_equal(kept.arrival_step.to_numpy(), kept.served_version.to_numpy())
     assert stored_vector_upgrade(run_dir, "to-old", 2) is None
     # uncertainty-first backfills where the served (upgraded) vector disagrees most with the new embedding
     tables = [store.read("upgrade", v, "test") for v in range(3)]

@@ -11,7 +11,8 @@ from orchestrator.errors import ConfigError
 from orchestrator.evaluation import backfill
 from orchestrator.evaluation.backfill import NOT_PRESENT, simulate
 from orchestrator.evaluation.mixed_gallery import (MixedGalleryEvaluator, StoredVersions, curve_area,
-                                                   service_results)
+                                                   served_versions_table, service_results)
+from orchestrator.storage import runfiles
 
 
 def constant(keys):
@@ -42,6 +43,33 @@ def test_an_item_left_out_of_every_backfill_keeps_its_version():
     assert history.served[:, 4].tolist() == [NOT_PRESENT, NOT_PRESENT, 2, 2, 2, 2]
     assert history.served[5].tolist() == [5, 5, 0, 0, 2]
     assert history.backfilled.tolist() == [0, 2, 2, 2, 2, 2]
+
+
+def test_the_served_versions_table_written_and_read_back(tmp_path):
+    import pyarrow.parquet as pq
+
+    arrival = np.array([0, 0, 2, 2, 4, NOT_PRESENT])
+    none = simulate(arrival, 6, 0.0, constant(np.zeros(6)))
+    full = simulate(arrival, 6, 100.0, constant(np.zeros(6)))
+    table = served_versions_table(np.arange(100, 106), np.array([7, 7, 8, 8, 9, 9]), arrival,
+                                  [("no_backfill", 0.0, none), ("full_backfill", 100.0, full)])
+    runfiles.write_served_versions(str(tmp_path), "bct", table)
+    back = pq.read_table(tmp_path / "service" / "bct" / "served_versions.parquet")
+    assert back.equals(runfiles.read_served_versions(str(tmp_path), "bct"))
+    assert back.num_rows == 2 * 6 * 6 and back.column_names == [
+        "sample_id", "label", "arrival_step", "policy", "budget", "step", "served_version"]
+    rows = back.to_pylist()
+
+    def served(sample_id, policy, step):
+        [row] = [r for r in rows if (r["sample_id"], r["policy"], r["step"]) == (sample_id, policy, step)]
+        return row["served_version"]
+
+    # item 102 arrives at step 2: absent before, version 2 from then on unless backfilled
+    assert [served(102, "no_backfill", t) for t in range(6)] == [-1, -1, 2, 2, 2, 2]
+    assert [served(102, "full_backfill", t) for t in range(6)] == [-1, -1, 2, 3, 4, 5]
+    assert [served(105, "full_backfill", t) for t in range(6)] == [-1] * 6  # never arrives
+    assert {(r["sample_id"], r["label"], r["arrival_step"], r["budget"]) for r in rows if r["step"] == 5} == {
+        (100 + k, [7, 7, 8, 8, 9, 9][k], int(arrival[k]), budget) for k in range(6) for budget in (0.0, 100.0)}
 
 
 def test_budget_counts_and_bad_budgets():

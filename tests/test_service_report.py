@@ -28,7 +28,14 @@ def test_service_metrics_from_the_store_and_its_report(tmp_path):
                         "service": {"budgets": [0, 50, 100], "policies": ["random", "popular", "uncertainty"],
                                     "popularity": {"zipf": 1.2, "queries_per_step": 200}}})
     block_of_label = np.array([0, 0, 0, 1, 2, 2])  # classes 3 and then 4-5 arrive with steps 1 and 2
-    service = service_metrics(store, cfg, 3, block_of_label)
+    written = {}
+    service = service_metrics(store, cfg, 3, block_of_label, on_served=lambda method, table: written.setdefault(method, table))
+    # one bookkeeping table per method: 2 references + 3 policies x 3 budgets, 3 steps, 48 items
+    assert sorted(written) == ["same", "unrelated"] and written["same"].num_rows == 11 * 3 * 48
+    rows = [r for r in written["same"].to_pylist() if r["sample_id"] == 24]  # class 3: arrives at step 1
+    assert {r["arrival_step"] for r in rows} == {1}
+    assert {(r["policy"], r["step"], r["served_version"]) for r in rows if r["budget"] in (0, 100)} >= {
+        ("no_backfill", 0, -1), ("no_backfill", 2, 1), ("full_backfill", 2, 2), ("random", 2, 2), ("popular", 2, 1)}
     same, unrelated = service["methods"]["same"], service["methods"]["unrelated"]
     assert same["gallery_items"] == 48
     for entry in (same, unrelated):

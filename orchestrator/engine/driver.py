@@ -357,7 +357,8 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
 
         out["service"] = service_metrics(EmbeddingStore(runfiles.store_dir(run)), cfg, num_versions,
                                          None if blocks is None else blocks[1],
-                                         lambda method: stored_vector_upgrade(run, method, num_versions - 1))
+                                         lambda method: stored_vector_upgrade(run, method, num_versions - 1),
+                                         lambda method, table: runfiles.write_served_versions(run, method, table))
     return out
 
 

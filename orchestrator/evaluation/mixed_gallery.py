@@ -23,6 +23,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from orchestrator.config import EvaluationConfig, ExperimentConfig, ServiceConfig
 from orchestrator.errors import StoreError
@@ -51,6 +52,7 @@ class StoredVersions:
     gallery_labels: np.ndarray
     leave_one_out: bool
     upgrade: Optional[Upgrade] = None
+    gallery_ids: Optional[np.ndarray] = None  # sample ids of the gallery items (None: their positions)
 
     @classmethod
     def read(cls, store: "EmbeddingStore", method: str, num_versions: int, eval_cfg: EvaluationConfig,
@@ -64,7 +66,7 @@ class StoredVersions:
                 raise StoreError(f"the versions of {method!r} stored different samples of one evaluation set; "
                                  "re-encode it for every version")
         return cls([t.embeddings for t in queries], [t.embeddings for t in gallery], queries[0].labels,
-                   gallery[0].labels, leave_one_out, upgrade)
+                   gallery[0].labels, leave_one_out, upgrade, gallery[0].sample_ids)
 
     def served_gallery(self, version: int, step: int) -> np.ndarray:
         """The gallery vectors of ``version`` as the service holds them at ``step`` (upgraded into version
@@ -195,13 +197,42 @@ def curve_area(fractions: Sequence[float], values: Sequence[Optional[float]]) ->
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
 
 
+def served_versions_table(sample_ids: np.ndarray, labels: np.ndarray, arrival: np.ndarray,
+                          histories: Sequence[tuple[str, float, backfill.ServiceHistory]]) -> pa.Table:
+    """Which version served each gallery item at each step, one row per (item, step, policy, budget)
+    (long layout: dictionary-encoded in Parquet, so the repeated columns cost little).
+    ``histories``: (policy, budget percent, history); the references are the policies "full_backfill"
+    (100) and "no_backfill" (0). ``arrival_step`` and ``served_version`` are -1 where the item has not
+    arrived (:data:`~orchestrator.evaluation.backfill.NOT_PRESENT`)."""
+    num_items = len(arrival)
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in
+                                            ("sample_id", "label", "arrival_step", "policy", "budget", "step", "served_version")}
+    names: dict[str, int] = {}  # policy -> its code in the dictionary-encoded policy column
+    for policy, budget, history in histories:
+        num_steps = len(history.served)
+        columns["sample_id"].append(np.tile(np.asarray(sample_ids, dtype=np.int64), num_steps))
+        columns["label"].append(np.tile(np.asarray(labels, dtype=np.int64), num_steps))
+        columns["arrival_step"].append(np.tile(np.asarray(arrival, dtype=np.int64), num_steps))
+        columns["policy"].append(np.full(num_steps * num_items, names.setdefault(policy, len(names)), dtype=np.int32))
+        columns["budget"].append(np.full(num_steps * num_items, float(budget)))
+        columns["step"].append(np.repeat(np.arange(num_steps, dtype=np.int64), num_items))
+        columns["served_version"].append(np.asarray(history.served, dtype=np.int64).ravel())
+    types = {"policy": pa.int32(), "budget": pa.float64()}
+    table = {name: pa.array(np.concatenate(parts) if parts else [], type=types.get(name, pa.int64()))
+             for name, parts in columns.items()}
+    table["policy"] = pa.DictionaryArray.from_arrays(table["policy"], pa.array(list(names), type=pa.string()))
+    return pa.table(table)
+
+
 def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps: int, service: ServiceConfig,
-                    seed: int, map_ties: MapTies = "lower-index") -> dict:
+                    seed: int, map_ties: MapTies = "lower-index",
+                    on_served: Optional[Callable[[pa.Table], None]] = None) -> dict:
     """metrics.json's ``service`` entry of one method: both references per step, then per policy one
     point per budget (cumulative backfill fraction, forward passes used and saved, the mean over upgrades
     of every metric, the per-step rows) and the area under each metric's curve.
 
-    ``first_step[k]``: the step that first trains gallery item k's class (num_steps: none does)."""
+    ``first_step[k]``: the step that first trains gallery item k's class (num_steps: none does).
+    ``on_served``, when given, receives every history's :func:`served_versions_table`."""
     seed = service.seed if service.seed is not None else seed
     arrival = backfill.arrival_steps(first_step, num_steps, service.arrival_rate, np.random.default_rng([seed, backfill.ARRIVALS]))
     query_counts = None
@@ -216,6 +247,11 @@ def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps:
                                          query_counts=query_counts, disagreement=versions.disagreement)
         runs += [("policy", policy, budget, priority) for budget in sorted(service.budgets)]
     histories = [backfill.simulate(arrival, num_steps, budget, priority) for _, _, budget, priority in runs]
+    if on_served is not None:
+        labels = versions.gallery_labels
+        ids = np.arange(len(labels)) if versions.gallery_ids is None else versions.gallery_ids
+        on_served(served_versions_table(ids, labels, arrival, [(name, budget, history) for (_, name, budget, _), history
+                                                                in zip(runs, histories)]))
     evaluator = MixedGalleryEvaluator(versions, map_ties)
     out: dict = {"references": {}, "policies": {}}
     for (kind, name, budget, _), history, steps in zip(runs, histories, evaluator.histories(histories)):
@@ -236,11 +272,13 @@ def service_results(versions: StoredVersions, first_step: np.ndarray, num_steps:
 
 
 def service_metrics(store: "EmbeddingStore", cfg: ExperimentConfig, num_versions: int, block_of_label: Optional[np.ndarray],
-                    upgrade_of: Optional[Callable[[str], Optional[Upgrade]]] = None) -> dict:
+                    upgrade_of: Optional[Callable[[str], Optional[Upgrade]]] = None,
+                    on_served: Optional[Callable[[str, pa.Table], None]] = None) -> dict:
     """metrics.json's ``service`` section of a run: the settings and :func:`service_results` per method.
     ``block_of_label[c]``: the step that first trains class c (None: every item may arrive from step 0).
     ``upgrade_of(method)``: how that method's stored vectors are upgraded between versions (see
-    :class:`StoredVersions`), or None."""
+    :class:`StoredVersions`), or None. ``on_served(method, table)``: where each method's
+    :func:`served_versions_table` goes (None: nowhere)."""
     service, eval_cfg = cfg.service, cfg.evaluation
     out: dict = {"arrival_rate": service.arrival_rate, "budgets": sorted(service.budgets),
                  "policies": list(service.policies), "primary": eval_cfg.primary,
@@ -254,6 +292,7 @@ def service_metrics(store: "EmbeddingStore", cfg: ExperimentConfig, num_versions
         else:  # labels beyond the table belong to no step
             known = labels < len(block_of_label)
             first_step = np.where(known, block_of_label[np.where(known, labels, 0)], num_versions)
-        out["methods"][spec.key] = service_results(versions, first_step, num_versions, service, cfg.seed,
-                                                   eval_cfg.map_ties)
+        out["methods"][spec.key] = service_results(
+            versions, first_step, num_versions, service, cfg.seed, eval_cfg.map_ties,
+            None if on_served is None else (lambda table, method=spec.key: on_served(method, table)))
     return out

@@ -19,6 +19,7 @@
     replay/<method>/after-step-NNN.json  replay memory (training-split indices) after step N
     upstream/<digest>/                   a nested run per upstream (replacement) model
     seed-<s>/                            a cross-modal run's per-seed state (stage states, store)
+    service/<method>/served_versions.parquet  the version serving each gallery item per step, policy and budget
     metrics.json, report.md, *.png, *.csv
 
 Every function takes the run as a :class:`RunStorage` or a location (a path or URI); the write rules
@@ -37,6 +38,8 @@ from orchestrator.errors import RunError
 from orchestrator.storage.run_storage import Artefact, Location, RunStorage
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from methods.base import StoredWeights, Weights
 
 Run = Union[RunStorage, Location]
@@ -313,6 +316,27 @@ def index_key(method: str, version: int, eval_set: str) -> str:
 def delete_indexes(run: Run, method: str, version: int) -> None:
     """Every approximate index of version ``version``'s galleries (they are built again from its new vectors)."""
     storage(run).delete_all(f"indexes/{method}/v{version}")
+
+
+# -- service simulation ----------------------------------------------------------------------
+def served_versions_key(method: str) -> str:
+    return f"service/{method}/served_versions.parquet"
+
+
+def write_served_versions(run: Run, method: str, table: "pa.Table") -> None:
+    """The service simulation's per-item bookkeeping of one method (a deterministic function of the
+    config and the stored labels: rewritten identically on resume)."""
+    import pyarrow.parquet as pq
+
+    with storage(run).open_output(served_versions_key(method)) as sink:
+        pq.write_table(table, sink, compression="zstd")
+
+
+def read_served_versions(run: Run, method: str) -> "pa.Table":
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(storage(run).read_bytes(served_versions_key(method))))
 
 
 # -- progress ----------------------------------------------------------------------------------
