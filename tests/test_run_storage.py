@@ -269,3 +269,21 @@ def test_a_cross_modal_encoding_records_its_upstream_clip_as_a_key_in_the_run(tm
     assert key.startswith("upstream-clip/") and key.endswith("/model.pt")
     assert run.path(key) == upstream_entry(cfg.models.old.name, cfg.models.old.upstream, cfg.data.synthetic, run).path("model.pt")
     assert recorded_weights(cfg.models.new, cfg.data.synthetic) is None  # random weights: nothing to name
+
+
+def test_a_torn_read_away_from_the_local_disk_is_read_again_before_it_is_called_corrupt(tmp_path):
+    """On an object store a read overlapping a rewrite (the lease's heartbeat) can come back torn; the
+    rewrite lands while the first reads fail, and the next read sees the whole object."""
+    import threading
+
+    run = memory_storage()
+    run.write_bytes("lease.json", b'{"holder": "a"}\n{"tail": ')  # what a torn read returns
+    rewrite = threading.Timer(0.1, lambda: run.write_json("lease.json", {"holder": "b"}))
+    rewrite.start()
+    try:
+        assert run.read_json("lease.json") == {"holder": "b"}
+    finally:
+        rewrite.join()
+    run.write_bytes("lease.json", b"{not json")  # corrupt for good: still an error naming the file
+    with pytest.raises(RunError, match="lease.json is corrupt"):
+        run.read_json("lease.json")

@@ -38,6 +38,7 @@ import io
 import json
 import os
 import tempfile
+import time
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from orchestrator.errors import RunError
+
+_TORN_READ_ATTEMPTS, _TORN_READ_PAUSE_S = 4, 0.2  # see RunStorage.read_json
 
 Location = Union[str, os.PathLike]
 OBJECT_STORES = ("s3", "gcs")  # pyarrow type names of filesystems without directories (no create_dir needed)
@@ -308,11 +311,21 @@ class RunStorage:
         return self.write_bytes(key, text.encode())
 
     def read_json(self, key: str) -> Any:
-        """A JSON object; a corrupt one is a RunError that says what to delete."""
-        try:
-            return json.loads(self.read_bytes(key))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"{self.location_of(key)} is corrupt ({exc}); delete it and run again with --resume") from None
+        """A JSON object; a corrupt one is a RunError that says what to delete.
+
+        Away from the local backend a read that overlaps a rewrite of the same object (the lease's
+        heartbeat) can come back torn: the reader takes the object's size from one request and its bytes
+        from the next, which may already see the new object. Such a read is retried before the object is
+        called corrupt; a torn read does not repeat, a corrupt object does."""
+        attempts = 1 if self.is_local else _TORN_READ_ATTEMPTS
+        for attempt in range(attempts):
+            try:
+                return json.loads(self.read_bytes(key))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                if attempt + 1 == attempts:
+                    raise RunError(f"{self.location_of(key)} is corrupt ({exc}); delete it and run again with "
+                                   "--resume") from None
+                time.sleep(_TORN_READ_PAUSE_S)
 
     def read_json_or_none(self, key: str) -> Any:
         """A JSON object, or None when there is none."""
