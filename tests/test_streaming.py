@@ -263,6 +263,30 @@ def test_skipping_may_not_empty_a_class_and_is_for_files_only(tmp_path):
         load_config(None, ["data.bad_images=ignore"])
 
 
+def test_a_corrupt_parquet_row_group_costs_exactly_its_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.export import png_bytes
+
+    images, labels = _images(np.random.default_rng(9), 3)
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        pq.write_table(pa.table({"image": [png_bytes(im) for im in images], "label": [CLASSES[c] for c in labels]}),
+                       tmp_path / split / "x.parquet", row_group_size=2, compression="none")
+    path = tmp_path / "train" / "x.parquet"
+    start = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset  # the image column's page header
+    damaged = bytearray(path.read_bytes())
+    damaged[start:start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"cannot read row group 1 of Parquet file .*x\.parquet"):
+        load_split(DataConfig(dataset="parquet", root=str(tmp_path), image_size=8), "train")
+    index = split_index(_skip(tmp_path, "parquet"), "train")
+    assert index.labels.tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3, 3]  # rows 2 and 3 (row group 1) left out
+    assert len(index.skipped) == 2 and all(e.startswith(f"cannot read row group 1 of Parquet file {path}: ")
+                                           for e in index.skipped)
+
+
 def test_the_line_a_run_prints_about_skipped_images():
     from orchestrator.reporting.report import skipped_images_line
 
