@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -142,6 +143,162 @@ def test_splits_with_different_classes_fail_before_work(roots, tmp_path):
                            "scenario.increment=1"])
 
 
+# ---- data.bad_images: skip ---------------------------------------------------------------------------
+
+NOT_AN_IMAGE = "not an image format PIL can read"
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    """The same small dataset in every format with bad samples in its train split: ``{kind: (root, kept
+    sample ids, expected skipped errors, expected damaged-file errors)}``. Test splits are clean."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.export import png_bytes
+
+    base = tmp_path_factory.mktemp("damaged")
+    rng = np.random.default_rng(7)
+    splits = {"train": _images(rng, 4), "test": _images(rng, 2)}
+    encoded = {split: [png_bytes(im) for im in images] for split, (images, _) in splits.items()}
+    out = {}
+    # an image folder: a truncated PNG and a text file named .png
+    root = base / "imagefolder"
+    for split, (images, labels) in splits.items():
+        write_imagefolder(root, split, images, labels, CLASSES)
+    bee, cat = root / "train" / "bee" / "05.png", root / "train" / "cat" / "09.png"
+    bee.write_bytes(encoded["train"][5][:60])
+    cat.write_bytes(b"a text file named .png")
+    out["imagefolder"] = (root, [i for i in range(16) if i not in (5, 9)],
+                          [f"cannot decode image {bee}: image file is truncated",
+                           f"cannot decode image {cat}: {NOT_AN_IMAGE}"], [])
+    # Parquet: a corrupt image cell, and a file that is not Parquet at all
+    root = base / "parquet"
+    for split, (_, labels) in splits.items():
+        (root / split).mkdir(parents=True)
+        cells = list(encoded[split])
+        if split == "train":
+            cells[7] = b"\x89PNG\r\n\x1a\n garbage"
+        pq.write_table(pa.table({"image": cells, "label": [CLASSES[c] for c in labels]}),
+                       root / split / "a.parquet", row_group_size=5)
+    (root / "train" / "b.parquet").write_bytes(b"PAR1 not really")
+    out["parquet"] = (root, [i for i in range(16) if i != 7],
+                      [f"cannot decode image {root / 'train' / 'a.parquet'} (row group 1, row 2): "
+                       "Truncated File Read"],
+                      [f"cannot read Parquet file {root / 'train' / 'b.parquet'}: "])
+    # WebDataset: a garbage image member, and a shard cut inside its last sample's image
+    root = base / "webdataset"
+    for split, (_, labels) in splits.items():
+        (root / split).mkdir(parents=True)
+        for shard, start in enumerate(range(0, len(labels), 5)):
+            with tarfile.open(root / split / f"shard-{shard}.tar", "w") as tar:
+                for i in range(start, min(start + 5, len(labels))):
+                    image = b"garbage" if (split, i) == ("train", 3) else encoded[split][i]
+                    for ext, data in ((".png", image), (".cls", CLASSES[labels[i]].encode())):
+                        info = tarfile.TarInfo(f"{i:02d}{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(root / "train" / "shard-0.tar") as tar:
+        garbage = tar.getmember("03.png").offset_data
+    last = root / "train" / "shard-3.tar"
+    with tarfile.open(last) as tar:
+        cut = tar.getmember("15.png").offset_data + 10
+    last.write_bytes(last.read_bytes()[:cut])
+    out["webdataset"] = (root, [i for i in range(16) if i not in (3, 15)],
+                         [f"cannot decode image {root / 'train' / 'shard-0.tar'} (member at byte {garbage}): "
+                          f"{NOT_AN_IMAGE}"],
+                         [f"cannot read WebDataset shard {last}: unexpected end of data"])
+    return out, splits
+
+
+def _skip(root, kind: str, loading: str = "memory") -> DataConfig:
+    return DataConfig(dataset=kind, root=str(root), image_size=8, loading=loading, bad_images="skip")
+
+
+def test_bad_images_error_names_the_file_skip_leaves_them_out(damaged):
+    from orchestrator.data.encoded import skipped_images
+
+    data, splits = damaged
+    for kind, (root, kept, skipped, damaged_files) in data.items():
+        # error (the default): the first bad file is named
+        first = (damaged_files or skipped)[0].split(":")[0]
+        with pytest.raises(DataError, match=re.escape(first)):
+            load_split(DataConfig(dataset=kind, root=str(root), image_size=8), "train")
+        # skip: the good samples only, the errors recorded exactly, in sample order
+        train, test = load_split(_skip(root, kind), "train"), load_split(_skip(root, kind), "test")
+        assert train.labels.tolist() == splits["train"][1][kept].tolist() and train.class_names == CLASSES, kind
+        assert train.sample_ids.tolist() == list(range(len(kept)))
+        assert len(test) == 8
+        facts = skipped_images(_skip(root, kind))
+        assert facts["train"]["skipped"] == len(skipped) and facts["train"]["first"] == skipped, kind
+        assert [f[:len(e)] for f, e in zip(facts["train"]["damaged_files"], damaged_files)] == damaged_files, kind
+        assert len(facts["train"]["damaged_files"]) == len(damaged_files)
+        assert facts["test"] == {"skipped": 0, "first": [], "damaged_files": []}
+        index = split_index(_skip(root, kind), "train")
+        np.testing.assert_array_equal(read_images(index.source, index.rows(np.arange(len(index)))), train.images)
+    # the same pixels as the images that were kept, in every format
+    reference = data["imagefolder"][1]
+    folder = load_split(_skip(data["imagefolder"][0], "imagefolder"), "train")
+    for kind in ("parquet", "webdataset"):
+        root, kept, *_ = data[kind]
+        images = load_split(_skip(root, kind), "train").images
+        common = sorted(set(kept) & set(reference))
+        np.testing.assert_array_equal(images[[kept.index(i) for i in common]],
+                                      folder.images[[reference.index(i) for i in common]])
+
+
+def test_skipping_may_not_empty_a_class_and_is_for_files_only(tmp_path):
+    images, labels = _images(np.random.default_rng(8), 2)
+    write_imagefolder(tmp_path, "train", images, labels, CLASSES)
+    write_imagefolder(tmp_path, "test", images, labels, CLASSES)
+    for name in os.listdir(tmp_path / "train" / "cat"):
+        (tmp_path / "train" / "cat" / name).write_bytes(b"")
+    with pytest.raises(DataError, match="every image of class 'cat' is unreadable"):
+        split_index(_skip(tmp_path, "imagefolder"), "train")
+    with pytest.raises(ConfigError, match="data.bad_images.*file-backed"):
+        load_config(None, ["data.bad_images=skip"])
+    with pytest.raises(ConfigError, match="data.bad_images.*allowed values"):
+        load_config(None, ["data.bad_images=ignore"])
+
+
+def test_a_corrupt_parquet_row_group_costs_exactly_its_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.data.export import png_bytes
+
+    images, labels = _images(np.random.default_rng(9), 3)
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        pq.write_table(pa.table({"image": [png_bytes(im) for im in images], "label": [CLASSES[c] for c in labels]}),
+                       tmp_path / split / "x.parquet", row_group_size=2, compression="none")
+    path = tmp_path / "train" / "x.parquet"
+    start = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset  # the image column's page header
+    damaged = bytearray(path.read_bytes())
+    damaged[start:start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"cannot read row group 1 of Parquet file .*x\.parquet"):
+        load_split(DataConfig(dataset="parquet", root=str(tmp_path), image_size=8), "train")
+    index = split_index(_skip(tmp_path, "parquet"), "train")
+    assert index.labels.tolist() == [0, 0, 1, 1, 2, 2, 2, 3, 3, 3]  # rows 2 and 3 (row group 1) left out
+    assert len(index.skipped) == 2 and all(e.startswith(f"cannot read row group 1 of Parquet file {path}: ")
+                                           for e in index.skipped)
+
+
+def test_the_line_a_run_prints_about_skipped_images():
+    from orchestrator.reporting.report import skipped_images_line
+
+    clean = {"skipped": 0, "first": [], "damaged_files": []}
+    assert skipped_images_line({}) is None and skipped_images_line({"data": {"train": clean, "test": clean}}) is None
+    damaged = {"skipped": 0, "first": [], "damaged_files": ["cannot read WebDataset shard x.tar: ..."]}
+    assert skipped_images_line({"data": {"train": damaged, "test": clean},
+                                "evaluation.sets.other.data": {"train": clean, "test": {**clean, "skipped": 3}}}) == (
+        "Skipped unreadable images (bad_images: skip): evaluation.sets.other.data test 3; 1 damaged file(s), whose "
+        "unlocated samples are not counted; listed in report.md")
+
+
 # ---- Ray Data ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -195,3 +352,33 @@ def test_a_streamed_run_on_a_train_worker_matches_the_in_memory_run(ray_local, r
     for m in metrics:
         m.pop("seconds")  # wall-clock
     assert metrics[0] == metrics[1]  # the compatibility matrices: same embeddings in the store
+
+
+def test_skipped_images_stream_as_in_memory_and_reach_the_report(ray_local, damaged, tmp_path):
+    """With bad_images: skip the streamed path reads the same samples as the in-memory one; a run's
+    metrics.json, report.md and first lines say what was skipped."""
+    data, _ = damaged
+    for kind, (root, kept, *_) in data.items():
+        memory, streamed = open_split(_skip(root, kind), "train"), open_split(_skip(root, kind, "stream"), "train")
+        assert isinstance(streamed, StreamedImages) and streamed.labels.tolist() == memory.labels.tolist()
+        order = np.random.default_rng(9).permutation(len(kept))
+        expected = [b.numpy() for b in memory.batches(order, 4)]
+        got = [b.numpy() for b in streamed.batches(order, 4)]
+        assert len(got) == len(expected) == 4
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b)
+        assert (streamed.mean, streamed.std) == (memory.mean, memory.std)
+    root, _, skipped, _ = data["imagefolder"]
+    lines = []
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8",
+                             "data.bad_images=skip", "data.loading=memory", "scenario.initial_classes=3",
+                             "scenario.num_steps=1", "model.width=4", "model.embedding_dim=8", "training.epochs=1",
+                             "training.batch_size=8", "methods=[{name: independent}]", "resources.num_workers=0",
+                             f"output_dir={tmp_path}", "name=skipping"])
+    run_experiment(cfg, progress=False, echo=lines.append)
+    assert lines[1] == "Skipped unreadable images (bad_images: skip): data train 2; listed in report.md"
+    metrics = json.loads((tmp_path / "skipping" / "metrics.json").read_text())
+    assert metrics["skipped_images"]["data"]["train"] == {"skipped": 2, "first": skipped, "damaged_files": []}
+    assert manifest_entry(tmp_path / "skipping", "independent", 0)["train_samples"] == 10  # 12 of ant, bee, cat - 2
+    report = (tmp_path / "skipping" / "report.md").read_text()
+    assert "- `data` train: 2 image(s) skipped" in report and f"  - {skipped[1]}" in report

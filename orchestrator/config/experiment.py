@@ -56,6 +56,9 @@ class DataConfig:
     # auto: stream when a split decoded would exceed memory_limit_gb (file-backed datasets only)
     loading: Literal["memory", "stream", "auto"] = "auto"
     memory_limit_gb: float = 4.0  # auto only: the decoded size (images x image_size^2 x 3 bytes) above which to stream
+    # an image that cannot be read or decoded: error stops the run naming the file; skip (imagefolder, parquet,
+    # webdataset) decodes every image once when a split is indexed and leaves the bad ones out, counted in the report
+    bad_images: Literal["error", "skip"] = "error"
 
     def __post_init__(self):
         require(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
@@ -70,6 +73,9 @@ class DataConfig:
         require(self.loading != "stream" or self.dataset in STREAMABLE_DATASETS, "loading",
                 f"only the file-backed datasets ({', '.join(STREAMABLE_DATASETS)}) stream; dataset "
                 f"{self.dataset!r} is loaded into memory (set loading: memory or auto)")
+        require(self.bad_images == "error" or self.dataset in STREAMABLE_DATASETS, "bad_images",
+                f"only the file-backed datasets ({', '.join(STREAMABLE_DATASETS)}) can hold bad images; dataset "
+                f"{self.dataset!r} has none to skip (remove it)")
 
 
 @dataclass

@@ -15,8 +15,8 @@ import numpy as np
 from orchestrator.config import DataConfig
 from orchestrator.data import (DatasetSource, LabeledImages, Split, cache_entry, cache_root, channel_stats,
                                read_array, read_meta, register_dataset)
-from orchestrator.data.formats import (Source, SplitIndex, classes_of, encode_labels, list_files, parquet_listing,
-                                       read_all, split_root, webdataset_listing)
+from orchestrator.data.formats import (Source, SplitIndex, classes_of, encode_labels, find_bad_samples, list_files,
+                                       parquet_listing, read_all, split_root, webdataset_listing)
 from orchestrator.errors import DataError
 
 INDEX_VERSION = 1  # part of the index cache keys: bump whenever an index's layout changes
@@ -30,18 +30,41 @@ def _load_entry(entry: Path) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
     return meta, labels, locators
 
 
-def _cached_index(cfg: DataConfig, split: Split, kind: str, key: dict, build, cache_dir: Path) -> SplitIndex:
-    """The index of ``split``, built by ``build() -> (labels, locators, files, class_names)`` once."""
+def _cached_index(cfg: DataConfig, split: Split, kind: str, key: dict, build, cache_dir: Path,
+                  damaged: Optional[list[str]] = None) -> SplitIndex:
+    """The index of ``split``, built by ``build() -> (labels, locators, files, class_names)`` once. With
+    ``data.bad_images: skip`` the build decodes every sample and leaves out the bad ones (``damaged``: the
+    files ``build`` could not read whole); the index records them, and its cache key the mode (only when
+    it is skip, so the indexes of ``error`` keep their keys)."""
 
     def arrays():
         labels, locators, files, names = build()
-        out = {"labels": labels, **{f"loc_{name}": column for name, column in locators.items()}}
-        return out, {"locators": list(locators), "files": files, "class_names": names}
+        meta = {"locators": list(locators), "files": files, "class_names": names}
+        if cfg.bad_images == "skip":
+            source = Source(kind, split_root(cfg, split), tuple(files), cfg.image_size)
+            good, meta["skipped"] = find_bad_samples(source, locators)
+            meta["damaged_files"] = list(damaged or [])
+            _check_left(labels, good, names, split_root(cfg, split), meta)
+            labels, locators = labels[good], {name: column[good] for name, column in locators.items()}
+        return {"labels": labels, **{f"loc_{name}": column for name, column in locators.items()}}, meta
 
+    if cfg.bad_images == "skip":
+        key = {**key, "bad_images": "skip"}
     entry = cache_entry(cache_dir, f"index-{kind}", {"version": INDEX_VERSION, **key}, arrays)
     meta, labels, locators = _load_entry(entry)
     source = Source(kind, split_root(cfg, split), tuple(meta["files"]), cfg.image_size)
-    return SplitIndex(source, labels, list(meta["class_names"]), locators, digest=entry.name)
+    return SplitIndex(source, labels, list(meta["class_names"]), locators, digest=entry.name,
+                      skipped=meta.get("skipped", []), damaged_files=meta.get("damaged_files", []))
+
+
+def _check_left(labels: np.ndarray, good: np.ndarray, class_names: list[str], root: str, meta: dict) -> None:
+    """Skipping may not empty a class (nor the split): the class's images must be repaired or removed."""
+    emptied = sorted(set(labels.tolist()) - set(labels[good].tolist()))
+    if emptied or not good.any():
+        what = f"class {class_names[emptied[0]]!r}" if emptied else "the split"
+        first = next(iter(meta["skipped"] + meta["damaged_files"]), "no samples")
+        raise DataError(f"{root}: every image of {what} is unreadable ({len(meta['skipped'])} skipped in all; "
+                        f"first: {first}); repair or remove them")
 
 
 def split_index(cfg: DataConfig, split: Split, cache_dir: Optional[Path] = None) -> SplitIndex:
@@ -62,13 +85,14 @@ def split_index(cfg: DataConfig, split: Split, cache_dir: Optional[Path] = None)
     files = list_files(root, suffix)
     names = None if split == "train" else split_index(cfg, "train", cache_dir).class_names
     key = {"root": root, "files": [list(f) for f in files], "classes": names}
+    damaged = [] if cfg.bad_images == "skip" else None  # files that cannot be read whole: skipped, or an error
 
     def build():
-        locators, values = listing(root, files)
+        locators, values = listing(root, files, damaged)
         classes = names or classes_of(values)
         return encode_labels(values, classes, root), locators, [name for name, _, _ in files], classes
 
-    return _cached_index(cfg, split, cfg.dataset, key, build, cache_dir)
+    return _cached_index(cfg, split, cfg.dataset, key, build, cache_dir, damaged)
 
 
 def check_splits(cfg: DataConfig) -> None:
@@ -112,3 +136,17 @@ class EncodedFiles(DatasetSource):
 
 register_dataset("parquet")(type("Parquet", (EncodedFiles,), {}))
 register_dataset("webdataset")(type("WebDataset", (EncodedFiles,), {}))
+
+
+def skipped_images(cfg: DataConfig, shown: int = 10) -> Optional[dict]:
+    """What ``data.bad_images: skip`` left out, per split (metrics.json's ``skipped_images``): the count,
+    the first ``shown`` errors (each naming its file) and the files that could not be read whole. None
+    with ``bad_images: error``."""
+    if cfg.bad_images != "skip":
+        return None
+    out = {}
+    for split in ("train", "test"):
+        index = split_index(cfg, split)
+        out[split] = {"skipped": len(index.skipped), "first": index.skipped[:shown],
+                      "damaged_files": index.damaged_files}
+    return out

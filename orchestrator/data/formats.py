@@ -22,10 +22,13 @@ numerically); a test label outside them is an error before any training.
 from __future__ import annotations
 
 import io
+import os
 import tarfile
-from dataclasses import dataclass
-from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,7 +47,9 @@ def decode_image(source, size: int, where: str) -> np.ndarray:
     try:
         with Image.open(source) as img:
             return np.asarray(ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR))
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+    except UnidentifiedImageError:  # PIL's own message names a BytesIO object, not the file
+        raise DataError(f"cannot decode image {where}: not an image format PIL can read") from None
+    except (OSError, ValueError) as exc:
         raise DataError(f"cannot decode image {where}: {exc}") from None
 
 
@@ -67,6 +72,10 @@ class SplitIndex:
     class_names: list[str]
     locators: dict[str, np.ndarray]  # per-format columns, each (N,)
     digest: str  # names the index's cache entry (changes with the files), for caches derived from it
+    # data.bad_images: skip only: the error of each sample left out (naming its file), in sample order, and of
+    # each file that could not be read whole (its samples past the damage are not located, so not counted)
+    skipped: list[str] = field(default_factory=list)
+    damaged_files: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -161,25 +170,43 @@ def encode_labels(values: list, class_names: list[str], where: str) -> np.ndarra
 
 # ---- Parquet ---------------------------------------------------------------------------------------
 
-def parquet_listing(root: str, files: list[tuple[str, int, int]]) -> tuple[dict[str, np.ndarray], list]:
-    """Locator columns (file, row_group, row) and raw label values of a Parquet split's ``files``."""
+def _damaged(damaged: Optional[list[str]], error: DataError) -> None:
+    """A file that cannot be read: recorded in ``damaged`` (data.bad_images: skip), else raised."""
+    if damaged is None:
+        raise error from None
+    damaged.append(str(error))
+
+
+def parquet_listing(root: str, files: list[tuple[str, int, int]],
+                    damaged: Optional[list[str]] = None) -> tuple[dict[str, np.ndarray], list]:
+    """Locator columns (file, row_group, row) and raw label values of a Parquet split's ``files``. With
+    ``damaged``, a file whose metadata or labels cannot be read is recorded there and left out."""
     columns = {"file": [], "row_group": [], "row": []}
     values: list = []
     for f, (name, _, _) in enumerate(files):
         path = _join(root, name)
-        pf = _parquet(path)
+        try:
+            pf = _parquet(path)
+        except DataError as exc:
+            _damaged(damaged, exc)
+            continue
         names = pf.schema_arrow.names
         if "image" not in names or "label" not in names:
             raise DataError(f"Parquet file {path} needs columns 'image' and 'label', has {', '.join(names)}")
+        try:
+            file_values = pf.read(columns=["label"]).column("label").to_pylist()
+        except (OSError, ValueError) as exc:
+            _damaged(damaged, DataError(f"cannot read the labels of Parquet file {path}: {exc}"))
+            continue
         for g in range(pf.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
             columns["file"].append(np.full(n, f, dtype=np.int32))
             columns["row_group"].append(np.full(n, g, dtype=np.int32))
             columns["row"].append(np.arange(n, dtype=np.int32))
-        values.extend(pf.read(columns=["label"]).column("label").to_pylist())
+        values.extend(file_values)
     if any(v is None for v in values):
         raise DataError(f"{root}: a Parquet row has no label")
-    return {k: np.concatenate(v) for k, v in columns.items()}, values
+    return {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in columns.items()}, values
 
 
 def _read_parquet(source: Source, rows: dict[str, np.ndarray]) -> list[tuple[bytes, str]]:
@@ -210,9 +237,11 @@ def _split_key(member: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), (dot + ext).lower()
 
 
-def webdataset_listing(root: str, shards: list[tuple[str, int, int]]) -> tuple[dict[str, np.ndarray], list]:
+def webdataset_listing(root: str, shards: list[tuple[str, int, int]],
+                       damaged: Optional[list[str]] = None) -> tuple[dict[str, np.ndarray], list]:
     """Locator columns (shard, offset, size) and raw label values of a WebDataset split's ``shards``:
-    one sequential read of each shard's member headers (and labels)."""
+    one sequential read of each shard's member headers (and labels). With ``damaged``, a shard that
+    cannot be read to its end is recorded there; its complete samples before the damage are kept."""
     shard_col, offsets, sizes, values = [], [], [], []
     for s, (name, _, _) in enumerate(shards):
         path = _join(root, name)
@@ -230,7 +259,8 @@ def webdataset_listing(root: str, shards: list[tuple[str, int, int]]) -> tuple[d
                     elif ext == ".cls":
                         sample["label"] = tar.extractfile(member).read().decode().strip()
         except (tarfile.TarError, OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read WebDataset shard {path}: {exc}") from None
+            _damaged(damaged, DataError(f"cannot read WebDataset shard {path}: {exc}"))
+            samples = {key: sample for key, sample in samples.items() if len(sample) == 2}
         for key, sample in samples.items():
             missing = [part for part in ("image", "label") if part not in sample]
             if missing:
@@ -297,3 +327,48 @@ def read_all(index: SplitIndex, chunk: int = 1024) -> np.ndarray:
         stop = min(start + chunk, len(index))
         images[start:stop] = read_images(index.source, index.rows(np.arange(start, stop)))
     return images
+
+
+# ---- data.bad_images: skip -------------------------------------------------------------------------
+
+def find_bad_samples(source: Source, locators: dict[str, np.ndarray], chunk: int = 256) -> tuple[np.ndarray, list[str]]:
+    """Read and decode every sample once: a mask of the samples that decode, and for each one that does
+    not, in sample order, the error ``data.bad_images: error`` would raise for it (naming its file).
+    Files are read in order by this thread; a thread pool decodes (PIL releases the GIL meanwhile)."""
+    count = len(next(iter(locators.values()), ()))
+    good = np.ones(count, dtype=bool)
+    errors: list[str] = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for start in range(0, count, chunk):
+            rows = {name: np.asarray(column[start:start + chunk]) for name, column in locators.items()}
+            for i, error in enumerate(pool.map(partial(_decode_error, size=source.image_size),
+                                               _read_each(source, rows))):
+                if error is not None:
+                    good[start + i] = False
+                    errors.append(error)
+    return good, errors
+
+
+def _read_each(source: Source, rows: dict[str, np.ndarray]) -> list:
+    """``(bytes, where)`` of each row, or the reader's error (a str) for each row that cannot be read."""
+    read = _READERS[source.kind]
+    try:
+        return read(source, rows)
+    except DataError:  # one file of the chunk failed: find which rows, one by one
+        out = []
+        for i in range(len(next(iter(rows.values())))):
+            try:
+                out.extend(read(source, {name: column[i:i + 1] for name, column in rows.items()}))
+            except DataError as exc:
+                out.append(str(exc))
+        return out
+
+
+def _decode_error(item, size: int) -> Optional[str]:
+    if isinstance(item, str):
+        return item
+    try:
+        decode_image(item[0], size, item[1])
+    except DataError as exc:
+        return str(exc)
+    return None

@@ -69,8 +69,10 @@ def folder_listing(cfg: DataConfig, split: Split) -> tuple[list[str], list[tuple
 
 def image_paths(cfg: DataConfig, split: Split) -> list[str]:
     """``<class>/<file>`` of every image of ``split`` in sample-id order (FSCIL session index files name
-    images by path)."""
-    return [rel for _, rel, _, _ in folder_listing(cfg, split)[1]]
+    images by path): its index's, which leaves out the images ``data.bad_images: skip`` skipped."""
+    from orchestrator.data.encoded import split_index
+
+    return [rel.decode() for rel in split_index(cfg, split).locators["path"].tolist()]
 
 
 @register_dataset("imagefolder")
@@ -84,6 +86,10 @@ class ImageFolder(DatasetSource):
 
     def load(self, cfg: DataConfig, split: Split, cache_dir: Path) -> LabeledImages:
         """Images of ``split``, normalisation stats of the train split (shared by both splits)."""
+        if cfg.bad_images == "skip":  # the samples its index kept, decoded as the streamed path reads them
+            from orchestrator.data.encoded import EncodedFiles
+
+            return EncodedFiles().load(cfg, split, cache_dir)
         classes = self.class_names(cfg)
         entries = {s: self._entry(cfg, s, classes, cache_dir) for s in dict.fromkeys(("train", split))}
         meta = read_meta(entries["train"])

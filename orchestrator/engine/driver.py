@@ -175,7 +175,7 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
     from orchestrator.engine.executor import execute
     from orchestrator.engine.graph import plan
     from orchestrator.engine.rows import RowTasks
-    from orchestrator.reporting.report import render_report
+    from orchestrator.reporting.report import render_report, skipped_images_line
     from orchestrator.engine.upstream_clip import record_upstream
 
     graph = plan(cfg)
@@ -189,6 +189,10 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
     done = [t.id for t in graph.tasks.values() if runfiles.task_done(root.child(t.run), t.name)]
     echo(f"{'Resuming' if resuming else 'Running'} '{cfg.name}' in {root.location}: {describe_graph(graph)}, "
          f"{len(done)}/{len(graph.tasks)} already done")
+    skipped = skipped_images_of(cfg)
+    line = skipped_images_line(skipped)  # one line, only when something was skipped
+    if line:
+        echo(line)
     display = ProgressDisplay(root, graph, len(done), enabled=progress, echo=echo)
 
     def track(task_id: str) -> None:  # a version's numbers to the trackers, once per task
@@ -220,6 +224,9 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
         record_upstream(run.config, root.child(path), root)
         metrics = assemble_metrics(run.config, root.child(path), len(run.steps))
         add_release_gates(run.config, root.child(path), metrics)
+        facts = skipped_images_of(run.config)  # the split indexes are cached: cheap
+        if facts:
+            metrics["skipped_images"] = facts
         root.child(path).write_json(runfiles.METRICS, metrics)
         render_report(root.child(path))
         finished[path] = metrics
@@ -229,6 +236,8 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
     from orchestrator.evaluation.seeds import aggregate
 
     metrics = aggregate(cfg, [finished[f"seed-{seed}"] for seed in cfg.seeds])
+    if skipped:  # the seeds share the data
+        metrics["skipped_images"] = skipped
     root.write_json(runfiles.METRICS, metrics)
     render_report(root)
     tracker.run_finished([("", root), *((f"seed-{seed}", root.child(f"seed-{seed}")) for seed in cfg.seeds)])
@@ -360,6 +369,16 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
                                          lambda method: stored_vector_upgrade(run, method, num_versions - 1),
                                          lambda method, table: runfiles.write_served_versions(run, method, table))
     return out
+
+
+def skipped_images_of(cfg: ExperimentConfig) -> dict:
+    """metrics.json's ``skipped_images``: for each dataset with ``bad_images: skip`` (by its config key,
+    ``data`` or ``evaluation.sets.<name>.data``), what each split left out (see encoded.skipped_images)."""
+    from orchestrator.data.encoded import skipped_images
+
+    datasets = {"data": cfg.data, **{f"evaluation.sets.{name}.data": s.data
+                                     for name, s in cfg.evaluation.sets.items() if s.data is not None}}
+    return {key: facts for key, data in datasets.items() if (facts := skipped_images(data)) is not None}
 
 
 def add_release_gates(cfg: ExperimentConfig, run: runfiles.Run, metrics: dict) -> None:

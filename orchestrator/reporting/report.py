@@ -535,6 +535,39 @@ def _fmt_ratio(value: Any) -> str:
     return "?" if value is None else f"{value:g}"
 
 
+def skipped_images_line(skipped: dict[str, Any]) -> Optional[str]:
+    """The CLI's line about ``data.bad_images: skip`` (metrics.json's ``skipped_images``), or None when
+    nothing was skipped."""
+    parts, damaged = [], 0
+    for key, splits in skipped.items():
+        counts = [f"{split} {facts['skipped']}" for split, facts in splits.items() if facts["skipped"]]
+        damaged += sum(len(facts["damaged_files"]) for facts in splits.values())
+        parts += [f"{key} {', '.join(counts)}"] if counts else []
+    if not parts and not damaged:
+        return None
+    files = f"; {damaged} damaged file(s), whose unlocated samples are not counted" if damaged else ""
+    return f"Skipped unreadable images (bad_images: skip): {'; '.join(parts) or 'none'}{files}; listed in report.md"
+
+
+def _skipped_section(metrics: dict[str, Any], shown: int = 5) -> list[str]:
+    """What ``data.bad_images: skip`` left out of each split: counts, damaged files, the first errors."""
+    skipped = metrics.get("skipped_images")
+    if not skipped:
+        return []
+    lines = ["## Skipped images", "",
+             "`bad_images: skip` decoded every image once and left out those that failed (each error names its "
+             "file). A file unreadable past some point also loses the samples after the damage, which are not "
+             "counted.", ""]
+    for key, splits in skipped.items():
+        for split, facts in splits.items():
+            lines.append(f"- `{key}` {split}: {facts['skipped']} image(s) skipped"
+                         + (f", {len(facts['damaged_files'])} damaged file(s)" if facts["damaged_files"] else ""))
+            lines += [f"  - {error}" for error in facts["damaged_files"] + facts["first"][:shown]]
+            if facts["skipped"] > shown:
+                lines.append(f"  - ... and {facts['skipped'] - shown} more")
+    return lines + [""]
+
+
 def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str]) -> str:
     experiment = metrics.get("experiment", "experiment")
     lines = [f"# Compatibility report: {experiment}", ""]
@@ -543,7 +576,7 @@ def _markdown(metrics: dict[str, Any], slugs: dict[str, str], images: list[str])
             lines.append(f"- {label}: `{metrics[key]}`")
     lines += [f"- primary metric (orders the tables, draws the heatmaps): `{_primary(metrics)}`",
               f"- ECC: {_ecc_rule(metrics)} (ties {_ties(metrics)}); mAP ties: `{metrics.get('map_ties') or 'lower-index'}`",
-              "", "## Verdicts on every metric", ""]
+              "", *_skipped_section(metrics), "## Verdicts on every metric", ""]
     names = _metric_order(metrics)
     over = " Over seeds: the means, and ECC where it held in every seed." if metrics.get("seeds") else ""
     lines += [f"AC: share of pairs where ECC holds; AM in %; ECC: held on every pair.{over}", ""]
