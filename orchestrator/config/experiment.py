@@ -56,6 +56,10 @@ class DataConfig:
     # auto: stream when a split decoded would exceed memory_limit_gb (file-backed datasets only)
     loading: Literal["memory", "stream", "auto"] = "auto"
     memory_limit_gb: float = 4.0  # auto only: the decoded size (images x image_size^2 x 3 bytes) above which to stream
+    # streamed splits: the nodes whose CPUs decode the images. cpu_nodes: only the cluster's CPU-only worker
+    # nodes (no GPU; not the head); anywhere: wherever Ray finds free CPUs, GPU nodes included; auto:
+    # cpu_nodes when the cluster has such nodes next to GPU nodes, else anywhere
+    decode_on: Literal["auto", "cpu_nodes", "anywhere"] = "auto"
 
     def __post_init__(self):
         require(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
@@ -70,6 +74,9 @@ class DataConfig:
         require(self.loading != "stream" or self.dataset in STREAMABLE_DATASETS, "loading",
                 f"only the file-backed datasets ({', '.join(STREAMABLE_DATASETS)}) stream; dataset "
                 f"{self.dataset!r} is loaded into memory (set loading: memory or auto)")
+        require(self.decode_on == "auto" or (self.dataset in STREAMABLE_DATASETS and self.loading != "memory"),
+                "decode_on", f"places the decoding of streamed splits, but dataset {self.dataset!r} with loading "
+                             f"{self.loading!r} is decoded in memory; remove it")
 
 
 @dataclass
