@@ -59,6 +59,10 @@ class DataConfig:
     # an image that cannot be read or decoded: error stops the run naming the file; skip (imagefolder, parquet,
     # webdataset) decodes every image once when a split is indexed and leaves the bad ones out, counted in the report
     bad_images: Literal["error", "skip"] = "error"
+    # streamed splits: the nodes whose CPUs decode the images. cpu_nodes: only the cluster's CPU-only worker
+    # nodes (no GPU; not the head); anywhere: wherever Ray finds free CPUs, GPU nodes included; auto:
+    # cpu_nodes when the cluster has such nodes next to GPU nodes, else anywhere
+    decode_on: Literal["auto", "cpu_nodes", "anywhere"] = "auto"
 
     def __post_init__(self):
         require(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
@@ -76,6 +80,9 @@ class DataConfig:
         require(self.bad_images == "error" or self.dataset in STREAMABLE_DATASETS, "bad_images",
                 f"only the file-backed datasets ({', '.join(STREAMABLE_DATASETS)}) can hold bad images; dataset "
                 f"{self.dataset!r} has none to skip (remove it)")
+        require(self.decode_on == "auto" or (self.dataset in STREAMABLE_DATASETS and self.loading != "memory"),
+                "decode_on", f"places the decoding of streamed splits, but dataset {self.dataset!r} with loading "
+                             f"{self.loading!r} is decoded in memory; remove it")
 
 
 @dataclass

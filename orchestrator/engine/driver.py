@@ -128,6 +128,23 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
             "ray": ray.__version__}
 
 
+def check_decode_nodes(cfg: ExperimentConfig) -> None:
+    """Before anything is written: a streamed dataset with ``decode_on: cpu_nodes`` needs CPU-only worker
+    nodes in the cluster (a ConfigError naming the key otherwise). Connects to Ray only in that case."""
+    from orchestrator.data.streaming import decode_nodes, streams
+
+    sections = [("data", cfg.data), *((f"evaluation.sets.{name}.data", eval_set.data)
+                                      for name, eval_set in cfg.evaluation.sets.items())]
+    pinned = [key for key, data in sections if data is not None and data.decode_on == "cpu_nodes" and streams(data)]
+    if pinned:
+        import ray
+
+        ensure_ray()
+        nodes = ray.nodes()
+        for key in pinned:
+            decode_nodes(nodes, "cpu_nodes", f"{key}.decode_on")
+
+
 def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Location]] = None, *, progress: bool = True,
                    echo: Callable[[str], None] = print, max_groups: Optional[int] = None, step_by_step: bool = False,
                    cancel: Optional[threading.Event] = None, wait_for_lease: bool = False, verify: bool = False) -> dict:
@@ -152,6 +169,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Optional[Union[RunStorage, Lo
 
         return run_crossmodal(cfg, run_dir, echo=echo, progress=progress, wait_for_lease=wait_for_lease, verify=verify)
     validate(cfg)
+    check_decode_nodes(cfg)
     root = RunStorage.of(run_dir or default_run_dir(cfg))
     check_run_dir(cfg, root)  # before the lease is written
     with take_lease(root, wait_for_lease) as lease:

@@ -266,7 +266,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     import ray
     from ray import tune
 
-    from orchestrator.engine.driver import ensure_ray
+    from orchestrator.engine.driver import check_decode_nodes, ensure_ray
     from orchestrator.engine.executor import driver_resources
     from orchestrator.reporting.tracking import track_sweep, tune_callbacks
     from orchestrator.tuning.results import collect_results
@@ -279,7 +279,9 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
                        f"`compat sweep --resume {storage.location}`, or set sweep.name/sweep.output_dir")
     ensure_ray()
     cluster = ray.cluster_resources()
-    need = trial_need(parse_config(sweep.trial_raw({})), sweep.config.trial_cpus)
+    trial_cfg = parse_config(sweep.trial_raw({}))
+    check_decode_nodes(trial_cfg)  # each trial checks again, but one clear error beats one per trial
+    need = trial_need(trial_cfg, sweep.config.trial_cpus)
     at_once, groups = share_out(need, cluster.get("CPU", 0.0), cluster.get("GPU", 0.0), sweep.config.max_concurrent)
     trainable = tune.with_resources(tune.with_parameters(Trial, sweep=sweep, task_setup=TaskSetup.here(), groups=groups),
                                     {"cpu": need.driver_cpus, **driver_resources(cluster)})
