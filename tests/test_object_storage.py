@@ -220,27 +220,53 @@ def test_the_worker_check_names_what_a_worker_found():
             runfiles.check_driver(fenced)
 
 
-def test_parquet_and_webdataset_splits_read_from_the_bucket(s3, tmp_path):
-    """File-backed datasets straight from object storage (listing, index, random access by byte range or
-    row group, decoding) equal their local copies, URI options included."""
+def test_file_datasets_read_from_the_bucket(s3, ray_on_s3, tmp_path):
+    """Every file-backed dataset kind straight from object storage (listing, index, random access by
+    path, byte range, row group or record batch, decoding) equals its local copy, URI options included;
+    an image folder in memory and streamed by Ray Data tasks, and re-indexed when an object changes."""
+    import dataclasses
+
     import numpy as np
+    from PIL import Image
 
     from orchestrator.config import DataConfig
     from orchestrator.data import load_split
     from orchestrator.data.encoded import split_index
     from orchestrator.data.export import WRITERS
     from orchestrator.data.formats import read_images
+    from orchestrator.data.streaming import StreamedImages, open_split
+
+    from test_streaming import save_to_disk
 
     images = np.random.default_rng(0).integers(0, 256, (6, 9, 9, 3), dtype=np.uint8)
     labels = np.array([0, 0, 0, 1, 1, 1])
-    for kind, options in (("parquet", {"row_group_size": 2}), ("webdataset", {"samples_per_shard": 4})):
-        for split in ("train", "test"):
-            WRITERS[kind](tmp_path / kind, split, images, labels, ["ant", "bee"], **options)
+    options = {"imagefolder": {}, "parquet": {"row_group_size": 2}, "webdataset": {"samples_per_shard": 4}}
+    for kind in ("imagefolder", "parquet", "webdataset", "huggingface"):
+        if kind == "huggingface":
+            save_to_disk(tmp_path / kind, {"train": (images, labels), "test": (images, labels)}, ["ant", "bee"],
+                         num_shards={"train": 2, "test": 1})
+        else:
+            for split in ("train", "test"):
+                WRITERS[kind](tmp_path / kind, split, images, labels, ["ant", "bee"], **options[kind])
         pafs.copy_files(str(tmp_path / kind), f"{BUCKET}/data/{kind}", source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=s3.fs)
         local = load_split(DataConfig(dataset=kind, root=str(tmp_path / kind), image_size=8), "train")
         uri = f"s3://{BUCKET}/data/{kind}?endpoint_override=127.0.0.1:{s3.port}&scheme=http"
         remote = split_index(DataConfig(dataset=kind, root=uri, image_size=8), "train")
-        assert remote.class_names == ["ant", "bee"] and remote.labels.tolist() == local.labels.tolist()
+        assert remote.class_names == ["ant", "bee"] and remote.labels.tolist() == local.labels.tolist(), kind
         picked = np.array([4, 1, 5])
         np.testing.assert_array_equal(read_images(remote.source, remote.rows(picked)), local.images[picked])
+
+    folder = DataConfig(dataset="imagefolder", root=f"s3://{BUCKET}/data/imagefolder", image_size=8)  # env's endpoint
+    local = load_split(DataConfig(dataset="imagefolder", root=str(tmp_path / "imagefolder"), image_size=8), "test")
+    in_memory = load_split(folder, "test")
+    assert in_memory.labels.tolist() == local.labels.tolist()
+    np.testing.assert_array_equal(in_memory.images, local.images)
+    streamed = open_split(dataclasses.replace(folder, loading="stream"), "test")
+    assert isinstance(streamed, StreamedImages)
+    order = np.array([5, 0, 3, 2, 4, 1])
+    np.testing.assert_array_equal(np.concatenate([b.numpy() for b in streamed.batches(order, 4)]), local.images[order])
+    replaced = Image.new("RGB", (8, 8), (0, 255, 0))
+    with s3.fs.open_output_stream(f"{BUCKET}/data/imagefolder/test/bee/5.png") as out:
+        replaced.save(out, format="PNG")
+    assert tuple(load_split(folder, "test").images[5, 0, 0]) == (0, 255, 0)  # a changed object is re-read

@@ -1,5 +1,6 @@
-"""File-backed datasets (image folders, Parquet, WebDataset shards) in memory and streamed by Ray Data:
-the same pixels, the same batches, the same run; bad files named before or when they are read."""
+"""File-backed datasets (image folders, Parquet, WebDataset shards, Hugging Face save_to_disk directories)
+in memory and streamed by Ray Data: the same pixels, the same batches, the same run; bad files named
+before or when they are read."""
 
 from __future__ import annotations
 
@@ -23,13 +24,27 @@ from orchestrator.errors import ConfigError, DataError
 from orchestrator.storage.runfiles import manifest_entry
 
 CLASSES = ["ant", "bee", "cat", "dog"]
-KINDS = list(WRITERS)
+KINDS = [*WRITERS, "huggingface"]
 
 
 def _images(rng, per_class: int) -> tuple[np.ndarray, np.ndarray]:
     """Class-grouped random images of uneven sizes (so decoding resizes and crops)."""
     labels = np.repeat(np.arange(len(CLASSES)), per_class)
     return rng.integers(0, 256, (len(labels), 14, 11, 3), dtype=np.uint8), labels
+
+
+def save_to_disk(root, splits: dict, class_names: list[str], num_shards: dict, image: str = "image",
+                 label: str = "label") -> None:
+    """``{split: (images, labels)}`` as the ``datasets`` library itself saves a DatasetDict: PNG images in
+    an ``Image`` feature, labels in a ``ClassLabel``."""
+    import datasets
+    from PIL import Image
+
+    features = datasets.Features({image: datasets.Image(), label: datasets.ClassLabel(names=class_names)})
+    datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({image: [Image.fromarray(im) for im in images], label: labels.tolist()},
+                                          features=features)
+        for split, (images, labels) in splits.items()}).save_to_disk(str(root), num_shards=num_shards)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +58,7 @@ def roots(tmp_path_factory):
     for kind, write in WRITERS.items():
         for split, (images, labels) in splits.items():
             write(base / kind, split, images, labels, CLASSES, **options[kind])
+    save_to_disk(base / "huggingface", splits, CLASSES, num_shards={"train": 3, "test": 1})
     return {kind: str(base / kind) for kind in KINDS}
 
 
@@ -87,6 +103,51 @@ def test_parquet_as_hugging_face_stores_it(tmp_path):
     write_imagefolder(tmp_path / "folder", "test", images, labels, CLASSES)
     folder = load_split(DataConfig(dataset="imagefolder", root=str(tmp_path / "folder"), image_size=8), "test")
     np.testing.assert_array_equal(data.images, folder.images)
+
+
+def test_hugging_face_save_to_disk_read_with_pyarrow(tmp_path):
+    """A DatasetDict saved by ``datasets`` itself, read without it: its ClassLabel's names in their own
+    (not alphabetical) order, the image and label columns found by name, random access across files and
+    record batches (``datasets`` writes 100 image rows per batch), the held-out split mapped from
+    ``validation``; a truncated or unlabelled file fails validation, naming the file."""
+    import shutil
+
+    from orchestrator.data import class_names_of
+
+    rng = np.random.default_rng(6)
+    names = ["zebra", "ant", "moth"]
+    train = rng.integers(0, 256, (210, 8, 8, 3), dtype=np.uint8), np.arange(210) % 3  # 8 px: decoding is exact
+    held_out = train[0][:7], np.array([2, 2, 0, 1, 0, 2, 1])
+    save_to_disk(tmp_path / "hf", {"train": train, "validation": held_out}, names,
+                 num_shards={"train": 2, "validation": 1}, image="img", label="fine_label")
+    cfg = DataConfig(dataset="huggingface", root=str(tmp_path / "hf"), image_size=8, splits={"test": "validation"})
+    check_splits(cfg)
+    assert class_names_of(cfg) == names  # text-based methods get the names
+    index = split_index(cfg, "train")
+    batches = np.unique(np.stack([index.locators["file"], index.locators["offset"]]), axis=1)
+    assert index.labels.tolist() == train[1].tolist() and batches.shape[1] == 4  # 105 rows a file: 100 + 5
+    picked = np.array([150, 3, 209, 104, 105, 3])  # both files, all four record batches, a repeat
+    np.testing.assert_array_equal(read_images(index.source, index.rows(picked)), train[0][picked])
+    test = load_split(cfg, "test")
+    assert test.labels.tolist() == held_out[1].tolist() and test.class_names == names
+    np.testing.assert_array_equal(test.images, held_out[0])
+    assert streams(DataConfig(dataset="huggingface", root=cfg.root, splits=cfg.splits, memory_limit_gb=1e-9))
+
+    for cut, at in (("mid-batch", 3000), ("end-of-stream marker", -8)):
+        damaged = tmp_path / f"damaged-{at}"
+        shutil.copytree(tmp_path / "hf", damaged)
+        arrow = damaged / "train" / "data-00001-of-00002.arrow"
+        arrow.write_bytes(arrow.read_bytes()[:at])
+        with pytest.raises(DataError, match="data-00001-of-00002.arrow"):
+            check_splits(DataConfig(dataset="huggingface", root=str(damaged), splits={"test": "validation"}))
+    save_to_disk(tmp_path / "unlabelled", {"train": train, "test": (held_out[0][:2], np.array([-1, -1]))}, names,
+                 num_shards={"train": 1, "test": 1})
+    with pytest.raises(DataError, match=r"test/data-00000-of-00001.arrow: label -1 .*data.splits"):
+        check_splits(DataConfig(dataset="huggingface", root=str(tmp_path / "unlabelled")))
+    with pytest.raises(ConfigError, match="data.splits.*'val'"):
+        load_config(None, ["data.dataset=huggingface", "data.splits={val: validation}"])
+    with pytest.raises(ConfigError, match="data.splits.*file-backed"):
+        load_config(None, ["data.splits={test: validation}"])
 
 
 def test_loading_modes_and_their_config_errors(roots):

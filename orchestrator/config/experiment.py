@@ -25,7 +25,9 @@ from orchestrator.errors import ConfigError, ConfigWarning
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (editable install)
 
 
-STREAMABLE_DATASETS = ("imagefolder", "parquet", "webdataset")  # encoded files read by sample (orchestrator/data/formats.py)
+# encoded files read by sample (orchestrator/data/formats.py), in memory or streamed
+STREAMABLE_DATASETS = ("imagefolder", "parquet", "webdataset", "huggingface")
+SPLIT_DIRECTORIES = {"train": "train", "test": "test"}  # data.splits' default
 
 
 @dataclass
@@ -33,10 +35,15 @@ class DataConfig:
     """Which dataset to read and how to transform it."""
 
     # synthetic (built in, generated and cached), cifar10, cifar100, imagefolder (train|test/<class>/<image>),
-    # parquet (train|test/*.parquet, columns image and label) or webdataset (train|test/*.tar, <key>.png + <key>.cls)
+    # parquet (train|test/*.parquet, columns image and label), webdataset (train|test/*.tar, <key>.png + <key>.cls)
+    # or huggingface (what datasets' save_to_disk writes: train|test/data-*.arrow)
     dataset: str = "synthetic"
-    # cifar10/cifar100/imagefolder: a local directory; parquet/webdataset: a directory or a URI (s3://, gs://, ...)
+    # cifar10/cifar100: a local directory; imagefolder, parquet, webdataset, huggingface: a directory or a URI
+    # (s3://, gs://, ...)
     root: Optional[str] = None
+    # imagefolder/parquet/webdataset/huggingface: the directories under root that hold the train and test splits,
+    # e.g. {test: validation} for a Hugging Face dataset whose held-out labelled split is "validation"
+    splits: dict[str, str] = field(default_factory=lambda: dict(SPLIT_DIRECTORIES))
     download: bool = False  # CIFAR only: fetch when missing (needs network)
     num_classes: int = 20  # synthetic only
     train_per_class: int = 120  # synthetic only
@@ -52,12 +59,12 @@ class DataConfig:
     super_classes: Optional[int] = None
     class_names_file: Optional[str] = None  # lines "<class> <name used in text>" (e.g. wnid -> WordNet name)
     # memory: decode each split once into one array per worker; stream: read batches through Ray Data
-    # (imagefolder, parquet, webdataset), decoded by Ray tasks, never the whole split in one process;
+    # (imagefolder, parquet, webdataset, huggingface), decoded by Ray tasks, never the whole split in one process;
     # auto: stream when a split decoded would exceed memory_limit_gb (file-backed datasets only)
     loading: Literal["memory", "stream", "auto"] = "auto"
     memory_limit_gb: float = 4.0  # auto only: the decoded size (images x image_size^2 x 3 bytes) above which to stream
-    # an image that cannot be read or decoded: error stops the run naming the file; skip (imagefolder, parquet,
-    # webdataset) decodes every image once when a split is indexed and leaves the bad ones out, counted in the report
+    # an image that cannot be read or decoded: error stops the run naming the file; skip (the file-backed
+    # kinds) decodes every image once when a split is indexed and leaves the bad ones out, counted in the report
     bad_images: Literal["error", "skip"] = "error"
     # streamed splits: the nodes whose CPUs decode the images. cpu_nodes: only the cluster's CPU-only worker
     # nodes (no GPU; not the head); anywhere: wherever Ray finds free CPUs, GPU nodes included; auto:
@@ -74,6 +81,15 @@ class DataConfig:
         require(self.super_classes is None or self.dataset == "synthetic", "super_classes",
                 f"only applies to the synthetic dataset, not {self.dataset!r}; remove it")
         require(self.memory_limit_gb > 0, "memory_limit_gb", "must be > 0")
+        unknown = sorted(set(self.splits) - set(SPLIT_DIRECTORIES))
+        require(not unknown, "splits", f"maps the splits train and test to directories; {unknown} is not a split")
+        self.splits = {**SPLIT_DIRECTORIES, **self.splits}  # {test: validation} keeps train: train
+        for split, directory in self.splits.items():
+            require(bool(directory) and not directory.startswith("/") and ".." not in directory.split("/")
+                    and "?" not in directory, f"splits.{split}",
+                    f"must be a directory relative to data.root, got {directory!r}")
+        require(self.splits == SPLIT_DIRECTORIES or self.dataset in STREAMABLE_DATASETS, "splits",
+                f"only applies to the file-backed datasets ({', '.join(STREAMABLE_DATASETS)}), not {self.dataset!r}")
         require(self.loading != "stream" or self.dataset in STREAMABLE_DATASETS, "loading",
                 f"only the file-backed datasets ({', '.join(STREAMABLE_DATASETS)}) stream; dataset "
                 f"{self.dataset!r} is loaded into memory (set loading: memory or auto)")

@@ -1,4 +1,5 @@
-"""Split indexes of file-backed datasets (cached), and the ``parquet`` and ``webdataset`` dataset kinds.
+"""Split indexes of file-backed datasets (cached), and the ``parquet``, ``webdataset`` and ``huggingface``
+dataset kinds (``imagefolder`` is orchestrator/data/imagefolder.py).
 
 An index is built once per split from the files' listing (names, sizes, modification times: editing
 the data invalidates it) and memory-mapped afterwards, so a worker of a million-image dataset holds
@@ -15,12 +16,14 @@ import numpy as np
 from orchestrator.config import DataConfig
 from orchestrator.data import (DatasetSource, LabeledImages, Split, cache_entry, cache_root, channel_stats,
                                read_array, read_meta, register_dataset)
-from orchestrator.data.formats import (Source, SplitIndex, classes_of, encode_labels, find_bad_samples, list_files,
-                                       parquet_listing, read_all, split_root, webdataset_listing)
+from orchestrator.data.formats import (Source, SplitIndex, arrow_listing, classes_of, declared_classes, encode_labels,
+                                       find_bad_samples, list_files, parquet_listing, read_all, split_root,
+                                       webdataset_listing)
 from orchestrator.errors import DataError
 
 INDEX_VERSION = 1  # part of the index cache keys: bump whenever an index's layout changes
-LISTINGS = {"parquet": (".parquet", parquet_listing), "webdataset": (".tar", webdataset_listing)}
+LISTINGS = {"parquet": (".parquet", parquet_listing), "webdataset": (".tar", webdataset_listing),
+            "huggingface": (".arrow", arrow_listing)}
 
 
 def _load_entry(entry: Path) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
@@ -68,18 +71,21 @@ def _check_left(labels: np.ndarray, good: np.ndarray, class_names: list[str], ro
 
 
 def split_index(cfg: DataConfig, split: Split, cache_dir: Optional[Path] = None) -> SplitIndex:
-    """Labels and locators of ``split`` of a file-backed dataset (imagefolder, parquet, webdataset)."""
+    """Labels and locators of ``split`` of a file-backed dataset (imagefolder, parquet, webdataset, huggingface)."""
     cache_dir = cache_root(cache_dir)
     if cfg.dataset == "imagefolder":
-        from orchestrator.data.imagefolder import folder_listing
+        from orchestrator.data.imagefolder import class_directories, folder_listing
 
-        classes, files = folder_listing(cfg, split)
+        root = split_root(cfg, split)
+        classes = class_directories(split_root(cfg, "train"))
+        files = folder_listing(root, classes)
         labels = np.array([label for label, *_ in files], dtype=np.int64)
         paths = np.array([rel.encode() for _, rel, _, _ in files], dtype=np.bytes_)
-        key = {"root": split_root(cfg, split), "classes": classes, "files": files}
+        key = {"root": root, "classes": classes, "files": files}
         return _cached_index(cfg, split, "imagefolder", key, lambda: (labels, {"path": paths}, [], classes), cache_dir)
     if cfg.dataset not in LISTINGS:
-        raise DataError(f"dataset {cfg.dataset!r} is not read from files; only imagefolder, parquet and webdataset are")
+        raise DataError(f"dataset {cfg.dataset!r} is not read from files; only imagefolder, "
+                        f"{', '.join(LISTINGS)} are")
     root = split_root(cfg, split)
     suffix, listing = LISTINGS[cfg.dataset]
     files = list_files(root, suffix)
@@ -89,7 +95,7 @@ def split_index(cfg: DataConfig, split: Split, cache_dir: Optional[Path] = None)
 
     def build():
         locators, values = listing(root, files, damaged)
-        classes = names or classes_of(values)
+        classes = names or classes_of(values, declared_classes(cfg.dataset, root, files))
         return encode_labels(values, classes, root), locators, [name for name, _, _ in files], classes
 
     return _cached_index(cfg, split, cfg.dataset, key, build, cache_dir, damaged)
@@ -107,8 +113,9 @@ def decoded_bytes(index: SplitIndex) -> int:
 
 
 class EncodedFiles(DatasetSource):
-    """A dataset of encoded images in Parquet files or tar shards; decoded once into a cached array when
-    it is loaded into memory (small data), or streamed by Ray Data (see orchestrator/data/streaming.py)."""
+    """A dataset of encoded image files (an image folder, Parquet files, tar shards, Arrow files); decoded
+    once into a cached array when it is loaded into memory (small data), or streamed by Ray Data (see
+    orchestrator/data/streaming.py)."""
 
     def class_names(self, cfg: DataConfig) -> list[str]:
         return split_index(cfg, "train").class_names
@@ -136,6 +143,7 @@ class EncodedFiles(DatasetSource):
 
 register_dataset("parquet")(type("Parquet", (EncodedFiles,), {}))
 register_dataset("webdataset")(type("WebDataset", (EncodedFiles,), {}))
+register_dataset("huggingface")(type("HuggingFace", (EncodedFiles,), {}))
 
 
 def skipped_images(cfg: DataConfig, shown: int = 10) -> Optional[dict]:

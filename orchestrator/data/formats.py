@@ -6,7 +6,8 @@ that workers memory-map. :func:`read_images` decodes any set of samples from the
 the same function fills the in-memory array of a small dataset and the Ray Data tasks that stream a
 large one (orchestrator/data/streaming.py): both paths see identical pixels.
 
-Formats (``data.root`` holds ``train/`` and ``test/``; a local path or any URI pyarrow.fs opens):
+Formats (``data.root`` holds ``train/`` and ``test/``, or the directories ``data.splits`` names; a local
+path or any URI pyarrow.fs opens):
 
 * ``imagefolder``: ``<split>/<class>/<image>`` (orchestrator/data/imagefolder.py lists them).
 * ``parquet``: ``<split>/*.parquet`` with an ``image`` column (encoded bytes, or a struct with a
@@ -14,14 +15,18 @@ Formats (``data.root`` holds ``train/`` and ``test/``; a local path or any URI p
   class name). Random access reads a whole row group: write files with small row groups (~1000 rows).
 * ``webdataset``: ``<split>/*.tar``; a sample is the members sharing a key (``dir/name`` before the
   first dot): one image (``.png``, ``.jpg``, ...) and a ``.cls`` member holding the label as text.
+* ``huggingface``: what ``datasets``' ``save_to_disk`` writes, ``<split>/data-*.arrow`` (Arrow IPC
+  streams); read with pyarrow alone, one record batch per random access (see :func:`arrow_listing`).
 
-Classes of ``parquet`` and ``webdataset`` are the distinct labels of the train split, sorted (numbers
-numerically); a test label outside them is an error before any training.
+Classes of ``parquet``, ``webdataset`` and ``huggingface`` are the distinct labels of the train split,
+sorted (numbers numerically; a Hugging Face ``ClassLabel``'s names in its order); a test label outside
+them is an error before any training.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -57,9 +62,9 @@ def decode_image(source, size: int, where: str) -> np.ndarray:
 class Source:
     """What a reader needs to open a split's samples: small and picklable (it travels to Ray Data tasks)."""
 
-    kind: str  # imagefolder, parquet or webdataset
+    kind: str  # imagefolder, parquet, webdataset or huggingface
     root: str  # the split's directory (path or URI)
-    files: tuple[str, ...]  # parquet files / tar shards, relative to root (empty for imagefolder)
+    files: tuple[str, ...]  # parquet files / tar shards / arrow files, relative to root (empty for imagefolder)
     image_size: int
 
 
@@ -100,9 +105,11 @@ def filesystem(uri: str):
 
 
 def split_root(cfg: DataConfig, split: str) -> str:
+    """The directory (path or URI) of ``split``: ``data.root`` / ``data.splits[split]``."""
     if cfg.root is None:
         raise DataError(f"dataset {cfg.dataset!r} needs data.root: a directory (or URI) holding train/ and test/")
-    return _join(cfg.root, split) if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve() / split)
+    directory = cfg.splits[split]
+    return _join(cfg.root, directory) if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve() / directory)
 
 
 def list_files(root: str, suffix: str) -> list[tuple[str, int, int]]:
@@ -112,7 +119,8 @@ def list_files(root: str, suffix: str) -> list[tuple[str, int, int]]:
     fs, path = filesystem(root)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:
-        raise DataError(f"split directory {root} does not exist (expected {root}/*{suffix})")
+        raise DataError(f"split directory {root} does not exist (expected {root}/*{suffix}; data.splits maps the "
+                        f"splits to other directories)")
     found = sorted((f.base_name, f.size, f.mtime_ns or 0) for f in fs.get_file_info(pafs.FileSelector(path))
                    if f.type == pafs.FileType.File and f.base_name.endswith(suffix) and not f.base_name.startswith("."))
     if not found:
@@ -148,9 +156,12 @@ def _parquet(path: str):
 
 # ---- labels -> classes -------------------------------------------------------------------------------
 
-def classes_of(values: list) -> list[str]:
-    """Class names: the distinct label values, sorted (numbers numerically, names alphabetically)."""
+def classes_of(values: list, declared: Optional[list[str]] = None) -> list[str]:
+    """Class names: the distinct label values, sorted (numbers numerically, names alphabetically), or
+    in the order of ``declared`` names (a Hugging Face ClassLabel's) when the files declare one."""
     distinct = set(values)
+    if declared is not None:
+        return [name for name in declared if name in distinct]
     if all(isinstance(v, (int, np.integer)) for v in distinct):
         return [str(v) for v in sorted(int(v) for v in distinct)]
     return sorted(str(v) for v in distinct)
@@ -305,7 +316,155 @@ def _read_imagefolder(source: Source, rows: dict[str, np.ndarray]) -> list[tuple
     return out
 
 
-_READERS = {"imagefolder": _read_imagefolder, "parquet": _read_parquet, "webdataset": _read_webdataset}
+# ---- Hugging Face save_to_disk ---------------------------------------------------------------------
+
+IMAGE_COLUMNS = ("image", "img")  # the image column, unless a single Image feature is named otherwise
+LABEL_COLUMNS = ("label", "labels", "fine_label")  # the label column, unless a single ClassLabel is named otherwise
+
+
+def _pick_column(features: dict, defaults: tuple[str, ...], feature_type: str, path: str) -> str:
+    for name in defaults:
+        if name in features:
+            return name
+    typed = [name for name, f in features.items() if isinstance(f, dict) and f.get("_type") == feature_type]
+    if len(typed) == 1:
+        return typed[0]
+    raise DataError(f"Arrow file {path} has no column {' or '.join(map(repr, defaults))} and not a single "
+                    f"{feature_type} feature (its columns: {', '.join(features)}); rename the column with "
+                    f"Dataset.rename_column before save_to_disk")
+
+
+def arrow_columns(schema, path: str) -> tuple[str, str, Optional[list[str]]]:
+    """(image column, label column, the label's ClassLabel names or None) of a save_to_disk file, from the
+    ``datasets`` features its schema carries (the same as the split's dataset_info.json)."""
+    metadata = (schema.metadata or {}).get(b"huggingface")
+    try:
+        features = json.loads(metadata)["info"]["features"] if metadata else {name: {} for name in schema.names}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"Arrow file {path}: unreadable Hugging Face features in its schema: {exc}") from None
+    image = _pick_column(features, IMAGE_COLUMNS, "Image", path)
+    label = _pick_column(features, LABEL_COLUMNS, "ClassLabel", path)
+    for column in (image, label):
+        if column not in schema.names:
+            raise DataError(f"Arrow file {path}: its features name column {column!r}, which it does not hold")
+    names = features[label].get("names") if features[label].get("_type") == "ClassLabel" else None
+    return image, label, names
+
+
+@lru_cache(maxsize=64)
+def _arrow_schema(path: str):
+    """The schema of an Arrow IPC stream file: its first message."""
+    import pyarrow as pa
+
+    fs, p = filesystem(path)
+    try:
+        with fs.open_input_stream(p) as stream:
+            return pa.ipc.open_stream(stream).schema
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read Arrow file {path}: {exc}") from None
+
+
+def declared_classes(kind: str, root: str, files: list[tuple[str, int, int]]) -> Optional[list[str]]:
+    """The class order a split's files declare (a Hugging Face ClassLabel's names), or None: sort the labels."""
+    if kind != "huggingface":
+        return None
+    path = _join(root, files[0][0])
+    return arrow_columns(_arrow_schema(path), path)[2]
+
+
+def _message_size(message) -> int:
+    """Bytes a message takes in an IPC stream: the continuation marker and length (8), its metadata
+    (padded) and its body."""
+    return 8 + message.metadata.size + (message.body.size if message.body is not None else 0)
+
+
+def arrow_listing(root: str, files: list[tuple[str, int, int]],
+                  damaged: Optional[list[str]] = None) -> tuple[dict[str, np.ndarray], list]:
+    """Locator columns (file, offset, size, row) and label values of a save_to_disk split's ``files``:
+    each record batch's byte range, found by one sequential read of each file. A ClassLabel's values
+    are given as its names (so splits are matched by name). With ``damaged``, a file that cannot be read
+    to its end is recorded there; its complete record batches before the damage are kept."""
+    import pyarrow as pa
+
+    columns = {"file": [], "offset": [], "size": [], "row": []}
+    values: list = []
+    for f, (name, file_size, _) in enumerate(files):
+        path = _join(root, name)
+        schema = _arrow_schema(path)
+        _, label, names = arrow_columns(schema, path)
+        fs, p, first = *filesystem(path), len(values)
+        try:
+            with fs.open_input_stream(p) as stream:
+                messages = pa.ipc.MessageReader.open_stream(stream)
+                end = _message_size(messages.read_next_message())  # the schema
+                for message in messages:
+                    if message.type != "record batch":
+                        raise DataError(f"Arrow file {path} holds a {message.type} message at byte {end}; "
+                                        f"only plain record batches are read")
+                    batch = pa.ipc.read_record_batch(message, schema)
+                    start, end = end, end + _message_size(message)
+                    n = batch.num_rows
+                    columns["file"].append(np.full(n, f, dtype=np.int32))
+                    columns["offset"].append(np.full(n, start, dtype=np.int64))
+                    columns["size"].append(np.full(n, end - start, dtype=np.int64))
+                    columns["row"].append(np.arange(n, dtype=np.int32))
+                    values.extend(batch.column(label).to_pylist())
+        except (OSError, ValueError) as exc:  # a damaged stream: ArrowInvalid (a ValueError) or OSError
+            _damaged(damaged, DataError(f"cannot read Arrow file {path}: {exc}"))
+        else:
+            if end + 8 != file_size:  # the 8-byte end-of-stream marker follows the last message: cut at a boundary?
+                _damaged(damaged, DataError(
+                    f"Arrow file {path} is truncated or damaged: its messages end at byte {end}, then "
+                    f"{file_size - end} bytes where the 8-byte end-of-stream marker should be"))
+        if names is not None:
+            values[first:] = _class_label_names(values[first:], names, path)
+    if not values:
+        raise DataError(f"{root} holds no samples")
+    return {k: np.concatenate(v) for k, v in columns.items()}, values
+
+
+def _class_label_names(ids: list, names: list[str], path: str) -> list[str]:
+    """A ClassLabel column's values as its names; -1 (an unlabelled sample) or another id is an error."""
+    bad = [v for v in ids if not (isinstance(v, int) and 0 <= v < len(names))]
+    if bad:
+        raise DataError(f"Arrow file {path}: label {bad[0]!r} is not one of its ClassLabel's {len(names)} classes "
+                        f"(-1 marks an unlabelled sample: train and test on labelled splits, see data.splits)")
+    return [names[v] for v in ids]
+
+
+def _read_arrow(source: Source, rows: dict[str, np.ndarray]) -> list[tuple[bytes, str]]:
+    import pyarrow as pa
+
+    out: list = [None] * len(rows["file"])
+    batches, which = np.unique(np.stack([rows["file"].astype(np.int64), rows["offset"]], axis=1), axis=0,
+                               return_inverse=True)
+    which = which.reshape(-1)
+    for b, (f, offset) in enumerate(batches.tolist()):
+        at = np.flatnonzero(which == b)
+        path = _join(source.root, source.files[f])
+        size = int(rows["size"][at[0]])
+        schema = _arrow_schema(path)
+        image = arrow_columns(schema, path)[0]
+        try:
+            data = _open(path).read_at(size, offset)
+            if len(data) != size:
+                raise DataError(f"Arrow file {path} is truncated (record batch at byte {offset})")
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)), schema)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read the record batch at byte {offset} of Arrow file {path}: {exc}") from None
+        taken = batch.column(image).take(pa.array(rows["row"][at])).to_pylist()
+        for i, value in zip(at, taken):
+            data = value.get("bytes") if isinstance(value, dict) else value
+            where = f"{path} (record batch at byte {offset}, row {int(rows['row'][i])})"
+            if data is None:  # an Image feature that only names a file elsewhere
+                raise DataError(f"image {where} holds no encoded bytes (only a path: {value!r}); save the "
+                                f"dataset with its images embedded")
+            out[i] = (data, where)
+    return out
+
+
+_READERS = {"imagefolder": _read_imagefolder, "parquet": _read_parquet, "webdataset": _read_webdataset,
+            "huggingface": _read_arrow}
 
 
 def read_images(source: Source, rows: dict[str, np.ndarray]) -> np.ndarray:
