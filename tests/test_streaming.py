@@ -140,6 +140,11 @@ def test_hugging_face_save_to_disk_read_with_pyarrow(tmp_path):
         arrow.write_bytes(arrow.read_bytes()[:at])
         with pytest.raises(DataError, match="data-00001-of-00002.arrow"):
             check_splits(DataConfig(dataset="huggingface", root=str(damaged), splits={"test": "validation"}))
+        # bad_images: skip keeps the record batches before the damage (a lost end marker loses none)
+        kept = split_index(DataConfig(dataset="huggingface", root=str(damaged), splits={"test": "validation"},
+                                      bad_images="skip"), "train")
+        assert len(kept) == (105 if cut == "mid-batch" else 210) and kept.skipped == []
+        assert len(kept.damaged_files) == 1 and "data-00001-of-00002.arrow" in kept.damaged_files[0]
     save_to_disk(tmp_path / "unlabelled", {"train": train, "test": (held_out[0][:2], np.array([-1, -1]))}, names,
                  num_shards={"train": 1, "test": 1})
     with pytest.raises(DataError, match=r"test/data-00000-of-00001.arrow: label -1 .*data.splits"):
