@@ -213,3 +213,22 @@ def test_digest_hashes_only_what_differs_from_the_defaults_so_new_keys_keep_old_
     # a run's stored config (every key written out) re-parses to the same digest
     assert parse_experiment(cfg.to_dict()).digest() == cfg.digest()
     assert load_config(None, ["training.precision=fp32"]).digest() == load_config(None).digest()
+
+
+def test_digest_ignores_how_data_reaches_the_workers(tmp_path):
+    """Streamed or in memory, decoded on which nodes: the same batches, so the same run (a resume may change them)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for name in ("ant", "bee"):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / split / name / "0.png")
+    files = ["data.dataset=imagefolder", f"data.root={tmp_path}", "scenario.initial_classes=1", "scenario.increment=1",
+             "scenario.num_steps=2"]
+    base = load_config(None, files).digest()
+    for delivery in (["data.loading=stream"], ["data.memory_limit_gb=0.5"], ["data.loading=stream", "data.decode_on=anywhere"]):
+        assert load_config(None, files + delivery).digest() == base, delivery
+    eval_set = "evaluation.sets={{test: {{data: {{dataset: imagefolder, root: {}{}}}}}}}"
+    assert (load_config(None, files + [eval_set.format(tmp_path, ", loading: stream")]).digest()
+            == load_config(None, files + [eval_set.format(tmp_path, "")]).digest())
+    assert load_config(None, files + ["data.bad_images=skip"]).digest() != base  # which samples: part of the run

@@ -495,13 +495,22 @@ class ExperimentConfig:
         return dataclasses.replace(self, seed=seed, seeds=None)
 
 
+# data keys that say how images reach the workers, never which (both loading paths give the same batches)
+_DATA_DELIVERY_KEYS = ("loading", "memory_limit_gb", "decode_on")
+
+
 def config_digest(cfg: Any) -> str:
     """Short hash of a typed config: the values that differ from the schema's defaults
-    (:func:`~orchestrator.config.typed.explicit_dict`), without the ``tracking`` section, which observes a
-    run and never changes what it computes. A section or key added later at its default keeps every
+    (:func:`~orchestrator.config.typed.explicit_dict`), without what never changes what a run computes:
+    the ``tracking`` section, which observes it, and how its data is delivered (streamed or in memory,
+    decoded where), so a resume may change them. A section or key added later at its default keeps every
     digest, and with it every run's identity and upstream cache location."""
     document = explicit_dict(cfg)
     document.pop("tracking", None)
+    data_sections = [document.get("data")] + [s.get("data") for s in document.get("evaluation", {}).get("sets", {}).values()]
+    for section in filter(None, data_sections):
+        for key in _DATA_DELIVERY_KEYS:
+            section.pop(key, None)
     blob = json.dumps(document, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
