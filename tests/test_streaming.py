@@ -19,7 +19,7 @@ from orchestrator.data import load_split
 from orchestrator.data.encoded import check_splits, split_index
 from orchestrator.data.export import WRITERS, write_imagefolder
 from orchestrator.data.formats import read_images
-from orchestrator.data.streaming import StreamedImages, open_split, streams
+from orchestrator.data.streaming import BLOCK_BYTES, StreamedImages, block_rows, open_split, streams
 from orchestrator.errors import ConfigError, DataError
 from orchestrator.storage.runfiles import manifest_entry
 
@@ -448,3 +448,12 @@ def test_skipped_images_stream_as_in_memory_and_reach_the_report(ray_local, dama
     assert manifest_entry(tmp_path / "skipping", "independent", 0)["train_samples"] == 10  # 12 of ant, bee, cat - 2
     report = (tmp_path / "skipping" / "report.md").read_text()
     assert "- `data` train: 2 image(s) skipped" in report and f"  - {skipped[1]}" in report
+
+
+def test_decoding_blocks_start_with_one_batch_and_double_up_to_the_byte_target():
+    batch, image = 64, 3 * 32 * 32  # 16 MiB holds 5461 such images: 85 whole batches
+    assert block_rows(10_000, batch, image) == [64, 128, 256, 512, 1024, 2048, 4096, 1872]
+    assert block_rows(40_000, batch, image)[7:] == [5440] * 5 + [40_000 - 8128 - 5 * 5440]
+    assert block_rows(50, batch, image) == [50] and block_rows(0, batch, image) == []
+    big = 3 * 512 * 512  # 21 images fill BLOCK_BYTES: a block still holds one whole batch
+    assert BLOCK_BYTES // big < batch and block_rows(200, batch, big) == [64, 64, 64, 8]
