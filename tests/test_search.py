@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -138,9 +139,10 @@ def test_rows_through_faiss_agree_with_the_full_ranking(chain_store):
 def test_an_index_is_built_once_and_searched_by_every_later_version(chain_store, tmp_path, monkeypatch):
     run = RunStorage.at(tmp_path / "run")
     cfg = EvaluationConfig(search=SearchConfig(k=10, index=SearchIndexConfig(type="ivf-flat", nlist=8, nprobe=8)))
-    indexes = search.GalleryIndexes(run, cfg.search.index)
+    indexes = search.GalleryIndexes(run, cfg.search.index, cfg.search.k)
     real_build, built = search.build_index, []
-    monkeypatch.setattr(search, "build_index", lambda vectors, c: built.append(len(built)) or real_build(vectors, c))
+    monkeypatch.setattr(search, "build_index",
+                        lambda vectors, c, depth: built.append(len(built)) or real_build(vectors, c, depth=depth))
 
     def stamp(version):  # the stored artefact's SHA-256 and modification time, through the run storage
         key = search.GalleryIndexes.key("m", version, "test")
@@ -191,4 +193,39 @@ def test_a_damaged_index_is_an_error_that_says_what_to_do(chain_store, tmp_path)
     run = RunStorage.at(tmp_path / "run")
     run.write_bytes(search.GalleryIndexes.key("m", 0, "test"), b"not an index")
     with pytest.raises(DataError, match="delete it and run again with --resume"):
-        search.GalleryIndexes(run, SearchIndexConfig()).get("m", 0, "test", chain_store.read("m", 0, "test"))
+        search.GalleryIndexes(run, SearchIndexConfig(), 10).get("m", 0, "test", chain_store.read("m", 0, "test"))
+
+
+def test_list_recall_by_hand():
+    found = np.array([[3, 1, 7], [5, -1, -1]])
+    exact = np.array([[1, 2, 3], [5, 6, -1]])
+    assert search.list_recall(found, exact) == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "hnsw"])
+def test_a_tuned_index_is_the_cheapest_that_reaches_the_target_recall(kind):
+    """1000 gallery vectors: the tuning sample is the whole gallery, so the recall can be recomputed here
+    from float64 numpy lists and Python sets at the tuned value and at the next cheaper one."""
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, 32))
+    gallery = centres[np.arange(1000) % 40] + 1.2 * rng.standard_normal((1000, 32))
+    gallery = (gallery / np.linalg.norm(gallery, axis=1, keepdims=True)).astype(np.float32)
+    cfg = SearchIndexConfig(type=kind, nlist=64, hnsw_m=4, ef_construction=8, target_recall=0.9)
+    index = search.build_index(gallery, cfg, depth=20)
+    exact = np.argsort(-(gallery.astype(np.float64) @ gallery.T.astype(np.float64)), axis=1, kind="stable")[:, :20]
+
+    def recall(value):
+        if kind == "hnsw":
+            index.hnsw.efSearch = value
+        else:
+            faiss.extract_index_ivf(index).nprobe = value
+        found = index.search(gallery, 20)[1]
+        return np.mean([len(set(f) & set(e)) / 20 for f, e in zip(found.tolist(), exact.tolist())])
+
+    tuned = index.hnsw.efSearch if kind == "hnsw" else faiss.extract_index_ivf(index).nprobe
+    cheaper = tuned // 2
+    assert recall(tuned) >= 0.9 and (cheaper < (20 if kind == "hnsw" else 1) or recall(cheaper) < 0.9), tuned
+    explicit = search.build_index(gallery, SearchIndexConfig(type="ivf-flat", nlist=64, nprobe=5), depth=20)
+    assert faiss.extract_index_ivf(explicit).nprobe == 5  # a value given in the config is kept, never tuned
+    with pytest.raises(ConfigError, match="target_recall"):
+        SearchIndexConfig(target_recall=0)

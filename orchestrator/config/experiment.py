@@ -118,23 +118,30 @@ class SearchIndexConfig:
 
     type: Literal["ivf-flat", "ivf-pq", "hnsw"] = "hnsw"  # inverted lists of full vectors or of PQ codes, or an HNSW graph
     nlist: Optional[int] = None  # ivf-*: k-means cells (trained on up to 64 gallery items each); None: √N for N items
-    nprobe: int = 32  # ivf-*: cells visited per query
+    # ivf-*: cells visited per query; None: the fewest (1, 2, 4, ...) whose lists reach target_recall
+    nprobe: Optional[int] = None
     pq_m: int = 16  # ivf-pq: sub-quantizers per vector (codes of pq_m × pq_bits bits); must divide the dimension
     pq_bits: int = 8  # ivf-pq: bits per sub-quantizer code
     hnsw_m: int = 32  # hnsw: graph neighbours per node
     ef_construction: int = 40  # hnsw: candidate list while building (the build is single-threaded: reproducible)
-    ef_search: int = 256  # hnsw: candidate list while searching (at least the search depth)
+    # hnsw: candidate list while searching (at least the search depth); None: the shortest (k, 2k, 4k, ...)
+    # whose lists reach target_recall
+    ef_search: Optional[int] = None
+    # nprobe/ef_search: None only: recall@k of the index's lists against the exact lists, over up to 1000
+    # of the gallery's own vectors as queries, that the tuned value reaches when the index is built
+    target_recall: float = 0.9
 
     def __post_init__(self):
         require(self.nlist is None or self.nlist >= 1, "nlist", "must be >= 1")
-        require(self.nprobe >= 1, "nprobe", "must be >= 1")
-        require(self.nlist is None or self.nprobe <= self.nlist, "nprobe",
+        require(self.nprobe is None or self.nprobe >= 1, "nprobe", "must be >= 1")
+        require(self.nlist is None or self.nprobe is None or self.nprobe <= self.nlist, "nprobe",
                 f"visits at most nlist ({self.nlist}) cells, got {self.nprobe}")
         require(self.pq_m >= 1, "pq_m", "must be >= 1")
         require(1 <= self.pq_bits <= 16, "pq_bits", "must be in 1..16")
         require(self.hnsw_m >= 2, "hnsw_m", "must be >= 2")
         require(self.ef_construction >= 1, "ef_construction", "must be >= 1")
-        require(self.ef_search >= 1, "ef_search", "must be >= 1")
+        require(self.ef_search is None or self.ef_search >= 1, "ef_search", "must be >= 1")
+        require(0 < self.target_recall <= 1, "target_recall", f"must be in (0, 1], got {self.target_recall}")
 
     def check_dimension(self, dim: int, key: str) -> None:
         """ConfigError (at ``key``) unless vectors of ``dim`` coordinates fit this index: PQ splits each vector

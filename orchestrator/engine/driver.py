@@ -291,7 +291,8 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
     index = cfg.evaluation.search.index
     row = compatibility_row(EmbeddingStore(runfiles.store_dir(run)), method, version, cfg.evaluation,
                             None if blocks is None else blocks[1], earlier_top1=earlier,
-                            indexes=None if index is None else GalleryIndexes(RunStorage.of(run), index),
+                            indexes=None if index is None else GalleryIndexes(RunStorage.of(run), index,
+                                                                            cfg.evaluation.search.k),
                             upgrade=stored_vector_upgrade(run, method, version))
     runfiles.write_row(run, method, version, row)
     return row

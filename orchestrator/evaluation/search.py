@@ -220,10 +220,84 @@ def _labels(query, query_labels, gallery, gallery_labels, leave_one_out) -> tupl
 
 # -- approximate indexes ------------------------------------------------------------------------------
 
-def build_index(gallery: np.ndarray, cfg: SearchIndexConfig, key: str = INDEX_KEY):
+def build_index(gallery: np.ndarray, cfg: SearchIndexConfig, key: str = INDEX_KEY, depth: int = 100):
     """An approximate inner-product index of ``gallery`` (float32 unit vectors), trained on them and holding
-    them. A gallery the index cannot hold is a ConfigError naming the key. HNSW is built on one thread:
-    a multi-threaded build inserts in a racy order, and the same run must give the same index."""
+    them, its search parameter (nprobe, efSearch) set, or tuned for lists of ``depth`` when the config
+    leaves it None (:func:`tune_search`). A gallery the index cannot hold is a ConfigError naming the
+    key. HNSW is built on one thread: a multi-threaded build inserts in a racy order, and the same run
+    must give the same index."""
+    index = _trained_index(gallery, cfg, key)
+    if _search_parameter(cfg) is None:
+        tune_search(index, gallery, cfg, depth)
+    else:
+        _set_search_parameter(index, cfg.type, _search_parameter(cfg))
+    return index
+
+
+def _search_parameter(cfg: SearchIndexConfig) -> Optional[int]:
+    return cfg.ef_search if cfg.type == "hnsw" else cfg.nprobe
+
+
+def _set_search_parameter(index, kind: str, value: int) -> None:
+    """nprobe (IVF) or efSearch (HNSW): stored with the index when it is serialised."""
+    if kind == "hnsw":
+        index.hnsw.efSearch = value
+    else:
+        ivf = _faiss().extract_index_ivf(index)
+        ivf.nprobe = min(value, ivf.nlist)
+
+
+def search_candidates(index, kind: str, depth: int) -> list[int]:
+    """The values :func:`tune_search` tries, cheapest first: nprobe 1, 2, 4, ... up to every cell; efSearch
+    depth, 2·depth, ... up to the gallery size."""
+    if kind == "hnsw":
+        top = max(depth, index.ntotal)
+        values = [depth]
+    else:
+        top = _faiss().extract_index_ivf(index).nlist
+        values = [1]
+    while values[-1] < top:
+        values.append(min(2 * values[-1], top))
+    return values
+
+
+def list_recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |found ∩ exact| / |exact|: the share of each exact list an index's list holds
+    (-1 entries, past a short list, never match)."""
+    hits = [len(np.intersect1d(f[f >= 0], e[e >= 0])) / max(1, (e >= 0).sum()) for f, e in zip(found, exact)]
+    return float(np.mean(hits))
+
+
+TUNING_QUERIES = 1000  # gallery vectors, seeded, that search parameters are tuned on
+TUNING_PLATEAU = 0.005  # a doubling that raises recall by less ends the tuning (PQ codes bound the recall)
+
+
+def tune_search(index, gallery: np.ndarray, cfg: SearchIndexConfig, depth: int) -> tuple[int, float]:
+    """Set the index's search parameter to the cheapest of :func:`search_candidates` whose top-``depth``
+    lists reach ``cfg.target_recall`` (:func:`list_recall` against faiss's exact lists) for a seeded
+    sample of the gallery's own vectors as queries; if none does, the value after which doubling raises
+    the recall by less than :data:`TUNING_PLATEAU` (or the last: every cell, or a list as long as the
+    gallery). Returns the value and its recall. Tuning on the gallery is the usual
+    stand-in for the queries to come, which later versions embed."""
+    faiss = _faiss()
+    n = index.ntotal
+    want = min(depth, n)
+    sample = gallery[np.sort(np.random.default_rng(0).choice(n, min(TUNING_QUERIES, n), replace=False))]
+    _, exact = faiss.knn(sample, gallery, want, metric=faiss.METRIC_INNER_PRODUCT)
+    best = None
+    for value in search_candidates(index, cfg.type, want):
+        _set_search_parameter(index, cfg.type, value)
+        recall = list_recall(index.search(sample, want)[1], exact)
+        if best is not None and recall - best[1] < TUNING_PLATEAU:  # doubling bought nothing: keep the cheaper
+            break
+        best = value, recall
+        if recall >= cfg.target_recall:
+            break
+    _set_search_parameter(index, cfg.type, best[0])
+    return best
+
+
+def _trained_index(gallery: np.ndarray, cfg: SearchIndexConfig, key: str):
     faiss = _faiss()
     n, dim = gallery.shape
     cfg.check_dimension(dim, key)
@@ -255,13 +329,11 @@ def index_topk(index, query: np.ndarray, depth: int, cfg: SearchIndexConfig, *,
                own: Optional[np.ndarray] = None) -> np.ndarray:
     """The index's top ``depth`` gallery indices per query (-1 where it finds fewer), ordered by its own
     scores, ties to the lower gallery index; ``own[q]`` left out of query q's list."""
-    faiss = _faiss()
     want = min(index.ntotal, depth + (own is not None))
+    if _search_parameter(cfg) is not None:  # else the value the index was tuned to when built
+        _set_search_parameter(index, cfg.type, _search_parameter(cfg))
     if cfg.type == "hnsw":
-        index.hnsw.efSearch = max(cfg.ef_search, want)
-    else:
-        ivf = faiss.extract_index_ivf(index)
-        ivf.nprobe = min(cfg.nprobe, ivf.nlist)
+        index.hnsw.efSearch = max(index.hnsw.efSearch, want)
     out = np.full((len(query), depth), -1, dtype=np.int64)
     chunk = max(1, (1 << 24) // want)
     for start in range(0, len(query), chunk):
@@ -297,8 +369,8 @@ class GalleryIndexes:
     """The approximate index of each gallery version, one artefact in the run each
     (``indexes/<method>/v<version>/<eval set>.faiss``): built and written at first use, read ever after."""
 
-    def __init__(self, run: "RunStorage", cfg: SearchIndexConfig):
-        self.run, self.cfg = run, cfg
+    def __init__(self, run: "RunStorage", cfg: SearchIndexConfig, depth: int):
+        self.run, self.cfg, self.depth = run, cfg, depth  # depth: the lists' length a tuned index aims at
 
     @staticmethod
     def key(method: str, version: int, eval_set: str) -> str:
@@ -320,6 +392,6 @@ class GalleryIndexes:
                 raise DataError(f"{self.run.location_of(key)} indexes {index.ntotal} items but the gallery holds "
                                 f"{len(gallery.labels)}; delete it and run again with --resume")
             return index
-        index = build_index(_normalized(gallery.embeddings), self.cfg)
+        index = build_index(_normalized(gallery.embeddings), self.cfg, depth=self.depth)
         self.run.write_bytes(key, faiss.serialize_index(index).tobytes())
         return index
