@@ -204,6 +204,7 @@ def test_the_service_serves_upgraded_stored_vectors_and_mapped_queries(adapter_r
     """No backfill: at step t each item keeps the vector of the version of its arrival, upgraded through
     the maps up to t (old_to_new) or as stored (new_to_old: every version's vectors, queries included,
     already live in version 0's space); recomputed here from the store and the saved maps."""
+    from orchestrator.data import dataset_num_classes
     from orchestrator.engine.driver import class_blocks, load_run_config
     from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
     from orchestrator.evaluation import retrieval_scores
@@ -217,7 +218,7 @@ def test_the_service_serves_upgraded_stored_vectors_and_mapped_queries(adapter_r
     for method in ("upgrade", "to-old"):
         tables = [store.read(method, v, "test") for v in range(3)]
         labels = tables[0].labels
-        arrival = class_blocks(cfg)[1][labels]
+        arrival = class_blocks(cfg, dataset_num_classes(cfg.data))[1][labels]
         maps = [None, *(runfiles.gallery_upgrade(run_dir, method, v) for v in (1, 2))]
         service = metrics["service"]["methods"][method]
         for step in range(3):

@@ -38,7 +38,7 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     from_tasks = [path.read_bytes() for path in row_files]
     for path in row_files:
         path.unlink()
-    driver.ensure_row(cfg, run_dir, "bct", 2)  # the same rows computed in the driver: the same bits
+    driver.ensure_row(cfg, run_dir, "bct", 2, 6)  # the same rows computed in the driver: the same bits
     assert [path.read_bytes() for path in row_files] == from_tasks
 
     # two worker groups: steps 0-1 on one worker, step 2 on two DDP workers
@@ -59,3 +59,36 @@ def test_three_steps_on_ray_with_two_workers_then_resume(ray_cluster, tmp_path, 
     monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
     again = driver.run_experiment(driver.load_run_config(run_dir), run_dir, progress=False, echo=lambda s: None)
     assert json.dumps(again["methods"]) == json.dumps(metrics["methods"])
+
+
+def test_a_row_task_reads_nothing_but_the_run_storage(ray_cluster, tmp_path):
+    """A row task where the training data cannot be read (an image folder on the driver's disk, moved
+    away): the driver's class count is all it needs, and its row is bitwise the driver's."""
+    import ray
+    from PIL import Image
+
+    from orchestrator.engine.rows import _remote_row
+
+    data = tmp_path / "folder"
+    for split, per_class in (("train", 4), ("test", 2)):
+        for c in range(4):
+            (data / split / f"cls{c}").mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (60 * c, 200 - 50 * c, 40 * i)).save(data / split / f"cls{c}" / f"{i}.png")
+    cfg = load_config(None, [
+        "data.dataset=imagefolder", f"data.root={data}", "data.image_size=8",
+        "scenario.initial_classes=2", "scenario.increment=1", "scenario.num_steps=2", "scenario.class_order=seeded",
+        "model.width=8", "model.embedding_dim=8", "training.epochs=1", "training.incremental={}", "training.batch_size=8",
+        "resources.num_workers=0", "methods=[{name: bct}]",
+    ])
+    cfg.output_dir = str(tmp_path)
+    driver.run_experiment(cfg, progress=False, echo=lambda s: None)  # in-process: the rows are the driver's
+    run_dir = tmp_path / cfg.name
+    row_files = [run_dir / runfiles.row_key("bct", v) for v in range(2)]
+    in_driver = [path.read_bytes() for path in row_files]
+    assert "none" in json.loads((run_dir / "metrics.json").read_text())["methods"]["bct"]["cmc1_by_block"]["blocks"]
+    data.rename(tmp_path / "moved")
+    for path in row_files:
+        path.unlink()
+    ray.get(_remote_row().remote(cfg.to_dict(), RunStorage.at(run_dir), "bct", 1, 4))  # rows 0 and 1
+    assert [path.read_bytes() for path in row_files] == in_driver

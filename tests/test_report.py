@@ -123,7 +123,7 @@ def test_ties_decide_every_verdict_of_metrics_json_and_the_report(tmp_path, ties
     for version, row in enumerate(rows):
         runfiles.write_row(run_dir, "independent", version, row)
     runfiles.storage(run_dir).write_json(f"{runfiles.version_key('independent', 0)}/meta.json", {"params": {}})
-    metrics = assemble_metrics(cfg, run_dir, 3)
+    metrics = assemble_metrics(cfg, run_dir, 3, cfg.data.num_classes)
     entry = metrics["methods"]["independent"]
     tied = ties == "pass"
     assert metrics["ties"] == ties and entry["ecc"]["cmc1"][1][0] is tied

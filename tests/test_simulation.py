@@ -198,15 +198,15 @@ def test_rows_are_computed_while_later_steps_train(finished_run):
 
 def test_cells_are_split_by_the_classes_each_version_added(finished_run):
     cfg, run_dir, metrics = finished_run
-    names, block_of_label = driver.class_blocks(cfg)
+    names, block_of_label = driver.class_blocks(cfg, 6)
     assert names == ["v0", "v1", "v2"] and block_of_label.tolist() == [0, 0, 1, 1, 2, 2]
     blocks = metrics["methods"]["bct"]["cmc1_by_block"]
     assert blocks["blocks"] == names and blocks["cells"][0][1] is None and len(blocks["cells"][2][0]) == 3
     assert "## CMC top-1 by class block" in (run_dir / "report.md").read_text()
-    names, _ = driver.class_blocks(tiny(run_dir, "scenario.num_steps=2"))
+    names, _ = driver.class_blocks(tiny(run_dir, "scenario.num_steps=2"), 6)
     assert names == ["v0", "v1", "none"]  # classes 4-5 are in the test set, no version trained on them
     seeded = tiny(run_dir, "scenario.class_order=seeded")
-    _, block_of_label = driver.class_blocks(seeded)
+    _, block_of_label = driver.class_blocks(seeded, 6)
     order = class_order(seeded, 6)
     assert block_of_label[order].tolist() == [0, 0, 1, 1, 2, 2]  # blocks follow the class order
 
@@ -286,7 +286,7 @@ def test_negative_flip_rates_of_every_pair_match_the_reference_and_rows_hold_the
     assert "## Negative flips (%)" in (run_dir / "report.md").read_text()
     row = runfiles.read_row(run_dir, "bct", 1)
     runfiles.write_row(run_dir, "bct", 1, {k: v for k, v in row.items() if k != "top1_correct"})
-    assert driver.ensure_row(cfg, run_dir, "bct", 1) == row
+    assert driver.ensure_row(cfg, run_dir, "bct", 1, 6) == row
 
 
 def test_check_reads_two_versions_of_a_run_and_agrees_with_its_metrics(finished_run, capsys):

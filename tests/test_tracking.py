@@ -18,7 +18,8 @@ from helpers import config_under
 from orchestrator.config import load_raw, parse_config
 from orchestrator.engine.driver import run_experiment
 from orchestrator.errors import ConfigError
-from orchestrator.reporting.tracking import FILES_FOLDER, INSTALL, matrix_tables, row_metrics, summary_metrics
+from orchestrator.reporting.tracking import (FILES_FOLDER, INSTALL, matrix_tables, row_metrics, summary_metrics,
+                                            throughput_metrics)
 
 TINY = [
     "data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8",
@@ -102,6 +103,16 @@ def test_row_metrics_name_each_gallery_version_and_skip_block_tables():
                                               "seed-1/bct/map/gallery_v0": 0.25}
 
 
+def test_throughput_metrics_name_each_number_of_the_entry_and_skip_the_rest():
+    entry = {"throughput": {"images_per_second": 800.0, "images_per_second_per_device": 400.0, "timed_images": 512,
+                            "train_flops_per_image": 2.5e9, "mfu": 0.0125, "mfu_note": "H100 SXM, bf16", "precision": "bf16"}}
+    assert throughput_metrics(entry, "seed-1/bct") == {
+        "seed-1/bct/throughput/images_per_second": 800.0, "seed-1/bct/throughput/images_per_second_per_device": 400.0,
+        "seed-1/bct/throughput/train_flops_per_image": 2.5e9, "seed-1/bct/throughput/mfu": 0.0125}
+    assert throughput_metrics({"throughput": {"images_per_second": None, "mfu": None}}, "bct") == {}
+    assert throughput_metrics({}, "bct") == {}  # a copied version: no training, no throughput
+
+
 def test_summary_metrics_of_a_run_an_aggregate_and_a_crossmodal_run():
     run = {"methods": {"bct": {"summary_by_metric": {"cmc1": {"AC": 0.5, "AM": 40.0, "ECC_every_pair": False}},
                                "accuracy_summary": {"avg": 0.6, "pd": 0.2, "base": [0.9]}, "update_gain": {"cmc1": 1.5}}}}
@@ -178,6 +189,10 @@ def test_mlflow_holds_config_steps_summary_and_report(tracked_run, tmp_path):
     assert history(client, run.info.run_id, "bct/cmc1/gallery_v1") == [(1, pytest.approx(matrix[1][1]))]
     assert history(client, run.info.run_id, "bct/accuracy") == [(v, pytest.approx(manifest(run_dir, v)["accuracy"]))
                                                                  for v in (0, 1)]
+    for name in ("images_per_second", "images_per_second_per_device", "train_flops_per_image"):
+        assert history(client, run.info.run_id, f"bct/throughput/{name}") == [
+            (v, pytest.approx(manifest(run_dir, v)["throughput"][name])) for v in (0, 1)]
+    assert manifest(run_dir, 1)["throughput"]["mfu"] is None and "bct/throughput/mfu" not in run.data.metrics  # a CPU
     assert run.data.metrics["bct/map/AC"] == pytest.approx(metrics["methods"]["bct"]["summary_by_metric"]["map"]["AC"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == REPORT_FILES
     downloaded = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))

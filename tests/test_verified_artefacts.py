@@ -58,9 +58,10 @@ def matrices(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One uninterrupted run; every test damages a copy of it."""
+    """One uninterrupted run (with a service simulation: its served-versions tables have records too);
+    every test damages a copy of it."""
     tmp = tmp_path_factory.mktemp("reference")
-    cfg = tiny(tmp)
+    cfg = tiny(tmp, "service={budgets: [0, 100], policies: [random]}")
     driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     return tmp / cfg.name
 
@@ -136,6 +137,11 @@ def test_a_finished_run_vouches_for_every_artefact_it_keeps(reference):
         recorded = set(entry["artefacts"])
         assert {weights(method, version), f"versions/{method}/v{version}/meta.json", shard(method, version),
                 shard(method, version).replace("part-0.arrow", "_COMPLETE.json")} == recorded, name
+    assert runfiles.service_methods(reference) == sorted(METHODS)
+    for method in METHODS:  # derived at the end, in no task's entry: a record of its own
+        record = json.loads((reference / runfiles.service_record_key(method)).read_text())["artefacts"]
+        assert record == {runfiles.served_versions_key(method): Artefact.of_bytes(
+            (reference / runfiles.served_versions_key(method)).read_bytes()).to_json()}
     assert verify_run(RunStorage.at(reference), digests=True).ok
 
 
@@ -307,3 +313,19 @@ def test_following_the_stores_own_advice_works(reference, copy, capsys):
     assert "Embedding again from verified weights: bct step 2" in capsys.readouterr().out
     assert matrices(copy) == matrices(reference)
     unchanged(reference, copy, except_tasks={"bct/step-002.json"})
+
+
+def test_a_changed_served_versions_table_is_found_by_verify_and_written_again(reference, copy, capsys, monkeypatch):
+    key = runfiles.served_versions_key("bct")
+    flip(copy / key)
+    assert verify_run(RunStorage.at(copy), digests=False).ok  # sizes agree
+    assert main(["report", "--verify", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} has the recorded size but not the recorded SHA-256" in err
+    assert f"Run `compat run --resume {copy} --verify`" in err
+    monkeypatch.setattr(executor, "_run_group", lambda *a, **k: pytest.fail("a finished step was re-run"))
+    assert main(["run", "--resume", str(copy), "--verify", "--no-progress"]) == 0
+    assert f"{key} has the recorded size" in capsys.readouterr().out
+    assert (copy / key).read_bytes() == (reference / key).read_bytes()
+    unchanged(reference, copy, except_tasks=set())
+    assert verify_run(RunStorage.at(copy), digests=True).ok

@@ -219,7 +219,7 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
             return
         spec, storage = run.config.methods[task.method], root.child(task.run)
         tracker.step_finished(task.run, spec.key, task.step, runfiles.manifest_entry(storage, spec.key, task.step) or {},
-                              ensure_row(run.config, storage, spec.key, task.step),
+                              ensure_row(run.config, storage, spec.key, task.step, run.num_classes),
                               sum(run.config.method_training(spec, s).epochs for s in range(task.step)))
 
     for task_id in done:  # what a resumed run finished before, so its tracker run is complete
@@ -238,9 +238,9 @@ def _run_graph(cfg: ExperimentConfig, root: RunStorage, resuming: bool, tracker,
         for task in graph.tasks_of(path):  # rows written above are read; one a resumed run lacks is computed here
             if task.method is not None:
                 spec = run.config.methods[task.method]
-                ensure_row(run.config, root.child(path), spec.key, task.step)
+                ensure_row(run.config, root.child(path), spec.key, task.step, run.num_classes)
         record_upstream(run.config, root.child(path), root)
-        metrics = assemble_metrics(run.config, root.child(path), len(run.steps))
+        metrics = assemble_metrics(run.config, root.child(path), len(run.steps), run.num_classes)
         add_release_gates(run.config, root.child(path), metrics)
         facts = skipped_images_of(run.config)  # the split indexes are cached: cheap
         if facts:
@@ -272,9 +272,11 @@ def describe_graph(graph) -> str:
     return f"{text} = {len(graph.tasks)} tasks"
 
 
-def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: int) -> dict:
+def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: int, num_classes: int) -> dict:
     """Row ``version`` of every compatibility matrix, computed once from the store and cached.
 
+    It reads the run storage and nothing else: ``num_classes`` (the planned run's, counted once by the
+    driver) is all it needs of the dataset, so a row task runs where the training data cannot be read.
     Its negative flips compare with the top-1 correctness the older rows recorded, so those rows come
     first; a row written before rows held flips (no ``top1_correct``) is computed again, to the same scores."""
     from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
@@ -286,8 +288,8 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
     row = runfiles.read_row(run, method, version)
     if row is not None and TOP1_CORRECT in row:
         return row
-    earlier = [unpack_correct(ensure_row(cfg, run, method, j)[TOP1_CORRECT]) for j in range(version)]
-    blocks = class_blocks(cfg)
+    earlier = [unpack_correct(ensure_row(cfg, run, method, j, num_classes)[TOP1_CORRECT]) for j in range(version)]
+    blocks = class_blocks(cfg, num_classes)
     index = cfg.evaluation.search.index
     row = compatibility_row(EmbeddingStore(runfiles.store_dir(run)), method, version, cfg.evaluation,
                             None if blocks is None else blocks[1], earlier_top1=earlier,
@@ -298,20 +300,19 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
     return row
 
 
-def class_blocks(cfg: ExperimentConfig) -> Optional[tuple[list[str], "np.ndarray"]]:
+def class_blocks(cfg: ExperimentConfig, num_classes: int) -> Optional[tuple[list[str], "np.ndarray"]]:
     """Block names and each label's block: the classes version k first trained on form block ``vk``,
     classes no version trained on form ``none``. Only where the evaluation ranks the experiment's own
-    classes (not templates, not another dataset, not a class order read from session files)."""
+    classes (not templates, not another dataset, not a class order read from session files). From the
+    config and the dataset's ``num_classes`` alone: no file is read."""
     import numpy as np
 
-    from orchestrator.data import dataset_num_classes
     from orchestrator.engine.scenarios import class_order
 
     ev = cfg.evaluation
     own_data = all(ev.sets[name].data is None for name in {ev.query, ev.gallery or ev.query} if name in ev.sets)
     if ev.templates or not own_data or cfg.scenario.session_files is not None or cfg.scenario.replace_at:
         return None
-    num_classes = dataset_num_classes(cfg.data)
     steps = plan_steps(cfg, num_classes)
     order = class_order(cfg, num_classes)
     block_of_label = np.full(num_classes, len(steps), dtype=np.int64)
@@ -321,7 +322,7 @@ def class_blocks(cfg: ExperimentConfig) -> Optional[tuple[list[str], "np.ndarray
     return names, block_of_label
 
 
-def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int) -> dict:
+def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int, num_classes: int) -> dict:
     """metrics.json: per method every matrix by metric name and the summary metrics (stable schema).
 
     Every verdict (AC, the per-pair ECC flags, ECC on every pair) is decided on every metric with the
@@ -331,7 +332,7 @@ def assemble_metrics(cfg: ExperimentConfig, run: runfiles.Run, num_versions: int
     from orchestrator.evaluation.flips import FLIP_KEYS, flip_matrices
     from orchestrator.evaluation.health import version_health
 
-    blocks = class_blocks(cfg)
+    blocks = class_blocks(cfg, num_classes)
     ties = cfg.evaluation.ties
 
     out: dict = {"schema_version": SCHEMA_VERSION, "experiment": cfg.name, "seed": cfg.seed,

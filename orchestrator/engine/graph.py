@@ -39,6 +39,7 @@ class RunPlan:
     config: Any  # ExperimentConfig, or CrossModalExperiment for role "cross-modal"
     steps: tuple[Step, ...]
     role: str  # "experiment" (metrics and report of its own) | "seed" (aggregated) | "upstream" | "cross-modal"
+    num_classes: Optional[int] = None  # the dataset's, counted once here (rows need it, not the data); None: cross-modal
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,9 @@ def _plan_run(graph: TaskGraph, path: str, cfg: ExperimentConfig, role: str) -> 
     from orchestrator.data import dataset_num_classes
     from orchestrator.engine.upstream import upstream_config
 
-    steps = tuple(plan_steps(cfg, dataset_num_classes(cfg.data)))
-    graph.add_run(RunPlan(path, cfg, steps, role))
+    num_classes = dataset_num_classes(cfg.data)
+    steps = tuple(plan_steps(cfg, num_classes))
+    graph.add_run(RunPlan(path, cfg, steps, role, num_classes))
     twins = first_version_twins(cfg, steps)
     bases = weight_sources(cfg)
     clip = () if cfg.upstream_clip is None else (_pretrain(graph, cfg.model.name, cfg.upstream_clip, cfg.data, steps[0].resources),)

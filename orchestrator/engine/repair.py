@@ -14,6 +14,8 @@ What is recomputed (docs/guide/operations.md, "Damaged artefacts"):
   but the matrix rows that read those embeddings.
 - **A finished task whose dependency is not finished** (its manifest entry was deleted by hand): treated
   as derived from a recomputed task.
+- **A damaged served-versions table** (the service simulation's, or its record): derived from the store
+  at the end like the rows, so only it goes, with the run's ``metrics.json``; the driver writes both again.
 
 For each method step recomputed or embedded again, its rows from that version on are deleted (a row k
 reads versions 0..k), and so are unreadable rows and the ``metrics.json`` of every run concerned; the
@@ -63,14 +65,14 @@ def repair_run(graph: TaskGraph, root: RunStorage, digests: bool, echo: Callable
             recompute.add(task.id)
     embed_again -= recompute
     redo = [t for t in graph.tasks.values() if t.id in recompute]  # unfinished ones too: their epoch states go
-    if found.damaged or found.bad_rows:
+    if not found.ok:
         what = "sizes and SHA-256" if digests else "sizes"
         echo(f"Verified {found.checked} finished task(s) ({what}); damaged:")
         for line in found.findings():
             echo(f"  {line}")
     elif found.checked:
         echo(f"Verified {found.checked} finished task(s) ({'sizes and SHA-256' if digests else 'sizes'}): intact")
-    if not (redo or embed_again or found.bad_rows):
+    if not (redo or embed_again or found.bad_rows or found.bad_service):
         return found
     for task in redo:
         run = _run(root, task.run)
@@ -86,7 +88,8 @@ def repair_run(graph: TaskGraph, root: RunStorage, digests: bool, echo: Callable
         run = _run(root, task.run)
         run.write_json(runfiles.reembed_key(task.name), found.entries[(task.run, task.name)])  # first: weights kept
         run.delete(runfiles.task_manifest_key(task.name))
-    touched = {t.run for t in redo} | {graph.tasks[tid].run for tid in embed_again} | {run for run, _ in found.bad_rows}
+    touched = ({t.run for t in redo} | {graph.tasks[tid].run for tid in embed_again}
+               | {run for run, _ in [*found.bad_rows, *found.bad_service]})
     for task in [*redo, *(graph.tasks[tid] for tid in embed_again)]:
         if task.method is not None:
             for version in range(task.step, len(graph.runs[task.run].steps)):
@@ -94,6 +97,8 @@ def repair_run(graph: TaskGraph, root: RunStorage, digests: bool, echo: Callable
             runfiles.delete_indexes(_run(root, task.run), _method_key(graph, task), task.step)
     for run, damage in found.bad_rows:
         _run(root, run).delete(damage.key)
+    for run, damage in found.bad_service:  # service/<method>/...: that method's table and record
+        runfiles.delete_served_versions(_run(root, run), damage.key.split("/")[1])
     for run in touched | {""}:
         _run(root, run).delete(runfiles.METRICS)
     finished_redo = [t for t in redo if t.id in finished]

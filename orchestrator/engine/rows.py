@@ -2,7 +2,9 @@
 
 When a version trained on the cluster commits, its row is submitted as a Ray task that reads the run
 storage (the store's vectors, the older rows' top-1 correctness) and writes the row file there; it runs
-while later versions train. The driver only learns which rows are ready; metrics.json is assembled
+while later versions train. It reads nothing else: the one fact of the dataset a row needs (its number
+of classes, for the class blocks) comes from the driver's plan, so the task may run on a node that cannot
+read the training data. The driver only learns which rows are ready; metrics.json is assembled
 from the row files at the end. A version trained in-process (``num_workers: 0``) keeps its row in the
 driver. Either way the row is :func:`orchestrator.engine.driver.ensure_row`'s: the same function, the
 same bits, written once.
@@ -23,12 +25,12 @@ from orchestrator.storage.run_storage import RunStorage
 ROW_CPUS = 1.0
 
 
-def compute_row(config: dict, run: RunStorage, method: str, version: int, *earlier_rows) -> str:
+def compute_row(config: dict, run: RunStorage, method: str, version: int, num_classes: int, *earlier_rows) -> str:
     """The row task's body (``earlier_rows``: the chain's previous row task, only to order them)."""
     from orchestrator.config.crossmodal import parse_any
     from orchestrator.engine.driver import ensure_row
 
-    ensure_row(parse_any(config), run, method, version)
+    ensure_row(parse_any(config), run, method, version, num_classes)
     return f"{method}/{version}"
 
 
@@ -63,11 +65,11 @@ class RowTasks:
         if task.resources.num_workers == 0:
             if earlier is not None:
                 self._wait([earlier])
-            ensure_row(run.config, self.root.child(task.run), method, task.step)
+            ensure_row(run.config, self.root.child(task.run), method, task.step, run.num_classes)
             self.on_row(task_id)
             return
         ref = _remote_row().remote(run.config.to_dict(), self.root.child(task.run), method, task.step,
-                            *([] if earlier is None else [earlier]))
+                                   run.num_classes, *([] if earlier is None else [earlier]))
         self.pending[ref] = task_id
         self.last_of_chain[task.chain] = ref
         self.collect(timeout=0)

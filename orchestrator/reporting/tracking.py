@@ -5,7 +5,8 @@ A :class:`Tracker` sends the same events to every tracker the ``tracking:`` sect
     open            the resolved config (MLflow params and config.yaml, W&B config, a TensorBoard text)
     step_finished   a method's version, as its task finishes (steps done before a resume are sent first):
                     each epoch's mean losses against the method's epochs so far, and against the version
-                    its accuracies, seconds and its row of every compatibility matrix
+                    its accuracies, seconds, training throughput (images/s, FLOPs per image, MFU) and
+                    its row of every compatibility matrix
     run_finished    the summary of every metrics.json (AC, AM, BC, FC, ECC per metric; over seeds the
                     means and stds), every matrix as a table, and the report's files (report.md,
                     metrics.json, config.yaml, run.json, the matrix CSVs, the plots)
@@ -44,6 +45,8 @@ FILES_FOLDER = "compat"  # W&B: the report's files go into the run's files/compa
 NOT_REPORTED = re.compile(r"lease\.json|tuner\.pkl|.*state-.*\.json")  # the run's lease; Tune's state in a sweep
 STEP_VALUES = ("accuracy", "accuracy_base", "accuracy_novel", "accuracy_new_classes", "accuracy_previous_classes",
                "seconds", "train_seconds")  # manifest-entry numbers logged against the version
+THROUGHPUT_VALUES = ("images_per_second", "images_per_second_per_device", "train_flops_per_image",
+                     "mfu")  # the entry's ``throughput`` numbers (orchestrator/engine/throughput.py), as <method>/throughput/<name>
 
 
 def check_tracking(tracking: TrackingConfig, key: str = "tracking") -> None:
@@ -121,6 +124,7 @@ class Tracker:
             losses = {f"{prefix}/train/{k}": float(v) for k, v in point.items() if k != "epoch" and _number(v)}
             self._metrics(losses, "epoch", epochs_before + int(point["epoch"]) + 1)
         self._metrics({f"{prefix}/{k}": float(entry[k]) for k in STEP_VALUES if _number(entry.get(k))}, "version", version)
+        self._metrics(throughput_metrics(entry, prefix), "version", version)
         self._metrics(row_metrics(row or {}, prefix), "version", version)
 
     def run_finished(self, runs: Sequence[tuple[str, RunStorage]]) -> None:
@@ -157,6 +161,14 @@ def open_run_tracker(cfg, root: RunStorage) -> Tracker:
 
 
 # -- what is logged -----------------------------------------------------------------------------------
+def throughput_metrics(entry: dict, prefix: str) -> dict[str, float]:
+    """A step's training throughput: ``<prefix>/throughput/<name>``, each number its manifest entry has
+    (none for a copied version; no MFU where the device's peak is unknown, a CPU's included)."""
+    throughput = entry.get("throughput") or {}
+    return {f"{prefix}/throughput/{k}": float(throughput[k]) for k in THROUGHPUT_VALUES
+            if _number(throughput.get(k))}
+
+
 def row_metrics(row: dict, prefix: str) -> dict[str, float]:
     """A compatibility-matrix row of version i: ``<prefix>/<metric>/gallery_v<j>`` = M[i][j] for j <= i."""
     out = {}

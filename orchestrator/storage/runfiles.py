@@ -20,6 +20,7 @@
     upstream/<digest>/                   a nested run per upstream (replacement) model
     seed-<s>/                            a cross-modal run's per-seed state (stage states, store)
     service/<method>/served_versions.parquet  the version serving each gallery item per step, policy and budget
+    service/<method>/record.json         its size and SHA-256 (it is derived at the end, in no task's entry)
     metrics.json, report.md, *.png, *.csv
 
 Every function takes the run as a :class:`RunStorage` or a location (a path or URI); the write rules
@@ -323,13 +324,32 @@ def served_versions_key(method: str) -> str:
     return f"service/{method}/served_versions.parquet"
 
 
+def service_record_key(method: str) -> str:
+    return f"service/{method}/record.json"
+
+
 def write_served_versions(run: Run, method: str, table: "pa.Table") -> None:
     """The service simulation's per-item bookkeeping of one method (a deterministic function of the
-    config and the stored labels: rewritten identically on resume)."""
+    config and the stored labels: rewritten identically on resume), then its record: the table's size
+    and SHA-256 under ``artefacts``, as a manifest entry holds them, so that verification sees it damaged."""
     import pyarrow.parquet as pq
 
-    with storage(run).open_output(served_versions_key(method)) as sink:
+    output = storage(run).open_output(served_versions_key(method))
+    with output as sink:
         pq.write_table(table, sink, compression="zstd")
+    storage(run).write_json(service_record_key(method), {"artefacts": {served_versions_key(method): output.artefact.to_json()}})
+
+
+def delete_served_versions(run: Run, method: str) -> None:
+    """The table and its record (the record first: a table without one is never checked, then rewritten)."""
+    storage(run).delete(service_record_key(method))
+    storage(run).delete(served_versions_key(method))
+
+
+def service_methods(run: Run) -> list[str]:
+    """The methods whose served-versions table has a record in ``run``."""
+    suffix = "/" + service_record_key("").rsplit("/", 1)[1]
+    return [key.removesuffix(suffix) for key in storage(run).list("service") if key.endswith(suffix) and key.count("/") == 1]
 
 
 def read_served_versions(run: Run, method: str) -> "pa.Table":

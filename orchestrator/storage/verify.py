@@ -5,7 +5,9 @@ A task's manifest entry lists, under ``artefacts``, each object the task wrote (
 markers, stage states, replay memory) with its byte size and SHA-256, keys relative to the entry's run.
 Checking sizes costs one metadata request per object, so ``--resume`` and ``compat report`` always do it;
 checking digests reads every byte, so they do it with ``--verify``. Matrix rows (``rows/``) are derived
-from the store by the driver and carry no record: a row that does not parse counts as damaged.
+from the store by the driver and carry no record: a row that does not parse counts as damaged. The
+service simulation's served-versions tables, also derived at the end, each have a record of their own
+(``service/<method>/record.json``, the same ``artefacts`` field) and are checked like a task's artefacts.
 
 What to do about damage is the engine's business (orchestrator/engine/repair.py): this module only finds it.
 Entries written before artefacts were recorded (no ``artefacts`` field) cannot be checked; they are
@@ -46,11 +48,12 @@ class Verification:
     damaged: dict[tuple[str, str], list[Damage]] = field(default_factory=dict)  # (run, task name) -> damage
     entries: dict[tuple[str, str], Optional[dict]] = field(default_factory=dict)  # every finished task's entry (None: unreadable)
     bad_rows: list[tuple[str, Damage]] = field(default_factory=list)  # (run, row) that does not parse
+    bad_service: list[tuple[str, Damage]] = field(default_factory=list)  # (run, served-versions table or its record)
     unrecorded: list[tuple[str, str]] = field(default_factory=list)  # entries without artefact records
 
     @property
     def ok(self) -> bool:
-        return not self.damaged and not self.bad_rows
+        return not self.damaged and not self.bad_rows and not self.bad_service
 
     def findings(self) -> list[str]:
         """One line per damaged object, naming its run and task."""
@@ -58,12 +61,13 @@ class Verification:
         for (run, name), damage in self.damaged.items():
             where = f"{run}/" if run else ""
             lines += [f"{where}{d} (task {where}{name})" for d in damage]
-        lines += [f"{run}/{d}" if run else str(d) for run, d in self.bad_rows]
+        lines += [f"{run}/{d}" if run else str(d) for run, d in [*self.bad_rows, *self.bad_service]]
         return lines
 
     def advice(self) -> str:
         """The command that recomputes what is damaged (``--verify`` too when only a digest saw it)."""
-        needs_digest = any(d.by_digest for damage in self.damaged.values() for d in damage)
+        needs_digest = any(d.by_digest for damage in [*self.damaged.values(), [d for _, d in self.bad_service]]
+                           for d in damage)
         return f"compat run --resume {self.root.location}" + (" --verify" if needs_digest else "")
 
     def unrecorded_warning(self) -> Optional[str]:
@@ -92,7 +96,8 @@ def check_artefacts(run: RunStorage, records: dict, digests: bool) -> list[Damag
 
 def verify_run(root: RunStorage, digests: bool, runs: Optional[Iterable[str]] = None) -> Verification:
     """Check every finished task of the run at ``root`` and of ``runs`` nested in it (default: every run
-    found there, :func:`~orchestrator.storage.runfiles.runs_in`), and every matrix row."""
+    found there, :func:`~orchestrator.storage.runfiles.runs_in`), every matrix row and every recorded
+    served-versions table."""
     result = Verification(root, digests)
     for path in (runfiles.runs_in(root) if runs is None else runs):
         run = root.child(path) if path else root
@@ -118,7 +123,22 @@ def verify_run(root: RunStorage, digests: bool, runs: Optional[Iterable[str]] = 
                 run.read_json(f"rows/{key}")
             except RunError:
                 result.bad_rows.append((path, Damage(f"rows/{key}", "does not parse (a matrix row)")))
+        result.bad_service += [(path, d) for d in check_service(run, digests)]
     return result
+
+
+def check_service(run: RunStorage, digests: bool) -> list[Damage]:
+    """Each served-versions table of ``run`` that no longer matches its record (or whose record does not parse)."""
+    damage = []
+    for method in runfiles.service_methods(run):
+        key = runfiles.service_record_key(method)
+        try:
+            records = run.read_json(key)[ARTEFACTS]
+        except (RunError, KeyError, TypeError):
+            damage.append(Damage(key, "does not parse (the record of a served-versions table)"))
+            continue
+        damage += check_artefacts(run, records, digests)
+    return damage
 
 
 def finished_tasks(run: RunStorage) -> list[str]:

@@ -134,33 +134,48 @@ class StepWatcher:
     """One Tune result per step that every seed of a trial has finished, from the run directories."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: RunStorage, objective: Objective, num_versions: int):
+        from orchestrator.data import dataset_num_classes
         from orchestrator.evaluation.seeds import seed_runs
 
         self.runs = seed_runs(cfg, run_dir)
         self.objective = objective
         self.num_versions = num_versions
+        self.num_classes = dataset_num_classes(cfg.data)  # the seeds share the data
         self.reported = 0
 
     def new_results(self, last: bool) -> list[dict]:
-        """Results of the steps finished since the previous call; the last step's only when ``last``."""
+        """Results of the steps whose rows every seed has written since the previous call; the last
+        step's only when ``last``. The rows are the simulation's (its row tasks', or its driver's): the
+        watcher reads them, never computes one beside them."""
         until = self.num_versions if last else self.num_versions - 1
         results = []
         while self.reported < until and all(
-                runfiles.step_done(run_dir, self.objective.method, self.reported) for _, run_dir in self.runs):
+                row_written(run_dir, self.objective.method, self.reported) for _, run_dir in self.runs):
             self.reported += 1
-            entries = [prefix_entry(cfg, run_dir, self.objective.method, self.reported) for cfg, run_dir in self.runs]
+            entries = [prefix_entry(cfg, run_dir, self.objective.method, self.reported, self.num_classes)
+                       for cfg, run_dir in self.runs]
             results.append(step_result(self.objective, entries, self.reported, self.num_versions))
         return results
 
 
-def prefix_entry(cfg: ExperimentConfig, run_dir: RunStorage, method: str, num_versions: int) -> dict:
-    """The metrics.json entry of ``method`` over its first ``num_versions`` versions (rows computed if missing)."""
-    from orchestrator.engine.driver import assemble_metrics, ensure_row
+def row_written(run_dir: RunStorage, method: str, version: int) -> bool:
+    """Whether the simulation has written row ``version`` (a row of before rows held flips is computed
+    again by the simulation, so it does not count)."""
+    from orchestrator.evaluation.flips import TOP1_CORRECT
+
+    if not runfiles.step_done(run_dir, method, version):
+        return False
+    row = runfiles.read_row(run_dir, method, version)
+    return row is not None and TOP1_CORRECT in row
+
+
+def prefix_entry(cfg: ExperimentConfig, run_dir: RunStorage, method: str, num_versions: int, num_classes: int) -> dict:
+    """The metrics.json entry of ``method`` over its first ``num_versions`` versions (their rows written)."""
+    from orchestrator.engine.driver import assemble_metrics
 
     spec = next(m for m in cfg.methods if m.key == method)
-    for version in range(num_versions):
-        ensure_row(cfg, run_dir, method, version)
-    return assemble_metrics(dataclasses.replace(cfg, methods=[spec]), run_dir, num_versions)["methods"][method]
+    only = dataclasses.replace(cfg, methods=[spec], service=None)  # the objective reads the method entry alone
+    return assemble_metrics(only, run_dir, num_versions, num_classes)["methods"][method]
 
 
 def step_result(objective: Objective, entries: list[dict], steps_done: int, steps_total: int) -> dict:
