@@ -22,7 +22,6 @@ from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import Location, RunStorage
 from orchestrator.config import ExperimentConfig
 from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
-from orchestrator.engine.executor import ensure_ray  # noqa: F401  (the benches start the cluster through here)
 from orchestrator.errors import RunError
 from orchestrator.engine.scenarios import plan_steps
 
@@ -138,6 +137,8 @@ def check_decode_nodes(cfg: ExperimentConfig) -> None:
     pinned = [key for key, data in sections if data is not None and data.decode_on == "cpu_nodes" and streams(data)]
     if pinned:
         import ray
+
+        from orchestrator.engine.executor import ensure_ray
 
         ensure_ray()
         nodes = ray.nodes()

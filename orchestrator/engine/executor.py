@@ -45,7 +45,7 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
     remote = any(t.resources.num_workers > 0 for t in todo)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
     if remote:
-        ensure_ray()
+        ensure_ray(echo=display.echo if display is not None else print)
     if any(t.resources.num_workers == 0 for t in todo) and os.environ.get("COMPAT_RAY_LOGS") != "1":
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process reports would log over the progress line
     reuse = next(iter(graph.runs.values())).config.resources.group_steps
@@ -179,18 +179,45 @@ def explain_failure(exc: BaseException, tasks: str) -> Exception:
                     f"(rerun with --debug for the traceback; finished steps are kept, --resume continues)")
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one.
-    Worker logs stay in Ray's session log directory unless COMPAT_RAY_LOGS=1 (set by --debug)."""
+def ensure_ray(echo: Callable[[str], None] = print) -> None:
+    """Connect to a Ray cluster, or start a private one on this machine, following ``ray.init``'s rule:
+    RAY_ADDRESS names the cluster (as under `ray job submit`); without it, a cluster started here with
+    `ray start` is joined; ``RAY_ADDRESS=local`` always starts a private cluster. Joining is easy to do
+    by accident (someone else's `ray start`), so a joined cluster is named in one line through ``echo``.
+    Worker logs of a private cluster stay in Ray's session log directory unless COMPAT_RAY_LOGS=1 (--debug)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address == "local" or address is None:
+        ray.init(address=address, include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
     else:
-        ray.init(include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
+        ray.init(address=address)
+    if not _started_here():
+        how = "RAY_ADDRESS" if address else "found running on this machine; RAY_ADDRESS=local starts a private one"
+        echo(f"Joined the Ray cluster at {ray.get_runtime_context().gcs_address} ({how}): {describe_cluster()}")
+
+
+def _started_here() -> bool:
+    """Whether ``ray.init`` started the cluster this driver is connected to (rather than joining one).
+    Ray exposes no public flag for it: its driver node is a head node only when it started one."""
+    import ray._private.worker
+
+    node = ray._private.worker._global_node
+    return bool(node is not None and node.head)
+
+
+def describe_cluster() -> str:
+    """The connected cluster in a few words: alive nodes, CPUs and GPUs."""
+    import ray
+
+    def count(n: float, word: str) -> str:
+        return f"{n:g} {word}{'' if n == 1 else 's'}"
+
+    total = ray.cluster_resources()
+    return ", ".join([count(sum(1 for node in ray.nodes() if node.get("Alive")), "node"),
+                      count(total.get("CPU", 0), "CPU"), count(total.get("GPU", 0), "GPU")])
 
 
 def driver_resources(cluster_resources: Mapping[str, float]) -> dict[str, float]:
