@@ -130,11 +130,9 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
 def check_decode_nodes(cfg: ExperimentConfig) -> None:
     """Before anything is written: a streamed dataset with ``decode_on: cpu_nodes`` needs CPU-only worker
     nodes in the cluster (a ConfigError naming the key otherwise). Connects to Ray only in that case."""
-    from orchestrator.data.streaming import decode_nodes, streams
+    from orchestrator.data.streaming import decode_nodes, streamed_sections
 
-    sections = [("data", cfg.data), *((f"evaluation.sets.{name}.data", eval_set.data)
-                                      for name, eval_set in cfg.evaluation.sets.items())]
-    pinned = [key for key, data in sections if data is not None and data.decode_on == "cpu_nodes" and streams(data)]
+    pinned = [key for key, data in streamed_sections(cfg) if data.decode_on == "cpu_nodes"]
     if pinned:
         import ray
 

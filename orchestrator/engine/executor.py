@@ -43,11 +43,12 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
     if not todo:
         return
     remote = any(t.resources.num_workers > 0 for t in todo)
+    streamed = _streams_data(graph)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
-    if remote:
+    if remote or streamed:  # (in-process streaming: else Ray Data would start or join a cluster on its own terms)
         ensure_ray(echo=display.echo if display is not None else print)
     if any(t.resources.num_workers == 0 for t in todo) and os.environ.get("COMPAT_RAY_LOGS") != "1":
-        logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process reports would log over the progress line
+        quiet_in_process_logs(streamed)
     reuse = next(iter(graph.runs.values())).config.resources.group_steps
     queue = _Queue(list(graph.tasks.values()), done, remote, reuse, step_by_step)
     capacity = _Capacity(max_groups) if remote else None
@@ -88,6 +89,24 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
             raise explain_failure(cause, graph.describe(first)) from cause
         raise RunError(f"{graph.describe(first)} did not finish: {failures[first]} (finished tasks are kept; "
                        f"--resume continues)")
+
+
+def quiet_in_process_logs(streamed: bool) -> None:
+    """Ray Train's per-report and Ray Data's per-execution INFO lines would print over the progress line
+    of a group training in this process; warnings still show (--debug, i.e. COMPAT_RAY_LOGS=1, keeps all)."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if streamed:
+        import ray.data  # noqa: F401  (its import configures the "ray.data" logger, which would undo the level)
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _streams_data(graph: TaskGraph) -> bool:
+    """Whether any run of the graph streams a data section through Ray Data."""
+    from orchestrator.config import ExperimentConfig
+    from orchestrator.data.streaming import streamed_sections
+
+    return any(isinstance(run.config, ExperimentConfig) and streamed_sections(run.config) for run in graph.runs.values())
 
 
 def _open_groups(graph, root, queue, capacity, threads, errors) -> None:
