@@ -203,7 +203,8 @@ def ensure_ray(echo: Callable[[str], None] = print) -> None:
     RAY_ADDRESS names the cluster (as under `ray job submit`); without it, a cluster started here with
     `ray start` is joined; ``RAY_ADDRESS=local`` always starts a private cluster. Joining is easy to do
     by accident (someone else's `ray start`), so a joined cluster is named in one line through ``echo``.
-    Worker logs of a private cluster stay in Ray's session log directory unless COMPAT_RAY_LOGS=1 (--debug)."""
+    Unless RAY_ADDRESS names a cluster, workers' logs stay in Ray's session log directory (no dashboard
+    either) unless COMPAT_RAY_LOGS=1 (--debug)."""
     import ray
 
     if ray.is_initialized():
@@ -215,7 +216,8 @@ def ensure_ray(echo: Callable[[str], None] = print) -> None:
         ray.init(address=address)
     if not _started_here():
         how = "RAY_ADDRESS" if address else "found running on this machine; RAY_ADDRESS=local starts a private one"
-        echo(f"Joined the Ray cluster at {ray.get_runtime_context().gcs_address} ({how}): {describe_cluster()}")
+        where = address if address and address.startswith("ray://") else ray.get_runtime_context().gcs_address
+        echo(f"Joined the Ray cluster at {where} ({how}): {describe_cluster()}")
 
 
 def _started_here() -> bool:
