@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from orchestrator import load_config  # noqa: E402
-from orchestrator.engine.driver import ensure_ray, run_experiment  # noqa: E402
+from orchestrator.engine.driver import run_experiment  # noqa: E402
+from orchestrator.engine.executor import ensure_ray  # noqa: E402
 
 TWO_CHAINS = ["methods=[{name: independent, label: chain-a}, {name: independent, label: chain-b}]",
               "resources.share_first_version=false", "resources.num_workers=1", "resources.cpus_per_worker=1"]

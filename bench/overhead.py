@@ -25,7 +25,8 @@ import torch
 from common import bare_loop
 
 from orchestrator import load_config
-from orchestrator.engine.driver import ensure_ray, run_experiment
+from orchestrator.engine.driver import run_experiment
+from orchestrator.engine.executor import ensure_ray
 
 SCENARIO = ["scenario.initial_classes=6", "scenario.increment=2", "scenario.num_steps=8", "methods=[{name: independent}]"]
 

@@ -17,7 +17,8 @@ from common import bare_loop
 
 from orchestrator.storage import runfiles
 from orchestrator import load_config
-from orchestrator.engine.driver import ensure_ray, run_experiment
+from orchestrator.engine.driver import run_experiment
+from orchestrator.engine.executor import ensure_ray
 
 
 def main() -> None:

@@ -108,6 +108,12 @@ class Interrupted(Independent):
     name = "test_interrupted"
     calls = 0
 
+    def loss(self, outputs, images, labels, state, ctx):
+        ce, parts = super().loss(outputs, images, labels, state, ctx)
+        if ctx.index == 1 and Interrupted.calls == 0:  # step 1's first batch overflows fp16: a scaler backs off
+            return ce * 1e6, parts
+        return ce, parts
+
     def after_backward(self, model, state, ctx):
         if ctx.index == 1:
             Interrupted.calls += 1
@@ -116,17 +122,27 @@ class Interrupted(Independent):
 
 
 def test_interrupted_step_resumes_from_its_last_epoch(tmp_path, monkeypatch):
-    cfg = tiny(tmp_path, "methods=[{name: test_interrupted}]", "training.epochs=3")
+    """fp16 (its gradient scaler works on CPU): the resume point also carries the loss scale reached."""
+    from orchestrator.engine.precision import Precision
+
+    cfg = tiny(tmp_path, "methods=[{name: test_interrupted}]", "training.precision=fp16", "scenario.num_steps=2")
     run_dir = tmp_path / cfg.name
-    seen_starts = []
-    original = runfiles.load_epoch_state
+    seen_starts, saved_scales, resumed_scales = [], [], []
+    original, original_load = runfiles.load_epoch_state, Precision.load_state_dict
 
     def spy(run, method, step):
         state = original(run, method, step)
         seen_starts.append((step, None if state is None else state["epoch"]))
+        if state is not None:
+            saved_scales.append(state["precision"]["scaler"]["scale"])
         return state
 
+    def load_spy(self, state):
+        original_load(self, state)
+        resumed_scales.append(self.scaler.get_scale())
+
     monkeypatch.setattr("orchestrator.engine.worker.runfiles.load_epoch_state", spy)
+    monkeypatch.setattr(Precision, "load_state_dict", load_spy)
     with pytest.raises(KeyboardInterrupt):
         driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert runfiles.step_done(run_dir, "test_interrupted", 0) and not runfiles.step_done(run_dir, "test_interrupted", 1)
@@ -134,6 +150,8 @@ def test_interrupted_step_resumes_from_its_last_epoch(tmp_path, monkeypatch):
     driver.run_experiment(cfg, progress=False, echo=lambda s: None)
     assert (1, 0) in seen_starts  # step 1 restarted after its finished epoch 0
     assert all(step != 0 for step, _ in seen_starts)  # step 0 was not redone
+    assert resumed_scales == saved_scales and len(saved_scales) == 1  # the scaler continued, not from scratch
+    assert saved_scales[0] == Precision("cpu", "fp16").scaler.get_scale() / 2  # it had backed off once
 
 
 def test_invalid_config_writes_nothing(tmp_path, capsys):

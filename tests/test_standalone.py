@@ -235,3 +235,17 @@ def test_compare_map_ties_shared_is_scikit_learns_average_precision(tmp_path, ca
     assert shared["old_old"]["map"] == pytest.approx(np.mean(expected), abs=1e-12)
     by_index = json.loads(run(["compare", "--old", path, "--new", path, "--json"], capsys)[1])
     assert by_index["old_old"]["map"] != pytest.approx(np.mean(expected), abs=1e-6)
+
+
+def test_check_and_compare_take_the_same_protocol_and_ties_options():
+    """Both commands score embedding files the same way, so both --help texts explain both protocols."""
+    from orchestrator.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in ("compare", "check"):
+        options = {action.dest: action for action in commands[name]._actions}
+        assert options["protocol"].choices == ("leave-one-out", "query-gallery")
+        assert "query-gallery: the split column separates queries from the gallery" in options["protocol"].help
+        assert options["ties"].choices == ("fail", "pass") and options["ties"].default == "fail"
+    assert commands["compare"].parse_args(["--old", "a", "--new", "b"]).protocol == "leave-one-out"
+    assert commands["check"].parse_args(["--old", "a", "--new", "b"]).protocol is None  # a run brings its own

@@ -420,9 +420,10 @@ def test_a_streamed_run_on_a_train_worker_matches_the_in_memory_run(ray_local, r
     assert metrics[0] == metrics[1]  # the compatibility matrices: same embeddings in the store
 
 
-def test_skipped_images_stream_as_in_memory_and_reach_the_report(ray_local, damaged, tmp_path):
-    """With bad_images: skip the streamed path reads the same samples as the in-memory one; a run's
-    metrics.json, report.md and first lines say what was skipped."""
+def test_skipped_images_stream_as_in_memory_and_reach_the_report(ray_local, damaged, tmp_path, capfd):
+    """With bad_images: skip the streamed path reads the same samples as the in-memory one; a streamed
+    in-process run's metrics.json, report.md and first lines say what was skipped, and Ray Data's
+    per-execution INFO lines stay off the terminal (they would print over the progress line)."""
     data, _ = damaged
     for kind, (root, kept, *_) in data.items():
         memory, streamed = open_split(_skip(root, kind), "train"), open_split(_skip(root, kind, "stream"), "train")
@@ -437,11 +438,14 @@ def test_skipped_images_stream_as_in_memory_and_reach_the_report(ray_local, dama
     root, _, skipped, _ = data["imagefolder"]
     lines = []
     cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8",
-                             "data.bad_images=skip", "data.loading=memory", "scenario.initial_classes=3",
+                             "data.bad_images=skip", "data.loading=stream", "scenario.initial_classes=3",
                              "scenario.num_steps=1", "model.width=4", "model.embedding_dim=8", "training.epochs=1",
                              "training.batch_size=8", "methods=[{name: independent}]", "resources.num_workers=0",
                              f"output_dir={tmp_path}", "name=skipping"])
+    capfd.readouterr()
     run_experiment(cfg, progress=False, echo=lines.append)
+    out, err = capfd.readouterr()
+    assert "execution finished" not in out + err and "Dataset" not in out + err
     assert lines[1] == "Skipped unreadable images (bad_images: skip): data train 2; listed in report.md"
     metrics = json.loads((tmp_path / "skipping" / "metrics.json").read_text())
     assert metrics["skipped_images"]["data"]["train"] == {"skipped": 2, "first": skipped, "damaged_files": []}

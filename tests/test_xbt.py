@@ -347,3 +347,23 @@ def test_new_to_new_uses_the_untouched_base_model(finished_run):
     np.testing.assert_array_equal(base, stored)
     adapted = embed_array(encoder.encode_image, images, rows, transform, 64, torch.device("cpu"))
     assert adapted.shape == (len(images), 32)  # queries live in the old space
+
+
+def test_trained_stages_record_throughput_as_unimodal_steps_do(finished_run):
+    """Pairs per second and FLOPs per pair counted on the first batch (the CLIP towers' forward and
+    backward in the pairs stage, the projection in the text stage); a training-free stage records none."""
+    _, run_dir, _, _ = finished_run
+    entries = {p.relative_to(run_dir / "manifest").as_posix(): json.loads(p.read_text())
+               for p in (run_dir / "manifest").rglob("*.json")}
+    stages = {name: entry for name, entry in entries.items() if "stage" in entry}
+    for name, entry in stages.items():
+        record = entry.get("throughput")
+        if entry["method"] == "procrustes":
+            assert record is None, name
+            continue
+        assert record["pairs_per_second"] > 0 and record["timed_pairs"] > 0, name
+        assert record["train_flops_per_pair"] > 0 and record["precision"] == "fp32", name
+        assert record["mfu"] is None and "cpu" in record["mfu_note"], name
+    flops = {entry["stage"]: entry["throughput"]["train_flops_per_pair"]
+             for entry in stages.values() if entry["method"] == "xbt"}
+    assert flops["pairs"] > 100 * flops["text"]  # the towers' forward and backward dwarf a projection's

@@ -46,6 +46,14 @@ def streams(cfg: DataConfig) -> bool:
     return cfg.loading == "stream" or decoded_bytes(split_index(cfg, "train")) > cfg.memory_limit_gb * 2 ** 30
 
 
+def streamed_sections(cfg) -> list[tuple[str, DataConfig]]:
+    """The data sections of an experiment (``orchestrator.config.ExperimentConfig``) that stream, each with
+    its key path: ``data`` and ``evaluation.sets.NAME.data``."""
+    sections = [("data", cfg.data), *((f"evaluation.sets.{name}.data", eval_set.data)
+                                      for name, eval_set in cfg.evaluation.sets.items())]
+    return [(key, data) for key, data in sections if data is not None and streams(data)]
+
+
 def open_split(cfg: DataConfig, split: Split) -> Union[LabeledImages, "StreamedImages"]:
     """One split, decoded in memory or streamed, per ``cfg.loading`` (see :func:`streams`)."""
     if streams(cfg):

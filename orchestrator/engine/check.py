@@ -22,10 +22,10 @@ from orchestrator.config.experiment import load_raw
 from orchestrator.engine.gallery_upgrade import stored_vector_upgrade
 from orchestrator.errors import CheckpointError, CompatError, RunError
 from orchestrator.evaluation import metrics
-from orchestrator.evaluation.gate import (COMPATIBLE, CONFIDENCE, GATED, INCOMPATIBLE, MIN_CLASS_QUERIES, PROTOCOLS,
+from orchestrator.evaluation.gate import (COMPATIBLE, CONFIDENCE, GATED, INCOMPATIBLE, MIN_CLASS_QUERIES,
                                           RESAMPLES, SEED, Side, check_sides, gate, stored_side,
                                           upgraded_old_gallery)
-from orchestrator.evaluation.standalone import read_embedding_file
+from orchestrator.evaluation.standalone import add_scoring_options, read_embedding_file
 from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import RunStorage
 
@@ -203,16 +203,14 @@ def add_check_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argum
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of every checkpoint's config (repeatable), e.g. evaluation data: "
                              "--set data.root=/data/eval")
-    parser.add_argument("--protocol", choices=PROTOCOLS,
-                        help="for embedding files (default leave-one-out; see compat compare); a run directory "
-                             "brings its own")
     parser.add_argument("--confidence", type=float, default=CONFIDENCE,
                         help=f"two-sided confidence of every interval, in (0, 1) (default {CONFIDENCE})")
     parser.add_argument("--resamples", type=int, default=RESAMPLES,
                         help=f"bootstrap resamples of the queries (default {RESAMPLES})")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the resampling (default {SEED})")
-    parser.add_argument("--ties", choices=metrics.TIES, default="fail",
-                        help="fail (default): the lower bound must be above 0; pass: at or above 0")
+    add_scoring_options(parser, protocol_default=None,
+                        protocol_note=" (default leave-one-out, for embedding files; a run directory brings its own)",
+                        ties_help="fail (default): the lower bound must be above 0; pass: at or above 0")
     parser.add_argument("--min-class-queries", type=int, default=MIN_CLASS_QUERIES,
                         help=f"classes with fewer queries are not listed as breaks (default {MIN_CLASS_QUERIES})")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")

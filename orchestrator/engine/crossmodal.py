@@ -138,11 +138,13 @@ def recorded_weights(spec: ClipSpec, synthetic) -> Optional[str]:
 
 
 def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, worker, seed: int,
-                 label: str, run_dir: runfiles.Run) -> None:
+                 label: str, run_dir: runfiles.Run, throughputs: list[dict]) -> None:
     """The engine's loop for every stage: seeded sharded batches, the step's optimiser and schedule,
-    DDP across workers, a progress line per epoch and one report per stage."""
+    DDP across workers, a progress line per epoch and one report per stage. Appends the training's
+    throughput record (pairs per second, FLOPs per pair, MFU; as a unimodal step's) to ``throughputs``."""
     from orchestrator.engine.loop import ProgressFile, build_optimizer, distributed, lr_at, report, train_epochs
     from orchestrator.engine.precision import Precision
+    from orchestrator.engine.throughput import Throughput
 
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -150,10 +152,14 @@ def train_module(module: torch.nn.Module, num_items: int, loss_fn, *, training, 
     optimizer = build_optimizer(params, training)
     precision = Precision.of(training, worker.device)
     wrapped = precision.prepare(module, partial(distributed, worker=worker))
+    throughput = Throughput(worker.device, training.precision, warmup_batches=2 if training.compile else 1,
+                            count=len, unit="pairs")  # a batch is its pairs' indices; first: see Throughput
+    progress = [ProgressFile(run_dir, label, label, training.epochs)] if worker.is_chief else []
     means = train_epochs(
-        module, optimizer, training.epochs, lr=partial(lr_at, training=training), hooks=[ProgressFile(run_dir, label, label, training.epochs)] if worker.is_chief else [],
+        module, optimizer, training.epochs, lr=partial(lr_at, training=training), hooks=[throughput, *progress],
         batches=lambda epoch: epoch_batches(num_items, training.batch_size, seed, epoch, worker.rank, worker.world_size),
         loss=lambda idx, epoch: loss_fn(wrapped, torch.from_numpy(idx).to(worker.device), epoch), precision=precision)
+    throughputs.append({**throughput.record(worker.world_size), **precision.describe()})
     report({"step": label, **means})
     module.eval()
 
@@ -169,6 +175,7 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: 
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def train_fn(training, worker, seed: int, label: str, run_dir: runfiles.Run) -> Callable:
-    """``StageContext.train`` bound to this step."""
-    return partial(train_module, training=training, worker=worker, seed=seed, label=label, run_dir=run_dir)
+def train_fn(training, worker, seed: int, label: str, run_dir: runfiles.Run, throughputs: list[dict]) -> Callable:
+    """``StageContext.train`` bound to this step; each training's throughput record lands in ``throughputs``."""
+    return partial(train_module, training=training, worker=worker, seed=seed, label=label, run_dir=run_dir,
+                   throughputs=throughputs)

@@ -138,8 +138,10 @@ def stage_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> tuple[dict,
         state.update(seed_dir(run_dir, seed).load_torch(state_key(spec["key"], earlier)))
     dims = {"new_dim": embedding_dim(new_spec.name), "old_dim": loop["old_dim"]}
     torch.manual_seed(seed)
+    throughputs: list[dict] = []
     ctx = StageContext(stage=stage, seed=seed, device=worker.device, training=training,
-                       train=train_fn(training, worker, seed, f"seed-{seed}/{spec['key']}/{stage}", run_dir), **dims)
+                       train=train_fn(training, worker, seed, f"seed-{seed}/{spec['key']}/{stage}", run_dir, throughputs),
+                       **dims)
     if stage == "text":
         store = EmbeddingStore(runfiles.store_dir(run_dir))
         new, old = (store.read(role, VERSIONS[role], "corpus").embeddings for role in ("new", "old"))
@@ -165,5 +167,6 @@ def stage_step(loop: dict, run_dir: runfiles.Run, worker: Worker) -> tuple[dict,
                         tokenizer, transform, loop["batch_size"], worker,
                         {"method": spec["name"], "seed": seed, "model": new_spec.name})
         partitions = [(f"seed-{seed}/store", spec["key"], VERSIONS.get(spec["key"], 1), name) for name in ("images", "captions")]
-    return ({"method": spec["key"], "stage": stage, "seed": seed, "items": size, "params": method.describe()},
+    trained = {"throughput": throughputs[0] if len(throughputs) == 1 else throughputs} if throughputs else {}
+    return ({"method": spec["key"], "stage": stage, "seed": seed, "items": size, "params": method.describe(), **trained},
             written, partitions)

@@ -22,7 +22,6 @@ from orchestrator.storage import runfiles
 from orchestrator.storage.run_storage import Location, RunStorage
 from orchestrator.config import ExperimentConfig
 from orchestrator.config.crossmodal import CrossModalExperiment, parse_any
-from orchestrator.engine.executor import ensure_ray  # noqa: F401  (the benches start the cluster through here)
 from orchestrator.errors import RunError
 from orchestrator.engine.scenarios import plan_steps
 
@@ -131,13 +130,13 @@ def run_provenance(cfg: ExperimentConfig) -> dict:
 def check_decode_nodes(cfg: ExperimentConfig) -> None:
     """Before anything is written: a streamed dataset with ``decode_on: cpu_nodes`` needs CPU-only worker
     nodes in the cluster (a ConfigError naming the key otherwise). Connects to Ray only in that case."""
-    from orchestrator.data.streaming import decode_nodes, streams
+    from orchestrator.data.streaming import decode_nodes, streamed_sections
 
-    sections = [("data", cfg.data), *((f"evaluation.sets.{name}.data", eval_set.data)
-                                      for name, eval_set in cfg.evaluation.sets.items())]
-    pinned = [key for key, data in sections if data is not None and data.decode_on == "cpu_nodes" and streams(data)]
+    pinned = [key for key, data in streamed_sections(cfg) if data.decode_on == "cpu_nodes"]
     if pinned:
         import ray
+
+        from orchestrator.engine.executor import ensure_ray
 
         ensure_ray()
         nodes = ray.nodes()

@@ -43,11 +43,12 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
     if not todo:
         return
     remote = any(t.resources.num_workers > 0 for t in todo)
+    streamed = _streams_data(graph)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(HEALTH_CHECK_INTERVAL_S))
-    if remote:
-        ensure_ray()
+    if remote or streamed:  # (in-process streaming: else Ray Data would start or join a cluster on its own terms)
+        ensure_ray(echo=display.echo if display is not None else print)
     if any(t.resources.num_workers == 0 for t in todo) and os.environ.get("COMPAT_RAY_LOGS") != "1":
-        logging.getLogger("ray.train").setLevel(logging.WARNING)  # in-process reports would log over the progress line
+        quiet_in_process_logs(streamed)
     reuse = next(iter(graph.runs.values())).config.resources.group_steps
     queue = _Queue(list(graph.tasks.values()), done, remote, reuse, step_by_step)
     capacity = _Capacity(max_groups) if remote else None
@@ -88,6 +89,24 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
             raise explain_failure(cause, graph.describe(first)) from cause
         raise RunError(f"{graph.describe(first)} did not finish: {failures[first]} (finished tasks are kept; "
                        f"--resume continues)")
+
+
+def quiet_in_process_logs(streamed: bool) -> None:
+    """Ray Train's per-report and Ray Data's per-execution INFO lines would print over the progress line
+    of a group training in this process; warnings still show (--debug, i.e. COMPAT_RAY_LOGS=1, keeps all)."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if streamed:
+        import ray.data  # noqa: F401  (its import configures the "ray.data" logger, which would undo the level)
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _streams_data(graph: TaskGraph) -> bool:
+    """Whether any run of the graph streams a data section through Ray Data."""
+    from orchestrator.config import ExperimentConfig
+    from orchestrator.data.streaming import streamed_sections
+
+    return any(isinstance(run.config, ExperimentConfig) and streamed_sections(run.config) for run in graph.runs.values())
 
 
 def _open_groups(graph, root, queue, capacity, threads, errors) -> None:
@@ -179,18 +198,47 @@ def explain_failure(exc: BaseException, tasks: str) -> Exception:
                     f"(rerun with --debug for the traceback; finished steps are kept, --resume continues)")
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one.
-    Worker logs stay in Ray's session log directory unless COMPAT_RAY_LOGS=1 (set by --debug)."""
+def ensure_ray(echo: Callable[[str], None] = print) -> None:
+    """Connect to a Ray cluster, or start a private one on this machine, following ``ray.init``'s rule:
+    RAY_ADDRESS names the cluster (as under `ray job submit`); without it, a cluster started here with
+    `ray start` is joined; ``RAY_ADDRESS=local`` always starts a private cluster. Joining is easy to do
+    by accident (someone else's `ray start`), so a joined cluster is named in one line through ``echo``.
+    Unless RAY_ADDRESS names a cluster, workers' logs stay in Ray's session log directory (no dashboard
+    either) unless COMPAT_RAY_LOGS=1 (--debug)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address == "local" or address is None:
+        ray.init(address=address, include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
     else:
-        ray.init(include_dashboard=False, log_to_driver=os.environ.get("COMPAT_RAY_LOGS") == "1")
+        ray.init(address=address)
+    if not _started_here():
+        how = "RAY_ADDRESS" if address else "found running on this machine; RAY_ADDRESS=local starts a private one"
+        where = address if address and address.startswith("ray://") else ray.get_runtime_context().gcs_address
+        echo(f"Joined the Ray cluster at {where} ({how}): {describe_cluster()}")
+
+
+def _started_here() -> bool:
+    """Whether ``ray.init`` started the cluster this driver is connected to (rather than joining one).
+    Ray exposes no public flag for it: its driver node is a head node only when it started one."""
+    import ray._private.worker
+
+    node = ray._private.worker._global_node
+    return bool(node is not None and node.head)
+
+
+def describe_cluster() -> str:
+    """The connected cluster in a few words: alive nodes, CPUs and GPUs."""
+    import ray
+
+    def count(n: float, word: str) -> str:
+        return f"{n:g} {word}{'' if n == 1 else 's'}"
+
+    total = ray.cluster_resources()
+    return ", ".join([count(sum(1 for node in ray.nodes() if node.get("Alive")), "node"),
+                      count(total.get("CPU", 0), "CPU"), count(total.get("GPU", 0), "GPU")])
 
 
 def driver_resources(cluster_resources: Mapping[str, float]) -> dict[str, float]:

@@ -82,6 +82,18 @@ class Precision:
         self.scaler.step(optimizer)
         self.scaler.update()
 
+    # -- the resume point -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What an epoch checkpoint keeps: fp16's loss scale and growth tracker (plain numbers, loadable with
+        ``weights_only=True``), so a resumed step continues with the scale it had reached; empty otherwise."""
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Continue from :meth:`state_dict`; a checkpoint without a scaler's state (older, or of another
+        precision) leaves the scaler fresh."""
+        if self.scaler is not None and state and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
     def describe(self) -> dict:
         return {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile}
 

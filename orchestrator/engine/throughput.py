@@ -75,8 +75,12 @@ def mfu(flops_per_image: float, images_per_second: float, peak_flops: float) -> 
     return flops_per_image * images_per_second / peak_flops
 
 
+UNITS = {"images": "image", "pairs": "pair"}  # what a step's batches hold: its record's keys name them
+
+
 class Throughput(Hook):
-    """Images per second of a step's batches and FLOPs counted on its first batch.
+    """Items (images; image-caption or text pairs in cross-modal stages) per second of a step's batches
+    and FLOPs counted on its first batch.
 
     The timed span is each epoch's batches (fetching, transform, forward, backward, step), ending before
     later hooks' ``after_epoch`` (checkpoints), so list this hook first. The first ``warmup_batches``
@@ -84,9 +88,9 @@ class Throughput(Hook):
 
     def __init__(self, device: torch.device | str = "cpu", precision: str = "fp32", warmup_batches: int = 1,
                  count: Callable[[Any], int] = lambda batch: len(batch[0]),
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, unit: str = "images"):
         self.device, self.precision, self.warmup_batches = torch.device(device), precision, warmup_batches
-        self.count, self.clock = count, clock
+        self.count, self.clock, self.unit = count, clock, unit
         self.before_step()
 
     def before_step(self) -> None:
@@ -143,8 +147,9 @@ class Throughput(Hook):
         estimate = None
         if rate is not None and peak is not None and self.flops_per_image:
             estimate = mfu(self.flops_per_image, rate, peak)
-        return {"images_per_second": None if rate is None else round(rate * world_size, 2),
-                "images_per_second_per_device": None if rate is None else round(rate, 2),
-                "timed_images": images, "timed_seconds": round(seconds, 4), "includes_warmup": warm,
-                "train_flops_per_image": self.flops_per_image,
+        unit = self.unit
+        return {f"{unit}_per_second": None if rate is None else round(rate * world_size, 2),
+                f"{unit}_per_second_per_device": None if rate is None else round(rate, 2),
+                f"timed_{unit}": images, "timed_seconds": round(seconds, 4), "includes_warmup": warm,
+                f"train_flops_per_{UNITS[unit]}": self.flops_per_image,
                 "mfu": None if estimate is None else round(estimate, 5), "mfu_note": note}

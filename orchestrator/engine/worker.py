@@ -202,17 +202,19 @@ class Session:
         trainable = [] if source is not None else list(self.method.trainable_parameters(model))
         optimizer = build_optimizer(trainable, self.training) if trainable else None  # None: nothing to train
         start_epoch = 0 if trainable else self.training.epochs
+        precision = Precision.of(self.training, device)
         resume = runfiles.load_epoch_state(self.run_dir, self.spec.key, step.index)
         if resume is not None:
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
+            precision.load_state_dict(resume.get("precision"))
             start_epoch = int(resume["epoch"]) + 1
-        precision = Precision.of(self.training, device)
         ddp_model = precision.prepare(model, partial(distributed, worker=self.worker)) if trainable else model
         throughput = Throughput(device, self.training.precision, warmup_batches=2 if self.training.compile else 1,
                                 count=lambda batch: len(batch[1]))  # first: its timing ends before the checkpoint
         train_started = time.time()
-        hooks = StepHooks(self, step, model, optimizer, state, ctx, losses=resume.get("losses", []) if resume else [])
+        hooks = StepHooks(self, step, model, optimizer, precision, state, ctx,
+                          losses=resume.get("losses", []) if resume else [])
         progress = [ProgressFile(self.run_dir, step_name(self.spec.key, step.index), step.index, self.training.epochs)
                     ] if self.worker.is_chief else []
         means = train_epochs(
@@ -410,8 +412,10 @@ class StepHooks(Hook):
     each epoch's mean losses (the manifest entry's ``losses``, which trackers plot), and at each epoch's
     end the resume point (written by the chief; it keeps the losses so far)."""
 
-    def __init__(self, session: "Session", step: Step, model, optimizer, state, ctx: StepContext, losses: list[dict]):
+    def __init__(self, session: "Session", step: Step, model, optimizer, precision: Precision, state, ctx: StepContext,
+                 losses: list[dict]):
         self.session, self.step, self.model, self.optimizer, self.state, self.ctx = session, step, model, optimizer, state, ctx
+        self.precision = precision
         self.images = 0
         self.losses = list(losses)  # [{"epoch": e, "loss": ..., <part>: ...}], e counted from 0 within the step
 
@@ -426,7 +430,7 @@ class StepHooks(Hook):
         if self.session.worker.is_chief:
             runfiles.save_epoch_state(self.session.run_dir, self.session.spec.key, self.step.index, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
-                "losses": self.losses})
+                "precision": self.precision.state_dict(), "losses": self.losses})
 
 
 def _fraction(hits: np.ndarray) -> Optional[float]:

@@ -32,7 +32,6 @@ from orchestrator.storage.store import EmbeddingStore
 
 COMPATIBLE, INCOMPATIBLE = 0, 1  # bad input exits with the CLI's error code, 2
 GATED = ("cmc1", "map")  # the metrics whose ECC decides the verdict
-PROTOCOLS = ("leave-one-out", "query-gallery")
 # The command's defaults, which are also what every run's report uses (see version_gates).
 CONFIDENCE, RESAMPLES, SEED, MIN_CLASS_QUERIES = 0.95, 1000, 0, 10
 # (run, method, version) -> how galleries of older versions are upgraded before that version's queries

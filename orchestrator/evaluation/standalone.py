@@ -25,9 +25,20 @@ from orchestrator.errors import DataError, StoreError
 from orchestrator.evaluation import MAP_TIES, CompatibilityMatrix, retrieval_scores
 
 SPLITS = ("query", "gallery")
+PROTOCOLS = ("leave-one-out", "query-gallery")  # how two embedding files are scored
 _RETRIEVAL_METRICS = ("cmc1", "cmc5", "map")
 _TIES_HELP = ("whether a cross-test equal to the old self-test counts as compatible "
               "(default fail, as iamcl2r; pass = CL2R)")
+
+
+def add_scoring_options(parser: argparse.ArgumentParser, *, protocol_default: Optional[str], protocol_note: str,
+                        ties_help: str) -> None:
+    """``--protocol`` and ``--ties``, as ``compat compare`` and ``compat check`` both take them for embedding files."""
+    parser.add_argument("--protocol", choices=PROTOCOLS, default=protocol_default,
+                        help="leave-one-out: every row is a query against all other rows (both files hold "
+                             "the same samples in the same order; split is ignored); query-gallery: the "
+                             f"split column separates queries from the gallery{protocol_note}")
+    parser.add_argument("--ties", choices=metrics.TIES, default="fail", help=ties_help)
 
 
 def add_metrics_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -53,11 +64,8 @@ def add_compare_parser(subparsers: "argparse._SubParsersAction") -> argparse.Arg
                     "or .npz (arrays embeddings, labels, optional split).")
     parser.add_argument("--old", type=Path, required=True, help="embeddings from the old model")
     parser.add_argument("--new", type=Path, required=True, help="embeddings from the new model")
-    parser.add_argument("--protocol", choices=("leave-one-out", "query-gallery"), default="leave-one-out",
-                        help="leave-one-out: every row is a query against all other rows (both files hold "
-                             "the same samples in the same order; split is ignored); query-gallery: the "
-                             "split column separates queries from the gallery")
-    parser.add_argument("--ties", choices=metrics.TIES, default="fail", help="ECC: " + _TIES_HELP)
+    add_scoring_options(parser, protocol_default="leave-one-out", protocol_note=" (default leave-one-out)",
+                        ties_help="ECC: " + _TIES_HELP)
     parser.add_argument("--map-ties", choices=MAP_TIES, default="lower-index",
                         help="mAP for gallery items with equal similarity: lower-index (default) ranks the "
                              "lower row first, as CMC does; shared counts a tie as one threshold "

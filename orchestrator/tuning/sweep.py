@@ -266,8 +266,8 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     import ray
     from ray import tune
 
-    from orchestrator.engine.driver import check_decode_nodes, ensure_ray
-    from orchestrator.engine.executor import driver_resources
+    from orchestrator.engine.driver import check_decode_nodes
+    from orchestrator.engine.executor import driver_resources, ensure_ray
     from orchestrator.reporting.tracking import track_sweep, tune_callbacks
     from orchestrator.tuning.results import collect_results
     from orchestrator.tuning.trial import TaskSetup, Trial, share_out, trial_need
@@ -277,7 +277,7 @@ def run_sweep(sweep: Sweep, *, progress: bool = True, callbacks: Sequence[Any] =
     if resuming and yaml.safe_load(storage.read_text(SWEEP_STATE)) != sweep.document:
         raise RunError(f"{storage.location} already holds a different sweep; continue it with "
                        f"`compat sweep --resume {storage.location}`, or set sweep.name/sweep.output_dir")
-    ensure_ray()
+    ensure_ray(echo)
     cluster = ray.cluster_resources()
     trial_cfg = parse_config(sweep.trial_raw({}))
     check_decode_nodes(trial_cfg)  # each trial checks again, but one clear error beats one per trial
