@@ -150,10 +150,11 @@ def test_a_run_whose_group_is_replaced_mid_step_refuses_the_old_group_and_resume
     assert not trigger.exists()
     assert runfiles.step_done(run, METHOD, 0) and not runfiles.step_done(run, METHOD, 1)
     assert runfiles.load_epoch_state(run, METHOD, 1)["epoch"] == 0  # its epoch-1 checkpoint was refused
-    assert not run.list(attempts.ATTEMPTS)  # the execution's records are gone
+    assert not (tmp_path / "runs" / "quickstart" / attempts.ATTEMPTS).exists()  # the execution's records are gone
 
     assert main(["run", "--resume", run.location, "--no-progress"]) == 0
     assert outcome(run) == expected
+    assert not (tmp_path / "runs" / "quickstart" / attempts.ATTEMPTS).exists()
     entry = runfiles.manifest_entry(run, METHOD, 1)
     assert [point["epoch"] for point in entry["losses"]] == [0, 1, 2]
     assert entry["trained_images_per_worker"] == 2 * entry["train_samples"]  # epochs 1 and 2, after the refusal

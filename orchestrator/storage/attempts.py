@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -137,4 +138,10 @@ def end(root: RunStorage, prefix: str) -> None:
     try:
         root.delete_all(prefix)
     except (OSError, RunError):
-        pass  # a lost lease or a storage hiccup: the records are a few bytes, and a new execution has a new prefix
+        return  # a lost lease or a storage hiccup: the records are a few bytes, and a new execution has a new prefix
+    if root.is_local:  # a disk keeps the emptied directories (an object store has none)
+        shutil.rmtree(root.local_path(prefix), ignore_errors=True)
+        try:
+            root.local_path(ATTEMPTS).rmdir()
+        except OSError:
+            pass  # another execution's records are there
