@@ -75,11 +75,6 @@ class AttemptFence:
     group: str
     number: int
 
-    @property
-    def generation(self) -> Optional[int]:
-        """The lease generation (what runfiles.check_driver compares), as the lease's own fence has it."""
-        return None if self.lease is None else self.lease.generation
-
     def numbers(self) -> list[int]:
         """The numbers of the group's attempts that have started, in order."""
         return sorted(int(m.group(1)) for key in self.records.list(recursive=False)
