@@ -67,7 +67,8 @@ def test_a_replaced_attempt_writes_nothing_once_its_group_started_again(run):
                       lambda: runfiles.save_version(first, "bct", 1, {}, {"version": 1}),
                       lambda: runfiles.mark_step_done(first, "bct", 1, {"version": 1}),
                       lambda: runfiles.clear_epoch_state(first_rank_1.child("seed-0"), "bct", 1),
-                      lambda: attempts.joined(root, prefix, group, 1)):  # a late rank of attempt 1 joining
+                      lambda: attempts.joined(root, prefix, group, 1),  # a late rank of attempt 1 joining
+                      lambda: attempts.start(root, prefix, group, 1)):  # its rank 0 writing its record late
             with pytest.raises(RunError, match=f"{REPLACED}.*; this worker .* writes nothing more"):
                 write()
         assert not runfiles.step_done(run, "bct", 1) and not run.list("store") and not run.list("versions")
