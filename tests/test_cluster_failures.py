@@ -35,8 +35,8 @@ from orchestrator.cli import main
 from orchestrator.engine import driver
 from orchestrator.engine.executor import DRIVER_RESOURCE
 from orchestrator.errors import RunError
-from orchestrator.storage import runfiles
-from orchestrator.storage.lease import EXPIRY_ENV, read_lease
+from orchestrator.storage import attempts, runfiles
+from orchestrator.storage.lease import EXPIRY_ENV, Fence, read_lease
 from orchestrator.storage.run_storage import RunStorage
 
 from test_object_storage import BUCKET, s3  # noqa: F401  (the moto S3 server fixture)
@@ -219,6 +219,24 @@ def assert_resumed_like_reference(run: RunStorage, reference: dict, step_0: dict
     return entry
 
 
+def assert_replaced_group_is_fenced(run: RunStorage, first: dict, second: dict) -> None:
+    """Each start of the group recorded its attempt (rank 0's pid), and the storage a worker of the
+    first one held (the lease's fence and attempt 1's), had it been cut off rather than killed, writes
+    nothing more: its epoch checkpoint and its commit are refused, naming the worker that replaced it."""
+    keys = run.list(attempts.ATTEMPTS)
+    assert [key.split("/", 1)[1] for key in keys] == ["group-0/attempt-0001.json", "group-0/attempt-0002.json"]
+    assert [run.read_json(f"{attempts.ATTEMPTS}/{key}")["pid"] for key in keys] == [first["pid"], second["pid"]]
+    lease = read_lease(run)
+    root = run.fenced(Fence(run, lease["holder"], lease["generation"]))
+    stale = root.fenced(attempts.fence_of(root, f"{attempts.ATTEMPTS}/{keys[0].split('/')[0]}", "group-0", 1))
+    checkpoint = run.read_bytes(runfiles.epoch_state_key(METHOD, 1))
+    for write in (lambda: runfiles.save_epoch_state(stale, METHOD, 1, {"epoch": 1}),
+                  lambda: runfiles.mark_step_done(stale, METHOD, 1, {"version": 1})):
+        with pytest.raises(RunError, match=rf"attempt 2 \(pid {second['pid']} on host .+\) replaced attempt 1"):
+            write()
+    assert run.read_bytes(runfiles.epoch_state_key(METHOD, 1)) == checkpoint and not runfiles.step_done(run, METHOD, 1)
+
+
 # -- the failures ------------------------------------------------------------------------------------
 def test_killed_train_workers_restart_until_retries_run_out_then_resume_finishes(reference, tmp_path):
     """max_failures: 1. A SIGKILLed Train worker is replaced by a new group, which skips step 0 and is
@@ -235,6 +253,7 @@ def test_killed_train_workers_restart_until_retries_run_out_then_resume_finishes
     kill(first["pid"])
     second = held(hold, seen, out["ended"])  # the restarted group, a new process
     assert finished_step_0(run) == step_0  # the restart skipped the finished step
+    assert_replaced_group_is_fenced(run, first, second)
     kill(second["pid"])
     thread.join(timeout=180)
     assert isinstance(out.get("error"), RunError), out

@@ -36,7 +36,7 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
     everything that did not depend on it has finished. ``max_groups`` caps the worker groups open at
     once; ``step_by_step`` hands out the lowest ready step first (see :class:`TaskQueue`); once
     ``cancel`` is set, the open groups end at once and :class:`RunCancelled` is raised."""
-    from orchestrator.storage import runfiles
+    from orchestrator.storage import attempts, runfiles
 
     done = {t.id for t in graph.tasks.values() if runfiles.task_done(root.child(t.run), t.name)}
     todo = [t for t in graph.tasks.values() if t.id not in done]
@@ -51,6 +51,14 @@ def execute(graph: TaskGraph, root: RunStorage, *, on_finished: Callable[[str], 
         quiet_in_process_logs(streamed)
     reuse = next(iter(graph.runs.values())).config.resources.group_steps
     queue = _Queue(list(graph.tasks.values()), done, remote, reuse, step_by_step)
+    try:
+        _drive(graph, root, queue, remote, max_groups, on_finished, display, cancel)
+    finally:
+        attempts.end(root, queue.attempts)
+
+
+def _drive(graph: TaskGraph, root: RunStorage, queue: "_Queue", remote: bool, max_groups: Optional[int],
+           on_finished: Callable[[str], None], display, cancel: Optional[threading.Event]) -> None:
     capacity = _Capacity(max_groups) if remote else None
     threads: list[threading.Thread] = []
     errors: dict[str, BaseException] = {}
@@ -143,7 +151,7 @@ def _run_group(graph: TaskGraph, root: RunStorage, queue: "_Queue", group: str, 
     trainer = TorchTrainer(
         work,
         train_loop_config={
-            "root": root, "group": group, "queue": queue.handle(group), "use_gpu": use_gpu,
+            "root": root, "group": group, "queue": queue.handle(group), "attempts": queue.attempts, "use_gpu": use_gpu,
             "runs": {path: run.config.to_dict() for path, run in graph.runs.items()},
             "tasks": {t.id: {"run": t.run, "name": t.name, "method": t.method, "step": t.step, "action": t.action,
                              "copy_from": t.copy_from, "payload": t.payload} for t in graph.tasks.values()},
@@ -289,6 +297,8 @@ class _Queue:
     def __init__(self, tasks, done, remote: bool, reuse_groups: bool, step_by_step: bool):
         import uuid
 
+        from orchestrator.storage.attempts import new_execution
+
         self.remote = remote
         if remote:
             import ray
@@ -299,6 +309,7 @@ class _Queue:
             self.name = f"queue-{uuid.uuid4().hex}"
             _LOCAL_QUEUES[self.name] = TaskQueue(tasks, done, reuse_groups, step_by_step)
         self.failures: dict[str, str] = {}
+        self.attempts = new_execution()  # where its groups' attempt records live (orchestrator/storage/attempts.py)
 
     def call(self, method: str, *args):
         if self.remote:

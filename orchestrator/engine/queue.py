@@ -11,7 +11,8 @@ answers every claim with DONE and hands the driver the workers to end.
 
 Every rank of a group asks with the same sequence number and gets the same answer; a group that Ray
 Train restarts after a failure asks again from sequence 0 and is handed its earlier tasks again (the
-finished ones it skips, the interrupted one it redoes). The queue is plain Python: the driver holds it
+finished ones it skips, the interrupted one it redoes); its rank 0 first asks for the number of its
+attempt (``start_attempt``), which fences the replaced group's writes. The queue is plain Python: the driver holds it
 as a Ray actor when workers run on a cluster, and as an object when the one group trains in-process.
 """
 
@@ -34,6 +35,7 @@ class _Group:
     last: Optional[str] = None  # the last task it claimed: its chain comes first
     open: bool = True
     workers: list = field(default_factory=list)  # the actor handles of its workers on the cluster
+    attempts: int = 0  # how many times its workers started (Ray Train restarts a failed group)
 
 
 class TaskQueue:
@@ -58,6 +60,13 @@ class TaskQueue:
 
     def join(self, group: str, worker) -> None:
         self.groups[group].workers.append(worker)
+
+    def start_attempt(self, group: str) -> int:
+        """The number of the attempt the group's rank 0 is starting: 1, then one more at every restart
+        (the order of these calls orders the attempts; see orchestrator/storage/attempts.py)."""
+        g = self.groups[group]
+        g.attempts += 1
+        return g.attempts
 
     def cancel(self) -> list:
         """From now on every claim is DONE and no group is wanted; returns the open groups' workers."""

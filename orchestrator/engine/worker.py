@@ -86,14 +86,18 @@ def work(loop_config: dict) -> None:
     until it has none for this group. A task whose manifest entry exists (finished before a restart of
     the group) is skipped; a chain's consecutive tasks reuse one :class:`Session`. Before anything else
     each worker checks that it sees the run its driver writes (a local directory on another node does
-    not), so a run without shared storage fails at its first step with what to set."""
+    not), so a run without shared storage fails at its first step with what to set, and the group
+    starts its attempt, whose fence refuses the writes of a group it replaced (and its own, once a
+    restart replaces it)."""
     from orchestrator.engine.executor import QueueClient
 
     root, group = loop_config["root"], loop_config["group"]
-    runfiles.check_driver(root)
     queue = QueueClient(loop_config["queue"])
-    queue.join(group)
     worker = current_worker(loop_config["use_gpu"])
+    number = queue.call("start_attempt", group) if worker.is_chief else 0  # first: orders the group's starts
+    runfiles.check_driver(root)
+    queue.join(group)
+    root = start_attempt(root, loop_config["attempts"], group, number, worker)
     configs: dict[str, ExperimentConfig] = {}
     session: Optional[Session] = None
     for seq in itertools.count():
@@ -132,6 +136,21 @@ def work(loop_config: dict) -> None:
                 run_dir.delete(runfiles.reembed_key(task["name"]))  # the task committed again
         if worker.is_chief:
             queue.call("complete", task_id)
+
+
+def start_attempt(root: RunStorage, prefix: str, group: str, number: int, worker: Worker) -> RunStorage:
+    """``root`` fenced by this start of the group (orchestrator/storage/attempts.py): rank 0 writes the
+    attempt's record under the number the queue gave it, then hands the number to the other ranks over
+    the group's own process group, which only this start's workers belong to."""
+    from orchestrator.storage import attempts
+
+    if worker.is_chief:
+        root = attempts.start(root, prefix, group, number)
+    if worker.world_size > 1:
+        shared = torch.tensor([number], dtype=torch.int64, device=worker.device)
+        dist.broadcast(shared, src=0)
+        number = int(shared.item())
+    return root if worker.is_chief else attempts.joined(root, prefix, group, number)
 
 
 class Session:

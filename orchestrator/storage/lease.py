@@ -22,7 +22,9 @@ append, no conditional write, no lock service):
   config), carries the holder's token and generation. Every write and delete through it first reads the
   record and refuses unless the record still names that holder and generation, unreleased. A dead
   driver's workers, and a driver that stalled past its expiry and was taken over, can no longer commit
-  a task, save weights, write the store or the epoch checkpoints.
+  a task, save weights, write the store or the epoch checkpoints. (A worker group that Ray Train
+  restarts under the *same* driver carries the same lease; orchestrator/storage/attempts.py fences the
+  group it replaced.)
 
 The race windows, honestly:
 

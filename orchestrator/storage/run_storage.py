@@ -28,7 +28,9 @@ Atomicity, defined per operation in terms an object store keeps:
 - **Deletes** are idempotent (a missing key is fine) and never needed for correctness, only for tidiness.
 - **Fenced handles.** A driver's handle (and every handle derived from it: children, the ones its workers
   receive) carries the :class:`~orchestrator.storage.lease.Fence` of the run's lease: each write and
-  delete first checks that the lease still names that driver, so a former holder writes nothing.
+  delete first checks that the lease still names that driver, so a former holder writes nothing. A
+  worker group's handle carries an :class:`~orchestrator.storage.attempts.AttemptFence` as well, which
+  also checks that no newer start of the group exists, so a replaced group writes nothing either.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class RunStorage:
         self.filesystem = filesystem
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(filesystem, pafs.LocalFileSystem)
-        self.fence = fence  # a lease's Fence (orchestrator/storage/lease.py): checked before each write
+        self.fence = fence  # a lease's Fence, or an AttemptFence (orchestrator/storage/): checked before each write
         self.uri = None if self.is_local else uri  # the URI it was opened from (None: a path, or a filesystem given directly)
 
     @classmethod

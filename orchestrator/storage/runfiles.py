@@ -5,6 +5,8 @@
     config.yaml                          resolved config (seed included)
     run.json                             provenance (code revision, library versions)
     lease.json                           the driver that works in the run (orchestrator/storage/lease.py)
+    attempts/<execution>/<group>/        each start of a worker group while the driver runs the task graph
+                                         (orchestrator/storage/attempts.py); deleted when it ends
     manifest/<task>.json                 one completion record per finished task (``<method>/step-NNN``, ...),
                                          with the size and SHA-256 of every artefact it vouches for
     reembed/<task>.json                  a task whose weights passed verification but whose embeddings did
