@@ -13,7 +13,7 @@ from orchestrator import load_config, run_experiment
 from orchestrator.config import DataConfig
 from orchestrator.data import load_split
 from orchestrator.data.export import write_parquet
-from orchestrator.data.streaming import HEAD_NODE_RESOURCE, NODE_ID_LABEL, decode_nodes, open_split
+from orchestrator.data.streaming import HEAD_NODE_RESOURCE, NODE_ID_LABEL, block_rows, decode_nodes, open_split
 from orchestrator.errors import ConfigError
 
 from helpers import free_port
@@ -144,13 +144,14 @@ def test_decoding_runs_on_the_cpu_only_node(cluster, parquet_root, tmp_path):
     ray_cluster, cpu_node, state_api = cluster
     gpu_node = ray_cluster.head_node.node_id
     memory = load_split(DataConfig(dataset="parquet", root=parquet_root, image_size=8), "train")
-    order = np.tile(np.random.default_rng(1).permutation(len(memory)), 24)  # 768 samples: 3 decoding tasks of 256
+    order = np.tile(np.random.default_rng(1).permutation(len(memory)), 24)  # 768 samples
+    blocks = len(block_rows(len(order), 16, 3 * 8 * 8))  # 16, 32, ..., 256, then what is left: 6 decoding tasks
     seen: set = set()
     for decode_on in ("auto", "anywhere"):
         cfg = DataConfig(dataset="parquet", root=parquet_root, image_size=8, loading="stream", decode_on=decode_on)
         np.testing.assert_array_equal(_stream_on_the_gpu_node(cfg, order, 16), memory.images[order])
-        tasks = _decode_tasks(state_api, seen, expected=3)
-        assert len(tasks) == 3, [(t.name, t.state) for t in tasks]
+        tasks = _decode_tasks(state_api, seen, expected=blocks)
+        assert len(tasks) == blocks, [(t.name, t.state) for t in tasks]
         if decode_on == "auto":  # CPU-only node next to a GPU node: only there
             assert {t.node_id for t in tasks} == {cpu_node.node_id} != {gpu_node}
             assert all(cpu_node.node_id in t.label_selector[NODE_ID_LABEL] for t in tasks), tasks[0].label_selector
