@@ -196,3 +196,20 @@ def test_a_second_group_is_wanted_while_the_shared_version_0_trains():
     assert queue.demand() == {shape: 1}
     unshared, shape = queue_for("resources.share_first_version=false", "seeds=[0, 1]")
     assert unshared.demand() == {shape: 4}  # 2 seeds x 2 methods, all independent
+
+
+def test_a_group_waits_while_the_step_it_needs_is_ready_for_a_group_between_tasks():
+    """The race a real run hit: a wide group asks for its first task just after the narrow group
+    committed step 0 and before it claimed step 1; step 1 is then neither running nor done, yet it is
+    about to start, so the wide group waits for step 2 instead of leaving (and a third group opening)."""
+    queue, narrow = queue_for("resources.steps={2: {num_workers: 2}}", "methods=[{name: bct}]")
+    wide = (2, False, 1.0)
+    a = queue.open_group(narrow)
+    assert queue.claim(a, 0) == "bct/step-000"
+    queue.complete("bct/step-000")
+    b = queue.open_group(wide)
+    assert queue.claim(b, 0) == WAIT  # step 1 is ready and a's to take
+    assert queue.claim(a, 1) == "bct/step-001"
+    assert queue.claim(b, 0) == WAIT
+    queue.complete("bct/step-001")
+    assert queue.claim(b, 0) == "bct/step-002" and queue.claim(a, 2) == DONE

@@ -178,11 +178,16 @@ class TaskQueue:
         return (same_chain or ready)[0].id  # otherwise the first in plan order
 
     def _worth_waiting(self, shape: tuple) -> bool:
-        """Some pending task of ``shape`` needs only tasks that are finished or running right now."""
+        """Some pending task of ``shape`` needs only tasks that are finished, running, or ready for a group
+        that is between tasks right now (it claims one at once: a group that just committed a step is
+        about to take the next, and a group waiting for that next step must not leave meanwhile)."""
         running = {g.working for g in self.groups.values() if g.open and g.working is not None}
+        between = {g.shape for g in self.groups.values()
+                   if g.open and g.working is None and g.claims and g.claims[-1] != DONE}
+        soon = running | {t.id for t in self._ready() if shape_of(t) in between}
         for t in self.tasks.values():
             if (shape_of(t) == shape and t.id not in self.done and t.id not in self.failed
-                    and t.id not in self.claimed and all(d in self.done or d in running for d in t.deps)):
+                    and t.id not in self.claimed and all(d in self.done or d in soon for d in t.deps)):
                 return True
         return False
 
