@@ -112,17 +112,29 @@ def split_root(cfg: DataConfig, split: str) -> str:
     return _join(cfg.root, directory) if "://" in cfg.root else str(Path(cfg.root).expanduser().resolve() / directory)
 
 
+def list_entries(root: str, expected: str, recursive: bool = False) -> list:
+    """(path relative to ``root``, pyarrow FileInfo) of every entry under the split directory ``root`` (a
+    path or URI), from one listing; ``expected`` says what it should hold, for the error when it is missing."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(root)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise DataError(f"split directory {root} does not exist (expected {expected}; data.splits maps the "
+                        f"splits to other directories)")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    except OSError as exc:
+        raise DataError(f"cannot list {root}: {exc}") from None
+    prefix = path.rstrip("/") + "/"
+    return [(info.path[len(prefix):], info) for info in infos if info.path.startswith(prefix)]
+
+
 def list_files(root: str, suffix: str) -> list[tuple[str, int, int]]:
     """(name, size, mtime_ns) of the files ending in ``suffix`` directly under ``root``, in name order."""
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(root)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.Directory:
-        raise DataError(f"split directory {root} does not exist (expected {root}/*{suffix}; data.splits maps the "
-                        f"splits to other directories)")
-    found = sorted((f.base_name, f.size, f.mtime_ns or 0) for f in fs.get_file_info(pafs.FileSelector(path))
-                   if f.type == pafs.FileType.File and f.base_name.endswith(suffix) and not f.base_name.startswith("."))
+    found = sorted((name, info.size, info.mtime_ns or 0) for name, info in list_entries(root, f"{root}/*{suffix}")
+                   if info.type == pafs.FileType.File and name.endswith(suffix) and not name.startswith("."))
     if not found:
         raise DataError(f"{root} holds no {suffix} files")
     return found

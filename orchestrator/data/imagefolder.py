@@ -13,24 +13,10 @@ from orchestrator.config import DataConfig
 from orchestrator.data import Split, register_dataset
 from orchestrator.data.encoded import EncodedFiles, split_index
 from orchestrator.data.formats import IMAGE_EXTENSIONS as EXTENSIONS
-from orchestrator.data.formats import _join, filesystem, split_root
+from orchestrator.data.formats import _join, list_entries, split_root
 from orchestrator.errors import DataError
 
-
-def _list(root: str, recursive: bool) -> list:
-    """The entries under the split directory ``root`` (a path or URI), with paths relative to it."""
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem(root)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        raise DataError(f"imagefolder split directory {root} does not exist (expected <class>/<image> below it; "
-                        f"data.splits maps the splits to other directories)")
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
-    except OSError as exc:
-        raise DataError(f"cannot list {root}: {exc}") from None
-    prefix = path.rstrip("/") + "/"
-    return [(info.path[len(prefix):], info) for info in infos if info.path.startswith(prefix)]
+CLASS_LAYOUT = "<class>/<image> below it"  # what a split directory holds, for the error when it is missing
 
 
 def class_directories(root: str) -> list[str]:
@@ -38,7 +24,7 @@ def class_directories(root: str) -> list[str]:
     (.ipynb_checkpoints, ...) are not classes. One listing of ``root`` itself, not of the images."""
     import pyarrow.fs as pafs
 
-    names = sorted(rel for rel, info in _list(root, recursive=False)
+    names = sorted(rel for rel, info in list_entries(root, CLASS_LAYOUT)
                    if info.type == pafs.FileType.Directory and not rel.startswith("."))
     if not names:
         raise DataError(f"{root} has no class directories")
@@ -52,7 +38,7 @@ def folder_listing(root: str, classes: list[str]) -> list[tuple[int, str, int, i
 
     index = {name: i for i, name in enumerate(classes)}
     found: dict[str, list] = {}
-    for rel, info in _list(root, recursive=True):
+    for rel, info in list_entries(root, CLASS_LAYOUT, recursive=True):
         parts = rel.split("/")
         if parts[0].startswith("."):
             continue

@@ -39,6 +39,7 @@ The check costs one listing of a directory holding a record or two, next to the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -136,7 +137,5 @@ def end(root: RunStorage, prefix: str) -> None:
         return  # a lost lease or a storage hiccup: the records are a few bytes, and a new execution has a new prefix
     if root.is_local:  # a disk keeps the emptied directories (an object store has none)
         shutil.rmtree(root.local_path(prefix), ignore_errors=True)
-        try:
+        with contextlib.suppress(OSError):  # not empty: another execution's records are still there
             root.local_path(ATTEMPTS).rmdir()
-        except OSError:
-            pass  # another execution's records are there
