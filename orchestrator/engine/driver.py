@@ -271,6 +271,15 @@ def describe_graph(graph) -> str:
     return f"{text} = {len(graph.tasks)} tasks"
 
 
+def current_row(run: runfiles.Run, method: str, version: int) -> Optional[dict]:
+    """Row ``version`` as stored, or None when it is missing or was written before rows held their top-1
+    correctness (negative flips need it: :func:`ensure_row` computes such a row again)."""
+    from orchestrator.evaluation.flips import TOP1_CORRECT
+
+    row = runfiles.read_row(run, method, version)
+    return row if row is not None and TOP1_CORRECT in row else None
+
+
 def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: int, num_classes: int) -> dict:
     """Row ``version`` of every compatibility matrix, computed once from the store and cached.
 
@@ -284,8 +293,8 @@ def ensure_row(cfg: ExperimentConfig, run: runfiles.Run, method: str, version: i
     from orchestrator.evaluation.flips import TOP1_CORRECT, unpack_correct
     from orchestrator.storage.store import EmbeddingStore
 
-    row = runfiles.read_row(run, method, version)
-    if row is not None and TOP1_CORRECT in row:
+    row = current_row(run, method, version)
+    if row is not None:
         return row
     earlier = [unpack_correct(ensure_row(cfg, run, method, j, num_classes)[TOP1_CORRECT]) for j in range(version)]
     blocks = class_blocks(cfg, num_classes)

@@ -159,14 +159,10 @@ class StepWatcher:
 
 
 def row_written(run_dir: RunStorage, method: str, version: int) -> bool:
-    """Whether the simulation has written row ``version`` (a row of before rows held flips is computed
-    again by the simulation, so it does not count)."""
-    from orchestrator.evaluation.flips import TOP1_CORRECT
+    """Whether the simulation has written row ``version`` (one it will compute again does not count)."""
+    from orchestrator.engine.driver import current_row
 
-    if not runfiles.step_done(run_dir, method, version):
-        return False
-    row = runfiles.read_row(run_dir, method, version)
-    return row is not None and TOP1_CORRECT in row
+    return runfiles.step_done(run_dir, method, version) and current_row(run_dir, method, version) is not None
 
 
 def prefix_entry(cfg: ExperimentConfig, run_dir: RunStorage, method: str, num_versions: int, num_classes: int) -> dict:
