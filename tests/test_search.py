@@ -200,6 +200,12 @@ def test_list_recall_by_hand():
     found = np.array([[3, 1, 7], [5, -1, -1]])
     exact = np.array([[1, 2, 3], [5, 6, -1]])
     assert search.list_recall(found, exact) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    rng = np.random.default_rng(0)  # many lists, short ones padded with -1, against Python sets
+    found = np.stack([rng.permutation(60)[:20] for _ in range(300)])
+    exact = np.stack([rng.permutation(60)[:20] for _ in range(300)])
+    found[::7, 15:] = exact[::5, 12:] = -1
+    by_sets = np.mean([len(set(f) & set(e) - {-1}) / len(set(e) - {-1}) for f, e in zip(found.tolist(), exact.tolist())])
+    assert search.list_recall(found, exact) == pytest.approx(by_sets)
 
 
 @pytest.mark.parametrize("kind", ["ivf-flat", "hnsw"])
